@@ -1,0 +1,172 @@
+"""The data layer: CSV validation, safe array loading and the Dataset on quirky rows."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from emonet.data import EmoticDataset, check_file_name, load_annotations, load_array, scaled_box
+from emonet.schema import CSV_COLUMNS, EMOTIONS, annotations_path, arrays_dir
+
+
+def _rewrite(csv_path, mutate):
+    df = pd.read_csv(csv_path)
+    df = mutate(df)
+    df.to_csv(csv_path, index=False)
+
+
+def test_load_annotations_keeps_rows_and_extra_columns(fake_archive):
+    csv_path = annotations_path(fake_archive, "train")
+    _rewrite(csv_path, lambda df: df.assign(Extra=1))
+    df = load_annotations(csv_path)
+    assert list(df.columns[: len(CSV_COLUMNS)]) == list(CSV_COLUMNS)
+    assert "Extra" in df.columns
+    assert len(df) == 6
+    assert df.attrs["rejected_rows"] == 0
+
+
+def test_missing_columns_are_all_named(fake_archive):
+    csv_path = annotations_path(fake_archive, "train")
+    _rewrite(csv_path, lambda df: df.drop(columns=["Valence", "Crop_name"]))
+    with pytest.raises(ValueError, match=r"missing columns: \['Valence', 'Crop_name'\]"):
+        load_annotations(csv_path)
+
+
+def test_empty_csv_is_an_error(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        load_annotations(empty)
+    header_only = tmp_path / "header.csv"
+    header_only.write_text(",".join(CSV_COLUMNS) + "\n")
+    with pytest.raises(ValueError, match="no rows"):
+        load_annotations(header_only)
+
+
+def test_missing_csv_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        load_annotations(tmp_path / "nope.csv")
+
+
+def test_emotions_must_be_binary(fake_archive):
+    csv_path = annotations_path(fake_archive, "val")
+
+    def corrupt(df):
+        df.loc[2, "Fear"] = 0.5
+        return df
+
+    _rewrite(csv_path, corrupt)
+    with pytest.raises(ValueError, match=r"row 2 has Fear=0.5"):
+        load_annotations(csv_path)
+
+
+def test_bad_vad_rows_are_counted_not_fatal(fake_archive, caplog):
+    csv_path = annotations_path(fake_archive, "train")
+
+    def corrupt(df):
+        df.loc[1, "Valence"] = np.nan
+        df.loc[3, "Arousal"] = 11.0
+        return df
+
+    _rewrite(csv_path, corrupt)
+    with caplog.at_level(logging.WARNING):
+        df = load_annotations(csv_path)
+    assert len(df) == 4
+    assert df.attrs["rejected_rows"] == 2
+    assert [r["row"] for r in df.attrs["rejected"]] == [1, 3]
+    assert "row 1" in caplog.text and "row 3" in caplog.text
+    with pytest.raises(ValueError, match="invalid VAD"):
+        load_annotations(csv_path, strict=True)
+
+
+@pytest.mark.parametrize("name", ["../secret.npy", "/etc/passwd", "sub/crop.npy", "..", "a\\b.npy", ""])
+def test_traversal_names_are_rejected(name):
+    with pytest.raises(ValueError, match="file name"):
+        check_file_name(name)
+
+
+def test_traversal_name_in_csv_is_rejected(fake_archive):
+    csv_path = annotations_path(fake_archive, "test")
+
+    def corrupt(df):
+        df.loc[4, "Crop_name"] = "../../outside.npy"
+        return df
+
+    _rewrite(csv_path, corrupt)
+    with pytest.raises(ValueError, match=r"row 4: Crop_name .*'\.\./\.\./outside\.npy'"):
+        load_annotations(csv_path)
+
+
+def test_load_array_is_memory_mapped_and_checked(tmp_path):
+    np.save(tmp_path / "ok.npy", np.zeros((4, 5, 3), dtype=np.uint8))
+    array = load_array(tmp_path, "ok.npy")
+    assert isinstance(array, np.memmap) and array.shape == (4, 5, 3)
+
+    np.save(tmp_path / "gray.npy", np.zeros((4, 5), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"H x W x 3.*\(4, 5\)"):
+        load_array(tmp_path, "gray.npy")
+    np.save(tmp_path / "float.npy", np.zeros((4, 5, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="uint8, got float32"):
+        load_array(tmp_path, "float.npy")
+    (tmp_path / "junk.npy").write_bytes(b"not an array")
+    with pytest.raises(ValueError, match="junk.npy"):
+        load_array(tmp_path, "junk.npy")
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        load_array(tmp_path, "missing.npy")
+
+
+def test_scaled_box_rescales_unswaps_and_clamps():
+    # Array at half the photo's size: the box halves.
+    row = {"Width": 200.0, "Height": 100.0, "X_min": 20.0, "Y_min": 10.0, "X_max": 120.0, "Y_max": 90.0}
+    assert scaled_box(row, (50, 100, 3)) == (10, 5, 60, 45)
+    # Width and Height swapped in the CSV: the box only fits the swapped size.
+    swapped = {**row, "Width": 100.0, "Height": 200.0}
+    assert scaled_box(swapped, (50, 100, 3)) == (10, 5, 60, 45)
+    # A box beyond the image is clamped and never empty.
+    beyond = {**row, "X_min": 250.0, "X_max": 400.0, "Y_min": -30.0, "Y_max": 500.0}
+    left, top, right, bottom = scaled_box(beyond, (50, 100, 3))
+    assert 0 <= left < right <= 100 and 0 <= top < bottom <= 50
+
+
+def test_dataset_items_on_quirky_rows(fake_archive):
+    # Row 0 has swapped Width/Height; rows 0 and 1 share one full image.
+    df = load_annotations(annotations_path(fake_archive, "train"))
+    assert df.loc[0, "Arr_name"] == df.loc[1, "Arr_name"]
+    dataset = EmoticDataset(df, arrays_dir(fake_archive), with_context=True)
+    assert len(dataset) == 6
+    item = dataset[0]
+    assert item["body"].shape == (3, 40, 40) and item["body"].dtype == torch.uint8
+    assert item["context"].shape == (3, 60, 100)
+    assert item["emotions"].shape == (len(EMOTIONS),) and item["emotions"].dtype == torch.float32
+    assert torch.equal(item["emotions"], torch.tensor(df.loc[0, list(EMOTIONS)].to_numpy(dtype=np.float32)))
+    assert item["affect"].shape == (2,) and item["affect"].abs().max() <= 1
+    expected = 2 * (df.loc[0, "Valence"] - 1) / 9 - 1
+    assert item["affect"][0].item() == pytest.approx(expected, abs=1e-6)
+    x0, y0, x1, y1 = item["box"].tolist()
+    assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
+    # The swapped row's box, rescaled to the half-size array, matches the unswapped one.
+    assert item["box"].tolist() == pytest.approx([0.05, 5 / 120, 0.45, 115 / 120], abs=0.02)
+
+
+def test_dataset_applies_transform_to_both_streams(fake_archive):
+    calls = []
+
+    def transform(body, context=None):
+        calls.append(context is not None)
+        return body.float() / 255, context.float() / 255
+
+    dataset = EmoticDataset(annotations_path(fake_archive, "val"), arrays_dir(fake_archive), transform, with_context=True)
+    item = dataset[3]
+    assert calls == [True]
+    assert item["body"].dtype == torch.float32 and item["context"].dtype == torch.float32
+
+
+def test_dataset_missing_array_names_the_file(fake_archive):
+    (arrays_dir(fake_archive) / "crop_arr_test_2.npy").unlink()
+    dataset = EmoticDataset(annotations_path(fake_archive, "test"), arrays_dir(fake_archive))
+    with pytest.raises(FileNotFoundError, match="crop_arr_test_2.npy"):
+        dataset[2]
