@@ -115,6 +115,64 @@ class NormalizationResult:
     counts: dict[str, dict[str, int]]
 
 
+def normalize_frames(
+    frames: dict[str, pd.DataFrame],
+    min_visibility: float | None = None,
+    fit_on_train: bool = False,
+) -> tuple[dict[str, pd.DataFrame], AffectNormalizer, dict[str, dict[str, int]]]:
+    """Filter by face visibility and add ``Valence_norm``/``Arousal_norm`` to validated splits.
+
+    ``frames`` maps split names to frames from :func:`~emonet.data.load_annotations`
+    and must include ``"train"``. Returns the new frames (inputs are not modified), the
+    normalizer and per-split counts. See :func:`normalize_dataset` for the options.
+    """
+    if "train" not in frames:
+        raise ValueError(f"the splits must include 'train' (bounds are fitted on it), got {sorted(frames)}")
+    if min_visibility is not None and not 0.0 <= min_visibility <= 100.0:
+        raise ValueError(f"min_visibility must lie in [0, 100], got {min_visibility}")
+
+    kept: dict[str, pd.DataFrame] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for split, df in frames.items():
+        rejected = int(df.attrs.get("rejected_rows", 0))
+        split_counts = {"rows_read": len(df) + rejected, "rows_rejected": rejected}
+        if min_visibility is not None:
+            if FACE_VISIBILITY_COLUMN not in df.columns:
+                raise ValueError(
+                    f"{split}: min_visibility needs a {FACE_VISIBILITY_COLUMN!r} column; run `emonet visibility` first"
+                )
+            keep = df[FACE_VISIBILITY_COLUMN] >= min_visibility  # NaN compares False: dropped
+            split_counts["rows_below_visibility"] = int((~keep).sum())
+            df = df[keep].reset_index(drop=True)
+            if df.empty:
+                raise ValueError(f"{split}: no row has {FACE_VISIBILITY_COLUMN} >= {min_visibility}")
+        kept[split] = df
+        counts[split] = split_counts
+
+    normalizer = AffectNormalizer.fit(kept["train"]) if fit_on_train else AffectNormalizer()
+    for split, df in kept.items():
+        norm, clipped = normalizer.transform(df[list(AFFECT_COLUMNS)].to_numpy())
+        df = df.copy()
+        df[list(AFFECT_NORM_COLUMNS)] = norm
+        kept[split] = df
+        counts[split].update(rows_written=len(df), values_clipped=clipped)
+        if clipped:
+            logger.warning("%s: %d valence/arousal values fell outside the train bounds and were clipped", split, clipped)
+    return kept, normalizer, counts
+
+
+def write_normalized(
+    frames: dict[str, pd.DataFrame], normalizer: AffectNormalizer, out_dir: str | Path
+) -> tuple[dict[str, Path], Path]:
+    """Write ``normalized_dataset_<split>.csv`` and ``normalization.json`` atomically."""
+    out_dir = Path(out_dir)
+    outputs = {}
+    for split, df in frames.items():
+        outputs[split] = write_csv_atomic(df, out_dir / normalized_filename(split))
+        logger.info("%s: wrote %d rows to %s", split, len(df), outputs[split])
+    return outputs, normalizer.save(out_dir / PARAMS_FILENAME)
+
+
 def normalize_dataset(
     annotations_dir: str | Path,
     out_dir: str | Path,
@@ -138,41 +196,8 @@ def normalize_dataset(
         the scale's 1..10; val and test are mapped with the same bounds, and their
         values outside are clipped and counted.
     """
-    annotations_dir, out_dir = Path(annotations_dir), Path(out_dir)
-    if "train" not in splits:
-        raise ValueError(f"splits must include 'train' (bounds are fitted on it), got {splits}")
-    if min_visibility is not None and not 0.0 <= min_visibility <= 100.0:
-        raise ValueError(f"min_visibility must lie in [0, 100], got {min_visibility}")
-
-    frames: dict[str, pd.DataFrame] = {}
-    counts: dict[str, dict[str, int]] = {}
-    for split in splits:
-        csv_path = annotations_dir / annotations_filename(split)
-        df = load_annotations(csv_path)
-        split_counts = {"rows_read": len(df) + df.attrs["rejected_rows"], "rows_rejected": df.attrs["rejected_rows"]}
-        if min_visibility is not None:
-            if FACE_VISIBILITY_COLUMN not in df.columns:
-                raise ValueError(
-                    f"{csv_path}: min_visibility needs a {FACE_VISIBILITY_COLUMN!r} column; run `emonet visibility` first"
-                )
-            keep = df[FACE_VISIBILITY_COLUMN] >= min_visibility  # NaN compares False: dropped
-            split_counts["rows_below_visibility"] = int((~keep).sum())
-            df = df[keep].reset_index(drop=True)
-            if df.empty:
-                raise ValueError(f"{split}: no row has {FACE_VISIBILITY_COLUMN} >= {min_visibility}")
-        frames[split] = df
-        counts[split] = split_counts
-
-    normalizer = AffectNormalizer.fit(frames["train"]) if fit_on_train else AffectNormalizer()
-    outputs = {}
-    for split, df in frames.items():
-        norm, clipped = normalizer.transform(df[list(AFFECT_COLUMNS)].to_numpy())
-        df = df.copy()
-        df[list(AFFECT_NORM_COLUMNS)] = norm
-        counts[split].update(rows_written=len(df), values_clipped=clipped)
-        if clipped:
-            logger.warning("%s: %d valence/arousal values fell outside the train bounds and were clipped", split, clipped)
-        outputs[split] = write_csv_atomic(df, out_dir / normalized_filename(split))
-        logger.info("%s: wrote %d rows to %s", split, len(df), outputs[split])
-    params_path = normalizer.save(out_dir / PARAMS_FILENAME)
+    annotations_dir = Path(annotations_dir)
+    frames = {split: load_annotations(annotations_dir / annotations_filename(split)) for split in splits}
+    frames, normalizer, counts = normalize_frames(frames, min_visibility=min_visibility, fit_on_train=fit_on_train)
+    outputs, params_path = write_normalized(frames, normalizer, out_dir)
     return NormalizationResult(outputs=outputs, params_path=params_path, normalizer=normalizer, counts=counts)
