@@ -1,0 +1,568 @@
+"""Evaluation metrics for multi-label emotions and valence/arousal regression.
+
+Pure functions on NumPy arrays in the style of ``sklearn.metrics``: one shared
+validator, ``*_score`` higher-is-better, ``*_error`` lower-is-better.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    hamming_loss,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+)
+
+from emonet.schema import EMOTIONS, SCALE_MAX, SCALE_MIN
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EVALUATION_KEYS",
+    "REPORT_COLUMNS",
+    "affect_errors",
+    "binarize",
+    "check_multilabel",
+    "cooccurrence_matrix",
+    "evaluate_predictions",
+    "mean_average_precision_score",
+    "multilabel_scores",
+    "per_emotion_report",
+    "true_vs_predicted_matrix",
+    "tune_thresholds",
+]
+
+# Columns of ``per_emotion_report``, in order.
+REPORT_COLUMNS: tuple[str, ...] = ("average_precision", "precision", "recall", "f1", "support", "threshold")
+
+# Keys of ``evaluate_predictions``, in order; the training loop and MLflow log these.
+EVALUATION_KEYS: tuple[str, ...] = (
+    "mAP",
+    "f1_micro",
+    "f1_macro",
+    "f1_samples",
+    "subset_accuracy",
+    "hamming_loss",
+    "mae_valence",
+    "mae_arousal",
+    "mae_valence_1_10",
+    "mae_arousal_1_10",
+)
+
+
+def _check_binary_2d(y: ArrayLike, name: str) -> np.ndarray:
+    """Return ``y`` as a 2-D int array of 0/1, or raise a ValueError naming ``name``."""
+    array = np.asarray(y)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_labels), got shape {array.shape}")
+    if array.shape[0] == 0:
+        raise ValueError(f"{name} has no samples (shape {array.shape})")
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be numeric 0/1, got dtype {array.dtype}")
+    bad = ~np.isin(array, (0, 1))
+    if bad.any():
+        values = np.unique(array[bad])[:5].tolist()
+        raise ValueError(f"{name} must hold only 0 and 1, found {values}")
+    return array.astype(np.int64)
+
+
+def _check_finite_2d(y: ArrayLike, name: str) -> np.ndarray:
+    """Return ``y`` as a finite 2-D float array, or raise a ValueError naming ``name``."""
+    array = np.asarray(y)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n_samples, n_labels), got shape {array.shape}")
+    if array.shape[0] == 0:
+        raise ValueError(f"{name} has no samples (shape {array.shape})")
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
+    array = array.astype(np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds {int((~np.isfinite(array)).sum())} NaN or infinite values")
+    return array
+
+
+def check_multilabel(
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    name: str = "y_score",
+    *,
+    n_labels: int | None = None,
+    binary: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validate multi-label targets and scores; the one check every metric here uses.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples, n_labels)
+        Multi-hot ground truth holding only 0 and 1 (ints, bools or floats).
+    y_score : array-like of shape (n_samples, n_labels)
+        Scores, probabilities or (with ``binary=True``) predicted labels.
+    name : str, default="y_score"
+        What to call ``y_score`` in error messages (e.g. ``"y_prob"``, ``"y_pred"``).
+    n_labels : int, optional
+        Required number of columns, e.g. ``len(EMOTIONS)``; any number when None.
+    binary : bool, default=False
+        Require ``y_score`` to hold only 0 and 1 too (predicted labels).
+
+    Returns
+    -------
+    y_true : ndarray of int64, shape (n_samples, n_labels)
+    y_score : ndarray of float64 (int64 when ``binary``), shape (n_samples, n_labels)
+
+    Raises
+    ------
+    ValueError
+        If either input is not 2-D or is empty, the shapes differ, the column count
+        is not ``n_labels``, ``y_true`` (or a binary ``y_score``) holds values other
+        than 0/1, or ``y_score`` holds NaN or infinity.
+
+    Examples
+    --------
+    >>> y_true, y_score = check_multilabel([[1, 0], [0, 1]], [[0.9, 0.2], [0.3, 0.6]])
+    >>> y_true.dtype, y_score.shape
+    (dtype('int64'), (2, 2))
+    """
+    y_true = _check_binary_2d(y_true, "y_true")
+    y_score = _check_binary_2d(y_score, name) if binary else _check_finite_2d(y_score, name)
+    if y_true.shape != y_score.shape:
+        raise ValueError(f"y_true and {name} must have the same shape, got {y_true.shape} and {y_score.shape}")
+    if n_labels is not None and y_true.shape[1] != n_labels:
+        raise ValueError(f"expected {n_labels} label columns, got {y_true.shape[1]} (shape {y_true.shape})")
+    return y_true, y_score
+
+
+def _check_labels(labels: Sequence[str], n_labels: int) -> list[str]:
+    labels = [str(label) for label in labels]
+    if len(labels) != n_labels:
+        raise ValueError(f"got {len(labels)} label names for {n_labels} label columns")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"label names must be unique, got {labels}")
+    return labels
+
+
+def _check_thresholds(thresholds: ArrayLike, n_labels: int) -> np.ndarray:
+    """Broadcast a scalar or per-label threshold to shape (n_labels,)."""
+    array = np.asarray(thresholds, dtype=np.float64)
+    if array.ndim == 0:
+        array = np.full(n_labels, float(array))
+    if array.shape != (n_labels,):
+        raise ValueError(f"thresholds must be a scalar or have shape ({n_labels},), got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"thresholds must be finite, got {array.tolist()}")
+    return array
+
+
+def _warn_undefined_ap(y_true: np.ndarray, labels: Sequence[str]) -> np.ndarray:
+    """Return a mask of labels with at least one positive; warn about the others."""
+    defined = y_true.sum(axis=0) > 0
+    if not defined.all():
+        missing = [label for label, ok in zip(labels, defined) if not ok]
+        warnings.warn(
+            f"average precision is undefined for {len(missing)} label(s) with no positive sample: {missing}",
+            UndefinedMetricWarning,
+            stacklevel=3,
+        )
+    return defined
+
+
+def _default_labels(n_labels: int) -> list[str]:
+    return list(EMOTIONS) if n_labels == len(EMOTIONS) else [f"label_{j}" for j in range(n_labels)]
+
+
+def binarize(y_prob: ArrayLike, thresholds: ArrayLike = 0.5) -> np.ndarray:
+    """Turn probabilities into 0/1 predictions: ``prob >= threshold``, per label.
+
+    Parameters
+    ----------
+    y_prob : array-like of shape (n_samples, n_labels)
+        Predicted probabilities (or any scores).
+    thresholds : float or array-like of shape (n_labels,), default=0.5
+        One threshold for every label, or one per label (see ``tune_thresholds``).
+
+    Returns
+    -------
+    ndarray of int64, shape (n_samples, n_labels)
+
+    Examples
+    --------
+    >>> binarize([[0.2, 0.7], [0.5, 0.1]], [0.5, 0.05]).tolist()
+    [[0, 1], [1, 1]]
+    """
+    y_prob = _check_finite_2d(y_prob, "y_prob")
+    thresholds = _check_thresholds(thresholds, y_prob.shape[1])
+    # >= matches precision_recall_curve, whose thresholds are the lowest score kept positive.
+    return (y_prob >= thresholds[None, :]).astype(np.int64)
+
+
+def per_emotion_report(
+    y_true: ArrayLike,
+    y_prob: ArrayLike,
+    thresholds: ArrayLike = 0.5,
+    labels: Sequence[str] = EMOTIONS,
+) -> pd.DataFrame:
+    """Average precision, precision, recall, F1 and support for every emotion.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples, n_labels)
+        Multi-hot ground truth.
+    y_prob : array-like of shape (n_samples, n_labels)
+        Predicted probabilities.
+    thresholds : float or array-like of shape (n_labels,), default=0.5
+        Decision thresholds for precision/recall/F1; AP does not use them.
+    labels : sequence of str, default=EMOTIONS
+        One name per column, used as the index.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by label name, columns ``average_precision, precision, recall, f1,
+        support, threshold``. ``support`` is the number of positive samples. AP is NaN
+        for labels with no positive sample (it is undefined there), and an
+        ``UndefinedMetricWarning`` names them; precision/recall/F1 use
+        ``zero_division=0``.
+
+    Examples
+    --------
+    >>> report = per_emotion_report([[1, 0], [0, 1], [1, 1]], [[0.9, 0.4], [0.4, 0.8], [0.6, 0.3]],
+    ...                             labels=["a", "b"])
+    >>> report["average_precision"].tolist(), report["recall"].tolist()
+    ([1.0, 0.8333333333333333], [1.0, 0.5])
+    """
+    y_true, y_prob = check_multilabel(y_true, y_prob, name="y_prob")
+    labels = _check_labels(labels, y_true.shape[1])
+    thresholds = _check_thresholds(thresholds, y_true.shape[1])
+    defined = _warn_undefined_ap(y_true, labels)
+
+    ap = np.full(y_true.shape[1], np.nan)
+    for j in np.flatnonzero(defined):
+        ap[j] = average_precision_score(y_true[:, j], y_prob[:, j])
+    y_pred = binarize(y_prob, thresholds)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, average=None, labels=range(y_true.shape[1]), zero_division=0
+    )
+    report = pd.DataFrame(
+        {
+            "average_precision": ap,
+            "precision": precision.astype(np.float64),
+            "recall": recall.astype(np.float64),
+            "f1": f1.astype(np.float64),
+            "support": support.astype(np.int64),
+            "threshold": thresholds,
+        },
+        index=pd.Index(labels, name="emotion"),
+    )
+    return report[list(REPORT_COLUMNS)]
+
+
+def mean_average_precision_score(y_true: ArrayLike, y_prob: ArrayLike) -> float:
+    """Mean over labels of the average precision: the EMOTIC benchmark metric.
+
+    Labels with no positive sample have no AP; they are left out of the mean and an
+    ``UndefinedMetricWarning`` names them. The result is in [0, 1]; papers report it
+    times 100 (e.g. Kosti et al. 2019: 27.38).
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples, n_labels)
+        Multi-hot ground truth.
+    y_prob : array-like of shape (n_samples, n_labels)
+        Predicted probabilities or scores.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    ValueError
+        If no label has a positive sample, or the inputs fail ``check_multilabel``.
+
+    Examples
+    --------
+    >>> mean_average_precision_score([[1, 0], [0, 1], [1, 1]], [[0.9, 0.4], [0.4, 0.8], [0.6, 0.3]])
+    0.9166666666666666
+    """
+    y_true, y_prob = check_multilabel(y_true, y_prob, name="y_prob")
+    defined = _warn_undefined_ap(y_true, _default_labels(y_true.shape[1]))
+    if not defined.any():
+        raise ValueError(f"mAP is undefined: none of the {y_true.shape[1]} labels has a positive sample")
+    aps = [average_precision_score(y_true[:, j], y_prob[:, j]) for j in np.flatnonzero(defined)]
+    return float(np.mean(aps))
+
+
+def tune_thresholds(y_true: ArrayLike, y_prob: ArrayLike, default: float = 0.5) -> np.ndarray:
+    """Per-label threshold that maximizes F1, to be chosen on validation data.
+
+    Candidates are the thresholds of ``sklearn.metrics.precision_recall_curve``, i.e.
+    the observed scores, so ``binarize(y_prob, t)`` reproduces the best F1 exactly.
+    Ties go to the lowest threshold (highest recall).
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples, n_labels)
+        Multi-hot ground truth of the tuning split.
+    y_prob : array-like of shape (n_samples, n_labels)
+        Predicted probabilities on the same split.
+    default : float, default=0.5
+        Threshold for labels with no positive sample, where F1 cannot be tuned.
+
+    Returns
+    -------
+    ndarray of float64, shape (n_labels,)
+
+    Examples
+    --------
+    >>> tune_thresholds([[1], [0], [1], [0]], [[0.4], [0.1], [0.3], [0.2]]).tolist()
+    [0.3]
+    """
+    y_true, y_prob = check_multilabel(y_true, y_prob, name="y_prob")
+    if not np.isfinite(default):
+        raise ValueError(f"default threshold must be finite, got {default}")
+    thresholds = np.full(y_true.shape[1], float(default))
+    no_positive = []
+    for j in range(y_true.shape[1]):
+        if y_true[:, j].sum() == 0:
+            no_positive.append(j)
+            continue
+        precision, recall, candidates = precision_recall_curve(y_true[:, j], y_prob[:, j])
+        # The curve's last point (precision 1, recall 0) has no threshold.
+        precision, recall = precision[:-1], recall[:-1]
+        denom = precision + recall
+        f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+        thresholds[j] = float(candidates[int(np.argmax(f1))])
+    if no_positive:
+        logger.warning("%d label(s) have no positive sample; threshold %s kept for columns %s",
+                       len(no_positive), default, no_positive)
+    return thresholds
+
+
+def multilabel_scores(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
+    """F1 (micro, macro, samples), subset accuracy and Hamming loss of 0/1 predictions.
+
+    ``zero_division=0``: a label never true and never predicted counts as F1 0 in the
+    macro average, as scikit-learn does.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples, n_labels)
+        Multi-hot ground truth.
+    y_pred : array-like of shape (n_samples, n_labels)
+        Multi-hot predictions (see ``binarize``).
+
+    Returns
+    -------
+    dict
+        ``f1_micro, f1_macro, f1_samples, subset_accuracy`` (higher is better) and
+        ``hamming_loss`` (lower is better), all plain floats.
+
+    Examples
+    --------
+    >>> scores = multilabel_scores([[1, 0], [0, 1]], [[1, 1], [0, 1]])
+    >>> scores["f1_micro"], scores["subset_accuracy"], scores["hamming_loss"]
+    (0.8, 0.5, 0.25)
+    """
+    y_true, y_pred = check_multilabel(y_true, y_pred, name="y_pred", binary=True)
+    return {
+        "f1_micro": float(f1_score(y_true, y_pred, average="micro", zero_division=0)),
+        "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "f1_samples": float(f1_score(y_true, y_pred, average="samples", zero_division=0)),
+        # On multi-label input accuracy_score is the exact-match (subset) accuracy.
+        "subset_accuracy": float(accuracy_score(y_true, y_pred)),
+        "hamming_loss": float(hamming_loss(y_true, y_pred)),
+    }
+
+
+def _check_bounds(value: ArrayLike, name: str) -> np.ndarray:
+    """Broadcast a scalar or (valence, arousal) bound to shape (2,)."""
+    array = np.asarray(value, dtype=np.float64)
+    if array.ndim == 0:
+        array = np.full(2, float(array))
+    if array.shape != (2,) or not np.isfinite(array).all():
+        raise ValueError(f"{name} must be a finite (valence, arousal) pair, got {value!r}")
+    return array
+
+
+def affect_errors(
+    affect_true: ArrayLike,
+    affect_pred: ArrayLike,
+    low: ArrayLike = (SCALE_MIN, SCALE_MIN),
+    high: ArrayLike = (SCALE_MAX, SCALE_MAX),
+) -> dict[str, float]:
+    """Mean absolute error of valence and arousal, on [-1, 1] and on the original scale.
+
+    Inputs are normalized with ``x_norm = 2 * (x - low) / (high - low) - 1`` per
+    dimension; the original-scale errors undo that map, so they equal the
+    normalized errors times ``(high - low) / 2``. Predictions are not clipped.
+
+    Parameters
+    ----------
+    affect_true : array-like of shape (n_samples, 2)
+        Normalized (valence, arousal) targets.
+    affect_pred : array-like of shape (n_samples, 2)
+        Normalized (valence, arousal) predictions.
+    low, high : float or pair of float, default=(SCALE_MIN, SCALE_MIN), (SCALE_MAX, SCALE_MAX)
+        Per-dimension bounds the normalization used (the EMOTIC 1..10 scale, or
+        bounds fitted on the train split).
+
+    Returns
+    -------
+    dict
+        ``mae_valence, mae_arousal`` on [-1, 1] and ``mae_valence_1_10,
+        mae_arousal_1_10`` on the original scale; plain floats, lower is better.
+
+    Examples
+    --------
+    >>> errors = affect_errors([[0.0, 0.5]], [[0.5, 0.5]])
+    >>> errors["mae_valence"], errors["mae_valence_1_10"], errors["mae_arousal_1_10"]
+    (0.5, 2.25, 0.0)
+    """
+    affect_true = _check_finite_2d(affect_true, "affect_true")
+    affect_pred = _check_finite_2d(affect_pred, "affect_pred")
+    if affect_true.shape[1] != 2:
+        raise ValueError(f"affect_true must have shape (n_samples, 2) for (valence, arousal), got {affect_true.shape}")
+    if affect_true.shape != affect_pred.shape:
+        raise ValueError(
+            f"affect_true and affect_pred must have the same shape, got {affect_true.shape} and {affect_pred.shape}"
+        )
+    low, high = _check_bounds(low, "low"), _check_bounds(high, "high")
+    if not (high > low).all():
+        raise ValueError(f"high must exceed low in every dimension, got low={low.tolist()} high={high.tolist()}")
+
+    def to_original(x: np.ndarray) -> np.ndarray:
+        return (x + 1.0) / 2.0 * (high - low) + low
+
+    mae = np.abs(affect_pred - affect_true).mean(axis=0)  # (2,)
+    mae_original = np.abs(to_original(affect_pred) - to_original(affect_true)).mean(axis=0)  # (2,)
+    return {
+        "mae_valence": float(mae[0]),
+        "mae_arousal": float(mae[1]),
+        "mae_valence_1_10": float(mae_original[0]),
+        "mae_arousal_1_10": float(mae_original[1]),
+    }
+
+
+def cooccurrence_matrix(y: ArrayLike) -> np.ndarray:
+    """Count the samples in which labels ``i`` and ``j`` are both positive.
+
+    Parameters
+    ----------
+    y : array-like of shape (n_samples, n_labels)
+        Multi-hot labels (ground truth or predictions).
+
+    Returns
+    -------
+    ndarray of int64, shape (n_labels, n_labels)
+        Symmetric; the diagonal holds each label's positive count.
+
+    Examples
+    --------
+    >>> cooccurrence_matrix([[1, 1, 0], [1, 0, 0], [1, 1, 1]]).tolist()
+    [[3, 2, 1], [2, 2, 1], [1, 1, 1]]
+    """
+    y = _check_binary_2d(y, "y")
+    return y.T @ y
+
+
+def true_vs_predicted_matrix(y_true: ArrayLike, y_pred: ArrayLike, *, normalize: bool = False) -> np.ndarray:
+    """Multi-label "confusion": how often emotion ``j`` is predicted when ``i`` is true.
+
+    Entry ``(i, j)`` counts the samples where label ``i`` is true and label ``j`` is
+    predicted. Unlike a single-label confusion matrix, a sample adds to every pair of
+    its true and predicted labels, so rows do not sum to the support; the diagonal
+    holds the true positives.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples, n_labels)
+        Multi-hot ground truth.
+    y_pred : array-like of shape (n_samples, n_labels)
+        Multi-hot predictions.
+    normalize : bool, default=False
+        Divide row ``i`` by the number of samples where ``i`` is true, giving the rate
+        at which ``j`` is predicted given ``i`` (the diagonal becomes recall). Rows of
+        labels with no positive sample are NaN.
+
+    Returns
+    -------
+    ndarray of shape (n_labels, n_labels)
+        int64 counts, or float64 rates when ``normalize``.
+
+    Examples
+    --------
+    >>> true_vs_predicted_matrix([[1, 0], [1, 1], [0, 1]], [[0, 1], [1, 1], [0, 1]]).tolist()
+    [[1, 2], [1, 2]]
+    """
+    y_true, y_pred = check_multilabel(y_true, y_pred, name="y_pred", binary=True)
+    counts = y_true.T @ y_pred  # (L, L)
+    if not normalize:
+        return counts
+    support = y_true.sum(axis=0).astype(np.float64)  # (L,)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rates = counts / support[:, None]
+    rates[support == 0] = np.nan
+    return rates
+
+
+def evaluate_predictions(
+    y_true: ArrayLike,
+    y_prob: ArrayLike,
+    affect_true: ArrayLike,
+    affect_pred: ArrayLike,
+    thresholds: ArrayLike = 0.5,
+    low: ArrayLike = (SCALE_MIN, SCALE_MIN),
+    high: ArrayLike = (SCALE_MAX, SCALE_MAX),
+) -> dict[str, float]:
+    """Every headline metric of one evaluation, as a flat dict of floats for logging.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples, n_labels)
+        Multi-hot emotion ground truth.
+    y_prob : array-like of shape (n_samples, n_labels)
+        Predicted emotion probabilities.
+    affect_true, affect_pred : array-like of shape (n_samples, 2)
+        Normalized (valence, arousal) targets and predictions.
+    thresholds : float or array-like of shape (n_labels,), default=0.5
+        Decision thresholds for the F1, accuracy and Hamming scores.
+    low, high : float or pair of float
+        Affect normalization bounds, see ``affect_errors``.
+
+    Returns
+    -------
+    dict
+        Keys ``EVALUATION_KEYS``: ``mAP, f1_micro, f1_macro, f1_samples,
+        subset_accuracy, hamming_loss, mae_valence, mae_arousal, mae_valence_1_10,
+        mae_arousal_1_10``.
+
+    Raises
+    ------
+    ValueError
+        If the emotion and affect inputs disagree on the number of samples, or any
+        input fails its check.
+
+    Examples
+    --------
+    >>> metrics = evaluate_predictions([[1, 0], [0, 1]], [[0.9, 0.2], [0.3, 0.6]],
+    ...                                [[0.0, 0.0], [0.5, -0.5]], [[0.0, 0.0], [0.5, -0.5]])
+    >>> metrics["mAP"], metrics["f1_macro"], metrics["mae_valence_1_10"]
+    (1.0, 1.0, 0.0)
+    """
+    y_true, y_prob = check_multilabel(y_true, y_prob, name="y_prob")
+    n_affect = np.shape(affect_true)[0] if np.ndim(affect_true) else 0
+    if n_affect != y_true.shape[0]:
+        raise ValueError(f"affect_true has {n_affect} samples but y_true has {y_true.shape[0]}")
+    results = {"mAP": mean_average_precision_score(y_true, y_prob)}
+    results.update(multilabel_scores(y_true, binarize(y_prob, thresholds)))
+    results.update(affect_errors(affect_true, affect_pred, low=low, high=high))
+    return {key: float(results[key]) for key in EVALUATION_KEYS}
