@@ -15,6 +15,18 @@ import numpy as np
 import pandas as pd
 
 
+
+def _read_umask() -> int:
+    # The only portable way to read the umask is to set it; done once, at import, so
+    # no thread can create a file while it is briefly 0.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
@@ -29,9 +41,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     # mkstemp creates the file as 0600; give the result the usual umask-based mode so
     # other users and services (an MLflow server, a web server) can read it.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_name, 0o666 & ~umask)
+    os.chmod(tmp_name, 0o666 & ~_UMASK)
     tmp = Path(tmp_name)
     try:
         yield tmp
