@@ -36,6 +36,7 @@ class LossConfig(_Frozen):
     clip: float = Field(0.05, ge=0.0, lt=1.0)  # probability shift of negatives
     emotion_weight: float = Field(1.0, ge=0.0)  # weight of the emotion loss in the total
     affect_weight: float = Field(1.0, ge=0.0)  # weight of the valence/arousal Smooth L1
+    affect_beta: float = Field(1 / 9, gt=0.0)  # Smooth L1 switch point: half a 1..10 scale point in [-1, 1] units
 
 
 class TrainConfig(_Frozen):
