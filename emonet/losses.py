@@ -208,10 +208,10 @@ class EmoNetLoss(nn.Module):
 
     @classmethod
     def from_config(cls, config: LossConfig, **kwargs: object) -> EmoNetLoss:
-        """Build from the loss section of the run config; ``kwargs`` set the other arguments."""
+        """Build from the loss section of the run config; ``kwargs`` override or add arguments."""
         # Every LossConfig field is a constructor argument, so a field added there is
         # picked up here without another edit.
-        return cls(**config.model_dump(), **kwargs)
+        return cls(**{**config.model_dump(), **kwargs})
 
     def extra_repr(self) -> str:
         return f"emotion_weight={self.emotion_weight}, affect_weight={self.affect_weight}, affect_beta={self.affect_beta}"

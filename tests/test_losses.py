@@ -189,6 +189,7 @@ def test_emonet_loss_from_config_and_validation() -> None:
     asl = loss.emotion_loss
     assert (asl.gamma_neg, asl.gamma_pos, asl.clip, asl.reduction) == (2.0, 0.0, 0.1, "mean")
     assert EmoNetLoss.from_config(config, affect_beta=0.3).affect_beta == 0.3
+    assert EmoNetLoss.from_config(LossConfig(affect_beta=0.2)).affect_beta == 0.2
     with pytest.raises(ValueError, match="foo"):
         LossConfig(foo=1)
 
