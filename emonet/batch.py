@@ -120,9 +120,9 @@ def _load_mlflow_predictor(
 
     if normalizer is not None:
         logger.warning("normalizer ignored: the MLflow model %s carries its own normalization", uri)
-    model_config: dict[str, Any] = {"device": device}
+    model_config: dict[str, Any] = {"inference_device": device}
     if batch_size is not None:
-        model_config["batch_size"] = batch_size
+        model_config["inference_batch_size"] = batch_size
     pyfunc = mlflow.pyfunc.load_model(uri, model_config=model_config)
     try:
         python_model = pyfunc.unwrap_python_model()

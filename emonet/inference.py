@@ -1,0 +1,355 @@
+"""Batch inference with a trained EmoNet checkpoint: image decoding, emotion probabilities
+with per-emotion thresholds, and valence/arousal on both the model's and the 1..10 scale."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from emonet.config import EmoNetConfig
+from emonet.models import EmoNet
+from emonet.normalize import AffectNormalizer
+from emonet.schema import EMOTIONS, NUM_EMOTIONS
+from emonet.transforms import build_transforms
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AFFECT_OUTPUT_COLUMNS",
+    "EMOTIONS_COLUMN",
+    "OUTPUT_COLUMNS",
+    "PROB_COLUMNS",
+    "Predictor",
+    "check_image",
+    "decode_image_b64",
+    "prob_column",
+    "read_image",
+]
+
+DEFAULT_THRESHOLD = 0.5  # used when a checkpoint carries no tuned thresholds
+IMAGE_SUFFIXES: tuple[str, ...] = (".npy", ".png", ".jpg", ".jpeg")
+
+
+def prob_column(emotion: str) -> str:
+    """Name of the output column holding ``emotion``'s probability, e.g. ``prob_Peace``."""
+    return f"prob_{emotion}"
+
+
+PROB_COLUMNS: tuple[str, ...] = tuple(prob_column(emotion) for emotion in EMOTIONS)
+EMOTIONS_COLUMN = "emotions"
+AFFECT_OUTPUT_COLUMNS: tuple[str, ...] = ("valence", "arousal", "valence_1_10", "arousal_1_10")
+# The columns of Predictor.predict_frame and of the MLflow model's predictions, in order.
+OUTPUT_COLUMNS: tuple[str, ...] = PROB_COLUMNS + (EMOTIONS_COLUMN,) + AFFECT_OUTPUT_COLUMNS
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def check_image(image: object, name: str = "image") -> np.ndarray:
+    """Return ``image`` as an ``H x W x 3`` uint8 array, or raise ``ValueError`` naming ``name``."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f"{name}: expected a NumPy array, got {type(image).__name__}")
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"{name}: expected an H x W x 3 image, got shape {image.shape}")
+    if image.dtype != np.uint8:
+        raise ValueError(f"{name}: expected dtype uint8, got {image.dtype}")
+    return image
+
+
+def _decode_pil(data: bytes | io.BytesIO | Path, name: str) -> np.ndarray:
+    try:
+        with Image.open(data if not isinstance(data, bytes) else io.BytesIO(data)) as image:
+            # convert("RGB") also drops alpha and expands grayscale/palette images.
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"{name}: cannot decode as a PNG/JPEG image: {error}") from None
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read one image file as an ``H x W x 3`` RGB uint8 array.
+
+    Parameters
+    ----------
+    path : a ``.npy`` array (as in the EMOTIC archive; memory-mapped, so only the
+        pixels used are read) or a ``.png`` / ``.jpg`` / ``.jpeg`` picture (converted
+        to RGB).
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at ``path``.
+    ValueError
+        An unsupported suffix, an undecodable file, or a ``.npy`` that is not H x W x 3 uint8.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise ValueError(
+            f"unsupported image file type {suffix or '(none)'!r} for {path}; expected one of {IMAGE_SUFFIXES}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    if suffix == ".npy":
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"cannot read {path} as a .npy array: {error}") from None
+        return check_image(array, str(path))
+    return _decode_pil(path, str(path))
+
+
+def decode_image_b64(text: str) -> np.ndarray:
+    """Decode a base64 PNG or JPEG (optionally a ``data:image/...;base64,`` URL) to RGB uint8.
+
+    Raises
+    ------
+    ValueError
+        Not a string, not valid base64, or bytes that are not a PNG/JPEG image.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"expected a non-empty base64 string, got {type(text).__name__}")
+    text = text.strip()
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ValueError(f"invalid base64 image data: {error}") from None
+    return _decode_pil(data, "base64 image")
+
+
+def _batch_transform(images: Sequence[np.ndarray], resize: Any, shared: Any, size: int) -> torch.Tensor:
+    """Apply an eval preset (``resize`` then ``shared``) to a list of images as batches.
+
+    Images of equal shape are stacked and transformed in one call: the per-call
+    overhead of ``transforms.v2`` then counts once per shape instead of once per image,
+    and torchvision's uint8 antialiased resize is much faster on a batch. Resize and
+    normalization act on each image independently, so the result equals transforming
+    the images one by one (tests check this). Output order follows ``images``.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(index)
+    out = torch.empty((len(images), 3, size, size), dtype=torch.float32)  # (B, 3, S, S)
+    for indices in groups.values():
+        # np.stack copies out of read-only memory maps, so the tensor owns its pixels.
+        pixels = torch.from_numpy(np.stack([images[i] for i in indices])).permute(0, 3, 1, 2)  # (G, 3, H, W)
+        out[indices] = shared(resize(pixels))
+    return out
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+class Predictor:
+    """A trained EmoNet ready for inference on body crops (and full images for ``body_context``).
+
+    Parameters
+    ----------
+    model : the network; put in eval mode and moved to ``device``.
+    config : the run config the model was trained with (input sizes come from it).
+    thresholds : per-emotion decision thresholds ``(26,)`` in paper order; None gives 0.5.
+    normalizer : maps valence/arousal from [-1, 1] back to the 1..10 scale; None uses the
+        scale's own bounds.
+    device : where the model runs.
+    batch_size : images per forward pass.
+
+    Examples
+    --------
+    >>> predictor = Predictor.from_checkpoint("checkpoints/best.pt")  # doctest: +SKIP
+    >>> predictor.predict_frame([read_image("crop.png")])[["emotions", "valence_1_10"]]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: EmoNet,
+        config: EmoNetConfig,
+        thresholds: Sequence[float] | np.ndarray | None = None,
+        normalizer: AffectNormalizer | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if thresholds is None:
+            thresholds = np.full(NUM_EMOTIONS, DEFAULT_THRESHOLD)
+        thresholds = np.asarray(thresholds, dtype=np.float64)
+        if thresholds.shape != (NUM_EMOTIONS,) or not np.all(np.isfinite(thresholds)):
+            raise ValueError(f"thresholds must be {NUM_EMOTIONS} finite floats, got shape {thresholds.shape}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.thresholds = thresholds
+        self.normalizer = normalizer if normalizer is not None else AffectNormalizer()
+        self.batch_size = batch_size
+        self.variant = getattr(model, "variant", config.model.variant)
+        self.image_size = config.train.image_size
+        self.context_size = config.train.context_size if self.needs_context else None
+        self.transform = build_transforms(self.image_size, train=False, context_size=self.context_size)
+
+    @property
+    def needs_context(self) -> bool:
+        """Whether the model also takes the full image (the ``body_context`` variant)."""
+        return self.variant == "body_context"
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        normalizer: AffectNormalizer | str | Path | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 32,
+    ) -> Predictor:
+        """Load a checkpoint written by :func:`emonet.train.fit` (e.g. ``best.pt``).
+
+        Parameters
+        ----------
+        path : the checkpoint; the model is rebuilt from the config stored in it, and its
+            ``thresholds`` (tuned on validation) are used, or 0.5 when it has none.
+        normalizer : an :class:`~emonet.normalize.AffectNormalizer`, or the path of the
+            ``normalization.json`` written by the normalization step; None uses the
+            1..10 scale bounds.
+        device, batch_size : see :class:`Predictor`.
+
+        Raises
+        ------
+        FileNotFoundError
+            No checkpoint or normalization file at the given path.
+        ValueError
+            The file is not an EmoNet checkpoint, or its thresholds are malformed.
+        """
+        # Imported here: emonet.train pulls in the training stack (losses, metrics),
+        # which Predictor itself does not need when given a model.
+        from emonet.train import load_checkpoint
+
+        model, config, checkpoint = load_checkpoint(path, map_location=device)
+        thresholds = checkpoint.get("thresholds")
+        if thresholds is None:
+            logger.warning("%s holds no tuned thresholds; using %.1f for every emotion", path, DEFAULT_THRESHOLD)
+        if normalizer is None:
+            logger.info("no normalization given; mapping valence/arousal back with the 1..10 scale bounds")
+        elif not isinstance(normalizer, AffectNormalizer):
+            normalizer_path = Path(normalizer)
+            if not normalizer_path.is_file():
+                raise FileNotFoundError(f"normalization file not found: {normalizer_path}")
+            normalizer = AffectNormalizer.load(normalizer_path)
+        return cls(model, config, thresholds, normalizer, device=device, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ preprocessing
+
+    def _check_inputs(
+        self, crops: Sequence[np.ndarray], contexts: Sequence[np.ndarray] | None
+    ) -> Sequence[np.ndarray] | None:
+        if self.needs_context:
+            if contexts is None:
+                raise ValueError(
+                    "this is a body_context model: pass contexts (the full image of every crop) along with the crops"
+                )
+            if len(contexts) != len(crops):
+                raise ValueError(f"got {len(crops)} crops but {len(contexts)} contexts; need one full image per crop")
+            return contexts
+        if contexts is not None:
+            logger.debug("contexts ignored: the body model uses the crop only")
+        return None
+
+    def preprocess(
+        self, crops: Sequence[np.ndarray], contexts: Sequence[np.ndarray] | None = None, first_row: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Apply the eval transform and stack: ``(B, 3, S, S)`` body and optional context.
+
+        Every image is checked (H x W x 3 uint8); a bad one raises ``ValueError``
+        naming its row, counted from ``first_row``.
+        """
+        contexts = self._check_inputs(crops, contexts)
+        crops = [check_image(crop, f"row {first_row + i}: crop") for i, crop in enumerate(crops)]
+        if contexts is None:
+            body = _batch_transform(crops, self.transform.resize, self.transform.shared, self.image_size)
+            return body, None
+        contexts = [check_image(scene, f"row {first_row + i}: context") for i, scene in enumerate(contexts)]
+        # The eval preset draws nothing at random, so the two streams need not share a call.
+        body = _batch_transform(crops, self.transform.body_resize, self.transform.shared, self.image_size)
+        context = _batch_transform(contexts, self.transform.context_resize, self.transform.shared, self.context_size)
+        return body, context
+
+    # ------------------------------------------------------------------ prediction
+
+    def forward(self, body: torch.Tensor, context: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities ``(B, 26)`` and valence/arousal ``(B, 2)`` for one preprocessed batch."""
+        with torch.inference_mode():
+            body = body.to(self.device, non_blocking=True)
+            context = context.to(self.device, non_blocking=True) if context is not None else None
+            output = self.model(body, context) if context is not None else self.model(body)
+            probs = torch.sigmoid(output.emotion_logits.float()).cpu().numpy()
+            affect = output.affect.float().cpu().numpy()
+        return probs, affect
+
+    def predict_proba(
+        self, crops: Sequence[np.ndarray], contexts: Sequence[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Emotion probabilities and valence/arousal for a list of images, batch by batch.
+
+        Parameters
+        ----------
+        crops : body crops, each ``H x W x 3`` uint8 RGB of any size.
+        contexts : the full image of every crop; required by ``body_context`` models.
+
+        Returns
+        -------
+        probs : float32 ``(N, 26)`` in [0, 1], columns in ``schema.EMOTIONS`` order.
+        affect : float32 ``(N, 2)`` valence and arousal in [-1, 1].
+
+        Raises
+        ------
+        ValueError
+            A malformed image (its row is named), or missing contexts for ``body_context``.
+        """
+        contexts = self._check_inputs(crops, contexts)
+        n = len(crops)
+        probs = np.empty((n, NUM_EMOTIONS), dtype=np.float32)
+        affect = np.empty((n, 2), dtype=np.float32)
+        for start in range(0, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            batch_contexts = contexts[start:stop] if contexts is not None else None
+            body, context = self.preprocess(crops[start:stop], batch_contexts, first_row=start)
+            probs[start:stop], affect[start:stop] = self.forward(body, context)
+        return probs, affect
+
+    def to_frame(self, probs: np.ndarray, affect: np.ndarray) -> pd.DataFrame:
+        """The output table of :meth:`predict_frame` from model outputs.
+
+        Columns: ``prob_<Emotion>`` for the 26 emotions in paper order; ``emotions``, the
+        names whose probability reaches their threshold, joined by ``;`` in paper
+        order (``""`` if none); ``valence``, ``arousal`` in [-1, 1]; ``valence_1_10``,
+        ``arousal_1_10`` on the EMOTIC scale via the normalizer.
+        """
+        probs = np.asarray(probs, dtype=np.float64)
+        affect = np.asarray(affect, dtype=np.float64)
+        if probs.ndim != 2 or probs.shape[1] != NUM_EMOTIONS or affect.shape != (probs.shape[0], 2):
+            raise ValueError(
+                f"expected probs (N, {NUM_EMOTIONS}) and affect (N, 2), got {probs.shape} and {affect.shape}"
+            )
+        frame = pd.DataFrame(probs, columns=list(PROB_COLUMNS))
+        positive = probs >= self.thresholds[None, :]  # (N, 26), >= as in metrics.binarize
+        names = np.array(EMOTIONS, dtype=object)
+        frame[EMOTIONS_COLUMN] = [";".join(names[mask]) for mask in positive]
+        frame["valence"], frame["arousal"] = affect[:, 0], affect[:, 1]
+        scaled = self.normalizer.inverse_transform(affect) if len(affect) else np.empty((0, 2))
+        frame["valence_1_10"], frame["arousal_1_10"] = scaled[:, 0], scaled[:, 1]
+        return frame
+
+    def predict_frame(
+        self, crops: Sequence[np.ndarray], contexts: Sequence[np.ndarray] | None = None
+    ) -> pd.DataFrame:
+        """Predictions as a table with one row per crop (columns in :data:`OUTPUT_COLUMNS`)."""
+        return self.to_frame(*self.predict_proba(crops, contexts))
+
