@@ -4,7 +4,6 @@ and a PyTorch ``Dataset`` over one split."""
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from emonet.arrays import check_file_name, load_array
 from emonet.schema import (
     AFFECT_COLUMNS,
     AFFECT_NORM_COLUMNS,
@@ -27,20 +27,6 @@ from emonet.schema import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def check_file_name(name: object, column: str = "file name") -> str:
-    """Return ``name`` if it is a plain file name; raise ``ValueError`` otherwise.
-
-    Array names come from a CSV a user may not control: a path separator, ``..`` or
-    an absolute path could make the loader read outside the image folder.
-    """
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"{column} must be a non-empty string, got {name!r}")
-    separators = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
-    if any(sep in name for sep in separators) or name in {".", ".."} or os.path.isabs(name):
-        raise ValueError(f"{column} must be a plain file name inside the image folder, got {name!r}")
-    return name
 
 
 def load_annotations(csv_path: str | Path, *, strict: bool = False) -> pd.DataFrame:
@@ -115,26 +101,6 @@ def load_annotations(csv_path: str | Path, *, strict: bool = False) -> pd.DataFr
     df.attrs["rejected_rows"] = len(rejected)
     df.attrs["rejected"] = rejected
     return df
-
-
-def load_array(img_dir: str | Path, name: str) -> np.ndarray:
-    """Open one image array of the archive lazily and check it is H x W x 3 uint8.
-
-    The array is memory-mapped (``mmap_mode="r"``): nothing is read from disk until
-    pixels are used, so large splits never sit in memory at once.
-    """
-    path = Path(img_dir) / check_file_name(name)
-    if not path.is_file():
-        raise FileNotFoundError(f"image array not found: {path}")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"cannot read {path} as a .npy array: {err}") from None
-    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"{path.name}: expected an H x W x 3 image, got shape {array.shape}")
-    if array.dtype != np.uint8:
-        raise ValueError(f"{path.name}: expected dtype uint8, got {array.dtype}")
-    return array
 
 
 def scaled_box(row: pd.Series | dict[str, Any], array_shape: tuple[int, ...]) -> tuple[int, int, int, int]:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from emonet.arrays import check_file_name, load_array
 from emonet.schema import FACE_VISIBILITY_COLUMN
 
 # This module is imported by every worker process (to find the worker functions), so
@@ -119,46 +120,10 @@ class FaceVisibilityScorer:
         self.close()
 
 
-def _check_file_name(name: object) -> str:
-    # Same rule as emonet.data.check_file_name (a CSV may hold "../x.npy"): kept here
-    # because emonet.data imports torch, which a worker must not pay for.
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"crop name must be a non-empty string, got {name!r}")
-    separators = {"/", "\\", os.sep} | ({os.altsep} if os.altsep else set())
-    if any(sep in name for sep in separators) or name in {".", ".."} or os.path.isabs(name):
-        raise ValueError(f"crop name must be a plain file name inside the image folder, got {name!r}")
-    return name
-
-
-def load_crop(img_dir: str | Path, name: str) -> np.ndarray:
-    """Open one body crop lazily (memory-mapped) and check it is H x W x 3 uint8.
-
-    The same contract as :func:`emonet.data.load_array`, without importing torch: it
-    runs in every worker process, whose start-up time it would otherwise triple.
-
-    Raises
-    ------
-    FileNotFoundError : the array does not exist.
-    ValueError : an unsafe name, an unreadable file, or a wrong shape or dtype.
-    """
-    path = Path(img_dir) / _check_file_name(name)
-    if not path.is_file():
-        raise FileNotFoundError(f"image array not found: {path}")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"cannot read {path} as a .npy array: {err}") from None
-    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"{path.name}: expected an H x W x 3 image, got shape {array.shape}")
-    if array.dtype != np.uint8:
-        raise ValueError(f"{path.name}: expected dtype uint8, got {array.dtype}")
-    return array
-
-
 def _score_file(scorer: FaceVisibilityScorer, img_dir: str | Path, name: str) -> tuple[float, str | None]:
     """Score one crop file: ``(score, None)``, or ``(nan, reason)`` if it cannot be read."""
     try:
-        crop = load_crop(img_dir, name)
+        crop = load_array(img_dir, name)
         return scorer(crop), None
     except (OSError, ValueError) as err:
         return math.nan, str(err) or type(err).__name__

@@ -112,6 +112,12 @@ def test_load_array_is_memory_mapped_and_checked(tmp_path):
     np.save(tmp_path / "float.npy", np.zeros((4, 5, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="uint8, got float32"):
         load_array(tmp_path, "float.npy")
+    np.save(tmp_path / "empty.npy", np.zeros((0, 5, 3), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"\(0, 5, 3\)"):
+        load_array(tmp_path, "empty.npy")
+    (tmp_path / "truncated.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(ValueError, match="truncated.npy"):
+        load_array(tmp_path, "truncated.npy")
     (tmp_path / "junk.npy").write_bytes(b"not an array")
     with pytest.raises(ValueError, match="junk.npy"):
         load_array(tmp_path, "junk.npy")

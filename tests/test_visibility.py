@@ -20,7 +20,6 @@ from emonet.visibility import (
     add_face_visibility,
     example_crop,
     face_visibility_score,
-    load_crop,
     plot_visibility_histogram,
     score_crops,
 )
@@ -157,30 +156,6 @@ def test_score_crops_of_nothing(crop_dir):
     assert score_crops(crop_dir[0], [], progress=False).shape == (0,)
 
 
-def test_load_crop_keeps_load_array_contract(tmp_path):
-    # load_crop is the worker's torch-free copy of emonet.data.load_array: both must
-    # accept and reject the same files.
-    np.save(tmp_path / "good.npy", example_crop("none", 32))
-    np.save(tmp_path / "gray.npy", np.zeros((8, 8), np.uint8))
-    np.save(tmp_path / "float.npy", np.zeros((8, 8, 3), np.float32))
-    np.save(tmp_path / "empty.npy", np.zeros((0, 8, 3), np.uint8))
-    (tmp_path / "corrupt.npy").write_bytes(b"\x93NUMPY garbage")
-    np.testing.assert_array_equal(load_crop(tmp_path, "good.npy"), load_array(tmp_path, "good.npy"))
-    for name, error in [
-        ("missing.npy", FileNotFoundError),
-        ("gray.npy", ValueError),
-        ("float.npy", ValueError),
-        ("empty.npy", ValueError),
-        ("corrupt.npy", ValueError),
-        ("../good.npy", ValueError),
-        ("", ValueError),
-    ]:
-        with pytest.raises(error):
-            load_array(tmp_path, name)
-        with pytest.raises(error):
-            load_crop(tmp_path, name)
-
-
 def test_worker_module_does_not_import_torch():
     # Every pool worker imports emonet.visibility; torch would add seconds to start-up.
     code = "import sys, emonet.visibility; print(sorted({'torch', 'pandas', 'mediapipe'} & set(sys.modules)))"
@@ -274,7 +249,7 @@ def test_example_crop_rejects_unknown_kind():
 def test_strided_and_memory_mapped_crops_score_like_copies(scorer, tmp_path):
     crop = example_crop("partial", 160)
     np.save(tmp_path / "c.npy", crop)
-    mapped = load_crop(tmp_path, "c.npy")
+    mapped = load_array(tmp_path, "c.npy")
     assert isinstance(mapped, np.memmap)
     wide = np.repeat(crop, 2, axis=1)[:, ::2]  # the same pixels as a strided view
     assert not wide.flags["C_CONTIGUOUS"]
