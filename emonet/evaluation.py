@@ -1,0 +1,151 @@
+"""Evaluate a trained checkpoint on a labelled split: the EMOTIC metrics, the
+per-emotion table, the 26 x 26 matrices and their figures, written to one folder."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from emonet.data import EmoticDataset
+from emonet.io import write_csv_atomic, write_json_atomic
+from emonet.metrics import (
+    binarize,
+    cooccurrence_matrix,
+    evaluate_predictions,
+    per_emotion_report,
+    true_vs_predicted_matrix,
+)
+from emonet.normalize import AffectNormalizer
+from emonet.plots import (
+    plot_affect_scatter,
+    plot_cooccurrence,
+    plot_learning_curves,
+    plot_per_emotion_metrics,
+    plot_true_vs_predicted,
+)
+from emonet.schema import EMOTIONS
+from emonet.train import Predictions, load_checkpoint, make_loader, predict, resolve_device
+from emonet.transforms import build_transforms
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationReport:
+    """Everything :func:`evaluate_checkpoint` computed and where it wrote it."""
+
+    metrics: dict[str, float]  # with the per-emotion thresholds tuned on validation
+    metrics_at_half: dict[str, float]  # with a fixed 0.5 threshold
+    per_emotion: pd.DataFrame  # AP, precision, recall, F1, support, threshold per emotion
+    thresholds: np.ndarray  # (26,)
+    predictions: Predictions
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    annotations: pd.DataFrame | str | Path,
+    img_dir: str | Path,
+    out_dir: str | Path,
+    normalizer: AffectNormalizer | str | Path | None = None,
+    *,
+    batch_size: int | None = None,
+    num_workers: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> EvaluationReport:
+    """Score a ``best.pt`` on a labelled split and write its report into ``out_dir``.
+
+    The per-emotion thresholds stored in the checkpoint (tuned on validation) decide
+    the predicted sets; metrics at a fixed 0.5 are reported too. Valence/arousal errors
+    on the 1..10 scale use ``normalizer`` (a ``normalization.json`` or an
+    :class:`AffectNormalizer`; default: the 1..10 scale bounds).
+
+    Files written (atomically): ``metrics.json``, ``per_emotion.csv``,
+    ``cooccurrence_true.png``, ``cooccurrence_pred.png``, ``true_vs_predicted.png``,
+    ``per_emotion_metrics.png``, ``affect_scatter.png`` and, when the checkpoint holds
+    a training history, ``learning_curves.png``.
+    """
+    out_dir = Path(out_dir)
+    if not isinstance(normalizer, AffectNormalizer):
+        normalizer = AffectNormalizer.load(normalizer) if normalizer is not None else AffectNormalizer()
+    device_ = resolve_device(device)
+    model, config, state = load_checkpoint(checkpoint, map_location=device_)
+    thresholds = np.asarray(state.get("thresholds") if state.get("thresholds") is not None else [0.5] * len(EMOTIONS))
+
+    with_context = config.model.variant == "body_context"
+    transform = build_transforms(
+        config.train.image_size, train=False, context_size=config.train.context_size if with_context else None
+    )
+    dataset = EmoticDataset(annotations, img_dir, transform=transform, with_context=with_context)
+    loader = make_loader(
+        dataset,
+        batch_size or config.train.batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        device=device_,
+        seed=config.train.seed,
+    )
+    predictions = predict(model, loader, device_, progress=progress)
+
+    bounds = {"low": normalizer.low, "high": normalizer.high}
+    y_true, y_prob = predictions.emotions_true, predictions.emotion_prob
+    metrics = evaluate_predictions(
+        y_true, y_prob, predictions.affect_true, predictions.affect_pred, thresholds=thresholds, **bounds
+    )
+    metrics_at_half = evaluate_predictions(
+        y_true, y_prob, predictions.affect_true, predictions.affect_pred, thresholds=0.5, **bounds
+    )
+    report = per_emotion_report(y_true, y_prob, thresholds=thresholds)
+    y_pred = binarize(y_prob, thresholds)
+
+    files = {
+        "metrics": write_json_atomic(
+            {"metrics": metrics, "metrics_at_0.5": metrics_at_half, "n_samples": len(predictions)},
+            out_dir / "metrics.json",
+        ),
+        "per_emotion_csv": write_csv_atomic(report.reset_index(), out_dir / "per_emotion.csv"),
+        "cooccurrence_true": plot_cooccurrence(
+            cooccurrence_matrix(y_true), out_dir / "cooccurrence_true.png", title="Ground-truth co-occurrence"
+        ),
+        "cooccurrence_pred": plot_cooccurrence(
+            cooccurrence_matrix(y_pred), out_dir / "cooccurrence_pred.png", title="Predicted co-occurrence"
+        ),
+        "true_vs_predicted": plot_true_vs_predicted(
+            true_vs_predicted_matrix(y_true, y_pred),
+            out_dir / "true_vs_predicted.png",
+            normalize=True,
+            support=y_true.sum(axis=0),
+        ),
+        "per_emotion_metrics": plot_per_emotion_metrics(report, out_dir / "per_emotion_metrics.png"),
+        "affect_scatter": plot_affect_scatter(
+            predictions.affect_true, predictions.affect_pred, out_dir / "affect_scatter.png"
+        ),
+    }
+    if state.get("history"):
+        files["learning_curves"] = plot_learning_curves(state["history"], out_dir / "learning_curves.png")
+    logger.info("evaluated %s on %d samples: mAP %.4f", checkpoint, len(predictions), metrics["mAP"])
+    return EvaluationReport(
+        metrics=metrics,
+        metrics_at_half=metrics_at_half,
+        per_emotion=report,
+        thresholds=thresholds,
+        predictions=predictions,
+        files=files,
+    )
+
+
+def split_fingerprint(annotations: pd.DataFrame) -> str:
+    """SHA-256 of what defines a split's emotion benchmark: its crops and their labels.
+
+    Two evaluations are comparable only on the same fingerprint; it ignores columns
+    that depend on preprocessing choices (normalized affect, face visibility).
+    """
+    columns = ["Crop_name", *EMOTIONS]
+    canonical = annotations[columns].astype({emotion: "int8" for emotion in EMOTIONS}).to_csv(index=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
