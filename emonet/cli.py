@@ -1,0 +1,189 @@
+"""The ``emonet`` command line: each sub-command is a thin layer over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger("emonet")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text}")
+    return value
+
+
+def _cmd_make_demo_data(args: argparse.Namespace) -> None:
+    from emonet.demo_data import make_demo_data
+
+    root = make_demo_data(
+        args.out_dir, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, size=args.size
+    )
+    print(f"demo archive written to {root}")
+
+
+def _cmd_visibility(args: argparse.Namespace) -> None:
+    from emonet.visibility import add_face_visibility
+
+    result = add_face_visibility(args.annotations, args.img_dir, args.out, workers=args.workers, plot_path=args.plot)
+    for key, value in result.as_dict().items():
+        print(f"{key:>14}: {value}")
+
+
+def _cmd_normalize(args: argparse.Namespace) -> None:
+    from emonet.normalize import normalize_dataset
+
+    result = normalize_dataset(
+        args.annotations_dir, args.out_dir, min_visibility=args.min_visibility, fit_on_train=args.fit_on_train
+    )
+    for split, path in result.outputs.items():
+        print(f"{split}: {result.counts[split]['rows_written']} rows -> {path}")
+    print(f"parameters ({result.normalizer.method}): {result.params_path}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from emonet.config import load_config
+    from emonet.models import build_model
+    from emonet.train import fit, make_loaders
+
+    config = load_config(args.config)
+    train_loader, val_loader = make_loaders(args.train_csv, args.val_csv, args.img_dir, config)
+    result = fit(
+        build_model(config.model),
+        train_loader,
+        val_loader,
+        config,
+        callbacks=[lambda metrics: logger.info("epoch %d: %s", metrics["epoch"], metrics)],
+        checkpoint_dir=args.checkpoint_dir,
+        resume_from=args.resume_from,
+    )
+    print(f"best val mAP {result.best_metric:.4f} at epoch {result.best_epoch}: {result.best_checkpoint}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from emonet.evaluation import evaluate_checkpoint
+
+    report = evaluate_checkpoint(
+        args.checkpoint, args.annotations, args.img_dir, args.out_dir, normalizer=args.normalization
+    )
+    for key, value in report.metrics.items():
+        print(f"{key:>20}: {value:.4f}")
+    print(f"report and figures in {args.out_dir}")
+
+
+def _cmd_review(args: argparse.Namespace) -> None:
+    from emonet.review import review_predictions_with_visualization
+
+    table = review_predictions_with_visualization(
+        args.model,
+        args.annotations,
+        args.img_dir,
+        args.out_dir,
+        num_samples=args.num_samples,
+        detailed_samples=args.detailed_samples,
+        sort_by=args.sort_by,
+        seed=args.seed,
+        normalizer=args.normalization,
+    )
+    print(f"reviewed {len(table)} samples; open {Path(args.out_dir) / 'index.html'} in a browser")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from emonet.batch import predict_csv
+
+    summary = predict_csv(
+        args.model, args.input, args.out, img_dir=args.img_dir, batch_size=args.batch_size, on_error=args.on_error
+    )
+    print(summary)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emonet", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("make-demo-data", help="write a small synthetic archive in EMOTIC's format")
+    demo.add_argument("out_dir", type=Path)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--n-train", type=_positive_int, default=300)
+    demo.add_argument("--n-val", type=_positive_int, default=100)
+    demo.add_argument("--n-test", type=_positive_int, default=100)
+    demo.add_argument("--size", type=_positive_int, default=112, help="side of the square body crops, in pixels")
+    demo.set_defaults(func=_cmd_make_demo_data)
+
+    vis = commands.add_parser("visibility", help="score face visibility of every body crop with MediaPipe Face Mesh")
+    vis.add_argument("--annotations", type=Path, required=True, help="a split's annotation CSV")
+    vis.add_argument("--img-dir", type=Path, required=True, help="the archive's img_arrs folder")
+    vis.add_argument("--out", type=Path, required=True, help="output CSV (a copy with Face_Visibility)")
+    vis.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
+    vis.add_argument("--plot", type=Path, default=None, help="write a histogram PNG of the scores here")
+    vis.set_defaults(func=_cmd_visibility)
+
+    norm = commands.add_parser("normalize", help="add Valence_norm and Arousal_norm in [-1, 1]")
+    norm.add_argument("--annotations-dir", type=Path, required=True, help="folder with annot_arrs_<split>.csv")
+    norm.add_argument("--out-dir", type=Path, required=True)
+    norm.add_argument("--min-visibility", type=float, default=None, help="keep rows with Face_Visibility >= X")
+    norm.add_argument("--fit-on-train", action="store_true", help="fit the bounds on the train split")
+    norm.set_defaults(func=_cmd_normalize)
+
+    train = commands.add_parser("train", help="train a model (no Prefect, no MLflow)")
+    train.add_argument("--config", type=Path, default=None, help="YAML config (see emonet/config.py); default values otherwise")
+    train.add_argument("--train-csv", type=Path, required=True)
+    train.add_argument("--val-csv", type=Path, required=True)
+    train.add_argument("--img-dir", type=Path, required=True)
+    train.add_argument("--checkpoint-dir", type=Path, required=True, help="last.pt and best.pt go here")
+    train.add_argument("--resume-from", type=Path, default=None, help="a last.pt to continue from")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="metrics, per-emotion table and figures of a checkpoint")
+    evaluate.add_argument("--checkpoint", type=Path, required=True)
+    evaluate.add_argument("--annotations", type=Path, required=True, help="a labelled split CSV")
+    evaluate.add_argument("--img-dir", type=Path, required=True)
+    evaluate.add_argument("--out-dir", type=Path, required=True)
+    evaluate.add_argument("--normalization", type=Path, default=None, help="normalization.json of the training data")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
+    review = commands.add_parser("review", help="look at predictions: grid, detailed pages, heatmaps, index.html")
+    review.add_argument("--model", required=True, help="a checkpoint path or an MLflow URI (models:/emonet@champion)")
+    review.add_argument("--annotations", type=Path, required=True, help="a split CSV (raw or normalized)")
+    review.add_argument("--img-dir", type=Path, required=True)
+    review.add_argument("--out-dir", type=Path, required=True, help="existing files of other names are kept")
+    review.add_argument("--num-samples", type=_positive_int, default=20, help="crops in the grid (capped at the split)")
+    review.add_argument("--detailed-samples", type=int, default=20, help="detailed pages, from the same ordering")
+    review.add_argument("--sort-by", default="random", choices=["random", "best", "worst", "confidence"])
+    review.add_argument("--seed", type=int, default=0)
+    review.add_argument("--normalization", type=Path, default=None, help="normalization.json of the training data")
+    review.set_defaults(func=_cmd_review)
+
+    predict = commands.add_parser("predict", help="score a CSV of crops, in batches, into a predictions CSV")
+    predict.add_argument("--model", required=True, help="a checkpoint path or an MLflow URI (models:/emonet@champion)")
+    predict.add_argument("--input", type=Path, required=True, help="CSV with Crop_name (and --img-dir) or image_path")
+    predict.add_argument("--out", type=Path, required=True, help="predictions CSV (never the input)")
+    predict.add_argument("--img-dir", type=Path, default=None)
+    predict.add_argument("--batch-size", type=_positive_int, default=64)
+    predict.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="skip: list bad rows aside")
+    predict.set_defaults(func=_cmd_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        # A user's mistake: one clear line, no traceback.
+        print(f"emonet {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
