@@ -8,6 +8,11 @@ STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= data/demo
 OUT_DIR ?= outputs
 
+# This machine reaches no analytics endpoint, and a busy CPU can make the ephemeral
+# Prefect server slow to start.
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+
 PREFECT_API := http://127.0.0.1:4200/api
 MLFLOW_DB := sqlite:///$(CURDIR)/mlruns/mlflow.db
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,45 @@ def write_fake_archive(root: Path, rows_per_split: int = 6, crop_size: int = 40,
 def fake_archive(tmp_path: Path) -> Path:
     """Root of a tiny archive (6 rows per split, 40 px random crops)."""
     return write_fake_archive(tmp_path / "emotic")
+
+
+@pytest.fixture(scope="session")
+def prefect_env(tmp_path_factory):
+    """One Prefect test server for the whole session, with task results and the MLflow
+    store (``MLFLOW_TRACKING_URI``) in temporary folders."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    base = tmp_path_factory.mktemp("prefect")
+    tracking_uri = f"sqlite:///{base / 'mlruns' / 'mlflow.db'}"
+    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    try:
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: base / "prefect-results"}):
+            with prefect_test_harness(server_startup_timeout=120):
+                yield {"base": base, "tracking_uri": tracking_uri}
+    finally:
+        if previous_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_uri
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> dict[str, Path]:
+    """A fake archive and the best.pt of ResNet-18 trained one epoch on it at 32 px."""
+    from emonet.config import load_config
+    from emonet.models import build_model
+    from emonet.train import fit, make_loaders
+
+    base = tmp_path_factory.mktemp("tiny-run")
+    root = write_fake_archive(base / "emotic", rows_per_split=6)
+    config = load_config(
+        model={"backbone": "resnet18"},
+        train={"image_size": 32, "epochs": 1, "batch_size": 4, "num_workers": 0, "device": "cpu"},
+    )
+    train_loader, val_loader = make_loaders(
+        annotations_path(root, "train"), annotations_path(root, "val"), arrays_dir(root), config
+    )
+    result = fit(build_model(config.model), train_loader, val_loader, config, checkpoint_dir=base / "run", progress=False)
+    return {"root": root, "checkpoint": result.best_checkpoint}

@@ -1,0 +1,53 @@
+"""Wall time of the pipeline's data steps (face visibility, normalization) on a first run
+and on a second run served from Prefect's cache, and their ratio (target <= 0.1).
+
+Runs the `emonet-prepare-data` flow twice on a generated demo archive, with a fresh
+result store, against an ephemeral Prefect server:
+
+    .venv/bin/python benchmarks/bench_cache.py [--n-train 600 --n-val 200 --n-test 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-train", type=int, default=600)
+    parser.add_argument("--n-val", type=int, default=200)
+    parser.add_argument("--n-test", type=int, default=200)
+    parser.add_argument("--size", type=int, default=112, help="side of the demo crops")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    from prefect import flow
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from emonet.demo_data import make_demo_data
+    from flows.training_pipeline import prepare_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        root = make_demo_data(
+            tmp_path / "demo", n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, size=args.size
+        )
+        rows = args.n_train + args.n_val + args.n_test
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: tmp_path / "results"}):
+            # The first flow run of a process starts the ephemeral server: keep that out.
+            flow(name="warm-up")(lambda: None)()
+            times = []
+            for label in ("first", "cached"):
+                start = time.perf_counter()
+                prepare_data(root, tmp_path / "out", visibility_shard_size=200)
+                times.append(time.perf_counter() - start)
+                print(f"{label:>7} run: {times[-1]:7.2f} s")
+    print(f"rows: {rows}; data steps cached / first: {times[1] / times[0]:.3f} (target <= 0.1)")
+
+
+if __name__ == "__main__":
+    main()

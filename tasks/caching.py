@@ -1,0 +1,62 @@
+"""Cache keys that follow file contents, not file names.
+
+Prefect hashes a ``Path`` argument by its string, so a task keyed on its inputs alone
+would return a stale result after the file behind the path changed. These policies add
+a fingerprint of the files themselves: CSVs by content (they are small), image arrays
+by size and modification time (hashing gigabytes of pixels would cost more than the
+work it saves).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
+from prefect.context import TaskRunContext
+
+
+
+def content_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def stat_digest(paths: Iterable[Path]) -> str:
+    """Digest of each file's name, size and modification time (missing files included)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        except FileNotFoundError:
+            digest.update(f"{path.name}:missing;".encode())
+    return digest.hexdigest()
+
+
+def _visibility_shard_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    csv_path = Path(parameters["annotations_csv"])
+    img_dir = Path(parameters["img_dir"])
+    names = pd.read_csv(csv_path, usecols=["Crop_name"])["Crop_name"].iloc[parameters["start"] : parameters["stop"]]
+    return content_digest(csv_path) + stat_digest(img_dir / str(name) for name in names)
+
+
+def _csv_contents_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Contents of every CSV passed in ``csv_paths`` (a split -> path mapping)."""
+    parts = [f"{split}:{content_digest(path)}" for split, path in sorted(parameters["csv_paths"].items())]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+# Inputs minus what cannot change the result (worker counts), the task's own source,
+# and the files behind the path arguments.
+VISIBILITY_SHARD_CACHE: CachePolicy = (
+    TASK_SOURCE + (INPUTS - "workers") + CacheKeyFnPolicy(cache_key_fn=_visibility_shard_key)
+)
+CSV_CONTENTS_CACHE: CachePolicy = TASK_SOURCE + INPUTS + CacheKeyFnPolicy(cache_key_fn=_csv_contents_key)

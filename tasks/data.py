@@ -1,0 +1,89 @@
+"""Prefect tasks for the data half of the pipeline: demo data, face visibility, normalization."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from emonet.data import load_annotations
+from emonet.demo_data import make_demo_data
+from emonet.io import write_csv_atomic
+from emonet.normalize import AffectNormalizer, normalize_frames, write_normalized
+from emonet.schema import FACE_VISIBILITY_COLUMN, SPLITS, annotations_path
+from emonet.visibility import plot_visibility_histogram, score_crops
+from tasks.caching import CSV_CONTENTS_CACHE, VISIBILITY_SHARD_CACHE
+
+# File-system hiccups (network shares, a busy disk) are the plausible transient failures.
+IO_RETRIES = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=2)}
+
+
+@task(name="demo-data", cache_policy=NO_CACHE, **IO_RETRIES)
+def ensure_demo_data(demo_dir: Path, seed: int = 0) -> Path:
+    """Generate the demo archive into ``demo_dir`` unless it is already there."""
+    if all(annotations_path(demo_dir, split).is_file() for split in SPLITS):
+        return demo_dir
+    return make_demo_data(demo_dir, seed=seed)
+
+
+def shard_bounds(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` row ranges covering ``n_rows`` in shards of ``shard_size``."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [(start, min(start + shard_size, n_rows)) for start in range(0, n_rows, shard_size)]
+
+
+@task(
+    name="face-visibility-shard",
+    task_run_name="visibility-{annotations_csv.stem}-{start}-{stop}",
+    cache_policy=VISIBILITY_SHARD_CACHE,
+    persist_result=True,
+    **IO_RETRIES,
+)
+def score_visibility_shard(annotations_csv: Path, img_dir: Path, start: int, stop: int, workers: int | None) -> list[float]:
+    """Face visibility of rows ``[start, stop)`` of a split; cached per shard, so an
+    interrupted scoring resumes at the shard where it stopped."""
+    names = pd.read_csv(annotations_csv, usecols=["Crop_name"])["Crop_name"].iloc[start:stop].tolist()
+    return score_crops(img_dir, names, workers=workers).tolist()
+
+
+@task(name="write-visibility", cache_policy=NO_CACHE, **IO_RETRIES)
+def write_visibility(annotations_csv: Path, scores: list[float], out_csv: Path, plot_png: Path) -> dict[str, Any]:
+    """A copy of the split's CSV with ``Face_Visibility``, and its histogram."""
+    df = pd.read_csv(annotations_csv)
+    if len(scores) != len(df):
+        raise ValueError(f"{annotations_csv}: {len(scores)} visibility scores for {len(df)} rows")
+    values = np.asarray(scores, dtype=np.float64)
+    df[FACE_VISIBILITY_COLUMN] = values
+    write_csv_atomic(df, out_csv)
+    plot_visibility_histogram(values, plot_png, title=f"Face visibility: {annotations_csv.stem}")
+    return {
+        "rows": len(values),
+        "unreadable": int(np.isnan(values).sum()),
+        "with_face": int((values > 0).sum()),
+        "mean": float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"),
+    }
+
+
+@task(name="normalize-affect", cache_policy=CSV_CONTENTS_CACHE, persist_result=True, **IO_RETRIES)
+def normalize_splits(
+    csv_paths: dict[str, Path], min_visibility: float | None, fit_on_train: bool
+) -> tuple[dict[str, pd.DataFrame], dict[str, Any], dict[str, dict[str, int]]]:
+    """Validated, filtered and normalized splits (cached on the CSVs' contents)."""
+    frames = {split: load_annotations(path) for split, path in csv_paths.items()}
+    frames, normalizer, counts = normalize_frames(frames, min_visibility=min_visibility, fit_on_train=fit_on_train)
+    return frames, normalizer.to_dict(), counts
+
+
+@task(name="write-normalized", cache_policy=NO_CACHE, **IO_RETRIES)
+def write_normalized_splits(
+    frames: dict[str, pd.DataFrame], normalizer: dict[str, Any], out_dir: Path
+) -> tuple[dict[str, Path], Path]:
+    """``normalized_dataset_<split>.csv`` and ``normalization.json``; never cached, so
+    the files exist even when the computation above came from the cache."""
+    return write_normalized(frames, AffectNormalizer.from_dict(normalizer), out_dir)

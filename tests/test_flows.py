@@ -1,0 +1,184 @@
+"""The Prefect flows end to end: on tiny demo data, against a temporary Prefect server,
+result store and MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from emonet.demo_data import make_demo_data
+from emonet.schema import EMOTIONS, annotations_path, arrays_dir
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The smallest run that still exercises every step: 32 px crops, one epoch.
+TINY_RUN = {
+    "image_size": 32,
+    "epochs": 1,
+    "batch_size": 8,
+    "num_workers": 0,
+    "visibility_workers": 1,
+    "visibility_shard_size": 16,
+}
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+    return make_demo_data(tmp_path_factory.mktemp("demo") / "archive", seed=3, n_train=32, n_val=16, n_test=16, size=48)
+
+
+def _run_pipeline(prefect_env, demo_root, **overrides):
+    from flows.training_pipeline import emonet_training_pipeline
+
+    params = {
+        "data_root": demo_root,
+        "output_dir": prefect_env["base"] / "outputs",
+        "experiment_name": "flow-tests",
+        "registered_model_name": "emonet-test",
+        **TINY_RUN,
+        **overrides,
+    }
+    return emonet_training_pipeline(**params)
+
+
+class CallCounter:
+    """Wraps a function and counts calls; ``fail_first`` raises on the first calls."""
+
+    def __init__(self, func, fail_first: int = 0):
+        self.func, self.calls, self.fail_first = func, 0, fail_first
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls <= self.fail_first:
+            raise OSError("injected transient failure")
+        return self.func(*args, **kwargs)
+
+
+def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_root, monkeypatch):
+    import tasks.data
+    import tasks.model
+
+    score = CallCounter(tasks.data.score_crops)
+    normalize = CallCounter(tasks.data.normalize_frames)
+    # The model registration fails once, as a tracking server might; the task retries.
+    register = CallCounter(tasks.model.log_emonet_model, fail_first=1)
+    monkeypatch.setattr(tasks.data, "score_crops", score)
+    monkeypatch.setattr(tasks.data, "normalize_frames", normalize)
+    monkeypatch.setattr(tasks.model, "log_emonet_model", register)
+
+    first = _run_pipeline(prefect_env, demo_root)
+    n_shards = sum(-(-n // TINY_RUN["visibility_shard_size"]) for n in (32, 16, 16))
+    assert score.calls == n_shards and normalize.calls == 1
+    assert register.calls == 2, "the failed registration was retried"
+    assert first["version"] == "1" and first["alias"] == "champion"
+    assert 0.0 <= first["test_mAP"] <= 1.0
+
+    client = MlflowClient()
+    run = client.get_run(first["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["prefect.flow_run_id"]
+    assert run.data.params["backbone"] == "resnet18" and run.data.params["epochs"] == "1"
+    assert run.data.metrics["test_mAP"] == pytest.approx(first["test_mAP"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mAP")] == [1]
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    for name in ("true_vs_predicted.png", "cooccurrence_true.png", "per_emotion_metrics.png", "affect_scatter.png"):
+        assert f"evaluation/{name}" in logged
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {"checkpoints/best.pt"}
+    review = {a.path for a in client.list_artifacts(run.info.run_id, "review")}
+    assert {"review/grid.png", "review/index.html"} <= review
+    assert str(client.get_model_version_by_alias("emonet-test", "champion").version) == "1"
+
+    # Unchanged inputs: the data steps come from the cache.
+    second = _run_pipeline(prefect_env, demo_root)
+    assert score.calls == n_shards and normalize.calls == 1
+    # Same data and seed give the same mAP, which is no improvement.
+    assert second["version"] == "2" and second["alias"] == "challenger"
+    assert str(client.get_model_version_by_alias("emonet-test", "champion").version) == "1"
+
+    # One changed crop array re-runs its shard only, and normalization when the scores change.
+    from skimage.data import astronaut
+
+    crop_csv = pd.read_csv(annotations_path(demo_root, "test"))
+    np.save(arrays_dir(demo_root) / crop_csv.loc[0, "Crop_name"], np.ascontiguousarray(astronaut()[:360, 90:450]))
+    _run_pipeline(prefect_env, demo_root)
+    assert score.calls == n_shards + 1
+    assert normalize.calls == 2
+
+
+def test_registered_model_loads_by_alias_in_a_fresh_process(prefect_env, demo_root, tmp_path):
+    """Runs after the end-to-end test in this module (which registered the champion)."""
+    client = MlflowClient(tracking_uri=prefect_env["tracking_uri"])
+    if not client.search_model_versions("name='emonet-test'"):
+        _run_pipeline(prefect_env, demo_root)
+    crop = arrays_dir(demo_root) / "crop_arr_test_1.npy"
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        f"mlflow.set_tracking_uri({prefect_env['tracking_uri']!r})\n"
+        "model = mlflow.pyfunc.load_model('models:/emonet-test@champion')\n"
+        f"out = model.predict(pd.DataFrame({{'image_path': [{str(crop)!r}]}}))\n"
+        "print(json.dumps({'columns': list(out.columns), 'rows': len(out)}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["rows"] == 1
+    expected = [f"prob_{e}" for e in EMOTIONS] + ["emotions", "valence", "arousal", "valence_1_10", "arousal_1_10"]
+    assert set(expected) <= set(answer["columns"])
+
+
+def test_batch_predict_flow_scores_every_row_with_the_champion(prefect_env, demo_root, tmp_path):
+    from flows.batch_predict import emonet_batch_predict
+
+    client = MlflowClient(tracking_uri=prefect_env["tracking_uri"])
+    if not client.search_model_versions("name='emonet-test'"):
+        _run_pipeline(prefect_env, demo_root)
+    input_csv = annotations_path(demo_root, "test")
+    out_csv = tmp_path / "predictions.csv"
+    emonet_batch_predict(
+        input_csv, out_csv, img_dir=arrays_dir(demo_root), model_uri="models:/emonet-test@champion", batch_size=5
+    )
+    predictions = pd.read_csv(out_csv)
+    assert len(predictions) == len(pd.read_csv(input_csv))
+    assert predictions["Crop_name"].tolist() == pd.read_csv(input_csv)["Crop_name"].tolist()
+    assert predictions[[f"prob_{e}" for e in EMOTIONS]].to_numpy().max() <= 1.0
+    assert predictions["valence"].between(-1, 1).all()
+
+
+def test_prefect_yaml_entrypoints_import_and_parameters_validate():
+    from prefect.flows import load_flow_from_entrypoint
+
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    names = {deployment["name"] for deployment in config["deployments"]}
+    assert {"weekly-retrain", "demo", "batch-predict"} <= names
+    for deployment in config["deployments"]:
+        module_path, _, func = deployment["entrypoint"].partition(":")
+        flow = load_flow_from_entrypoint(f"{REPO / module_path}:{func}")
+        validated = flow.validate_parameters(deployment.get("parameters", {}))
+        assert set(deployment.get("parameters", {})) <= set(validated)
+    weekly = next(d for d in config["deployments"] if d["name"] == "weekly-retrain")
+    assert weekly["schedules"][0]["cron"] == "0 3 * * 1"
+
+
+def test_flow_parameters_reject_bad_values():
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.training_pipeline import emonet_training_pipeline
+
+    with pytest.raises(ParameterTypeError):
+        emonet_training_pipeline.validate_parameters({"epochs": 0})
+    with pytest.raises(ParameterTypeError):
+        emonet_training_pipeline.validate_parameters({"backbone": "vgg16"})
