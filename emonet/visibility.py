@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from emonet.arrays import check_file_name, load_array
+from emonet.arrays import load_array
 from emonet.schema import FACE_VISIBILITY_COLUMN
 
 # This module is imported by every worker process (to find the worker functions), so

@@ -97,21 +97,33 @@ def prefect_env(tmp_path_factory):
             os.environ["MLFLOW_TRACKING_URI"] = previous_uri
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> dict[str, Path]:
-    """A fake archive and the best.pt of ResNet-18 trained one epoch on it at 32 px."""
+def train_tiny_checkpoint(root: Path, out_dir: Path, batch_size: int = 4, augment: bool = True) -> Path:
+    """best.pt of ResNet-18 trained one epoch at 32 px on the archive at ``root``."""
     from emonet.config import load_config
     from emonet.models import build_model
     from emonet.train import fit, make_loaders
 
-    base = tmp_path_factory.mktemp("tiny-run")
-    root = write_fake_archive(base / "emotic", rows_per_split=6)
     config = load_config(
         model={"backbone": "resnet18"},
-        train={"image_size": 32, "epochs": 1, "batch_size": 4, "num_workers": 0, "device": "cpu"},
+        train={
+            "image_size": 32,
+            "epochs": 1,
+            "batch_size": batch_size,
+            "num_workers": 0,
+            "device": "cpu",
+            "augment": augment,
+        },
     )
     train_loader, val_loader = make_loaders(
         annotations_path(root, "train"), annotations_path(root, "val"), arrays_dir(root), config
     )
-    result = fit(build_model(config.model), train_loader, val_loader, config, checkpoint_dir=base / "run", progress=False)
-    return {"root": root, "checkpoint": result.best_checkpoint}
+    result = fit(build_model(config.model), train_loader, val_loader, config, checkpoint_dir=out_dir, progress=False)
+    return result.best_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> dict[str, Path]:
+    """A 6-row fake archive and a one-epoch checkpoint trained on it."""
+    base = tmp_path_factory.mktemp("tiny-run")
+    root = write_fake_archive(base / "emotic", rows_per_split=6)
+    return {"root": root, "checkpoint": train_tiny_checkpoint(root, base / "run")}

@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 
 from emonet.batch import ID_COLUMNS, is_mlflow_uri, load_predictor, predict_csv, skipped_path
+from conftest import train_tiny_checkpoint
 from emonet.config import load_config
 from emonet.data import load_array
 from emonet.demo_data import make_demo_data
 from emonet.inference import OUTPUT_COLUMNS, PROB_COLUMNS, Predictor
 from emonet.models import build_model
 from emonet.schema import EMOTIONS, annotations_path, arrays_dir
-from emonet.train import fit, make_loaders
 
 TINY = {"image_size": 32, "epochs": 1, "batch_size": 8, "num_workers": 0, "device": "cpu", "augment": False}
 
@@ -25,13 +25,7 @@ def trained(tmp_path_factory):
     """A tiny demo archive and a resnet18 checkpoint trained on it for one epoch."""
     base = tmp_path_factory.mktemp("batch")
     root = make_demo_data(base / "demo", seed=2, n_train=16, n_val=8, n_test=11, size=40)
-    config = load_config(model={"backbone": "resnet18", "pretrained": False}, train=TINY)
-    train_loader, val_loader = make_loaders(
-        annotations_path(root, "train"), annotations_path(root, "val"), arrays_dir(root), config
-    )
-    result = fit(build_model(config.model), train_loader, val_loader, config, checkpoint_dir=base / "ckpt",
-                 progress=False)
-    return root, result.best_checkpoint
+    return root, train_tiny_checkpoint(root, base / "ckpt", batch_size=8, augment=False)
 
 
 @pytest.fixture(scope="module")

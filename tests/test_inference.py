@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_fake_archive
 from emonet.config import load_config
 from emonet.inference import (
     OUTPUT_COLUMNS,
@@ -24,7 +23,7 @@ from emonet.inference import (
 )
 from emonet.models import build_model
 from emonet.normalize import AffectNormalizer
-from emonet.schema import EMOTIONS, NUM_EMOTIONS, annotations_path, arrays_dir
+from emonet.schema import EMOTIONS, NUM_EMOTIONS
 
 IMAGE_SIZE = 32
 
@@ -40,23 +39,8 @@ def _crops(rng: np.random.Generator, shapes=((40, 40), (50, 30), (40, 40), (25, 
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """best.pt of ResNet-18 trained one epoch at 32 px on a 6-row fake archive."""
-    from emonet.train import fit, make_loaders
-
-    base = tmp_path_factory.mktemp("ckpt")
-    root = write_fake_archive(base / "emotic", rows_per_split=6)
-    config = load_config(
-        model={"backbone": "resnet18"},
-        train={"image_size": IMAGE_SIZE, "epochs": 1, "batch_size": 4, "num_workers": 0, "device": "cpu"},
-    )
-    train_loader, val_loader = make_loaders(
-        annotations_path(root, "train"), annotations_path(root, "val"), arrays_dir(root), config
-    )
-    result = fit(
-        build_model(config.model), train_loader, val_loader, config, checkpoint_dir=base / "run", progress=False
-    )
-    return result.best_checkpoint
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint["checkpoint"]
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from emonet.config import load_config
+from conftest import train_tiny_checkpoint
 from emonet.demo_data import make_demo_data
 from emonet.inference import PROB_COLUMNS, Predictor
-from emonet.models import build_model
 from emonet.review import (
     FIGURE_FILES,
     SORT_OPTIONS,
@@ -28,7 +27,6 @@ from emonet.review import (
     sample_f1_score,
 )
 from emonet.schema import EMOTIONS, FACE_VISIBILITY_COLUMN, annotations_path, arrays_dir
-from emonet.train import fit, make_loaders
 
 TINY = {"image_size": 32, "epochs": 1, "batch_size": 8, "num_workers": 0, "device": "cpu", "augment": False}
 
@@ -38,13 +36,7 @@ def trained(tmp_path_factory):
     """A tiny demo archive and a resnet18 checkpoint trained on it for one epoch."""
     base = tmp_path_factory.mktemp("review")
     root = make_demo_data(base / "demo", seed=1, n_train=16, n_val=8, n_test=10, size=40)
-    config = load_config(model={"backbone": "resnet18", "pretrained": False}, train=TINY)
-    train_loader, val_loader = make_loaders(
-        annotations_path(root, "train"), annotations_path(root, "val"), arrays_dir(root), config
-    )
-    result = fit(build_model(config.model), train_loader, val_loader, config, checkpoint_dir=base / "ckpt",
-                 progress=False)
-    return root, result.best_checkpoint
+    return root, train_tiny_checkpoint(root, base / "ckpt", batch_size=8, augment=False)
 
 
 # --------------------------------------------------------------------------- per-sample scores

@@ -24,10 +24,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import write_fake_archive
-from emonet.config import load_config
 from emonet.inference import OUTPUT_COLUMNS, PROB_COLUMNS
-from emonet.schema import annotations_path, arrays_dir
 from emonet.tracking import (
     CHALLENGER,
     CHAMPION,
@@ -77,24 +74,8 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """best.pt of ResNet-18 trained one epoch at 32 px on a 6-row fake archive."""
-    from emonet.models import build_model
-    from emonet.train import fit, make_loaders
-
-    base = tmp_path_factory.mktemp("ckpt")
-    root = write_fake_archive(base / "emotic", rows_per_split=6)
-    config = load_config(
-        model={"backbone": "resnet18"},
-        train={"image_size": 32, "epochs": 1, "batch_size": 4, "num_workers": 0, "device": "cpu"},
-    )
-    train_loader, val_loader = make_loaders(
-        annotations_path(root, "train"), annotations_path(root, "val"), arrays_dir(root), config
-    )
-    result = fit(
-        build_model(config.model), train_loader, val_loader, config, checkpoint_dir=base / "run", progress=False
-    )
-    return result.best_checkpoint
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint["checkpoint"]
 
 
 @pytest.fixture(scope="module")
