@@ -78,13 +78,8 @@ def prepare_data(
             scores[split] += future.result()
 
     visibility_dir = output_dir / "visibility"
+    visibility = write_visibility({split: annotations_path(data_root, split) for split in SPLITS}, scores, visibility_dir)
     csv_paths = {split: visibility_dir / annotations_path(data_root, split).name for split in SPLITS}
-    visibility = {
-        split: write_visibility(
-            annotations_path(data_root, split), scores[split], csv_paths[split], visibility_dir / f"face_visibility_{split}.png"
-        )
-        for split in SPLITS
-    }
     frames, normalizer, counts = normalize_splits(csv_paths, min_face_visibility, fit_normalization_on_train)
     normalized, normalization_json = write_normalized_splits(frames, normalizer, output_dir / "normalized")
     return {

@@ -53,21 +53,28 @@ def score_visibility_shard(annotations_csv: Path, img_dir: Path, start: int, sto
 
 
 @task(name="write-visibility", cache_policy=NO_CACHE, **IO_RETRIES)
-def write_visibility(annotations_csv: Path, scores: list[float], out_csv: Path, plot_png: Path) -> dict[str, Any]:
-    """A copy of the split's CSV with ``Face_Visibility``, and its histogram."""
-    df = pd.read_csv(annotations_csv)
-    if len(scores) != len(df):
-        raise ValueError(f"{annotations_csv}: {len(scores)} visibility scores for {len(df)} rows")
-    values = np.asarray(scores, dtype=np.float64)
-    df[FACE_VISIBILITY_COLUMN] = values
-    write_csv_atomic(df, out_csv)
-    plot_visibility_histogram(values, plot_png, title=f"Face visibility: {annotations_csv.stem}")
-    return {
-        "rows": len(values),
-        "unreadable": int(np.isnan(values).sum()),
-        "with_face": int((values > 0).sum()),
-        "mean": float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"),
-    }
+def write_visibility(
+    annotation_csvs: dict[str, Path], scores: dict[str, list[float]], out_dir: Path
+) -> dict[str, dict[str, Any]]:
+    """Per split, a copy of the CSV with ``Face_Visibility`` in ``out_dir``; one
+    histogram of all splits; and per-split counts (rows, unreadable, with a face, mean)."""
+    summary = {}
+    for split, csv_path in annotation_csvs.items():
+        df = pd.read_csv(csv_path)
+        values = np.asarray(scores[split], dtype=np.float64)
+        if len(values) != len(df):
+            raise ValueError(f"{csv_path}: {len(values)} visibility scores for {len(df)} rows")
+        df[FACE_VISIBILITY_COLUMN] = values
+        write_csv_atomic(df, Path(out_dir) / csv_path.name)
+        summary[split] = {
+            "rows": len(values),
+            "unreadable": int(np.isnan(values).sum()),
+            "with_face": int((values > 0).sum()),
+            "mean": float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"),
+        }
+    all_scores = np.concatenate([np.asarray(scores[split], dtype=np.float64) for split in annotation_csvs])
+    plot_visibility_histogram(all_scores, Path(out_dir) / "face_visibility.png", title="Face visibility, all splits")
+    return summary
 
 
 @task(name="normalize-affect", cache_policy=CSV_CONTENTS_CACHE, persist_result=True, **IO_RETRIES)

@@ -76,8 +76,7 @@ def log_dataset_summary(
     prevalence.index.name = "emotion"
     client.log_table(run_id, data=prevalence.reset_index(), artifact_file="dataset/emotion_prevalence.json")
     client.log_dict(run_id, {"counts": counts, "visibility": visibility}, "dataset/summary.json")
-    for png in sorted(Path(visibility_dir).glob("face_visibility_*.png")):
-        client.log_artifact(run_id, str(png), "dataset")
+    client.log_artifact(run_id, str(Path(visibility_dir) / "face_visibility.png"), "dataset")
 
 
 @task(name="train-model", retries=1, retry_delay_seconds=5, **NOT_CACHED)
