@@ -60,15 +60,21 @@ EVALUATION_KEYS: tuple[str, ...] = (
 )
 
 
-def _check_binary_2d(y: ArrayLike, name: str) -> np.ndarray:
-    """Return ``y`` as a 2-D int array of 0/1, or raise a ValueError naming ``name``."""
+def _check_numeric_2d(y: ArrayLike, name: str, expected: str) -> np.ndarray:
+    """``y`` as a non-empty 2-D numeric array, or a ValueError naming ``name``."""
     array = np.asarray(y)
     if array.ndim != 2:
         raise ValueError(f"{name} must be 2-D (n_samples, n_labels), got shape {array.shape}")
     if array.shape[0] == 0:
         raise ValueError(f"{name} has no samples (shape {array.shape})")
     if array.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be numeric 0/1, got dtype {array.dtype}")
+        raise ValueError(f"{name} must be {expected}, got dtype {array.dtype}")
+    return array
+
+
+def _check_binary_2d(y: ArrayLike, name: str) -> np.ndarray:
+    """Return ``y`` as a 2-D int array of 0/1, or raise a ValueError naming ``name``."""
+    array = _check_numeric_2d(y, name, "numeric 0/1")
     bad = ~np.isin(array, (0, 1))
     if bad.any():
         values = np.unique(array[bad])[:5].tolist()
@@ -78,14 +84,7 @@ def _check_binary_2d(y: ArrayLike, name: str) -> np.ndarray:
 
 def _check_finite_2d(y: ArrayLike, name: str) -> np.ndarray:
     """Return ``y`` as a finite 2-D float array, or raise a ValueError naming ``name``."""
-    array = np.asarray(y)
-    if array.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n_samples, n_labels), got shape {array.shape}")
-    if array.shape[0] == 0:
-        raise ValueError(f"{name} has no samples (shape {array.shape})")
-    if array.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be numeric, got dtype {array.dtype}")
-    array = array.astype(np.float64)
+    array = _check_numeric_2d(y, name, "numeric").astype(np.float64)
     if not np.isfinite(array).all():
         raise ValueError(f"{name} holds {int((~np.isfinite(array)).sum())} NaN or infinite values")
     return array

@@ -94,6 +94,14 @@ def _heatmap(
     return save_figure_atomic(fig, path)
 
 
+def _divide_rows(matrix: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """Row ``i`` divided by ``denominator[i]``; rows with a zero denominator become NaN (blank)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        matrix = matrix / denominator[:, None]
+    matrix[denominator == 0] = np.nan
+    return matrix
+
+
 def plot_cooccurrence(
     matrix: ArrayLike,
     path: str | Path,
@@ -128,10 +136,7 @@ def plot_cooccurrence(
     """
     matrix, labels = _check_square(matrix, labels, "matrix")
     if normalize:
-        diagonal = np.diag(matrix).copy()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            matrix = matrix / diagonal[:, None]
-        matrix[diagonal == 0] = np.nan
+        matrix = _divide_rows(matrix, np.diag(matrix).copy())
     return _heatmap(
         matrix,
         labels,
@@ -191,9 +196,7 @@ def plot_true_vs_predicted(
             if denominator.shape != (len(labels),):
                 raise ValueError(f"support must have shape ({len(labels)},), got {denominator.shape}")
             colorbar_label = "P(predicted | true)"
-        with np.errstate(invalid="ignore", divide="ignore"):
-            matrix = matrix / denominator[:, None]
-        matrix[denominator == 0] = np.nan
+        matrix = _divide_rows(matrix, denominator)
     else:
         colorbar_label = "samples"
     return _heatmap(
