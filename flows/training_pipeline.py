@@ -178,6 +178,7 @@ def emonet_training_pipeline(
             normalized["val"],
             img_dir,
             run_dir / "checkpoints",
+            normalization_json,
             model={"backbone": backbone, "variant": variant, "pretrained": pretrained, "weights_path": weights_path},
             loss={"emotion_weight": emotion_loss_weight, "affect_weight": affect_loss_weight},
             train={

@@ -4,12 +4,13 @@ Prefect hashes a ``Path`` argument by its string, so a task keyed on its inputs 
 would return a stale result after the file behind the path changed. These policies add
 a fingerprint of the files themselves: CSVs by content (they are small), image arrays
 by size and modification time (hashing gigabytes of pixels would cost more than the
-work it saves).
+work it saves), and the source of the library module that computes the result.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from typing import Any
 import pandas as pd
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
 from prefect.context import TaskRunContext
+
+import emonet.normalize
+import emonet.visibility
 
 
 
@@ -41,16 +45,27 @@ def stat_digest(paths: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
+def _module_digest(module: object) -> str:
+    # TASK_SOURCE covers only the task's own body; a change to the library code that
+    # computes the result must invalidate the cache too.
+    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()
+
+
+VISIBILITY_CODE = _module_digest(emonet.visibility)
+NORMALIZE_CODE = _module_digest(emonet.normalize)
+
+
 def _visibility_shard_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     csv_path = Path(parameters["annotations_csv"])
     img_dir = Path(parameters["img_dir"])
     names = pd.read_csv(csv_path, usecols=["Crop_name"])["Crop_name"].iloc[parameters["start"] : parameters["stop"]]
-    return content_digest(csv_path) + stat_digest(img_dir / str(name) for name in names)
+    return VISIBILITY_CODE + content_digest(csv_path) + stat_digest(img_dir / str(name) for name in names)
 
 
 def _csv_contents_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Contents of every CSV passed in ``csv_paths`` (a split -> path mapping)."""
-    parts = [f"{split}:{content_digest(path)}" for split, path in sorted(parameters["csv_paths"].items())]
+    csv_paths = sorted(parameters["csv_paths"].items())
+    parts = [NORMALIZE_CODE] + [f"{split}:{content_digest(path)}" for split, path in csv_paths]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 

@@ -86,6 +86,7 @@ def train_model(
     val_csv: Path,
     img_dir: Path,
     checkpoint_dir: Path,
+    normalization_json: Path,
     model: dict[str, Any],
     loss: dict[str, Any],
     train: dict[str, Any],
@@ -102,6 +103,7 @@ def train_model(
             "epoch %d: train loss %.4f, val mAP %.4f", metrics["epoch"], metrics["train_loss"], metrics["val_mAP"]
         )
 
+    normalizer = AffectNormalizer.load(normalization_json)
     last = Path(checkpoint_dir) / "last.pt"
     resume_from = last if last.is_file() else None
     if resume_from is not None:
@@ -115,6 +117,8 @@ def train_model(
         callbacks=[log_epoch],
         checkpoint_dir=checkpoint_dir,
         resume_from=resume_from,
+        # The 1..10 validation errors need the bounds the targets were normalized with.
+        affect_bounds=(normalizer.low, normalizer.high),
     )
     client.log_artifact(run_id, str(result.best_checkpoint), "checkpoints")
     client.log_metric(run_id, "best_val_mAP", result.best_metric)

@@ -140,6 +140,16 @@ def test_registered_model_loads_by_alias_in_a_fresh_process(prefect_env, demo_ro
     assert set(expected) <= set(answer["columns"])
 
 
+def test_fitted_normalization_bounds_reach_the_validation_errors(prefect_env, demo_root):
+    summary = _run_pipeline(prefect_env, demo_root, fit_normalization_on_train=True, registered_model_name="emonet-fit")
+    params = json.loads((prefect_env["base"] / "outputs" / "normalized" / "normalization.json").read_text())
+    assert params["method"] == "fit_on_train"
+    metrics = MlflowClient().get_run(summary["mlflow_run_id"]).data.metrics
+    for i, dim in enumerate(("valence", "arousal")):
+        half_range = (params["high"][i] - params["low"][i]) / 2
+        assert metrics[f"val_mae_{dim}_1_10"] == pytest.approx(metrics[f"val_mae_{dim}"] * half_range, rel=1e-4)
+
+
 def test_batch_predict_flow_scores_every_row_with_the_champion(prefect_env, demo_root, tmp_path):
     from flows.batch_predict import emonet_batch_predict
 
