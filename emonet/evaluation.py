@@ -35,6 +35,17 @@ from emonet.transforms import build_transforms
 logger = logging.getLogger(__name__)
 
 
+# What write_split_report writes, by name; the review shows the same files.
+SPLIT_REPORT_FILES: dict[str, str] = {
+    "per_emotion_csv": "per_emotion.csv",
+    "true_vs_predicted": "true_vs_predicted.png",
+    "cooccurrence_true": "cooccurrence_true.png",
+    "cooccurrence_pred": "cooccurrence_pred.png",
+    "per_emotion_metrics": "per_emotion_metrics.png",
+    "affect_scatter": "affect_scatter.png",
+}
+
+
 @dataclass
 class EvaluationReport:
     """Everything :func:`evaluate_checkpoint` computed and where it wrote it."""
@@ -101,32 +112,13 @@ def evaluate_checkpoint(
     metrics_at_half = evaluate_predictions(
         y_true, y_prob, predictions.affect_true, predictions.affect_pred, thresholds=0.5, **bounds
     )
-    report = per_emotion_report(y_true, y_prob, thresholds=thresholds)
-    y_pred = binarize(y_prob, thresholds)
-
-    files = {
-        "metrics": write_json_atomic(
-            {"metrics": metrics, "metrics_at_0.5": metrics_at_half, "n_samples": len(predictions)},
-            out_dir / "metrics.json",
-        ),
-        "per_emotion_csv": write_csv_atomic(report.reset_index(), out_dir / "per_emotion.csv"),
-        "cooccurrence_true": plot_cooccurrence(
-            cooccurrence_matrix(y_true), out_dir / "cooccurrence_true.png", title="Ground-truth co-occurrence"
-        ),
-        "cooccurrence_pred": plot_cooccurrence(
-            cooccurrence_matrix(y_pred), out_dir / "cooccurrence_pred.png", title="Predicted co-occurrence"
-        ),
-        "true_vs_predicted": plot_true_vs_predicted(
-            true_vs_predicted_matrix(y_true, y_pred),
-            out_dir / "true_vs_predicted.png",
-            normalize=True,
-            support=y_true.sum(axis=0),
-        ),
-        "per_emotion_metrics": plot_per_emotion_metrics(report, out_dir / "per_emotion_metrics.png"),
-        "affect_scatter": plot_affect_scatter(
-            predictions.affect_true, predictions.affect_pred, out_dir / "affect_scatter.png"
-        ),
-    }
+    report, files = write_split_report(
+        y_true, y_prob, thresholds, predictions.affect_true, predictions.affect_pred, out_dir
+    )
+    files["metrics"] = write_json_atomic(
+        {"metrics": metrics, "metrics_at_0.5": metrics_at_half, "n_samples": len(predictions)},
+        out_dir / "metrics.json",
+    )
     if state.get("history"):
         files["learning_curves"] = plot_learning_curves(state["history"], out_dir / "learning_curves.png")
     logger.info("evaluated %s on %d samples: mAP %.4f", checkpoint, len(predictions), metrics["mAP"])
@@ -138,6 +130,42 @@ def evaluate_checkpoint(
         predictions=predictions,
         files=files,
     )
+
+
+def write_split_report(
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    thresholds: np.ndarray,
+    affect_true: np.ndarray,
+    affect_pred: np.ndarray,
+    out_dir: str | Path,
+) -> tuple[pd.DataFrame, dict[str, Path]]:
+    """The per-emotion table and the figures of a whole split, written into ``out_dir``.
+
+    Files: :data:`SPLIT_REPORT_FILES`. Returns the table (:func:`~emonet.metrics.per_emotion_report`) and the paths by name.
+    """
+    out_dir = Path(out_dir)
+    names = SPLIT_REPORT_FILES
+    report = per_emotion_report(y_true, y_prob, thresholds=thresholds)
+    y_pred = binarize(y_prob, thresholds)
+    files = {
+        "per_emotion_csv": write_csv_atomic(report.reset_index(), out_dir / names["per_emotion_csv"]),
+        "cooccurrence_true": plot_cooccurrence(
+            cooccurrence_matrix(y_true), out_dir / names["cooccurrence_true"], title="Ground-truth co-occurrence"
+        ),
+        "cooccurrence_pred": plot_cooccurrence(
+            cooccurrence_matrix(y_pred), out_dir / names["cooccurrence_pred"], title="Predicted co-occurrence"
+        ),
+        "true_vs_predicted": plot_true_vs_predicted(
+            true_vs_predicted_matrix(y_true, y_pred),
+            out_dir / names["true_vs_predicted"],
+            normalize=True,
+            support=y_true.sum(axis=0),
+        ),
+        "per_emotion_metrics": plot_per_emotion_metrics(report, out_dir / names["per_emotion_metrics"]),
+        "affect_scatter": plot_affect_scatter(affect_true, affect_pred, out_dir / names["affect_scatter"]),
+    }
+    return report, files
 
 
 def split_fingerprint(annotations: pd.DataFrame) -> str:

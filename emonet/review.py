@@ -22,18 +22,15 @@ from tqdm.auto import tqdm
 
 from emonet.batch import ModelSource, describe_model, load_predictor
 from emonet.data import load_annotations, load_array, scaled_box
+from emonet.evaluation import SPLIT_REPORT_FILES, write_split_report
 from emonet.inference import PROB_COLUMNS, Predictor
 from emonet.io import atomic_open, save_figure_atomic, write_csv_atomic, write_json_atomic
 from emonet.metrics import (
     binarize,
-    cooccurrence_matrix,
     mean_average_precision_score,
     multilabel_scores,
-    per_emotion_report,
-    true_vs_predicted_matrix,
 )
 from emonet.normalize import AffectNormalizer
-from emonet.plots import plot_affect_scatter, plot_cooccurrence, plot_per_emotion_metrics, plot_true_vs_predicted
 from emonet.schema import (
     AFFECT_COLUMNS,
     AFFECT_NORM_COLUMNS,
@@ -68,14 +65,8 @@ SAMPLES_DIR = "samples"
 SUMMARY_FILE = "summary.json"
 INDEX_FILE = "index.html"
 REVIEW_CSV = "review.csv"
-PER_EMOTION_CSV = "per_emotion.csv"
-FIGURE_FILES: dict[str, str] = {
-    "true_vs_predicted": "true_vs_predicted.png",
-    "cooccurrence_true": "cooccurrence_true.png",
-    "cooccurrence_pred": "cooccurrence_pred.png",
-    "per_emotion_metrics": "per_emotion_metrics.png",
-    "affect_scatter": "affect_scatter.png",
-}
+PER_EMOTION_CSV = SPLIT_REPORT_FILES["per_emotion_csv"]
+FIGURE_FILES: dict[str, str] = {key: name for key, name in SPLIT_REPORT_FILES.items() if name.endswith(".png")}
 
 _GRID_COLUMNS = 5
 # The grid stays one readable PNG (Agg caps images at 2**16 px a side); index.html's
@@ -842,20 +833,10 @@ def review_predictions_with_visualization(
         pages.append(relative)
     files["samples"] = pages
 
-    # The whole split: the same figures as emonet.evaluation, from these predictions.
-    report = per_emotion_report(y_true, probs, thresholds=predictor.thresholds)
-    write_csv_atomic(report.reset_index(), output_dir / PER_EMOTION_CSV)
-    files["per_emotion_csv"] = PER_EMOTION_CSV
-    plot_true_vs_predicted(true_vs_predicted_matrix(y_true, y_pred), output_dir / FIGURE_FILES["true_vs_predicted"],
-                           normalize=True, support=y_true.sum(axis=0))
-    plot_cooccurrence(cooccurrence_matrix(y_true), output_dir / FIGURE_FILES["cooccurrence_true"],
-                      title="Ground-truth co-occurrence")
-    plot_cooccurrence(cooccurrence_matrix(y_pred), output_dir / FIGURE_FILES["cooccurrence_pred"],
-                      title="Predicted co-occurrence")
-    plot_per_emotion_metrics(report, output_dir / FIGURE_FILES["per_emotion_metrics"])
+    # The whole split: the same table and figures as emonet.evaluation, from these predictions.
     true_norm = table.sort_index()[["valence_true", "arousal_true"]].to_numpy()
-    plot_affect_scatter(true_norm, affect_pred, output_dir / FIGURE_FILES["affect_scatter"])
-    files.update(FIGURE_FILES)
+    _, split_files = write_split_report(y_true, probs, predictor.thresholds, true_norm, affect_pred, output_dir)
+    files.update({key: path.name for key, path in split_files.items()})
 
     try:
         mean_ap = mean_average_precision_score(y_true, probs)
