@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import importlib.metadata
 import io
 import logging
@@ -40,7 +39,6 @@ __all__ = [
     "configure_mlflow",
     "default_artifact_location",
     "default_tracking_uri",
-    "file_fingerprint",
     "log_emonet_model",
     "model_signature",
     "pip_requirements",
@@ -360,18 +358,6 @@ def log_emonet_model(
 # --------------------------------------------------------------------------- promotion
 
 
-def file_fingerprint(path: str | Path) -> str:
-    """``sha256:<hex>`` of a file's bytes, e.g. the test CSV, to tell test splits apart."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
-
-
 def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
     # The registered model's alias map, rather than get_model_version_by_alias: stores
     # disagree on the error code for a missing alias.
@@ -419,7 +405,7 @@ def promote_model(
     client : an ``MlflowClient`` on the registry.
     name, version : the registered model version to place.
     test_map : its test mAP (any scale, as long as every version uses the same).
-    test_split_id : fingerprint of the test split, e.g. :func:`file_fingerprint` of the test CSV.
+    test_split_id : fingerprint of the test split, e.g. :func:`emonet.evaluation.split_fingerprint` of the test split.
     run_id : the run that produced the version; the decision is logged there.
 
     Returns

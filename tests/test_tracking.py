@@ -31,7 +31,6 @@ from emonet.tracking import (
     configure_mlflow,
     default_artifact_location,
     default_tracking_uri,
-    file_fingerprint,
     log_emonet_model,
     pip_requirements,
     promote_model,
@@ -368,9 +367,3 @@ def test_promote_model_validates_inputs(registry, tmp_path):
         promote_model(client, name, version, float("nan"), "split-a", run_id)
     with pytest.raises(ValueError, match="test_split_id"):
         promote_model(client, name, version, 0.3, "", run_id)
-    csv = tmp_path / "test.csv"
-    csv.write_text("a,b\n1,2\n")
-    fingerprint = file_fingerprint(csv)
-    assert fingerprint.startswith("sha256:") and fingerprint == file_fingerprint(csv)
-    csv.write_text("a,b\n1,3\n")
-    assert file_fingerprint(csv) != fingerprint
