@@ -27,9 +27,10 @@ import torch
 from mlflow import MlflowClient
 
 from emonet.config import load_config
-from emonet.data import load_annotations
+from emonet.annotations import load_annotations
 from emonet.demo_data import make_demo_data
-from emonet.inference import Predictor, read_image
+from emonet.images import read_image
+from emonet.inference import Predictor
 from emonet.models import build_model
 from emonet.schema import annotations_path, arrays_dir
 from emonet.tracking import configure_mlflow, log_emonet_model, promote_model

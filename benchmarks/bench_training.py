@@ -34,7 +34,8 @@ from emonet.demo_data import make_demo_data
 from emonet.losses import EmoNetLoss
 from emonet.models import build_model
 from emonet.schema import NUM_EMOTIONS, annotations_path, arrays_dir
-from emonet.train import make_loaders, resolve_device, seed_everything, train_one_epoch
+from emonet.checkpoint import resolve_device
+from emonet.train import make_loaders, seed_everything, train_one_epoch
 
 
 def _forever(loader: Iterable[Any]) -> Iterator[Any]:

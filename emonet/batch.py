@@ -15,8 +15,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from emonet.data import load_array
-from emonet.inference import OUTPUT_COLUMNS, Predictor, read_image
+from emonet.arrays import load_array
+from emonet.checkpoint import resolve_device
+from emonet.images import read_image
+from emonet.inference import OUTPUT_COLUMNS, Predictor
 from emonet.io import atomic_path
 from emonet.normalize import AffectNormalizer
 
@@ -106,8 +108,6 @@ def load_predictor(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if is_mlflow_uri(model):
         return _load_mlflow_predictor(str(model), device, batch_size, normalizer)
-    from emonet.train import resolve_device  # heavy import, only for checkpoints
-
     return Predictor.from_checkpoint(
         model, normalizer=normalizer, device=resolve_device(device), batch_size=batch_size or 32
     )

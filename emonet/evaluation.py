@@ -29,7 +29,8 @@ from emonet.plots import (
     plot_true_vs_predicted,
 )
 from emonet.schema import EMOTIONS
-from emonet.train import Predictions, load_checkpoint, make_loader, predict, resolve_device
+from emonet.checkpoint import load_checkpoint, resolve_device
+from emonet.train import Predictions, make_loader, predict
 from emonet.transforms import build_transforms
 
 logger = logging.getLogger(__name__)

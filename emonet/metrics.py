@@ -23,6 +23,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
+from emonet.affect import from_unit_range
 from emonet.schema import EMOTIONS, SCALE_MAX, SCALE_MIN
 
 logger = logging.getLogger(__name__)
@@ -438,11 +439,9 @@ def affect_errors(
     if not (high > low).all():
         raise ValueError(f"high must exceed low in every dimension, got low={low.tolist()} high={high.tolist()}")
 
-    def to_original(x: np.ndarray) -> np.ndarray:
-        return (x + 1.0) / 2.0 * (high - low) + low
-
     mae = np.abs(affect_pred - affect_true).mean(axis=0)  # (2,)
-    mae_original = np.abs(to_original(affect_pred) - to_original(affect_true)).mean(axis=0)  # (2,)
+    original = np.abs(from_unit_range(affect_pred, low, high) - from_unit_range(affect_true, low, high))
+    mae_original = original.mean(axis=0)  # (2,)
     return {
         "mae_valence": float(mae[0]),
         "mae_arousal": float(mae[1]),

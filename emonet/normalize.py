@@ -15,7 +15,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from emonet.data import load_annotations
+from emonet.affect import from_unit_range, to_unit_range
+from emonet.annotations import load_annotations
 from emonet.io import write_csv_atomic, write_json_atomic
 from emonet.schema import (
     AFFECT_COLUMNS,
@@ -68,16 +69,13 @@ class AffectNormalizer:
     def transform(self, values: np.ndarray) -> tuple[np.ndarray, int]:
         """Map ``(N, 2)`` values on the raw scale to [-1, 1]; returns them and the clipped count."""
         values = _check_pairs(values)
-        low, high = np.asarray(self.low), np.asarray(self.high)
-        norm = 2.0 * (values - low) / (high - low) - 1.0
+        norm = to_unit_range(values, self.low, self.high)
         outside = int(np.count_nonzero((norm < -1.0) | (norm > 1.0)))
         return np.clip(norm, -1.0, 1.0), outside
 
     def inverse_transform(self, norm: np.ndarray) -> np.ndarray:
         """Map ``(N, 2)`` model outputs in [-1, 1] back to the raw scale."""
-        norm = _check_pairs(norm)
-        low, high = np.asarray(self.low), np.asarray(self.high)
-        return (norm + 1.0) / 2.0 * (high - low) + low
+        return from_unit_range(_check_pairs(norm), self.low, self.high)
 
     def to_dict(self) -> dict[str, object]:
         return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}

@@ -13,7 +13,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from emonet.inference import Predictor, decode_image_b64, read_image
+from emonet.images import decode_image_b64, read_image
+from emonet.inference import Predictor
 from emonet.schema import NUM_EMOTIONS
 
 logger = logging.getLogger(__name__)

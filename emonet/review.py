@@ -21,7 +21,8 @@ from matplotlib.patches import Rectangle
 from tqdm.auto import tqdm
 
 from emonet.batch import ModelSource, describe_model, load_predictor
-from emonet.data import load_annotations, load_array, scaled_box
+from emonet.annotations import load_annotations, scaled_box
+from emonet.arrays import load_array
 from emonet.evaluation import SPLIT_REPORT_FILES, write_split_report
 from emonet.inference import PROB_COLUMNS, Predictor
 from emonet.io import atomic_open, save_figure_atomic, write_csv_atomic, write_json_atomic

@@ -311,7 +311,7 @@ def log_emonet_model(
     ValueError
         The checkpoint is not an EmoNet checkpoint.
     """
-    from emonet.train import load_checkpoint  # heavy; only needed here
+    from emonet.checkpoint import load_checkpoint  # heavy; only needed here
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

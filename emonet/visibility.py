@@ -338,7 +338,7 @@ def add_face_visibility(
     """
     # Imported here, not at the top: emonet.data imports torch and emonet.io pandas,
     # and worker processes import this module.
-    from emonet.data import load_annotations
+    from emonet.annotations import load_annotations
     from emonet.io import write_csv_atomic
 
     annotations_csv, img_dir, out_csv = Path(annotations_csv), Path(img_dir), Path(out_csv)

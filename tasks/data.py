@@ -11,7 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from emonet.data import load_annotations
+from emonet.annotations import load_annotations
 from emonet.demo_data import make_demo_data
 from emonet.io import write_csv_atomic
 from emonet.normalize import AffectNormalizer, normalize_frames, write_normalized

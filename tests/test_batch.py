@@ -11,7 +11,7 @@ from PIL import Image
 from emonet.batch import ID_COLUMNS, is_mlflow_uri, load_predictor, predict_csv, skipped_path
 from conftest import train_tiny_checkpoint
 from emonet.config import load_config
-from emonet.data import load_array
+from emonet.arrays import load_array
 from emonet.demo_data import make_demo_data
 from emonet.inference import OUTPUT_COLUMNS, PROB_COLUMNS, Predictor
 from emonet.models import build_model

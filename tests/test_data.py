@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from emonet.data import EmoticDataset, check_file_name, load_annotations, load_array, scaled_box
+from emonet.annotations import load_annotations, scaled_box
+from emonet.arrays import check_file_name, load_array
+from emonet.data import EmoticDataset
 from emonet.schema import CSV_COLUMNS, EMOTIONS, annotations_path, arrays_dir
 
 

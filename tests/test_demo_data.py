@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from emonet.data import load_annotations, load_array, scaled_box
+from emonet.annotations import load_annotations, scaled_box
+from emonet.arrays import load_array
 from emonet.demo_data import GLYPHS, MANIFEST_NAME, _sample_emotions, make_demo_data
 from emonet.schema import (
     AGES,

@@ -12,7 +12,7 @@ from PIL import Image
 from emonet.evaluation import evaluate_checkpoint, split_fingerprint
 from emonet.metrics import evaluate_predictions
 from emonet.schema import EMOTIONS, annotations_path, arrays_dir
-from emonet.train import load_checkpoint
+from emonet.checkpoint import load_checkpoint
 
 
 def test_evaluate_checkpoint_writes_report_and_uses_stored_thresholds(tiny_checkpoint, tmp_path):

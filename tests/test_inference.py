@@ -14,13 +14,8 @@ import torch
 from PIL import Image
 
 from emonet.config import load_config
-from emonet.inference import (
-    OUTPUT_COLUMNS,
-    PROB_COLUMNS,
-    Predictor,
-    decode_image_b64,
-    read_image,
-)
+from emonet.images import decode_image_b64, read_image
+from emonet.inference import OUTPUT_COLUMNS, PROB_COLUMNS, Predictor
 from emonet.models import build_model
 from emonet.normalize import AffectNormalizer
 from emonet.schema import EMOTIONS, NUM_EMOTIONS
@@ -113,7 +108,7 @@ def test_decode_image_b64_roundtrip_and_errors():
 
 
 def test_predict_frame_columns_ranges_and_thresholds(predictor, checkpoint):
-    from emonet.train import load_checkpoint
+    from emonet.checkpoint import load_checkpoint
 
     _, _, raw = load_checkpoint(checkpoint)
     np.testing.assert_allclose(predictor.thresholds, raw["thresholds"])  # tuned on val, not 0.5

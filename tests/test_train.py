@@ -12,24 +12,21 @@ import pytest
 import torch
 
 import emonet.train as train_module
+from emonet.annotations import affect_targets
+from emonet.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_device
 from emonet.config import EmoNetConfig, config_to_dict, load_config
 from emonet.demo_data import make_demo_data
 from emonet.losses import EmoNetLoss, LossOutput
 from emonet.metrics import EVALUATION_KEYS
 from emonet.models import EmoNet, build_model
-from emonet.data import affect_targets
 from emonet.schema import EMOTIONS, NUM_EMOTIONS, annotations_path, arrays_dir
 from emonet.train import (
-    BEST_CHECKPOINT,
-    LAST_CHECKPOINT,
     build_datasets,
     evaluate,
     fit,
-    load_checkpoint,
     make_loader,
     make_loaders,
     predict,
-    resolve_device,
     train_one_epoch,
 )
 

@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emonet.data import load_annotations, load_array
+from emonet.annotations import load_annotations
+from emonet.arrays import load_array
 from emonet.schema import FACE_VISIBILITY_COLUMN, annotations_path, arrays_dir, crop_name
 from emonet.visibility import (
     FaceVisibilityScorer,
