@@ -15,11 +15,7 @@ from torch.utils.data import Dataset
 from emonet.annotations import affect_targets, load_annotations, scaled_box
 from emonet.arrays import load_array
 from emonet.schema import EMOTIONS
-
-
-def _to_chw_tensor(array: np.ndarray) -> torch.Tensor:
-    # np.array copies out of the memory map so the tensor owns its pixels.
-    return torch.from_numpy(np.array(array, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+from emonet.transforms import prepare_item
 
 
 class EmoticDataset(Dataset):
@@ -78,22 +74,14 @@ class EmoticDataset(Dataset):
         return scaled_box(self.annotations.iloc[index], image.shape)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        body = _to_chw_tensor(load_array(self.img_dir, self._crop_names[index]))
-        item: dict[str, Any] = {
-            "emotions": torch.from_numpy(self._emotions[index]),
-            "affect": torch.from_numpy(self._affect[index]),
-            "index": index,
-        }
-        if self.with_context:
-            image = load_array(self.img_dir, self._image_names[index])
+        crop = load_array(self.img_dir, self._crop_names[index])
+        image = load_array(self.img_dir, self._image_names[index]) if self.with_context else None
+        item: dict[str, Any] = prepare_item(self.transform, crop, image)
+        item["emotions"] = torch.from_numpy(self._emotions[index])
+        item["affect"] = torch.from_numpy(self._affect[index])
+        item["index"] = index
+        if image is not None:
             left, top, right, bottom = scaled_box(self.annotations.iloc[index], image.shape)
             height, width = image.shape[:2]
             item["box"] = torch.tensor([left / width, top / height, right / width, bottom / height])
-            context = _to_chw_tensor(image)
-            if self.transform is not None:
-                body, context = self.transform(body, context)
-            item["context"] = context
-        elif self.transform is not None:
-            body = self.transform(body)
-        item["body"] = body
         return item

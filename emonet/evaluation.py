@@ -30,8 +30,7 @@ from emonet.plots import (
 )
 from emonet.schema import EMOTIONS
 from emonet.checkpoint import load_checkpoint, resolve_device
-from emonet.train import Predictions, make_loader, predict
-from emonet.transforms import build_transforms
+from emonet.prediction import Predictions, eval_transform, predict_split
 
 logger = logging.getLogger(__name__)
 
@@ -91,19 +90,17 @@ def evaluate_checkpoint(
     thresholds = np.asarray(state.get("thresholds") if state.get("thresholds") is not None else [0.5] * len(EMOTIONS))
 
     with_context = config.model.variant == "body_context"
-    transform = build_transforms(
-        config.train.image_size, train=False, context_size=config.train.context_size if with_context else None
-    )
-    dataset = EmoticDataset(annotations, img_dir, transform=transform, with_context=with_context)
-    loader = make_loader(
+    dataset = EmoticDataset(annotations, img_dir, transform=eval_transform(config), with_context=with_context)
+    predictions = predict_split(
+        model,
         dataset,
-        batch_size or config.train.batch_size,
-        shuffle=False,
+        batch_size=batch_size or config.train.batch_size,
         num_workers=num_workers,
         device=device_,
-        seed=config.train.seed,
+        amp=config.train.amp,
+        progress=progress,
+        desc="evaluate",
     )
-    predictions = predict(model, loader, device_, progress=progress)
 
     bounds = {"low": normalizer.low, "high": normalizer.high}
     y_true, y_prob = predictions.emotions_true, predictions.emotion_prob

@@ -6,19 +6,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from torch.utils.data import Dataset
 
 from emonet.checkpoint import load_checkpoint
 from emonet.config import EmoNetConfig
-from emonet.images import check_image
 from emonet.models import EmoNet
 from emonet.normalize import AffectNormalizer
+from emonet.prediction import ImageInputs, Predictions, RowReader, eval_transform, predict_split
 from emonet.schema import EMOTIONS, NUM_EMOTIONS
-from emonet.transforms import build_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -44,26 +43,6 @@ EMOTIONS_COLUMN = "emotions"
 AFFECT_OUTPUT_COLUMNS: tuple[str, ...] = ("valence", "arousal", "valence_1_10", "arousal_1_10")
 # The columns of Predictor.predict_frame and of the MLflow model's predictions, in order.
 OUTPUT_COLUMNS: tuple[str, ...] = PROB_COLUMNS + (EMOTIONS_COLUMN,) + AFFECT_OUTPUT_COLUMNS
-
-
-def _batch_transform(images: Sequence[np.ndarray], resize: Any, shared: Any, size: int) -> torch.Tensor:
-    """Apply an eval preset (``resize`` then ``shared``) to a list of images as batches.
-
-    Images of equal shape are stacked and transformed in one call: the per-call
-    overhead of ``transforms.v2`` then counts once per shape instead of once per image,
-    and torchvision's uint8 antialiased resize is much faster on a batch. Resize and
-    normalization act on each image independently, so the result equals transforming
-    the images one by one (tests check this). Output order follows ``images``.
-    """
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for index, image in enumerate(images):
-        groups.setdefault(image.shape, []).append(index)
-    out = torch.empty((len(images), 3, size, size), dtype=torch.float32)  # (B, 3, S, S)
-    for indices in groups.values():
-        # np.stack copies out of read-only memory maps, so the tensor owns its pixels.
-        pixels = torch.from_numpy(np.stack([images[i] for i in indices])).permute(0, 3, 1, 2)  # (G, 3, H, W)
-        out[indices] = shared(resize(pixels))
-    return out
 
 
 # --------------------------------------------------------------------------- predictor
@@ -113,7 +92,7 @@ class Predictor:
         self.variant = getattr(model, "variant", config.model.variant)
         self.image_size = config.train.image_size
         self.context_size = config.train.context_size if self.needs_context else None
-        self.transform = build_transforms(self.image_size, train=False, context_size=self.context_size)
+        self.transform = eval_transform(config)
 
     @property
     def needs_context(self) -> bool:
@@ -159,53 +138,18 @@ class Predictor:
             normalizer = AffectNormalizer.load(normalizer_path)
         return cls(model, config, thresholds, normalizer, device=device, batch_size=batch_size)
 
-    # ------------------------------------------------------------------ preprocessing
-
-    def _check_inputs(
-        self, crops: Sequence[np.ndarray], contexts: Sequence[np.ndarray] | None
-    ) -> Sequence[np.ndarray] | None:
-        if self.needs_context:
-            if contexts is None:
-                raise ValueError(
-                    "this is a body_context model: pass contexts (the full image of every crop) along with the crops"
-                )
-            if len(contexts) != len(crops):
-                raise ValueError(f"got {len(crops)} crops but {len(contexts)} contexts; need one full image per crop")
-            return contexts
-        if contexts is not None:
-            logger.debug("contexts ignored: the body model uses the crop only")
-        return None
-
-    def preprocess(
-        self, crops: Sequence[np.ndarray], contexts: Sequence[np.ndarray] | None = None, first_row: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Apply the eval transform and stack: ``(B, 3, S, S)`` body and optional context.
-
-        Every image is checked (H x W x 3 uint8); a bad one raises ``ValueError``
-        naming its row, counted from ``first_row``.
-        """
-        contexts = self._check_inputs(crops, contexts)
-        crops = [check_image(crop, f"row {first_row + i}: crop") for i, crop in enumerate(crops)]
-        if contexts is None:
-            body = _batch_transform(crops, self.transform.resize, self.transform.shared, self.image_size)
-            return body, None
-        contexts = [check_image(scene, f"row {first_row + i}: context") for i, scene in enumerate(contexts)]
-        # The eval preset draws nothing at random, so the two streams need not share a call.
-        body = _batch_transform(crops, self.transform.body_resize, self.transform.shared, self.image_size)
-        context = _batch_transform(contexts, self.transform.context_resize, self.transform.shared, self.context_size)
-        return body, context
-
     # ------------------------------------------------------------------ prediction
 
-    def forward(self, body: torch.Tensor, context: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities ``(B, 26)`` and valence/arousal ``(B, 2)`` for one preprocessed batch."""
-        with torch.inference_mode():
-            body = body.to(self.device, non_blocking=True)
-            context = context.to(self.device, non_blocking=True) if context is not None else None
-            output = self.model(body, context) if context is not None else self.model(body)
-            probs = torch.sigmoid(output.emotion_logits.float()).cpu().numpy()
-            affect = output.affect.float().cpu().numpy()
-        return probs, affect
+    def inputs(self, read: RowReader, length: int) -> ImageInputs:
+        """A dataset of ``length`` input rows read by ``read(row) -> (crop, context)``,
+        preprocessed for this model (see :class:`~emonet.prediction.ImageInputs`)."""
+        return ImageInputs(read, length, self.transform, with_context=self.needs_context)
+
+    def predict(self, data: Dataset, progress: bool = False, desc: str = "predict") -> Predictions:
+        """:func:`~emonet.prediction.predict_split` with this model, device and batch size."""
+        return predict_split(
+            self.model, data, batch_size=self.batch_size, device=self.device, progress=progress, desc=desc
+        )
 
     def predict_proba(
         self, crops: Sequence[np.ndarray], contexts: Sequence[np.ndarray] | None = None
@@ -227,16 +171,16 @@ class Predictor:
         ValueError
             A malformed image (its row is named), or missing contexts for ``body_context``.
         """
-        contexts = self._check_inputs(crops, contexts)
-        n = len(crops)
-        probs = np.empty((n, NUM_EMOTIONS), dtype=np.float32)
-        affect = np.empty((n, 2), dtype=np.float32)
-        for start in range(0, n, self.batch_size):
-            stop = min(start + self.batch_size, n)
-            batch_contexts = contexts[start:stop] if contexts is not None else None
-            body, context = self.preprocess(crops[start:stop], batch_contexts, first_row=start)
-            probs[start:stop], affect[start:stop] = self.forward(body, context)
-        return probs, affect
+        if not self.needs_context and contexts is not None:
+            logger.debug("contexts ignored: the body model uses the crop only")
+            contexts = None
+        dataset = ImageInputs.from_arrays(
+            list(crops), list(contexts) if contexts is not None else None, self.transform, self.needs_context
+        )
+        if len(dataset) == 0:
+            return np.empty((0, NUM_EMOTIONS), dtype=np.float32), np.empty((0, 2), dtype=np.float32)
+        predictions = self.predict(dataset)
+        return predictions.emotion_prob, predictions.affect_pred
 
     def to_frame(self, probs: np.ndarray, affect: np.ndarray) -> pd.DataFrame:
         """The output table of :meth:`predict_frame` from model outputs.

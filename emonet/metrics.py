@@ -32,13 +32,16 @@ __all__ = [
     "EVALUATION_KEYS",
     "REPORT_COLUMNS",
     "affect_errors",
+    "affect_sample_error",
     "binarize",
     "check_multilabel",
+    "confidence_score",
     "cooccurrence_matrix",
     "evaluate_predictions",
     "mean_average_precision_score",
     "multilabel_scores",
     "per_emotion_report",
+    "sample_f1_score",
     "true_vs_predicted_matrix",
     "tune_thresholds",
 ]
@@ -564,3 +567,67 @@ def evaluate_predictions(
     results.update(multilabel_scores(y_true, binarize(y_prob, thresholds)))
     results.update(affect_errors(affect_true, affect_pred, low=low, high=high))
     return {key: float(results[key]) for key in EVALUATION_KEYS}
+
+
+# --------------------------------------------------------------------------- per-sample scores
+
+
+def sample_f1_score(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
+    """F1 of each sample's predicted label set against its true set.
+
+    ``F1 = 2 |T & P| / (|T| + |P|)``; defined as 1.0 when both sets are empty (nothing
+    to find, nothing claimed) and 0.0 when exactly one is empty. (scikit-learn's
+    ``f1_score(average="samples")`` averages the same values, with 0.0 for two empty sets.)
+
+    Parameters
+    ----------
+    y_true, y_pred : array-like of shape (n_samples, n_labels), 0/1.
+
+    Returns
+    -------
+    ndarray of float64, shape (n_samples,); higher is better.
+
+    Examples
+    --------
+    >>> sample_f1_score([[1, 1, 0], [0, 0, 0], [1, 0, 0]], [[1, 0, 0], [0, 0, 0], [0, 1, 0]])
+    array([0.66666667, 1.        , 0.        ])
+    """
+    y_true, y_pred = check_multilabel(y_true, y_pred, "y_pred", binary=True)
+    overlap = (y_true & y_pred).sum(axis=1).astype(np.float64)
+    sizes = (y_true.sum(axis=1) + y_pred.sum(axis=1)).astype(np.float64)
+    f1 = np.ones(len(sizes))
+    np.divide(2.0 * overlap, sizes, out=f1, where=sizes > 0)
+    return f1
+
+
+def affect_sample_error(affect_true: ArrayLike, affect_pred: ArrayLike) -> np.ndarray:
+    """Mean absolute valence/arousal error of each sample (in the inputs' units), shape ``(n,)``.
+
+    Examples
+    --------
+    >>> affect_sample_error([[0.0, 0.5]], [[0.5, 0.5]])
+    array([0.25])
+    """
+    affect_true = _check_finite_2d(affect_true, "affect_true")
+    affect_pred = _check_finite_2d(affect_pred, "affect_pred")
+    if affect_true.shape != affect_pred.shape or affect_true.shape[1] != 2:
+        raise ValueError(
+            f"affect_true and affect_pred must both be (n_samples, 2), got {affect_true.shape} and {affect_pred.shape}"
+        )
+    return np.abs(affect_pred - affect_true).mean(axis=1)
+
+
+def confidence_score(y_prob: ArrayLike, thresholds: ArrayLike) -> np.ndarray:
+    """How decided the model is about each sample: mean ``|prob - threshold|`` over labels.
+
+    0 when every probability sits on its threshold; up to 1 when all are at 0 or 1
+    far from their thresholds. Shape ``(n_samples,)``; higher is more confident.
+
+    Examples
+    --------
+    >>> confidence_score([[0.9, 0.1]], [0.5, 0.5])
+    array([0.4])
+    """
+    y_prob = _check_finite_2d(y_prob, "y_prob")
+    thresholds = _check_thresholds(thresholds, y_prob.shape[1])
+    return np.abs(y_prob - thresholds[None, :]).mean(axis=1)

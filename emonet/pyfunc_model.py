@@ -9,10 +9,10 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from emonet.checkpoint import resolve_device
 from emonet.images import decode_image_b64, read_image
 from emonet.inference import Predictor
 from emonet.schema import NUM_EMOTIONS
@@ -41,12 +41,6 @@ class InvalidModelInput(MlflowException, ValueError):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _is_missing(value: object) -> bool:
     if isinstance(value, str):
         return not value.strip()
@@ -66,28 +60,21 @@ def _present(frame: pd.DataFrame, path_column: str, b64_column: str, what: str) 
     return path_col, b64_col
 
 
-def _decode_rows(
-    frame: pd.DataFrame, path_col: str | None, b64_col: str | None, first_row: int, what: str
-) -> list[np.ndarray]:
-    """Decode one batch of rows; a row's path wins over its base64 when both are set."""
-    paths = frame[path_col].tolist() if path_col is not None else [None] * len(frame)
-    blobs = frame[b64_col].tolist() if b64_col is not None else [None] * len(frame)
-    images = []
-    for offset, (path, blob) in enumerate(zip(paths, blobs)):
-        row = first_row + offset
-        try:
-            if not _is_missing(path):
-                if not isinstance(path, str):
-                    raise ValueError(f"{path_col} must be a string, got {type(path).__name__}")
-                images.append(read_image(path))
-            elif not _is_missing(blob):
-                images.append(decode_image_b64(blob))
-            else:
-                given = " or ".join(c for c in (path_col, b64_col) if c is not None)
-                raise ValueError(f"no {what} given: {given} is empty")
-        except (ValueError, FileNotFoundError) as error:
-            raise InvalidModelInput(f"row {row}: {error}") from None
-    return images
+def _decode_cell(frame: pd.DataFrame, path_col: str | None, b64_col: str | None, row: int, what: str) -> np.ndarray:
+    """Decode one row's image; its path wins over its base64 when both are set."""
+    path = frame[path_col].iat[row] if path_col is not None else None
+    blob = frame[b64_col].iat[row] if b64_col is not None else None
+    try:
+        if not _is_missing(path):
+            if not isinstance(path, str):
+                raise ValueError(f"{path_col} must be a string, got {type(path).__name__}")
+            return read_image(path)
+        if not _is_missing(blob):
+            return decode_image_b64(blob)
+        given = " or ".join(c for c in (path_col, b64_col) if c is not None)
+        raise ValueError(f"no {what} given: {given} is empty")
+    except (ValueError, FileNotFoundError) as error:
+        raise InvalidModelInput(f"row {row}: {error}") from None
 
 
 class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
@@ -115,7 +102,7 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
         """Build the :class:`~emonet.inference.Predictor` from the ``checkpoint`` and
         ``normalization`` artifacts and the ``model_config``."""
         config = dict(getattr(context, "model_config", None) or {})
-        device = _resolve_device(str(config.get("inference_device", "auto")))
+        device = resolve_device(str(config.get("inference_device", "auto")))
         batch_size = int(config.get("inference_batch_size", 32))
         self.predictor = Predictor.from_checkpoint(
             context.artifacts[CHECKPOINT_ARTIFACT],
@@ -135,19 +122,23 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
             if predictor.needs_context
             else None
         )
-        parts = []
-        for start in range(0, len(frame), predictor.batch_size):
-            batch = frame.iloc[start : start + predictor.batch_size]
-            crops = _decode_rows(batch, *image_cols, start, "image")
-            contexts = _decode_rows(batch, *context_cols, start, "context image") if context_cols else None
-            try:
-                body, scene = predictor.preprocess(crops, contexts, first_row=start)
-            except ValueError as error:
-                raise InvalidModelInput(str(error)) from None
-            parts.append(predictor.to_frame(*predictor.forward(body, scene)))
-        if not parts:
+        if frame.empty:
             return predictor.to_frame(np.empty((0, NUM_EMOTIONS)), np.empty((0, 2)))
-        return pd.concat(parts, ignore_index=True)
+
+        def read(row: int) -> tuple[np.ndarray, np.ndarray | None]:
+            crop = _decode_cell(frame, *image_cols, row, "image")
+            scene = _decode_cell(frame, *context_cols, row, "context image") if context_cols else None
+            return crop, scene
+
+        # Rows are decoded inside the loader one batch at a time, so memory does not grow
+        # with the input; with no worker processes a bad row's error reaches the caller as is.
+        try:
+            predictions = predictor.predict(predictor.inputs(read, len(frame)))
+        except InvalidModelInput:
+            raise
+        except ValueError as error:  # a decoded image that is not H x W x 3 uint8
+            raise InvalidModelInput(str(error)) from None
+        return predictor.to_frame(predictions.emotion_prob, predictions.affect_pred)
 
 
 mlflow.models.set_model(EmoNetPyfunc())

@@ -38,20 +38,19 @@ from emonet.data import EmoticDataset
 from emonet.losses import EmoNetLoss
 from emonet.metrics import evaluate_predictions, tune_thresholds
 from emonet.models import EmoNet
-from emonet.schema import AFFECT_COLUMNS, NUM_EMOTIONS, SCALE_MAX, SCALE_MIN
+from emonet.prediction import autocast, predict_split, to_device
+from emonet.schema import NUM_EMOTIONS, SCALE_MAX, SCALE_MIN
 from emonet.transforms import build_transforms
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "FitResult",
-    "Predictions",
     "build_datasets",
     "evaluate",
     "fit",
     "make_loader",
     "make_loaders",
-    "predict",
     "seed_everything",
     "seed_worker",
     "train_one_epoch",
@@ -217,26 +216,17 @@ def _uses_context(model: nn.Module) -> bool:
 def _unpack(
     batch: Mapping[str, Any], device: torch.device, with_context: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Move one collated batch to ``device``: body, context (or None), emotions, affect."""
-    # channels_last lets cuDNN use its faster NHWC convolutions (and tensor cores under AMP).
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    body = batch["body"].to(device, non_blocking=True, memory_format=memory_format)  # (B, 3, S, S)
-    context = None
-    if with_context:
-        if "context" not in batch:
-            raise ValueError(
-                "the model is the body_context variant but the batch has no 'context'; "
-                "build the dataset with with_context=True (build_datasets does this)"
-            )
-        context = batch["context"].to(device, non_blocking=True, memory_format=memory_format)  # (B, 3, S', S')
+    """Move one collated training batch to ``device``: body, context (or None), emotions, affect."""
+    if with_context and "context" not in batch:
+        raise ValueError(
+            "the model is the body_context variant but the batch has no 'context'; "
+            "build the dataset with with_context=True (build_datasets does this)"
+        )
+    body = to_device(batch, device, "body")  # (B, 3, S, S)
+    context = to_device(batch, device, "context") if with_context else None  # (B, 3, S', S')
     emotions = batch["emotions"].to(device, non_blocking=True)  # (B, 26)
     affect = batch["affect"].to(device, non_blocking=True)  # (B, 2)
     return body, context, emotions, affect
-
-
-def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    # float16 with a GradScaler: supported by every CUDA GPU with tensor cores.
-    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=enabled and device.type == "cuda")
 
 
 def train_one_epoch(
@@ -287,7 +277,7 @@ def train_one_epoch(
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         body, context, emotions, affect = _unpack(batch, device, with_context)
-        with _autocast(device, use_amp):
+        with autocast(device, use_amp):
             output = model(body, context) if with_context else model(body)
             losses = criterion(output, emotions, affect)
         optimizer.zero_grad(set_to_none=True)
@@ -320,100 +310,6 @@ def train_one_epoch(
         "train_loss_emotion": sums["emotion"] / seen,
         "train_loss_affect": sums["affect"] / seen,
     }
-
-
-@dataclass(frozen=True, eq=False)
-class Predictions:
-    """Model outputs and targets for every sample of a loader, as NumPy arrays."""
-
-    emotion_prob: np.ndarray  # (N, 26) float32 sigmoid probabilities, schema.EMOTIONS order
-    affect_pred: np.ndarray  # (N, 2) float32 valence, arousal in [-1, 1]
-    emotions_true: np.ndarray  # (N, 26) float32 multi-hot targets
-    affect_true: np.ndarray  # (N, 2) float32 targets in [-1, 1]
-    indices: np.ndarray  # (N,) int64 dataset row of each sample
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def _run_inference(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    criterion: nn.Module | None,
-    amp: bool,
-    progress: bool,
-    desc: str,
-) -> tuple[Predictions, dict[str, float]]:
-    """Predictions for every sample plus sample-weighted mean losses (when ``criterion``).
-
-    Output arrays are allocated once at the dataset's size and filled in place, so
-    memory stays flat in the number of batches: nothing else is kept per batch.
-    """
-    device = torch.device(device)
-    model.eval()
-    with_context = _uses_context(model)
-    capacity = len(loader.dataset)
-    emotion_prob = np.empty((capacity, NUM_EMOTIONS), dtype=np.float32)
-    affect_pred = np.empty((capacity, len(AFFECT_COLUMNS)), dtype=np.float32)
-    emotions_true = np.empty((capacity, NUM_EMOTIONS), dtype=np.float32)
-    affect_true = np.empty((capacity, len(AFFECT_COLUMNS)), dtype=np.float32)
-    indices = np.empty(capacity, dtype=np.int64)
-    sums = {"total": 0.0, "emotion": 0.0, "affect": 0.0}
-    pos = 0
-    with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-            body, context, emotions, affect = _unpack(batch, device, with_context)
-            with _autocast(device, amp):
-                output = model(body, context) if with_context else model(body)
-                losses = criterion(output, emotions, affect) if criterion is not None else None
-            n = body.shape[0]
-            if pos + n > capacity:
-                raise ValueError(f"the loader yielded more than the {capacity} samples its dataset holds")
-            emotion_prob[pos : pos + n] = torch.sigmoid(output.emotion_logits.float()).cpu().numpy()
-            affect_pred[pos : pos + n] = output.affect.float().cpu().numpy()
-            emotions_true[pos : pos + n] = emotions.float().cpu().numpy()
-            affect_true[pos : pos + n] = affect.float().cpu().numpy()
-            indices[pos : pos + n] = torch.as_tensor(batch["index"]).numpy()
-            if losses is not None:
-                sums["total"] += losses.total.item() * n
-                sums["emotion"] += losses.emotion.item() * n
-                sums["affect"] += losses.affect.item() * n
-            pos += n
-    if pos == 0:
-        raise ValueError("the loader yielded no sample")
-    # Slices are views: only a loader that skips samples (drop_last) leaves spare rows.
-    predictions = Predictions(
-        emotion_prob[:pos], affect_pred[:pos], emotions_true[:pos], affect_true[:pos], indices[:pos]
-    )
-    return predictions, {key: value / pos for key, value in sums.items()}
-
-
-def predict(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    progress: bool = True,
-    amp: bool = False,
-) -> Predictions:
-    """Emotion probabilities and valence/arousal for every sample, under ``inference_mode``.
-
-    Parameters
-    ----------
-    model : an :class:`~emonet.models.EmoNet`; put in eval mode.
-    loader : yields collated :class:`~emonet.data.EmoticDataset` items (targets are
-        returned alongside, so the split must be labelled).
-    device : where the model lives.
-    progress : show a tqdm bar.
-    amp : float16 autocast (CUDA only).
-
-    Returns
-    -------
-    Predictions
-        Arrays in loader order; ``indices`` maps rows back to the dataset.
-    """
-    predictions, _ = _run_inference(model, loader, device, None, amp, progress, "predict")
-    return predictions
 
 
 def evaluate(
@@ -449,7 +345,10 @@ def evaluate(
         val_hamming_loss, val_mae_valence, val_mae_arousal, val_mae_valence_1_10,
         val_mae_arousal_1_10``.
     """
-    predictions, losses = _run_inference(model, loader, device, criterion, amp, progress, f"{prefix}eval")
+    predictions = predict_split(
+        model, loader, device=device, amp=amp, criterion=criterion, progress=progress, desc=f"{prefix}eval"
+    )
+    losses = predictions.losses
     low, high = affect_bounds if affect_bounds is not None else ((SCALE_MIN,) * 2, (SCALE_MAX,) * 2)
     metrics = evaluate_predictions(
         predictions.emotions_true,
@@ -681,7 +580,7 @@ def fit(
         model.load_state_dict(best_state)
     else:
         logger.warning("no best checkpoint found; tuning thresholds on the current weights")
-    predictions = predict(model, val_loader, device, progress=progress, amp=use_amp)
+    predictions = predict_split(model, val_loader, device=device, amp=use_amp, progress=progress, desc="thresholds")
     thresholds = tune_thresholds(predictions.emotions_true, predictions.emotion_prob)
     if best_payload is not None:
         best_payload["thresholds"] = [float(t) for t in thresholds]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -162,3 +163,26 @@ def build_transforms(
     if context_size is None:
         return SingleTransform(image_size, shared)
     return PairedTransform(image_size, context_size, shared)
+
+
+def to_chw_tensor(array: np.ndarray) -> torch.Tensor:
+    """An ``H x W x 3`` uint8 array as a ``(3, H, W)`` uint8 tensor that owns its pixels."""
+    # np.array copies out of a memory map (into C order, also from a Fortran-order
+    # array), so the tensor owns contiguous pixels.
+    return torch.from_numpy(np.array(array, dtype=np.uint8, order="C")).permute(2, 0, 1).contiguous()
+
+
+def prepare_item(transform: Any, crop: np.ndarray, context: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """The network inputs of one sample: ``{"body"}`` or ``{"body", "context"}``.
+
+    The one place where images become tensors, for training, evaluation and serving.
+    ``transform`` comes from :func:`build_transforms` (a paired one when ``context`` is
+    given, so random flips are shared by both streams); None keeps uint8 tensors.
+    """
+    body = to_chw_tensor(crop)
+    if context is None:
+        return {"body": transform(body) if transform is not None else body}
+    scene = to_chw_tensor(context)
+    if transform is not None:
+        body, scene = transform(body, scene)
+    return {"body": body, "context": scene}

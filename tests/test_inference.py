@@ -155,13 +155,14 @@ def test_fitted_normalizer_from_json(checkpoint, tmp_path):
         Predictor.from_checkpoint(checkpoint, normalizer=tmp_path / "nope.json")
 
 
-def test_batched_preprocessing_equals_the_eval_transform_per_image(predictor):
-    crops = _crops(np.random.default_rng(4), shapes=((40, 40), (90, 61), (40, 40), (17, 33)))
-    body, context = predictor.preprocess(crops)
-    assert context is None and body.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE)
-    for crop, row in zip(crops, body):
-        one = predictor.transform(torch.from_numpy(crop).permute(2, 0, 1).contiguous())
-        torch.testing.assert_close(row, one)
+def test_inputs_apply_the_eval_transform_to_each_row(predictor):
+    crops = _crops(np.random.default_rng(4), shapes=((40, 40), (90, 61), (17, 33)))
+    inputs = predictor.inputs(lambda row: (crops[row], None), len(crops))
+    for row, crop in enumerate(crops):
+        item = inputs[row]
+        assert set(item) == {"body", "index"} and item["index"] == row
+        assert item["body"].shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+        torch.testing.assert_close(item["body"], predictor.transform(torch.from_numpy(crop).permute(2, 0, 1)))
 
 
 def test_predictions_do_not_depend_on_batch_size(predictor):
@@ -195,8 +196,8 @@ def test_body_context_model_needs_contexts():
         predictor.predict_proba(crops)
     with pytest.raises(ValueError, match="got 5 crops but 4 contexts"):
         predictor.predict_proba(crops, crops[:4])
-    body, context = predictor.preprocess(crops, crops[::-1])
-    assert body.shape == (5, 3, IMAGE_SIZE, IMAGE_SIZE) and context.shape == (5, 3, 48, 48)
+    item = predictor.inputs(lambda row: (crops[row], crops[::-1][row]), len(crops))[1]
+    assert item["body"].shape == (3, IMAGE_SIZE, IMAGE_SIZE) and item["context"].shape == (3, 48, 48)
     frame = predictor.predict_frame(crops, crops[::-1])
     assert list(frame.columns) == list(OUTPUT_COLUMNS) and len(frame) == 5
 
@@ -212,9 +213,10 @@ def pyfunc(checkpoint, tmp_path_factory):
     model = EmoNetPyfunc()
     context = SimpleNamespace(
         artifacts={"checkpoint": str(checkpoint), "normalization": str(normalization)},
-        model_config={"batch_size": 2, "device": "cpu"},
+        model_config={"inference_batch_size": 2, "inference_device": "cpu"},
     )
     model.load_context(context)
+    assert model.predictor.batch_size == 2  # so four rows span two batches
     return model
 
 

@@ -17,15 +17,10 @@ from PIL import Image
 from conftest import train_tiny_checkpoint
 from emonet.demo_data import make_demo_data
 from emonet.inference import PROB_COLUMNS, Predictor
-from emonet.review import (
-    FIGURE_FILES,
-    SORT_OPTIONS,
-    affect_sample_error,
-    confidence_score,
-    rank_samples,
-    review_predictions_with_visualization,
-    sample_f1_score,
-)
+from emonet.evaluation import SPLIT_REPORT_FILES
+from emonet.prediction import Predictions
+from emonet.metrics import affect_sample_error, confidence_score, sample_f1_score
+from emonet.review import SORT_OPTIONS, rank_samples, review_predictions_with_visualization
 from emonet.schema import EMOTIONS, FACE_VISIBILITY_COLUMN, annotations_path, arrays_dir
 
 TINY = {"image_size": 32, "epochs": 1, "batch_size": 8, "num_workers": 0, "device": "cpu", "augment": False}
@@ -73,7 +68,7 @@ def test_rank_samples_orders_as_documented():
 
 
 def test_long_label_lists_wrap_and_fold_into_more():
-    from emonet.review import _wrap_tokens
+    from emonet.review.drawing import _wrap_tokens
 
     tokens = [(emotion, "red") for emotion in EMOTIONS]
     lines = _wrap_tokens(tokens, width=30, max_lines=3)
@@ -136,17 +131,8 @@ def constructed(trained, tmp_path):
 
     predictor = Predictor.from_checkpoint(checkpoint)
     predictor.thresholds = np.full(len(EMOTIONS), 0.5)
-    served = {"next": 0}
-
-    def fake_predict_proba(crops, contexts=None):
-        # Rows arrive in CSV order, batch after batch.
-        start = served["next"]
-        served["next"] += len(crops)
-        return probs[start : start + len(crops)], affect[start : start + len(crops)]
-
-    predictor.predict_proba = fake_predict_proba
-    predictor.batch_size = 4  # two prediction batches
-    return predictor, csv_path, arrays_dir(root), frame
+    predictions = Predictions(emotion_prob=probs, affect_pred=affect, indices=np.arange(len(CASES)))
+    return predictor, csv_path, arrays_dir(root), frame, predictions
 
 
 @pytest.fixture
@@ -154,8 +140,9 @@ def no_split_figures(monkeypatch):
     """Skip the split-wide heatmaps, which these ordering tests do not look at."""
     import emonet.review as review
 
-    def fake_split_report(*args, **kwargs):
-        return None, {key: Path(name) for key, name in review.SPLIT_REPORT_FILES.items()}
+    def fake_split_report(*args):
+        out_dir = Path(args[-1])
+        return None, {key: out_dir / name for key, name in SPLIT_REPORT_FILES.items()}
 
     monkeypatch.setattr(review, "write_split_report", fake_split_report)
 
@@ -164,10 +151,11 @@ def no_split_figures(monkeypatch):
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
 @pytest.mark.parametrize("sort_by", SORT_OPTIONS)
 def test_each_sort_by_orders_the_review(constructed, no_split_figures, tmp_path, sort_by):
-    predictor, csv_path, img_dir, frame = constructed
+    predictor, csv_path, img_dir, frame, predictions = constructed
     out = tmp_path / f"review_{sort_by}"
     table = review_predictions_with_visualization(
-        predictor, csv_path, img_dir, out, num_samples=3, detailed_samples=1, sort_by=sort_by, seed=5, progress=False
+        predictor, csv_path, img_dir, out, num_samples=3, detailed_samples=1, sort_by=sort_by, seed=5, progress=False,
+        predictions=predictions,
     )
     assert table["rank"].tolist() == list(range(1, len(CASES) + 1))
     by_row = table.sort_values("csv_row")
@@ -239,7 +227,7 @@ def test_review_writes_every_promised_file(trained, tmp_path, caplog):
     assert summary["mean_sample_f1"] == pytest.approx(table["f1"].mean())
     assert summary["sort_by"] == "worst" and summary["seed"] == 0
 
-    pngs = ["grid.png", *FIGURE_FILES.values(), *summary["files"]["samples"]]
+    pngs = ["grid.png", *(name for name in SPLIT_REPORT_FILES.values() if name.endswith(".png")), *summary["files"]["samples"]]
     assert len(summary["files"]["samples"]) == 2
     for name in pngs:
         with Image.open(out / name) as image:

@@ -26,7 +26,6 @@ from emonet.train import (
     fit,
     make_loader,
     make_loaders,
-    predict,
     train_one_epoch,
 )
 
@@ -257,29 +256,6 @@ def test_body_context_variant_trains_one_step(fake_archive: Path) -> None:
         assert not torch.equal(before[name], model.get_parameter(name)), name
     val = evaluate(model, make_loader(val_dataset, 4, shuffle=False), criterion, torch.device("cpu"))
     assert set(val) == {key for key in EPOCH_KEYS if key.startswith("val_")}
-
-
-def test_body_model_refuses_a_loader_without_context(fake_archive: Path) -> None:
-    config = _config(variant="body_context", batch_size=6)
-    body_only = _config(batch_size=6)
-    _, val_loader = _loaders(fake_archive, body_only)
-    with pytest.raises(ValueError, match="with_context"):
-        predict(_model(config), val_loader, torch.device("cpu"), progress=False)
-
-
-def test_predict_returns_every_sample_in_order(fake_archive: Path) -> None:
-    config = _config(batch_size=4)
-    _, val_loader = _loaders(fake_archive, config)
-    predictions = predict(_model(config), val_loader, torch.device("cpu"), progress=False)
-    n = len(val_loader.dataset)
-    assert len(predictions) == n
-    assert predictions.emotion_prob.shape == (n, NUM_EMOTIONS) and predictions.affect_pred.shape == (n, 2)
-    assert np.all((predictions.emotion_prob >= 0) & (predictions.emotion_prob <= 1))
-    assert np.all(np.abs(predictions.affect_pred) <= 1)
-    np.testing.assert_array_equal(predictions.indices, np.arange(n))
-    annotations = val_loader.dataset.annotations
-    np.testing.assert_array_equal(predictions.emotions_true, annotations[list(EMOTIONS)].to_numpy())
-    np.testing.assert_allclose(predictions.affect_true, affect_targets(annotations))
 
 
 def test_evaluate_prefix_and_thresholds(fake_archive: Path) -> None:

@@ -1,0 +1,240 @@
+"""A visual review of what a trained model does on a labelled split: a grid of crops with
+predicted vs true emotions, one detailed page per sample, split-wide heatmaps, and an
+``index.html`` that shows them all without a server.
+
+:mod:`~emonet.review.selection` picks and orders the samples, :mod:`~emonet.review.drawing`
+draws them and :mod:`~emonet.review.page` writes the HTML page; this module runs the three.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from emonet.annotations import load_annotations
+from emonet.batch import ModelSource, describe_model, load_predictor
+from emonet.data import EmoticDataset
+from emonet.evaluation import write_split_report
+from emonet.io import write_csv_atomic, write_json_atomic
+from emonet.metrics import EVALUATION_KEYS, evaluate_predictions
+from emonet.normalize import AffectNormalizer
+from emonet.prediction import Predictions
+from emonet.review.drawing import MAX_GRID_SAMPLES, fmt, page_name, plot_grid, plot_sample
+from emonet.review.page import write_index
+from emonet.review.selection import SORT_OPTIONS, build_table, check_sort_by, rank_samples
+from emonet.schema import FACE_VISIBILITY_COLUMN, SCALE_MAX, SCALE_MIN
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SORT_OPTIONS", "rank_samples", "review_predictions_with_visualization"]
+
+GRID_FILE = "grid.png"
+SAMPLES_DIR = "samples"
+SUMMARY_FILE = "summary.json"
+INDEX_FILE = "index.html"
+REVIEW_CSV = "review.csv"
+AFFECT_KEYS: tuple[str, ...] = ("mae_valence", "mae_arousal", "mae_valence_1_10", "mae_arousal_1_10")
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def review_predictions_with_visualization(
+    model: ModelSource,
+    test_csv_path: str | Path,
+    img_arrays_dir: str | Path,
+    output_dir: str | Path,
+    num_samples: int = 20,
+    detailed_samples: int = 20,
+    sort_by: str = "random",
+    seed: int = 0,
+    *,
+    device: str = "auto",
+    batch_size: int = 64,
+    normalizer: AffectNormalizer | str | Path | None = None,
+    progress: bool = True,
+    predictions: Predictions | None = None,
+    split_report: Mapping[str, Path] | None = None,
+) -> pd.DataFrame:
+    """Predict a labelled split and write a visual review of the model into ``output_dir``.
+
+    Parameters
+    ----------
+    model : a checkpoint path, an MLflow model URI (``models:/emonet@champion``,
+        ``runs:/<run_id>/model``) or a :class:`~emonet.inference.Predictor` (see
+        :func:`emonet.batch.load_predictor`). Its per-emotion thresholds decide the
+        predicted sets, and its normalizer maps valence/arousal to the 1..10 scale.
+    test_csv_path : a split CSV in the archive's format, raw (``annot_arrs_test.csv``)
+        or normalized; read with :func:`emonet.data.load_annotations` (rows with
+        invalid VAD are dropped and counted). True valence/arousal on [-1, 1] come
+        from ``Valence_norm``/``Arousal_norm`` when present, else from the 1..10
+        ``Valence``/``Arousal`` through the model's normalizer.
+    img_arrays_dir : the archive's ``img_arrs`` folder (crops, and full images for the
+        detailed pages; a missing full image only leaves its panel empty).
+    output_dir : created if needed and never wiped: files of the same name are
+        replaced, others (e.g. pages of an earlier review) stay.
+    num_samples : samples selected for the grid and the HTML table, the first of the
+        ordering. Larger than the split: capped to the split's size with a logged
+        warning. The grid image draws at most the first ``MAX_GRID_SAMPLES`` (100) of
+        them; the table lists all.
+    detailed_samples : detailed pages, the first of the same ordering (0 for none;
+        capped to the split's size).
+    sort_by : the ordering (see :func:`rank_samples`): ``"random"`` (seeded),
+        ``"best"`` / ``"worst"`` (per-sample F1 of the predicted emotion set, see
+        :func:`sample_f1_score`; ties by valence/arousal error, lower ranks better) or
+        ``"confidence"`` (mean ``|prob - threshold|``, most confident first).
+    seed : seeds the ``"random"`` order.
+    device, batch_size, normalizer : for loading ``model`` (ignored for a Predictor).
+    progress : tqdm bars over prediction batches and pages.
+    predictions : this model's predictions of the split, in row order (e.g.
+        :attr:`emonet.evaluation.EvaluationReport.predictions`), so a split evaluated
+        already is not predicted again; None predicts it here.
+    split_report : the files of :func:`emonet.evaluation.write_split_report` for these
+        predictions (e.g. ``EvaluationReport.files``), which the page then links instead
+        of writing them again; None writes them into ``output_dir``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per sample of the split, sorted by ``rank``: ``rank`` (1-based),
+        ``selected`` (in the grid), ``detailed`` (has a page), ``csv_row``,
+        ``crop_name``, ``arr_name``, ``filename``, ``prob_<Emotion>`` x 26,
+        ``pred_emotions`` (by probability) and ``true_emotions`` (``;``-joined),
+        ``n_pred``, ``n_true``, ``n_correct``, ``f1``, ``valence_pred``,
+        ``arousal_pred``, ``valence_true``, ``arousal_true`` (on [-1, 1]), the same
+        four with ``_1_10`` (1..10 scale), ``va_error`` (mean absolute on [-1, 1]),
+        ``confidence``, ``Face_Visibility`` when the CSV has it, and
+        ``sample_page`` (relative path of the page, or ""). ``df.attrs["summary"]``
+        holds the content of ``summary.json``.
+
+    Files written in ``output_dir`` (each atomically): ``grid.png``;
+    ``samples/sample_<rank>_<crop stem>.png`` (rank zero-padded);
+    ``true_vs_predicted.png``, ``cooccurrence_true.png``, ``cooccurrence_pred.png``,
+    ``per_emotion_metrics.png``, ``affect_scatter.png`` and ``per_emotion.csv`` for
+    the whole split; ``review.csv`` (the returned table); ``summary.json`` (counts,
+    mAP, F1 scores, mean per-sample F1, affect errors, ``sort_by``, ``seed``, files);
+    ``index.html``, which shows everything through relative links and opens from
+    disk without a server.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``sort_by`` (options listed), ``num_samples < 1``,
+        ``detailed_samples < 0``, a malformed CSV or image, or a bad model file.
+    FileNotFoundError
+        The CSV, the image folder, a crop or the checkpoint is missing.
+
+    Examples
+    --------
+    >>> table = review_predictions_with_visualization(  # doctest: +SKIP
+    ...     "models:/emonet@champion", "data/emotic/annots_arrs/annot_arrs_test.csv",
+    ...     "data/emotic/img_arrs", "outputs/review", sort_by="worst")
+    >>> table.loc[table["selected"], ["crop_name", "f1", "pred_emotions"]]  # doctest: +SKIP
+    """
+    check_sort_by(sort_by)
+    for name, value, minimum in (("num_samples", num_samples, 1), ("detailed_samples", detailed_samples, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    test_csv_path, img_dir, output_dir = Path(test_csv_path), Path(img_arrays_dir), Path(output_dir)
+    if not img_dir.is_dir():
+        raise FileNotFoundError(f"image array folder not found: {img_dir}")
+    annotations = load_annotations(test_csv_path)
+    n = len(annotations)
+    if num_samples > n:
+        logger.warning("num_samples=%d exceeds the %d samples of %s; showing all %d", num_samples, n,
+                       test_csv_path.name, n)
+        num_samples = n
+    detailed = min(int(detailed_samples), n)
+    if num_samples > MAX_GRID_SAMPLES:
+        logger.warning("grid.png shows the first %d of the %d selected samples; index.html lists all",
+                       MAX_GRID_SAMPLES, num_samples)
+
+    predictor = load_predictor(model, device=device, batch_size=batch_size, normalizer=normalizer)
+    if predictions is None:
+        dataset = EmoticDataset(annotations, img_dir, predictor.transform, with_context=predictor.needs_context)
+        predictions = predictor.predict(dataset, progress=progress, desc="review: predict")
+    elif len(predictions) != n or not np.array_equal(predictions.indices, np.arange(n)):
+        raise ValueError(
+            f"predictions cover {len(predictions)} rows, not the {n} rows of {test_csv_path.name} in order; "
+            "pass the predictions of this split (e.g. EvaluationReport.predictions)"
+        )
+    probs, affect_pred = predictions.emotion_prob, predictions.affect_pred
+    table, y_true, y_pred = build_table(
+        annotations, probs, affect_pred, predictor, sort_by, int(seed), int(num_samples), detailed
+    )
+    has_visibility = FACE_VISIBILITY_COLUMN in table.columns
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {}
+    title = (f"{describe_model(model)} on {test_csv_path.name}: {min(num_samples, MAX_GRID_SAMPLES)} of {n} samples, "
+             f"sorted by {sort_by}" + (f" (seed {seed})" if sort_by == "random" else ""))
+    plot_grid(table, img_dir, output_dir / GRID_FILE, title)
+    files["grid"] = GRID_FILE
+
+    # Detailed pages, in rank order; only these rows' images are ever read for display.
+    low, high = float(min(predictor.normalizer.low)), float(max(predictor.normalizer.high))
+    bounds = (min(low, SCALE_MIN), max(high, SCALE_MAX))
+    digits = max(3, len(str(detailed)))
+    pages = []
+    by_rank = table.sort_values("rank")
+    for position, row in tqdm(list(by_rank.head(detailed).iterrows()), desc="review: pages", unit="page",
+                              disable=not progress, dynamic_ncols=True):
+        relative = f"{SAMPLES_DIR}/{page_name(int(row['rank']), row['crop_name'], digits)}"
+        plot_sample(row, img_dir, annotations.loc[position], predictor.thresholds, bounds, n, sort_by,
+                     has_visibility, output_dir / relative)
+        table.at[position, "sample_page"] = relative
+        pages.append(relative)
+    files["samples"] = pages
+
+    # The whole split's table and figures: an evaluation's, linked, or written here.
+    true_norm = table.sort_index()[["valence_true", "arousal_true"]].to_numpy()
+    if split_report is None:
+        _, split_report = write_split_report(y_true, probs, predictor.thresholds, true_norm, affect_pred, output_dir)
+    files.update({key: Path(os.path.relpath(path, output_dir)).as_posix() for key, path in split_report.items()})
+
+    bounds = {"low": predictor.normalizer.low, "high": predictor.normalizer.high}
+    try:
+        scores = evaluate_predictions(y_true, probs, true_norm, affect_pred, predictor.thresholds, **bounds)
+    except ValueError as error:  # no emotion has a positive sample in this split
+        logger.warning("metrics undefined on %s: %s", test_csv_path.name, error)
+        scores = dict.fromkeys(EVALUATION_KEYS, float("nan"))
+    mean_ap = scores["mAP"]
+    ordered = table.sort_values("rank")
+    summary: dict[str, Any] = {
+        "model": describe_model(model),
+        "test_csv": str(test_csv_path),
+        "img_arrays_dir": str(img_dir),
+        "n_samples": n,
+        "rows_rejected": int(annotations.attrs.get("rejected_rows", 0)),
+        "n_selected": int(num_samples),
+        "n_detailed": detailed,
+        "sort_by": sort_by,
+        "seed": int(seed),
+        "mAP": _finite_or_none(mean_ap),
+        "f1_macro": scores["f1_macro"],
+        "f1_micro": scores["f1_micro"],
+        "f1_samples": scores["f1_samples"],
+        "mean_sample_f1": float(table["f1"].mean()),
+        "selected_mean_sample_f1": float(ordered["f1"].head(num_samples).mean()),
+        **{key: _finite_or_none(scores[key]) for key in AFFECT_KEYS},
+        "selected": ordered["crop_name"].head(num_samples).tolist(),
+        "files": {**files, "review_csv": REVIEW_CSV, "summary": SUMMARY_FILE, "index": INDEX_FILE},
+    }
+    write_csv_atomic(ordered, output_dir / REVIEW_CSV)
+    write_json_atomic(summary, output_dir / SUMMARY_FILE)
+    write_index(output_dir / INDEX_FILE, summary, table, has_visibility)
+    logger.info("review of %d samples (%s) written to %s: mAP %s, mean per-sample F1 %.3f", n, sort_by, output_dir,
+                fmt(mean_ap, ".4f"), summary["mean_sample_f1"])
+    ordered = ordered.reset_index(drop=True)
+    ordered.attrs["summary"] = summary
+    return ordered
