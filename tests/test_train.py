@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import emonet.train as train_module
-from emonet.annotations import affect_targets
 from emonet.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_device
 from emonet.config import EmoNetConfig, config_to_dict, load_config
 from emonet.demo_data import make_demo_data
