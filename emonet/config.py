@@ -8,6 +8,7 @@ checkpoint, never from today's defaults.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,17 +64,44 @@ class EmoNetConfig(_Frozen):
     train: TrainConfig = TrainConfig()
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> EmoNetConfig:
-    """Load an :class:`EmoNetConfig` from YAML; missing sections take their defaults.
+ConfigSource = EmoNetConfig | Mapping[str, Any] | str | Path | None
 
-    ``overrides`` are merged section by section, e.g. ``train={"epochs": 3}``.
+
+def load_config(source: ConfigSource = None, **overrides: Any) -> EmoNetConfig:
+    """An :class:`EmoNetConfig` from a YAML file, a mapping or a config; missing fields
+    take their defaults.
+
+    Parameters
+    ----------
+    source : the path of a YAML file, a nested mapping (``{"train": {"epochs": 3}}``),
+        an :class:`EmoNetConfig`, or None for the defaults.
+    overrides : merged section by section over ``source``, e.g. ``train={"epochs": 3}``.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``source`` names a missing file.
+    ValueError
+        A file that is not a YAML mapping, an unknown section or field (named), or a
+        value out of range.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
+    if isinstance(source, EmoNetConfig):
+        data: dict[str, Any] = source.model_dump()
+    elif isinstance(source, Mapping):
+        data = {section: dict(values) for section, values in source.items()}
+    elif source is not None:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
+            try:
+                data = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:
+                raise ValueError(f"{path}: not valid YAML: {error}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    else:
+        data = {}
     for section, values in overrides.items():
         data[section] = {**data.get(section, {}), **values}
     return EmoNetConfig.model_validate(data)

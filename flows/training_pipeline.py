@@ -19,7 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from emonet.config import Backbone, Variant
+from emonet.config import EmoNetConfig, config_to_dict, load_config
 from emonet.schema import SPLITS, annotations_path, arrays_dir
 from emonet.tracking import configure_mlflow
 from tasks.data import (
@@ -34,13 +34,17 @@ from tasks.model import (
     evaluate_model,
     finish_mlflow_run,
     log_dataset_summary,
+    log_split_inputs,
     register_model,
     review_model,
     start_mlflow_run,
     train_model,
 )
+from tasks.report import mlflow_run_link, publish_run_summary
 
 PositiveInt = Annotated[int, Field(ge=1)]
+# The demo's recipe, which `make demo` and `python -m flows.training_pipeline` use on the demo data.
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
 @flow(name="emonet-prepare-data")
@@ -94,24 +98,15 @@ def prepare_data(
 
 @flow(name="emonet-training-pipeline", log_prints=True)
 def emonet_training_pipeline(
+    config: EmoNetConfig | Path = EmoNetConfig(),
     data_root: Path | None = None,
     demo_dir: Path = Path("data/demo"),
     output_dir: Path = Path("outputs"),
-    backbone: Backbone = "resnet18",
-    variant: Variant = "body",
-    pretrained: bool = False,
-    weights_path: Path | None = None,
-    image_size: Annotated[int, Field(ge=32)] = 112,
-    epochs: PositiveInt = 12,
-    batch_size: PositiveInt = 16,
-    learning_rate: Annotated[float, Field(gt=0)] = 2e-3,
-    weight_decay: Annotated[float, Field(ge=0)] = 1e-4,
-    emotion_loss_weight: Annotated[float, Field(ge=0)] = 1.0,
-    affect_loss_weight: Annotated[float, Field(ge=0)] = 1.0,
+    epochs: PositiveInt | None = None,
+    seed: int | None = None,
+    batch_size: PositiveInt | None = None,
     min_face_visibility: Annotated[float, Field(ge=0, le=100)] | None = None,
     fit_normalization_on_train: bool = False,
-    seed: int = 0,
-    num_workers: Annotated[int, Field(ge=0)] = 2,
     visibility_shard_size: PositiveInt = 2000,
     visibility_workers: PositiveInt | None = None,
     visibility_parallel_shards: PositiveInt = 1,
@@ -122,25 +117,19 @@ def emonet_training_pipeline(
     """Train EmoNet on an EMOTIC archive (or the bundled demo data) and register it.
 
     Args:
+        config: The model, loss and training settings: the path of a YAML file (e.g.
+            `configs/emotic_resnet50.yaml`, `configs/demo.yaml`) or every field of
+            `emonet.config.EmoNetConfig`, whose defaults are the library's.
         data_root: Folder holding `annots_arrs/` and `img_arrs/`; leave empty to use the
             demo data in `demo_dir` (generated when missing).
         demo_dir: Where the demo archive lives or is generated.
         output_dir: Visibility and normalized CSVs, checkpoints and reports go here.
-        backbone: torchvision trunk; resnet18 for CPUs, resnet50 as in the EMOTIC seed.
-        variant: `body` (one stream on the body crop) or `body_context` (crop + full image).
-        pretrained: Start from ImageNet weights (needs internet or `weights_path`).
-        weights_path: Local torchvision state_dict for the backbone, for offline machines.
-        image_size: Side of the square network input, in pixels.
-        epochs: Maximum number of epochs; early stopping may end sooner.
-        batch_size: Images per optimizer step.
-        learning_rate: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        emotion_loss_weight: Weight of the asymmetric emotion loss.
-        affect_loss_weight: Weight of the valence/arousal Smooth L1 loss.
+        epochs: Overrides `config.train.epochs` when set.
+        seed: Overrides `config.train.seed` when set: seeds weight initialization, data
+            order, augmentation, DataLoader workers and the demo data.
+        batch_size: Overrides `config.train.batch_size` when set.
         min_face_visibility: Keep only rows whose face visibility is at least this (0-100).
         fit_normalization_on_train: Fit valence/arousal bounds on train instead of 1..10.
-        seed: Seeds data order, augmentation and initialization.
-        num_workers: DataLoader worker processes.
         visibility_shard_size: Rows per cached face-visibility shard.
         visibility_workers: Face Mesh processes per shard (default: all cores).
         visibility_parallel_shards: Shards scored at the same time.
@@ -149,15 +138,19 @@ def emonet_training_pipeline(
         tracking_uri: MLflow tracking URI; default `MLFLOW_TRACKING_URI` or SQLite under `mlruns/`.
     """
     logger = get_run_logger()
+    overrides = {"epochs": epochs, "seed": seed, "batch_size": batch_size}
+    resolved = load_config(config, train={key: value for key, value in overrides.items() if value is not None})
     output_dir = output_dir.resolve()
-    root = (data_root or ensure_demo_data(demo_dir, seed=seed)).resolve()
+    root = (data_root or ensure_demo_data(demo_dir, seed=resolved.train.seed)).resolve()
     img_dir = arrays_dir(root)
     for split in SPLITS:
         if not annotations_path(root, split).is_file():
             raise FileNotFoundError(f"{annotations_path(root, split)} is missing: is {root} an EMOTIC archive root?")
 
     experiment_id = configure_mlflow(tracking_uri=tracking_uri, experiment_name=experiment_name)
-    run_id = start_mlflow_run(experiment_id, flow_run.id, flow_run.name, {**flow_run.parameters, "data_root": root})
+    params = {**flow_run.parameters, "data_root": root, **_flat_config(resolved)}
+    params.pop("config", None)
+    run_id = start_mlflow_run(experiment_id, flow_run.id, flow_run.name, params)
     try:
         data = prepare_data(
             root,
@@ -170,6 +163,7 @@ def emonet_training_pipeline(
         )
         normalized, normalization_json = data["normalized"], data["normalization_json"]
         log_dataset_summary(run_id, data["frames"], data["counts"], data["visibility"], data["visibility_dir"])
+        log_split_inputs(run_id, normalized)
 
         run_dir = output_dir / "runs" / run_id
         training = train_model(
@@ -179,24 +173,21 @@ def emonet_training_pipeline(
             img_dir,
             run_dir / "checkpoints",
             normalization_json,
-            model={"backbone": backbone, "variant": variant, "pretrained": pretrained, "weights_path": weights_path},
-            loss={"emotion_weight": emotion_loss_weight, "affect_weight": affect_loss_weight},
-            train={
-                "image_size": image_size,
-                "context_size": image_size,
-                "epochs": epochs,
-                "batch_size": batch_size,
-                "lr": learning_rate,
-                "weight_decay": weight_decay,
-                "num_workers": num_workers,
-                "seed": seed,
-            },
+            model=resolved.model.model_dump(mode="json"),
+            loss=resolved.loss.model_dump(mode="json"),
+            train=resolved.train.model_dump(mode="json"),
         )
         evaluation = evaluate_model(
             run_id, training["best_checkpoint"], normalized["test"], img_dir, normalization_json, run_dir / "evaluation"
         )
         review_index = review_model(
-            run_id, training["best_checkpoint"], normalized["test"], img_dir, normalization_json, run_dir / "review"
+            run_id,
+            training["best_checkpoint"],
+            normalized["test"],
+            img_dir,
+            normalization_json,
+            run_dir / "review",
+            evaluation["report"],
         )
         registration = register_model(
             run_id,
@@ -221,9 +212,16 @@ def emonet_training_pipeline(
         "output_dir": str(output_dir),
         "review": str(review_index),
         "tracking_uri": mlflow.get_tracking_uri(),
+        "mlflow_run_link": mlflow_run_link(mlflow.get_tracking_uri(), experiment_id, run_id),
     }
+    publish_run_summary(summary, evaluation["report"].per_emotion, registration)
     logger.info("Test mAP %.4f; %s version %s is %s", summary["test_mAP"], registered_model_name, summary["version"], summary["alias"])
     return summary
+
+
+def _flat_config(config: EmoNetConfig) -> dict[str, Any]:
+    """The resolved config as flat MLflow params (``train.lr`` -> ``lr``, as before)."""
+    return {key: value for section in config_to_dict(config).values() for key, value in section.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,11 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", type=Path, default=None, help="EMOTIC archive root (default: demo data)")
     parser.add_argument("--demo-dir", type=Path, default=Path("data/demo"))
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"))
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help=f"YAML config (default: {DEMO_CONFIG} on the demo data, the library defaults on --data-root)",
+    )
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
-    overrides = {"epochs": args.epochs} if args.epochs else {}
+    config = args.config or (DEMO_CONFIG if args.data_root is None else EmoNetConfig())
     summary = emonet_training_pipeline(
-        data_root=args.data_root, demo_dir=args.demo_dir, output_dir=args.output_dir, **overrides
+        config=config, data_root=args.data_root, demo_dir=args.demo_dir, output_dir=args.output_dir,
+        epochs=args.epochs, seed=args.seed,
     )
     name = summary["registered_model"]
     print(

@@ -12,20 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from mlflow.entities import Metric, Param
+import mlflow.data
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.tracking import MlflowClient
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from emonet.config import EmoNetConfig, config_to_dict
-from emonet.evaluation import evaluate_checkpoint, split_fingerprint
+from emonet.evaluation import EvaluationReport, evaluate_checkpoint, split_fingerprint
 from emonet.models import build_model
 from emonet.normalize import AffectNormalizer
 from emonet.review import review_predictions_with_visualization
 from emonet.schema import EMOTIONS
 from emonet.tracking import log_emonet_model, promote_model
 from emonet.train import fit, make_loaders
+from tasks.report import EpochProgress
 
 # The tracking server (or its SQLite file) can be briefly unavailable or locked.
 TRACKING_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2)}
@@ -79,6 +82,21 @@ def log_dataset_summary(
     client.log_artifact(run_id, str(Path(visibility_dir) / "face_visibility.png"), "dataset")
 
 
+@task(name="log-split-inputs", **TRACKING_RETRIES, **NOT_CACHED)
+def log_split_inputs(run_id: str, csv_paths: dict[str, Path]) -> None:
+    """The train, val and test CSVs as the run's dataset inputs (MLflow's run page lists
+    them), each with its split fingerprint as the digest."""
+    inputs = []
+    for split, csv_path in csv_paths.items():
+        frame = pd.read_csv(csv_path)
+        dataset = mlflow.data.from_pandas(
+            frame, source=str(Path(csv_path).resolve()), name=f"emotic-{split}", digest=split_fingerprint(frame)[:16]
+        )
+        tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=split)]
+        inputs.append(DatasetInput(dataset=dataset._to_mlflow_entity(), tags=tags))
+    MlflowClient().log_inputs(run_id, datasets=inputs)
+
+
 @task(name="train-model", retries=1, retry_delay_seconds=5, **NOT_CACHED)
 def train_model(
     run_id: str,
@@ -114,7 +132,7 @@ def train_model(
         train_loader,
         val_loader,
         config,
-        callbacks=[log_epoch],
+        callbacks=[log_epoch, EpochProgress(config.train.epochs)],
         checkpoint_dir=checkpoint_dir,
         resume_from=resume_from,
         # The 1..10 validation errors need the bounds the targets were normalized with.
@@ -144,16 +162,24 @@ def evaluate_model(
     client.log_table(run_id, data=report.per_emotion.reset_index(), artifact_file="evaluation/per_emotion.json")
     for path in report.files.values():
         client.log_artifact(run_id, str(path), "evaluation")
-    return {"metrics": report.metrics, "test_split": split_fingerprint(test), "files": report.files}
+    return {"metrics": report.metrics, "test_split": split_fingerprint(test), "report": report}
 
 
 @task(name="review-predictions", **TRACKING_RETRIES, **NOT_CACHED)
 def review_model(
-    run_id: str, checkpoint: Path, test_csv: Path, img_dir: Path, normalization_json: Path, out_dir: Path,
-    num_samples: int = 24, detailed_samples: int = 6,
+    run_id: str,
+    checkpoint: Path,
+    test_csv: Path,
+    img_dir: Path,
+    normalization_json: Path,
+    out_dir: Path,
+    evaluation: EvaluationReport,
+    num_samples: int = 24,
+    detailed_samples: int = 6,
 ) -> Path:
-    """The visual review of the test split (worst predictions first); the grid, a few
-    detailed pages and the HTML index go to the run's ``review/`` artifacts."""
+    """The visual review of the test split (worst predictions first), from the evaluation's
+    predictions and linking its report; it goes to the run's ``review/`` artifacts, beside
+    ``evaluation/``, so the page's links resolve in MLflow too."""
     review_predictions_with_visualization(
         checkpoint,
         test_csv,
@@ -164,6 +190,8 @@ def review_model(
         sort_by="worst",
         normalizer=normalization_json,
         progress=False,
+        predictions=evaluation.predictions,
+        split_report=evaluation.files,
     )
     MlflowClient().log_artifacts(run_id, str(out_dir), "review")
     return Path(out_dir) / "index.html"

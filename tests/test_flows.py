@@ -15,6 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from emonet.config import EmoNetConfig
 from emonet.demo_data import make_demo_data
 from emonet.schema import EMOTIONS, annotations_path, arrays_dir
 
@@ -22,15 +23,13 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The smallest run that still exercises every step: 32 px crops, one epoch.
-TINY_RUN = {
-    "image_size": 32,
-    "epochs": 1,
-    "batch_size": 8,
-    "num_workers": 0,
-    "visibility_workers": 1,
-    "visibility_shard_size": 16,
+# The smallest run that still exercises every step: 32 px crops, one epoch. The flow reads
+# it from a YAML file, as a deployment does.
+TINY_CONFIG = {
+    "model": {"backbone": "resnet18"},
+    "train": {"image_size": 32, "context_size": 32, "epochs": 1, "batch_size": 8, "num_workers": 0},
 }
+TINY_RUN = {"visibility_workers": 1, "visibility_shard_size": 16}
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +37,18 @@ def demo_root(tmp_path_factory):
     return make_demo_data(tmp_path_factory.mktemp("demo") / "archive", seed=3, n_train=32, n_val=16, n_test=16, size=48)
 
 
-def _run_pipeline(prefect_env, demo_root, **overrides):
+@pytest.fixture(scope="module")
+def tiny_yaml(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_CONFIG))
+    return path
+
+
+def _run_pipeline(prefect_env, demo_root, config, **overrides):
     from flows.training_pipeline import emonet_training_pipeline
 
     params = {
+        "config": config,
         "data_root": demo_root,
         "output_dir": prefect_env["base"] / "outputs",
         "experiment_name": "flow-tests",
@@ -50,6 +57,18 @@ def _run_pipeline(prefect_env, demo_root, **overrides):
         **overrides,
     }
     return emonet_training_pipeline(**params)
+
+
+def _artifacts(flow_run_id: str) -> dict[str, object]:
+    """The flow run's artifacts by key, read through Prefect's API as the UI does."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {artifact.key: artifact for artifact in found}
 
 
 class CallCounter:
@@ -65,7 +84,7 @@ class CallCounter:
         return self.func(*args, **kwargs)
 
 
-def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_root, monkeypatch):
+def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_root, tiny_yaml, monkeypatch):
     import tasks.data
     import tasks.model
 
@@ -77,7 +96,7 @@ def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_roo
     monkeypatch.setattr(tasks.data, "normalize_frames", normalize)
     monkeypatch.setattr(tasks.model, "log_emonet_model", register)
 
-    first = _run_pipeline(prefect_env, demo_root)
+    first = _run_pipeline(prefect_env, demo_root, tiny_yaml)
     n_shards = sum(-(-n // TINY_RUN["visibility_shard_size"]) for n in (32, 16, 16))
     assert score.calls == n_shards and normalize.calls == 1
     assert register.calls == 2, "the failed registration was retried"
@@ -89,6 +108,8 @@ def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_roo
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.flow_run_id"]
     assert run.data.params["backbone"] == "resnet18" and run.data.params["epochs"] == "1"
+    assert run.data.params["dropout"] == "0.5", "fields the YAML leaves out take the library defaults"
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"emotic-train", "emotic-val", "emotic-test"}
     assert run.data.metrics["test_mAP"] == pytest.approx(first["test_mAP"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mAP")] == [1]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
@@ -97,10 +118,18 @@ def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_roo
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {"checkpoints/best.pt"}
     review = {a.path for a in client.list_artifacts(run.info.run_id, "review")}
     assert {"review/grid.png", "review/index.html"} <= review
+    assert "review/per_emotion.csv" not in review, "the review links the evaluation's report"
     assert str(client.get_model_version_by_alias("emonet-test", "champion").version) == "1"
 
+    artifacts = _artifacts(run.data.tags["prefect.flow_run_id"])
+    summary = artifacts["emonet-training-summary"].data
+    assert f"| mAP | {first['test_mAP']:.4f} |" in summary
+    assert "| Peace |" in summary and "| Suffering |" in summary
+    assert "version **1**, alias **champion**" in summary and first["mlflow_run_id"] in summary
+    assert artifacts["emonet-training-progress"].data == pytest.approx(100.0)
+
     # Unchanged inputs: the data steps come from the cache.
-    second = _run_pipeline(prefect_env, demo_root)
+    second = _run_pipeline(prefect_env, demo_root, TINY_CONFIG)
     assert score.calls == n_shards and normalize.calls == 1
     # Same data and seed give the same mAP, which is no improvement.
     assert second["version"] == "2" and second["alias"] == "challenger"
@@ -111,7 +140,7 @@ def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_roo
 
     crop_csv = pd.read_csv(annotations_path(demo_root, "test"))
     np.save(arrays_dir(demo_root) / crop_csv.loc[0, "Crop_name"], np.ascontiguousarray(astronaut()[:360, 90:450]))
-    _run_pipeline(prefect_env, demo_root)
+    _run_pipeline(prefect_env, demo_root, TINY_CONFIG)
     assert score.calls == n_shards + 1
     assert normalize.calls == 2
 
@@ -120,7 +149,7 @@ def test_registered_model_loads_by_alias_in_a_fresh_process(prefect_env, demo_ro
     """Runs after the end-to-end test in this module (which registered the champion)."""
     client = MlflowClient(tracking_uri=prefect_env["tracking_uri"])
     if not client.search_model_versions("name='emonet-test'"):
-        _run_pipeline(prefect_env, demo_root)
+        _run_pipeline(prefect_env, demo_root, TINY_CONFIG)
     crop = arrays_dir(demo_root) / "crop_arr_test_1.npy"
     script = (
         "import json, sys, mlflow, pandas as pd\n"
@@ -140,22 +169,12 @@ def test_registered_model_loads_by_alias_in_a_fresh_process(prefect_env, demo_ro
     assert set(expected) <= set(answer["columns"])
 
 
-def test_fitted_normalization_bounds_reach_the_validation_errors(prefect_env, demo_root):
-    summary = _run_pipeline(prefect_env, demo_root, fit_normalization_on_train=True, registered_model_name="emonet-fit")
-    params = json.loads((prefect_env["base"] / "outputs" / "normalized" / "normalization.json").read_text())
-    assert params["method"] == "fit_on_train"
-    metrics = MlflowClient().get_run(summary["mlflow_run_id"]).data.metrics
-    for i, dim in enumerate(("valence", "arousal")):
-        half_range = (params["high"][i] - params["low"][i]) / 2
-        assert metrics[f"val_mae_{dim}_1_10"] == pytest.approx(metrics[f"val_mae_{dim}"] * half_range, rel=1e-4)
-
-
 def test_batch_predict_flow_scores_every_row_with_the_champion(prefect_env, demo_root, tmp_path):
     from flows.batch_predict import emonet_batch_predict
 
     client = MlflowClient(tracking_uri=prefect_env["tracking_uri"])
     if not client.search_model_versions("name='emonet-test'"):
-        _run_pipeline(prefect_env, demo_root)
+        _run_pipeline(prefect_env, demo_root, TINY_CONFIG)
     input_csv = annotations_path(demo_root, "test")
     out_csv = tmp_path / "predictions.csv"
     emonet_batch_predict(
@@ -179,6 +198,8 @@ def test_prefect_yaml_entrypoints_import_and_parameters_validate():
         flow = load_flow_from_entrypoint(f"{REPO / module_path}:{func}")
         validated = flow.validate_parameters(deployment.get("parameters", {}))
         assert set(deployment.get("parameters", {})) <= set(validated)
+        if "config" in deployment.get("parameters", {}):
+            assert (REPO / deployment["parameters"]["config"]).is_file(), deployment["name"]
     weekly = next(d for d in config["deployments"] if d["name"] == "weekly-retrain")
     assert weekly["schedules"][0]["cron"] == "0 3 * * 1"
 
@@ -191,4 +212,8 @@ def test_flow_parameters_reject_bad_values():
     with pytest.raises(ParameterTypeError):
         emonet_training_pipeline.validate_parameters({"epochs": 0})
     with pytest.raises(ParameterTypeError):
-        emonet_training_pipeline.validate_parameters({"backbone": "vgg16"})
+        emonet_training_pipeline.validate_parameters({"config": {"model": {"backbone": "vgg16"}}})
+    with pytest.raises(ParameterTypeError):
+        emonet_training_pipeline.validate_parameters({"config": {"train": {"epochs": 3, "epoch": 4}}})
+    defaults = emonet_training_pipeline.validate_parameters({})
+    assert defaults["config"] == EmoNetConfig(), "the flow's config defaults are the library's"

@@ -1,0 +1,33 @@
+"""The layers point one way: serving code loads no training code (nor scikit-learn), and
+pandas-only steps load no torch. Each check imports in a fresh interpreter, so modules
+already imported by other tests cannot hide a dependency."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+SERVING = ["emonet.inference", "emonet.batch", "emonet.pyfunc_model", "emonet.tracking", "emonet.prediction"]
+TORCH_FREE = ["emonet.annotations", "emonet.normalize", "emonet.visibility", "emonet.arrays", "emonet.affect"]
+
+
+def _loaded_after_importing(module: str) -> set[str]:
+    script = f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("module", SERVING)
+def test_serving_code_never_imports_training_code(module):
+    loaded = _loaded_after_importing(module)
+    assert "emonet.train" not in loaded
+    assert "emonet.losses" not in loaded
+    assert "sklearn" not in loaded, "the served model's requirements leave scikit-learn out"
+
+
+@pytest.mark.parametrize("module", TORCH_FREE)
+def test_pandas_only_steps_import_no_torch(module):
+    assert "torch" not in _loaded_after_importing(module)
