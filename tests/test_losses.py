@@ -171,9 +171,7 @@ def test_emonet_loss_combines_weighted_parts() -> None:
     torch.testing.assert_close(only_affect.total, parts.affect)
 
 
-def test_affect_beta_is_half_a_scale_point() -> None:
-    # One point of the 1..10 scale spans 2/9 of [-1, 1].
-    assert AFFECT_BETA == pytest.approx(1 / 9)
+def test_affect_loss_is_quadratic_within_beta_and_linear_beyond() -> None:
     out, emotions, affect = _output()
     small = EmoNetOutput(out.emotion_logits, affect + 0.05)  # within beta: quadratic
     large = EmoNetOutput(out.emotion_logits, affect - 0.5 * torch.sign(affect))  # towards 0, inside [-1, 1]
