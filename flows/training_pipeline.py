@@ -52,6 +52,7 @@ def prepare_data(
     visibility_shard_size: PositiveInt = 2000,
     visibility_workers: PositiveInt | None = None,
     visibility_parallel_shards: PositiveInt = 1,
+    filter_test_by_visibility: bool = False,
 ) -> dict[str, Any]:
     """Face visibility (cached per shard) and affect normalization (cached) of every split.
 
@@ -80,7 +81,9 @@ def prepare_data(
     visibility_dir = output_dir / "visibility"
     visibility = write_visibility({split: annotations_path(data_root, split) for split in SPLITS}, scores, visibility_dir)
     csv_paths = {split: visibility_dir / annotations_path(data_root, split).name for split in SPLITS}
-    frames, normalizer, counts = normalize_splits(csv_paths, min_face_visibility, fit_normalization_on_train)
+    frames, normalizer, counts = normalize_splits(
+        csv_paths, min_face_visibility, fit_normalization_on_train, filter_test_by_visibility
+    )
     normalized, normalization_json = write_normalized_splits(frames, normalizer, output_dir / "normalized")
     return {
         "frames": frames,
@@ -109,6 +112,7 @@ def emonet_training_pipeline(
     emotion_loss_weight: Annotated[float, Field(ge=0)] = 1.0,
     affect_loss_weight: Annotated[float, Field(ge=0)] = 1.0,
     min_face_visibility: Annotated[float, Field(ge=0, le=100)] | None = None,
+    filter_test_by_visibility: bool = False,
     fit_normalization_on_train: bool = False,
     seed: int = 0,
     num_workers: Annotated[int, Field(ge=0)] = 2,
@@ -137,7 +141,9 @@ def emonet_training_pipeline(
         weight_decay: AdamW weight decay.
         emotion_loss_weight: Weight of the asymmetric emotion loss.
         affect_loss_weight: Weight of the valence/arousal Smooth L1 loss.
-        min_face_visibility: Keep only rows whose face visibility is at least this (0-100).
+        min_face_visibility: Keep only train/val rows whose face visibility is at least this (0-100).
+        filter_test_by_visibility: Filter the test split by `min_face_visibility` too (its mAP
+            is then not comparable to the EMOTIC benchmark).
         fit_normalization_on_train: Fit valence/arousal bounds on train instead of 1..10.
         seed: Seeds data order, augmentation and initialization.
         num_workers: DataLoader worker processes.
@@ -167,6 +173,7 @@ def emonet_training_pipeline(
             visibility_shard_size,
             visibility_workers,
             visibility_parallel_shards,
+            filter_test_by_visibility=filter_test_by_visibility,
         )
         normalized, normalization_json = data["normalized"], data["normalization_json"]
         log_dataset_summary(run_id, data["frames"], data["counts"], data["visibility"], data["visibility_dir"])
