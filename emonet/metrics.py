@@ -651,7 +651,8 @@ def face_visibility_groups(visibility: ArrayLike) -> np.ndarray:
         raise ValueError(f"visibility must be 1-D (n_samples,), got shape {scores.shape}")
     bad = ~np.isnan(scores) & ((scores < 0.0) | (scores > 100.0))
     if bad.any():
-        raise ValueError(f"visibility scores must lie in [0, 100] or be NaN, found {np.unique(scores[bad])[:5].tolist()}")
+        found = np.unique(scores[bad])[:5].tolist()
+        raise ValueError(f"visibility scores must lie in [0, 100] or be NaN, found {found}")
     groups = np.full(scores.shape, "unreadable", dtype=object)
     groups[scores == 0.0] = "none"
     groups[(scores > 0.0) & (scores < 100.0)] = "partial"

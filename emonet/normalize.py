@@ -134,7 +134,7 @@ def normalize_frames(
     if min_visibility is not None and not 0.0 <= min_visibility <= 100.0:
         raise ValueError(f"min_visibility must lie in [0, 100], got {min_visibility}")
     if filter_test_by_visibility and min_visibility is None:
-        raise ValueError("filter_test_by_visibility needs min_visibility: there is no threshold to filter the test split by")
+        raise ValueError("filter_test_by_visibility needs min_visibility: there is no threshold to filter the test by")
 
     kept: dict[str, pd.DataFrame] = {}
     counts: dict[str, dict[str, int]] = {}
