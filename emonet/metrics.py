@@ -614,9 +614,9 @@ def evaluate_predictions(
     (1.0, 1.0, 0.0, 2.0, 1.0)
     """
     y_true, y_prob = check_multilabel(y_true, y_prob, name="y_prob")
-    n_affect = np.shape(affect_true)[0] if np.ndim(affect_true) else 0
-    if n_affect != y_true.shape[0]:
-        raise ValueError(f"affect_true has {n_affect} samples but y_true has {y_true.shape[0]}")
+    n_affect_samples = np.shape(affect_true)[0] if np.ndim(affect_true) else 0
+    if n_affect_samples != y_true.shape[0]:
+        raise ValueError(f"affect_true has {n_affect_samples} samples but y_true has {y_true.shape[0]}")
     results = {"mAP": mean_average_precision_score(y_true, y_prob), "n_emotion": float(y_true.shape[0])}
     results.update(multilabel_scores(y_true, binarize(y_prob, thresholds)))
     results.update(affect_errors(affect_true, affect_pred, low=low, high=high, raw_true=raw_true))
