@@ -39,7 +39,11 @@ def _cmd_normalize(args: argparse.Namespace) -> None:
     from emonet.normalize import normalize_dataset
 
     result = normalize_dataset(
-        args.annotations_dir, args.out_dir, min_visibility=args.min_visibility, fit_on_train=args.fit_on_train
+        args.annotations_dir,
+        args.out_dir,
+        min_visibility=args.min_visibility,
+        fit_on_train=args.fit_on_train,
+        filter_test_by_visibility=args.filter_test_by_visibility,
     )
     for split, path in result.outputs.items():
         print(f"{split}: {result.counts[split]['rows_written']} rows -> {path}")
@@ -127,7 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     norm = commands.add_parser("normalize", help="add Valence_norm and Arousal_norm in [-1, 1]")
     norm.add_argument("--annotations-dir", type=Path, required=True, help="folder with annot_arrs_<split>.csv")
     norm.add_argument("--out-dir", type=Path, required=True)
-    norm.add_argument("--min-visibility", type=float, default=None, help="keep rows with Face_Visibility >= X")
+    norm.add_argument(
+        "--min-visibility", type=float, default=None, help="keep train/val rows with Face_Visibility >= X"
+    )
+    norm.add_argument(
+        "--filter-test-by-visibility",
+        action="store_true",
+        help="apply --min-visibility to the test split too (its mAP is then not comparable to the EMOTIC benchmark)",
+    )
     norm.add_argument("--fit-on-train", action="store_true", help="fit the bounds on the train split")
     norm.set_defaults(func=_cmd_normalize)
 

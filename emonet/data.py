@@ -30,7 +30,10 @@ class EmoticDataset(Dataset):
       normalized to [0, 1] (rescaled to the array's real shape and clamped; before
       augmentation);
     - ``"emotions"``: float32 multi-hot ``(26,)`` in paper order;
-    - ``"affect"``: float32 ``(2,)``, valence and arousal in [-1, 1];
+    - ``"affect"``: float32 ``(2,)``, valence and arousal in [-1, 1], or NaN for a
+      row whose affect annotation is invalid (see :func:`load_annotations`); the
+      loss and the metrics skip NaN targets, so the row still trains and scores its
+      emotions;
     - ``"index"``: the row index in the CSV.
 
     ``transform`` is called as ``transform(body)`` or, with context,

@@ -35,7 +35,10 @@ split of 13 rows or more, so average precision is defined. The archive's quirks 
 reproduced: 2-3 persons share many full images, about 10% of rows have Width/Height
 swapped (always where the box overflows the stated width, so readers can tell), crops
 are resized to one square size, and about half the full images are stored at half
-the size that Width/Height state.
+the size that Width/Height state. A few single-person photos are portrait and cut
+2 px inside the person's box, so their correctly stated box overflows the width by
+2 px, as annotation tools allow: a reader that trusts the box over the aspect ratio
+would wrongly swap them. The manifest lists both kinds of rows.
 """
 
 from __future__ import annotations
@@ -152,6 +155,13 @@ _PERSONS_PROBS = (0.35, 0.4, 0.25)
 _POSITIVES = (1, 2, 3, 4)
 _POSITIVES_PROBS = (0.3, 0.3, 0.25, 0.15)
 _SWAPPED_SHARE = 0.10  # rows whose Width/Height are stated swapped
+# Single-person photos made portrait, with the box overflowing the width by 2 px.
+_OVERFLOW_SHARE = 0.3
+_OVERFLOW_PX = 2
+_PORTRAIT_ASPECT = 1.3  # height / width: clearly portrait, not near-square
+# Seeds the overflow choice apart from the main stream, so every label, box and pixel
+# drawn from the main stream is the same as without these rows.
+_OVERFLOW_STREAM = 1
 _HALF_SIZE_SHARE = 0.5  # full images stored at half the stated Width/Height
 _MIN_SHARE = 0.05  # rarest emotions are topped up to this share of a split's rows
 _GLYPH_SIDE = 0.28  # glyph side as a share of the box width
@@ -392,6 +402,27 @@ def _render_image(
     return np.asarray(scene), boxes, crops
 
 
+def _portrait_with_overflowing_box(
+    scene: np.ndarray, box: tuple[int, int, int, int]
+) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+    """A portrait photo of a one-person scene whose box overflows its width by 2 px.
+
+    The scene is cut at the box's top and 2 px inside its right edge, then extended
+    downwards (the floor's last row repeated) to a clearly portrait aspect. The box
+    then fits the swapped size but not the stated one, the trap for a reader that
+    trusts the box over the aspect ratio. Returns the photo and the box in it, or None
+    when the box's bottom would not lie within the new width (the trap needs it).
+    """
+    x0, y0, x1, y1 = box
+    width = x1 - _OVERFLOW_PX
+    if y1 - y0 > width:
+        return None
+    cut = scene[y0:, :width]
+    height = max(cut.shape[0], round(_PORTRAIT_ASPECT * width))
+    floor = np.repeat(cut[-1:], height - cut.shape[0], axis=0)
+    return np.ascontiguousarray(np.concatenate([cut, floor], axis=0)), (x0, 0, x1, y1 - y0)
+
+
 def _plan_split(rng: np.random.Generator, n_rows: int) -> list[int]:
     """Persons per full image, summing to ``n_rows``."""
     groups: list[int] = []
@@ -461,9 +492,12 @@ def make_demo_data(
     img_dir.mkdir(parents=True, exist_ok=True)
 
     rng = np.random.default_rng(seed)
+    overflow_rng = np.random.default_rng([seed, _OVERFLOW_STREAM])
     next_image = 0
     tables: dict[str, pd.DataFrame] = {}
     face_modes: dict[str, list[str]] = {}
+    swapped_rows: dict[str, list[int]] = {}
+    overflowing_rows: dict[str, list[int]] = {}
     bar = tqdm(total=sum(rows.values()), desc="demo archive", unit="row", disable=None)
     for split in SPLITS:
         n = rows[split]
@@ -473,6 +507,7 @@ def make_demo_data(
         vad = _affect(rng, labels, moods)
         modes = [str(m) for m in rng.choice(_FACE_MODES, size=n, p=_FACE_PROBS)]
         records: list[dict[str, Any]] = []
+        overflowing_rows[split] = []
         start = 0
         for group in groups:
             part = slice(start, start + group)
@@ -480,6 +515,14 @@ def make_demo_data(
                 rng, size, labels[part], vad[part], modes[part], float(moods[start])
             )
             height, width = scene.shape[:2]
+            # The first eligible photo of every split is taken, so even a small archive
+            # has one such row; later ones by chance.
+            if group == 1 and (not overflowing_rows[split] or overflow_rng.random() < _OVERFLOW_SHARE):
+                portrait = _portrait_with_overflowing_box(scene, boxes[0])
+                if portrait is not None:
+                    scene, boxes[0] = portrait
+                    height, width = scene.shape[:2]
+                    overflowing_rows[split].append(start)
             # Half of the full images are stored smaller than the photo they annotate:
             # readers must rescale boxes by array shape / (Width, Height).
             if rng.random() < _HALF_SIZE_SHARE:
@@ -520,6 +563,7 @@ def make_demo_data(
         swapped = rng.choice(eligible, size=n_swap, replace=False) if n_swap else np.array([], dtype=int)
         table.loc[swapped, ["Width", "Height"]] = table.loc[swapped, ["Height", "Width"]].to_numpy()
         tables[split] = table
+        swapped_rows[split] = sorted(int(row) for row in swapped)
         face_modes[split] = modes
     bar.close()
 
@@ -535,6 +579,8 @@ def make_demo_data(
             "images": next_image,
             "glyphs": GLYPHS,
             "face_modes": face_modes,
+            "swapped_rows": swapped_rows,
+            "overflowing_rows": overflowing_rows,
         },
         out_dir / MANIFEST_NAME,
     )
@@ -542,17 +588,20 @@ def make_demo_data(
         write_csv_atomic(table, annotations_path(out_dir, split))
 
     all_modes = [m for modes in face_modes.values() for m in modes]
-    n_swapped = sum(int((t["X_max"] > t["Width"]).sum()) for t in tables.values())
+    n_swapped = sum(len(rows) for rows in swapped_rows.values())
+    n_overflowing = sum(len(rows) for rows in overflowing_rows.values())
     megabytes = sum(p.stat().st_size for p in img_dir.glob("*.npy")) / 2**20
     logger.info(
         "wrote demo archive %s: %s rows, %d full images, %d px crops; faces full/partial/absent %d/%d/%d; "
-        "%d rows with Width/Height swapped; %.1f MiB of arrays",
+        "%d rows with Width/Height swapped, %d portrait rows whose box overflows by %d px; %.1f MiB of arrays",
         out_dir,
         "/".join(str(rows[s]) for s in SPLITS),
         next_image,
         size,
         *(all_modes.count(m) for m in _FACE_MODES),
         n_swapped,
+        n_overflowing,
+        _OVERFLOW_PX,
         megabytes,
     )
     return out_dir

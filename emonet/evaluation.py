@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from emonet.annotations import raw_affect
 from emonet.data import EmoticDataset
 from emonet.io import write_csv_atomic, write_json_atomic
 from emonet.metrics import (
     binarize,
     cooccurrence_matrix,
     evaluate_predictions,
+    metrics_by_visibility,
     per_emotion_report,
     true_vs_predicted_matrix,
 )
@@ -28,7 +30,7 @@ from emonet.plots import (
     plot_per_emotion_metrics,
     plot_true_vs_predicted,
 )
-from emonet.schema import EMOTIONS
+from emonet.schema import EMOTIONS, FACE_VISIBILITY_COLUMN
 from emonet.checkpoint import load_checkpoint, resolve_device
 from emonet.prediction import Predictions, eval_transform, predict_split
 
@@ -55,6 +57,9 @@ class EvaluationReport:
     per_emotion: pd.DataFrame  # AP, precision, recall, F1, support, threshold per emotion
     thresholds: np.ndarray  # (26,)
     predictions: Predictions
+    # mAP, macro F1 and 1..10 errors per face-visibility group (emonet.metrics.metrics_by_visibility);
+    # empty when the split has no Face_Visibility column
+    by_visibility: dict[str, float] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
 
 
@@ -102,30 +107,46 @@ def evaluate_checkpoint(
         desc="evaluate",
     )
 
-    bounds = {"low": normalizer.low, "high": normalizer.high}
+    # The 1..10 errors are measured against the annotated values, not against targets
+    # clipped by bounds fitted on train; masked rows count in the emotion metrics only.
+    split = dataset.annotations.iloc[predictions.indices]
+    common = {
+        "low": normalizer.low, "high": normalizer.high, "raw_true": raw_affect(split),
+        "affect_true": predictions.affect_true, "affect_pred": predictions.affect_pred,
+    }
     y_true, y_prob = predictions.emotions_true, predictions.emotion_prob
-    metrics = evaluate_predictions(
-        y_true, y_prob, predictions.affect_true, predictions.affect_pred, thresholds=thresholds, **bounds
-    )
-    metrics_at_half = evaluate_predictions(
-        y_true, y_prob, predictions.affect_true, predictions.affect_pred, thresholds=0.5, **bounds
-    )
+    metrics = evaluate_predictions(y_true, y_prob, thresholds=thresholds, **common)
+    metrics_at_half = evaluate_predictions(y_true, y_prob, thresholds=0.5, **common)
+    by_visibility: dict[str, float] = {}
+    if FACE_VISIBILITY_COLUMN in split.columns:
+        visibility = pd.to_numeric(split[FACE_VISIBILITY_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
+        by_visibility = metrics_by_visibility(y_true, y_prob, visibility=visibility, thresholds=thresholds, **common)
     report, files = write_split_report(
         y_true, y_prob, thresholds, predictions.affect_true, predictions.affect_pred, out_dir
     )
     files["metrics"] = write_json_atomic(
-        {"metrics": metrics, "metrics_at_0.5": metrics_at_half, "n_samples": len(predictions)},
+        {
+            "metrics": metrics,
+            "metrics_at_0.5": metrics_at_half,
+            "metrics_by_face_visibility": by_visibility,
+            "n_samples": len(predictions),
+            "rows_affect_masked": int(dataset.annotations.attrs.get("affect_masked_rows", 0)),
+        },
         out_dir / "metrics.json",
     )
     if state.get("history"):
         files["learning_curves"] = plot_learning_curves(state["history"], out_dir / "learning_curves.png")
-    logger.info("evaluated %s on %d samples: mAP %.4f", checkpoint, len(predictions), metrics["mAP"])
+    logger.info(
+        "evaluated %s: mAP %.4f on %d rows, affect errors on %d", checkpoint, metrics["mAP"],
+        int(metrics["n_emotion"]), int(metrics["n_affect"]),
+    )
     return EvaluationReport(
         metrics=metrics,
         metrics_at_half=metrics_at_half,
         per_emotion=report,
         thresholds=thresholds,
         predictions=predictions,
+        by_visibility=by_visibility,
         files=files,
     )
 

@@ -159,6 +159,26 @@ class AsymmetricLoss(nn.Module):
         return _reduce(loss, self.reduction)
 
 
+def masked_affect_loss(prediction: Tensor, target: Tensor, beta: float) -> Tensor:
+    """Smooth L1 of (B, C) predictions against targets, skipping NaN targets.
+
+    The mean over the finite targets times ``C``: with every target finite this is the
+    per-sample sum over the C outputs averaged over the batch, the scale of the emotion
+    loss, whatever the share of masked targets. A batch without a finite target gives 0
+    (and zero gradients), not NaN. Rows with an invalid affect annotation keep training
+    the emotion head this way, and their NaN never reaches the weights.
+    """
+    valid = torch.isfinite(target)  # (B, C)
+    # Masked targets are replaced before the loss, not after: NaN * 0 is still NaN, and
+    # its gradient would poison the prediction's.
+    filled = torch.where(valid, target, torch.zeros_like(target))
+    # float32 for the same reason as the emotion loss: AMP's half precision.
+    elementwise = F.smooth_l1_loss(prediction.float(), filled, reduction="none", beta=beta) * valid
+    # A tensor count, not .item(): no synchronisation with the GPU on every step.
+    n_valid = valid.sum().clamp(min=1)
+    return elementwise.sum() / n_valid * prediction.shape[1]
+
+
 class LossOutput(NamedTuple):
     """The combined loss and its unweighted parts (scalar float32 tensors)."""
 
@@ -217,13 +237,13 @@ class EmoNetLoss(nn.Module):
         return f"emotion_weight={self.emotion_weight}, affect_weight={self.affect_weight}, affect_beta={self.affect_beta}"
 
     def forward(self, output: EmoNetOutput, emotions: Tensor, affect: Tensor) -> LossOutput:
-        """Loss of a model output against (B, 26) emotion labels and (B, 2) valence/arousal in [-1, 1]."""
+        """Loss of a model output against (B, 26) emotion labels and (B, 2) valence/arousal
+        in [-1, 1]; NaN affect targets (invalid annotations) are skipped, see
+        :func:`masked_affect_loss`."""
         emotion_loss = self.emotion_loss(output.emotion_logits, emotions)
         affect_target = _check_pair(output.affect, affect, "affect")
         if affect_target.shape[0] != emotions.shape[0]:
             raise ValueError(f"batch sizes differ: emotions {emotions.shape[0]}, affect {affect_target.shape[0]}")
-        # float32 for the same reason as the emotion loss: AMP's half precision.
-        affect_loss = F.smooth_l1_loss(output.affect.float(), affect_target, reduction="none", beta=self.affect_beta)
-        affect_loss = _reduce(affect_loss, "mean")
+        affect_loss = masked_affect_loss(output.affect, affect_target, self.affect_beta)
         total = self.emotion_weight * emotion_loss + self.affect_weight * affect_loss
         return LossOutput(total=total, emotion=emotion_loss, affect=affect_loss)

@@ -37,8 +37,12 @@ __all__ = [
     "check_multilabel",
     "confidence_score",
     "cooccurrence_matrix",
+    "VISIBILITY_GROUPS",
+    "VISIBILITY_METRICS",
     "evaluate_predictions",
+    "face_visibility_groups",
     "mean_average_precision_score",
+    "metrics_by_visibility",
     "multilabel_scores",
     "per_emotion_report",
     "sample_f1_score",
@@ -61,7 +65,15 @@ EVALUATION_KEYS: tuple[str, ...] = (
     "mae_arousal",
     "mae_valence_1_10",
     "mae_arousal_1_10",
+    "n_emotion",
+    "n_affect",
 )
+
+# Face-visibility groups of ``metrics_by_visibility``: no face (score 0), part of the
+# face (0 < score < 100), the whole face (100), and crops that could not be scored (NaN).
+VISIBILITY_GROUPS: tuple[str, ...] = ("none", "partial", "whole", "unreadable")
+# Metrics reported per group, as ``<metric>_face_<group>``.
+VISIBILITY_METRICS: tuple[str, ...] = ("n", "mAP", "f1_macro", "mae_valence_1_10", "mae_arousal_1_10")
 
 
 def _check_numeric_2d(y: ArrayLike, name: str, expected: str) -> np.ndarray:
@@ -396,60 +408,96 @@ def _check_bounds(value: ArrayLike, name: str) -> np.ndarray:
     return array
 
 
+def _check_affect_pair(values: ArrayLike, name: str, n_samples: int | None = None) -> np.ndarray:
+    """``values`` as an (n_samples, 2) float array that may hold NaN (masked) but not inf."""
+    array = _check_numeric_2d(values, name, "numeric").astype(np.float64)
+    if array.shape[1] != 2:
+        raise ValueError(f"{name} must have shape (n_samples, 2) for (valence, arousal), got {array.shape}")
+    if n_samples is not None and array.shape[0] != n_samples:
+        raise ValueError(f"{name} has {array.shape[0]} samples, expected {n_samples}")
+    if np.isinf(array).any():
+        raise ValueError(f"{name} holds {int(np.isinf(array).sum())} infinite values")
+    return array
+
+
 def affect_errors(
     affect_true: ArrayLike,
     affect_pred: ArrayLike,
     low: ArrayLike = (SCALE_MIN, SCALE_MIN),
     high: ArrayLike = (SCALE_MAX, SCALE_MAX),
+    *,
+    raw_true: ArrayLike | None = None,
 ) -> dict[str, float]:
     """Mean absolute error of valence and arousal, on [-1, 1] and on the original scale.
 
     Inputs are normalized with ``x_norm = 2 * (x - low) / (high - low) - 1`` per
-    dimension; the original-scale errors undo that map, so they equal the
-    normalized errors times ``(high - low) / 2``. Predictions are not clipped.
+    dimension. Predictions are mapped back to the original scale with the same bounds
+    and not clipped. Rows whose target is NaN (an invalid annotation masked by
+    :func:`~emonet.annotations.load_annotations`) are left out of every error; how
+    many rows were used is returned as ``n_affect``.
 
     Parameters
     ----------
     affect_true : array-like of shape (n_samples, 2)
-        Normalized (valence, arousal) targets.
+        Normalized (valence, arousal) targets; a NaN in a row masks the row.
     affect_pred : array-like of shape (n_samples, 2)
-        Normalized (valence, arousal) predictions.
+        Normalized (valence, arousal) predictions; must be finite.
     low, high : float or pair of float, default=(SCALE_MIN, SCALE_MIN), (SCALE_MAX, SCALE_MAX)
         Per-dimension bounds the normalization used (the EMOTIC 1..10 scale, or
         bounds fitted on the train split).
+    raw_true : array-like of shape (n_samples, 2), optional
+        The annotated (valence, arousal) on the original 1..10 scale. With bounds
+        fitted on train, normalized targets outside them were clipped to [-1, 1], so
+        undoing the map does not give the annotation back; pass the raw values and
+        the ``*_1_10`` errors are measured against them, as the benchmark defines.
+        Without it, the targets are mapped back (exact with the 1..10 bounds). A NaN
+        here masks the row too.
 
     Returns
     -------
     dict
         ``mae_valence, mae_arousal`` on [-1, 1] and ``mae_valence_1_10,
-        mae_arousal_1_10`` on the original scale; plain floats, lower is better.
+        mae_arousal_1_10`` on the original scale (plain floats, lower is better; NaN
+        when no row has a target), and ``n_affect``, the number of rows used.
 
     Examples
     --------
-    >>> errors = affect_errors([[0.0, 0.5]], [[0.5, 0.5]])
-    >>> errors["mae_valence"], errors["mae_valence_1_10"], errors["mae_arousal_1_10"]
-    (0.5, 2.25, 0.0)
+    >>> errors = affect_errors([[0.0, 0.5], [np.nan, np.nan]], [[0.5, 0.5], [0.0, 0.0]])
+    >>> errors["mae_valence"], errors["mae_valence_1_10"], errors["mae_arousal_1_10"], errors["n_affect"]
+    (0.5, 2.25, 0.0, 1.0)
     """
-    affect_true = _check_finite_2d(affect_true, "affect_true")
-    affect_pred = _check_finite_2d(affect_pred, "affect_pred")
-    if affect_true.shape[1] != 2:
-        raise ValueError(f"affect_true must have shape (n_samples, 2) for (valence, arousal), got {affect_true.shape}")
+    affect_true = _check_affect_pair(affect_true, "affect_true")
+    affect_pred = _check_affect_pair(affect_pred, "affect_pred")
     if affect_true.shape != affect_pred.shape:
         raise ValueError(
             f"affect_true and affect_pred must have the same shape, got {affect_true.shape} and {affect_pred.shape}"
         )
+    if np.isnan(affect_pred).any():
+        raise ValueError(f"affect_pred holds {int(np.isnan(affect_pred).sum())} NaN values")
     low, high = _check_bounds(low, "low"), _check_bounds(high, "high")
     if not (high > low).all():
         raise ValueError(f"high must exceed low in every dimension, got low={low.tolist()} high={high.tolist()}")
+    used = np.isfinite(affect_true).all(axis=1)  # (N,)
+    if raw_true is not None:
+        raw_true = _check_affect_pair(raw_true, "raw_true", n_samples=affect_true.shape[0])
+        used &= np.isfinite(raw_true).all(axis=1)
+    n_used = int(used.sum())
+    if n_used == 0:
+        logger.warning("no row has a valence/arousal target: affect errors are NaN")
+        nan = float("nan")
+        return {"mae_valence": nan, "mae_arousal": nan, "mae_valence_1_10": nan, "mae_arousal_1_10": nan,
+                "n_affect": 0.0}
 
-    mae = np.abs(affect_pred - affect_true).mean(axis=0)  # (2,)
-    original = np.abs(from_unit_range(affect_pred, low, high) - from_unit_range(affect_true, low, high))
-    mae_original = original.mean(axis=0)  # (2,)
+    true, pred = affect_true[used], affect_pred[used]
+    mae = np.abs(pred - true).mean(axis=0)  # (2,)
+    reference = raw_true[used] if raw_true is not None else from_unit_range(true, low, high)
+    mae_original = np.abs(from_unit_range(pred, low, high) - reference).mean(axis=0)  # (2,)
     return {
         "mae_valence": float(mae[0]),
         "mae_arousal": float(mae[1]),
         "mae_valence_1_10": float(mae_original[0]),
         "mae_arousal_1_10": float(mae_original[1]),
+        "n_affect": float(n_used),
     }
 
 
@@ -523,8 +571,13 @@ def evaluate_predictions(
     thresholds: ArrayLike = 0.5,
     low: ArrayLike = (SCALE_MIN, SCALE_MIN),
     high: ArrayLike = (SCALE_MAX, SCALE_MAX),
+    *,
+    raw_true: ArrayLike | None = None,
 ) -> dict[str, float]:
     """Every headline metric of one evaluation, as a flat dict of floats for logging.
+
+    The emotion metrics use every row; the affect errors skip rows with a NaN target
+    (see :func:`affect_errors`). Both row counts are reported.
 
     Parameters
     ----------
@@ -533,18 +586,22 @@ def evaluate_predictions(
     y_prob : array-like of shape (n_samples, n_labels)
         Predicted emotion probabilities.
     affect_true, affect_pred : array-like of shape (n_samples, 2)
-        Normalized (valence, arousal) targets and predictions.
+        Normalized (valence, arousal) targets (NaN where masked) and predictions.
     thresholds : float or array-like of shape (n_labels,), default=0.5
         Decision thresholds for the F1, accuracy and Hamming scores.
     low, high : float or pair of float
         Affect normalization bounds, see ``affect_errors``.
+    raw_true : array-like of shape (n_samples, 2), optional
+        Annotated (valence, arousal) on the 1..10 scale, for the ``*_1_10`` errors;
+        see ``affect_errors``. Pass it whenever the bounds were fitted on train.
 
     Returns
     -------
     dict
         Keys ``EVALUATION_KEYS``: ``mAP, f1_micro, f1_macro, f1_samples,
         subset_accuracy, hamming_loss, mae_valence, mae_arousal, mae_valence_1_10,
-        mae_arousal_1_10``.
+        mae_arousal_1_10``, then ``n_emotion`` and ``n_affect``, the rows the emotion
+        metrics and the affect errors were computed on.
 
     Raises
     ------
@@ -555,17 +612,17 @@ def evaluate_predictions(
     Examples
     --------
     >>> metrics = evaluate_predictions([[1, 0], [0, 1]], [[0.9, 0.2], [0.3, 0.6]],
-    ...                                [[0.0, 0.0], [0.5, -0.5]], [[0.0, 0.0], [0.5, -0.5]])
-    >>> metrics["mAP"], metrics["f1_macro"], metrics["mae_valence_1_10"]
-    (1.0, 1.0, 0.0)
+    ...                                [[0.0, 0.0], [np.nan, np.nan]], [[0.0, 0.0], [0.5, -0.5]])
+    >>> metrics["mAP"], metrics["f1_macro"], metrics["mae_valence_1_10"], metrics["n_emotion"], metrics["n_affect"]
+    (1.0, 1.0, 0.0, 2.0, 1.0)
     """
     y_true, y_prob = check_multilabel(y_true, y_prob, name="y_prob")
-    n_affect = np.shape(affect_true)[0] if np.ndim(affect_true) else 0
-    if n_affect != y_true.shape[0]:
-        raise ValueError(f"affect_true has {n_affect} samples but y_true has {y_true.shape[0]}")
-    results = {"mAP": mean_average_precision_score(y_true, y_prob)}
+    n_affect_samples = np.shape(affect_true)[0] if np.ndim(affect_true) else 0
+    if n_affect_samples != y_true.shape[0]:
+        raise ValueError(f"affect_true has {n_affect_samples} samples but y_true has {y_true.shape[0]}")
+    results = {"mAP": mean_average_precision_score(y_true, y_prob), "n_emotion": float(y_true.shape[0])}
     results.update(multilabel_scores(y_true, binarize(y_prob, thresholds)))
-    results.update(affect_errors(affect_true, affect_pred, low=low, high=high))
+    results.update(affect_errors(affect_true, affect_pred, low=low, high=high, raw_true=raw_true))
     return {key: float(results[key]) for key in EVALUATION_KEYS}
 
 
@@ -603,14 +660,17 @@ def sample_f1_score(y_true: ArrayLike, y_pred: ArrayLike) -> np.ndarray:
 def affect_sample_error(affect_true: ArrayLike, affect_pred: ArrayLike) -> np.ndarray:
     """Mean absolute valence/arousal error of each sample (in the inputs' units), shape ``(n,)``.
 
+    A row whose target is masked (NaN, see :func:`emonet.annotations.load_annotations`)
+    has no error: NaN.
+
     Examples
     --------
-    >>> affect_sample_error([[0.0, 0.5]], [[0.5, 0.5]])
-    array([0.25])
+    >>> affect_sample_error([[0.0, 0.5], [np.nan, np.nan]], [[0.5, 0.5], [0.0, 0.0]])
+    array([0.25,  nan])
     """
-    affect_true = _check_finite_2d(affect_true, "affect_true")
+    affect_true = _check_affect_pair(affect_true, "affect_true")
     affect_pred = _check_finite_2d(affect_pred, "affect_pred")
-    if affect_true.shape != affect_pred.shape or affect_true.shape[1] != 2:
+    if affect_pred.shape != affect_true.shape:
         raise ValueError(
             f"affect_true and affect_pred must both be (n_samples, 2), got {affect_true.shape} and {affect_pred.shape}"
         )
@@ -631,3 +691,120 @@ def confidence_score(y_prob: ArrayLike, thresholds: ArrayLike) -> np.ndarray:
     y_prob = _check_finite_2d(y_prob, "y_prob")
     thresholds = _check_thresholds(thresholds, y_prob.shape[1])
     return np.abs(y_prob - thresholds[None, :]).mean(axis=1)
+
+
+def face_visibility_groups(visibility: ArrayLike) -> np.ndarray:
+    """The face-visibility group of each row: ``"none"``, ``"partial"``, ``"whole"`` or ``"unreadable"``.
+
+    Parameters
+    ----------
+    visibility : array-like of shape (n_samples,)
+        ``Face_Visibility`` scores: the percentage of face landmarks inside the crop
+        (0 when no face is found, NaN when the crop could not be scored).
+
+    Returns
+    -------
+    ndarray of str, shape (n_samples,)
+
+    Raises
+    ------
+    ValueError
+        If ``visibility`` is not 1-D or holds values outside [0, 100] (other than NaN).
+
+    Examples
+    --------
+    >>> face_visibility_groups([0.0, 37.5, 100.0, np.nan]).tolist()
+    ['none', 'partial', 'whole', 'unreadable']
+    """
+    scores = np.asarray(visibility, dtype=np.float64)
+    if scores.ndim != 1:
+        raise ValueError(f"visibility must be 1-D (n_samples,), got shape {scores.shape}")
+    bad = ~np.isnan(scores) & ((scores < 0.0) | (scores > 100.0))
+    if bad.any():
+        found = np.unique(scores[bad])[:5].tolist()
+        raise ValueError(f"visibility scores must lie in [0, 100] or be NaN, found {found}")
+    groups = np.full(scores.shape, "unreadable", dtype=object)
+    groups[scores == 0.0] = "none"
+    groups[(scores > 0.0) & (scores < 100.0)] = "partial"
+    groups[scores == 100.0] = "whole"
+    return groups.astype(str)
+
+
+def _group_emotion_scores(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.ndarray) -> tuple[float, float]:
+    """mAP and macro F1 of one group, over the labels with a positive in the group."""
+    present = np.flatnonzero(y_true.sum(axis=0) > 0)
+    if len(present) == 0:
+        return float("nan"), float("nan")
+    mean_ap = float(np.mean([average_precision_score(y_true[:, j], y_prob[:, j]) for j in present]))
+    y_pred = binarize(y_prob, thresholds)
+    f1_macro = float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
+    return mean_ap, f1_macro
+
+
+def metrics_by_visibility(
+    y_true: ArrayLike,
+    y_prob: ArrayLike,
+    affect_true: ArrayLike,
+    affect_pred: ArrayLike,
+    visibility: ArrayLike,
+    thresholds: ArrayLike = 0.5,
+    low: ArrayLike = (SCALE_MIN, SCALE_MIN),
+    high: ArrayLike = (SCALE_MAX, SCALE_MAX),
+    *,
+    raw_true: ArrayLike | None = None,
+) -> dict[str, float]:
+    """mAP, macro F1 and 1..10 affect errors per face-visibility group.
+
+    Rows are grouped by :func:`face_visibility_groups`. Within a group, mAP and macro
+    F1 average over the labels that have a positive there (a label absent from a small
+    group has no AP, and its F1 of 0 would only measure the group's size); on the whole
+    EMOTIC test split every label has positives, so this is the usual definition. The
+    affect errors skip masked rows, as :func:`affect_errors` does. An empty group has
+    ``n`` 0 and NaN metrics; so does a metric with nothing to average.
+
+    Parameters
+    ----------
+    y_true, y_prob, affect_true, affect_pred, thresholds, low, high, raw_true
+        As in :func:`evaluate_predictions`.
+    visibility : array-like of shape (n_samples,)
+        Each row's ``Face_Visibility`` score.
+
+    Returns
+    -------
+    dict
+        For every group in ``VISIBILITY_GROUPS`` (``none, partial, whole,
+        unreadable``) and metric in ``VISIBILITY_METRICS``, ``<metric>_face_<group>``,
+        e.g. ``mAP_face_whole``, ``n_face_unreadable`` (rows in the group); floats.
+
+    Examples
+    --------
+    >>> result = metrics_by_visibility([[1, 0], [0, 1], [1, 0], [0, 1]],
+    ...                                [[0.9, 0.1], [0.2, 0.7], [0.3, 0.6], [0.8, 0.4]],
+    ...                                [[0.0, 0.0]] * 4, [[0.0, 0.0]] * 4, [100, 100, 0, 0])
+    >>> result["mAP_face_whole"], result["mAP_face_none"], result["n_face_partial"], result["mAP_face_partial"]
+    (1.0, 0.5, 0.0, nan)
+    """
+    y_true, y_prob = check_multilabel(y_true, y_prob, name="y_prob")
+    n = y_true.shape[0]
+    thresholds = _check_thresholds(thresholds, y_true.shape[1])
+    affect_true = _check_affect_pair(affect_true, "affect_true", n_samples=n)
+    affect_pred = _check_affect_pair(affect_pred, "affect_pred", n_samples=n)
+    raw = _check_affect_pair(raw_true, "raw_true", n_samples=n) if raw_true is not None else None
+    groups = face_visibility_groups(visibility)
+    if groups.shape[0] != n:
+        raise ValueError(f"visibility has {groups.shape[0]} samples but y_true has {n}")
+
+    results: dict[str, float] = {}
+    for group in VISIBILITY_GROUPS:
+        rows = groups == group
+        values = dict.fromkeys(VISIBILITY_METRICS, float("nan"))
+        values["n"] = float(rows.sum())
+        if rows.any():
+            values["mAP"], values["f1_macro"] = _group_emotion_scores(y_true[rows], y_prob[rows], thresholds)
+            errors = affect_errors(
+                affect_true[rows], affect_pred[rows], low, high, raw_true=raw[rows] if raw is not None else None
+            )
+            values["mae_valence_1_10"] = errors["mae_valence_1_10"]
+            values["mae_arousal_1_10"] = errors["mae_arousal_1_10"]
+        results.update({f"{metric}_face_{group}": values[metric] for metric in VISIBILITY_METRICS})
+    return results

@@ -67,7 +67,10 @@ class AffectNormalizer:
         return cls(low=low, high=high, method="fit_on_train")  # type: ignore[arg-type]
 
     def transform(self, values: np.ndarray) -> tuple[np.ndarray, int]:
-        """Map ``(N, 2)`` values on the raw scale to [-1, 1]; returns them and the clipped count."""
+        """Map ``(N, 2)`` values on the raw scale to [-1, 1]; returns them and the clipped count.
+
+        NaN (a masked annotation) stays NaN and is not counted as clipped.
+        """
         values = _check_pairs(values)
         norm = to_unit_range(values, self.low, self.high)
         outside = int(np.count_nonzero((norm < -1.0) | (norm > 1.0)))
@@ -117,24 +120,33 @@ def normalize_frames(
     frames: dict[str, pd.DataFrame],
     min_visibility: float | None = None,
     fit_on_train: bool = False,
+    filter_test_by_visibility: bool = False,
 ) -> tuple[dict[str, pd.DataFrame], AffectNormalizer, dict[str, dict[str, int]]]:
     """Filter by face visibility and add ``Valence_norm``/``Arousal_norm`` to validated splits.
 
-    ``frames`` maps split names to frames from :func:`~emonet.data.load_annotations`
+    ``frames`` maps split names to frames from :func:`~emonet.annotations.load_annotations`
     and must include ``"train"``. Returns the new frames (inputs are not modified), the
-    normalizer and per-split counts. See :func:`normalize_dataset` for the options.
+    normalizer and per-split counts. Valence/arousal masked as NaN (invalid
+    annotations) stay NaN. See :func:`normalize_dataset` for the options.
     """
     if "train" not in frames:
         raise ValueError(f"the splits must include 'train' (bounds are fitted on it), got {sorted(frames)}")
     if min_visibility is not None and not 0.0 <= min_visibility <= 100.0:
         raise ValueError(f"min_visibility must lie in [0, 100], got {min_visibility}")
+    if filter_test_by_visibility and min_visibility is None:
+        raise ValueError("filter_test_by_visibility needs min_visibility: there is no threshold to filter the test by")
 
     kept: dict[str, pd.DataFrame] = {}
     counts: dict[str, dict[str, int]] = {}
     for split, df in frames.items():
         rejected = int(df.attrs.get("rejected_rows", 0))
-        split_counts = {"rows_read": len(df) + rejected, "rows_rejected": rejected}
-        if min_visibility is not None:
+        split_counts = {
+            "rows_read": len(df) + rejected,
+            "rows_rejected": rejected,
+            "rows_affect_masked": int(df.attrs.get("affect_masked_rows", 0)),
+        }
+        # The test split is the benchmark: filtering it changes what its mAP measures.
+        if min_visibility is not None and (split != "test" or filter_test_by_visibility):
             if FACE_VISIBILITY_COLUMN not in df.columns:
                 raise ValueError(
                     f"{split}: min_visibility needs a {FACE_VISIBILITY_COLUMN!r} column; run `emonet visibility` first"
@@ -177,6 +189,7 @@ def normalize_dataset(
     min_visibility: float | None = None,
     fit_on_train: bool = False,
     splits: tuple[str, ...] = SPLITS,
+    filter_test_by_visibility: bool = False,
 ) -> NormalizationResult:
     """Add ``Valence_norm``/``Arousal_norm`` to each split and write ``normalized_dataset_<split>.csv``.
 
@@ -186,16 +199,29 @@ def normalize_dataset(
         archive's ``annots_arrs`` or the output of the visibility step).
     out_dir : where the normalized CSVs and ``normalization.json`` are written
         (atomically); the inputs are never modified.
-    min_visibility : keep only rows whose ``Face_Visibility`` is at least this value,
-        in every split (rows without a score are dropped too). ``None`` keeps all rows.
-        Note that filtering the test split makes its mAP incomparable with published
-        EMOTIC results.
+    min_visibility : keep only rows whose ``Face_Visibility`` is at least this value
+        (rows without a score are dropped too) in every split but test. ``None`` keeps
+        all rows.
     fit_on_train : take the bounds from the train split (after filtering) instead of
         the scale's 1..10; val and test are mapped with the same bounds, and their
         values outside are clipped and counted.
+    filter_test_by_visibility : filter the test split by ``min_visibility`` too, as
+        the original seed did. Off by default: the filtered test split is no longer the
+        EMOTIC test split, so its mAP cannot be compared with published results or
+        with runs filtered at another threshold (the per-visibility metrics of the
+        evaluation show how faces matter without that cost).
+
+    Rows with an invalid valence/arousal/dominance are kept with NaN there (see
+    :func:`~emonet.annotations.load_annotations`) and counted as
+    ``rows_affect_masked``; their normalized values are NaN too.
     """
     annotations_dir = Path(annotations_dir)
     frames = {split: load_annotations(annotations_dir / annotations_filename(split)) for split in splits}
-    frames, normalizer, counts = normalize_frames(frames, min_visibility=min_visibility, fit_on_train=fit_on_train)
+    frames, normalizer, counts = normalize_frames(
+        frames,
+        min_visibility=min_visibility,
+        fit_on_train=fit_on_train,
+        filter_test_by_visibility=filter_test_by_visibility,
+    )
     outputs, params_path = write_normalized(frames, normalizer, out_dir)
     return NormalizationResult(outputs=outputs, params_path=params_path, normalizer=normalizer, counts=counts)

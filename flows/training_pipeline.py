@@ -56,6 +56,7 @@ def prepare_data(
     visibility_shard_size: PositiveInt = 2000,
     visibility_workers: PositiveInt | None = None,
     visibility_parallel_shards: PositiveInt = 1,
+    filter_test_by_visibility: bool = False,
 ) -> dict[str, Any]:
     """Face visibility (cached per shard) and affect normalization (cached) of every split.
 
@@ -84,7 +85,9 @@ def prepare_data(
     visibility_dir = output_dir / "visibility"
     visibility = write_visibility({split: annotations_path(data_root, split) for split in SPLITS}, scores, visibility_dir)
     csv_paths = {split: visibility_dir / annotations_path(data_root, split).name for split in SPLITS}
-    frames, normalizer, counts = normalize_splits(csv_paths, min_face_visibility, fit_normalization_on_train)
+    frames, normalizer, counts = normalize_splits(
+        csv_paths, min_face_visibility, fit_normalization_on_train, filter_test_by_visibility
+    )
     normalized, normalization_json = write_normalized_splits(frames, normalizer, output_dir / "normalized")
     return {
         "frames": frames,
@@ -106,6 +109,7 @@ def emonet_training_pipeline(
     seed: int | None = None,
     batch_size: PositiveInt | None = None,
     min_face_visibility: Annotated[float, Field(ge=0, le=100)] | None = None,
+    filter_test_by_visibility: bool = False,
     fit_normalization_on_train: bool = False,
     visibility_shard_size: PositiveInt = 2000,
     visibility_workers: PositiveInt | None = None,
@@ -128,7 +132,9 @@ def emonet_training_pipeline(
         seed: Overrides `config.train.seed` when set: seeds weight initialization, data
             order, augmentation, DataLoader workers and the demo data.
         batch_size: Overrides `config.train.batch_size` when set.
-        min_face_visibility: Keep only rows whose face visibility is at least this (0-100).
+        min_face_visibility: Keep only train/val rows whose face visibility is at least this (0-100).
+        filter_test_by_visibility: Filter the test split by `min_face_visibility` too (its mAP
+            is then not comparable to the EMOTIC benchmark).
         fit_normalization_on_train: Fit valence/arousal bounds on train instead of 1..10.
         visibility_shard_size: Rows per cached face-visibility shard.
         visibility_workers: Face Mesh processes per shard (default: all cores).
@@ -160,6 +166,7 @@ def emonet_training_pipeline(
             visibility_shard_size,
             visibility_workers,
             visibility_parallel_shards,
+            filter_test_by_visibility=filter_test_by_visibility,
         )
         normalized, normalization_json = data["normalized"], data["normalization_json"]
         log_dataset_summary(run_id, data["frames"], data["counts"], data["visibility"], data["visibility_dir"])

@@ -79,11 +79,19 @@ def write_visibility(
 
 @task(name="normalize-affect", cache_policy=CSV_CONTENTS_CACHE, persist_result=True, **IO_RETRIES)
 def normalize_splits(
-    csv_paths: dict[str, Path], min_visibility: float | None, fit_on_train: bool
+    csv_paths: dict[str, Path],
+    min_visibility: float | None,
+    fit_on_train: bool,
+    filter_test_by_visibility: bool = False,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, Any], dict[str, dict[str, int]]]:
     """Validated, filtered and normalized splits (cached on the CSVs' contents)."""
     frames = {split: load_annotations(path) for split, path in csv_paths.items()}
-    frames, normalizer, counts = normalize_frames(frames, min_visibility=min_visibility, fit_on_train=fit_on_train)
+    frames, normalizer, counts = normalize_frames(
+        frames,
+        min_visibility=min_visibility,
+        fit_on_train=fit_on_train,
+        filter_test_by_visibility=filter_test_by_visibility,
+    )
     return frames, normalizer.to_dict(), counts
 
 

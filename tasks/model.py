@@ -159,6 +159,7 @@ def evaluate_model(
     client = MlflowClient()
     _log_metrics(client, run_id, report.metrics, prefix="test_")
     _log_metrics(client, run_id, report.metrics_at_half, prefix="test_at_0.5_")
+    _log_metrics(client, run_id, report.by_visibility, prefix="test_")  # e.g. test_mAP_face_whole
     client.log_table(run_id, data=report.per_emotion.reset_index(), artifact_file="evaluation/per_emotion.json")
     for path in report.files.values():
         client.log_artifact(run_id, str(path), "evaluation")

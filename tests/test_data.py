@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from emonet.annotations import load_annotations, scaled_box
+from emonet.annotations import affect_targets, load_annotations, raw_affect, scaled_box
 from emonet.arrays import check_file_name, load_array
 from emonet.data import EmoticDataset
 from emonet.schema import CSV_COLUMNS, EMOTIONS, annotations_path, arrays_dir
@@ -66,23 +66,71 @@ def test_emotions_must_be_binary(fake_archive):
         load_annotations(csv_path)
 
 
-def test_bad_vad_rows_are_counted_not_fatal(fake_archive, caplog):
+def _corrupt_vad(df):
+    df.loc[1, "Valence"] = np.nan
+    df.loc[3, "Arousal"] = 11.0
+    df.loc[4, "Dominance"] = 0.0
+    return df
+
+
+def test_bad_vad_rows_are_kept_with_their_affect_masked(fake_archive, caplog):
     csv_path = annotations_path(fake_archive, "train")
-
-    def corrupt(df):
-        df.loc[1, "Valence"] = np.nan
-        df.loc[3, "Arousal"] = 11.0
-        return df
-
-    _rewrite(csv_path, corrupt)
+    original = pd.read_csv(csv_path)
+    _rewrite(csv_path, _corrupt_vad)
     with caplog.at_level(logging.WARNING):
         df = load_annotations(csv_path)
-    assert len(df) == 4
-    assert df.attrs["rejected_rows"] == 2
-    assert [r["row"] for r in df.attrs["rejected"]] == [1, 3]
-    assert "row 1" in caplog.text and "row 3" in caplog.text
-    with pytest.raises(ValueError, match="invalid VAD"):
-        load_annotations(csv_path, strict=True)
+    assert len(df) == 6, "no row is dropped for an invalid affect annotation"
+    assert df.attrs["rejected_rows"] == 0
+    assert df.attrs["affect_masked_rows"] == 3
+    assert [r["row"] for r in df.attrs["affect_masked"]] == [1, 3, 4]
+    assert "row 1" in caplog.text and "row 3" in caplog.text and "masked" in caplog.text
+    # Only the invalid values become NaN; emotion labels and the valid values stay.
+    assert np.isnan(df.loc[1, "Valence"]) and df.loc[1, "Arousal"] == original.loc[1, "Arousal"]
+    assert np.isnan(df.loc[3, "Arousal"]) and np.isnan(df.loc[4, "Dominance"])
+    np.testing.assert_array_equal(df[list(EMOTIONS)].to_numpy(), original[list(EMOTIONS)].to_numpy())
+    # Valence/arousal targets: NaN for both values of rows 1 and 3; row 4 (dominance
+    # only, which the model does not predict) keeps its targets.
+    targets = affect_targets(df)
+    assert np.isnan(targets[[1, 3]]).all() and np.isfinite(targets[[0, 2, 4, 5]]).all()
+    raw = raw_affect(df)
+    assert np.isnan(raw[1, 0]) and raw[1, 1] == original.loc[1, "Arousal"]
+
+
+def test_bad_vad_rows_can_still_be_dropped_or_be_fatal(fake_archive, caplog):
+    csv_path = annotations_path(fake_archive, "train")
+    _rewrite(csv_path, _corrupt_vad)
+    with caplog.at_level(logging.WARNING):
+        df = load_annotations(csv_path, invalid_affect="drop")
+    assert len(df) == 3
+    assert df.attrs["rejected_rows"] == 3 and df.attrs["affect_masked_rows"] == 0
+    assert [r["row"] for r in df.attrs["rejected"]] == [1, 3, 4]
+    assert "dropped" in caplog.text
+    for invalid_affect in ("mask", "drop"):
+        with pytest.raises(ValueError, match="3 rows with invalid VAD"):
+            load_annotations(csv_path, strict=True, invalid_affect=invalid_affect)
+    with pytest.raises(ValueError, match=r"invalid_affect must be one of \['mask', 'drop'\], got 'keep'"):
+        load_annotations(csv_path, invalid_affect="keep")
+
+
+def test_dataset_item_of_a_masked_row_has_nan_affect_and_its_labels(fake_archive):
+    csv_path = annotations_path(fake_archive, "test")
+    _rewrite(csv_path, _corrupt_vad)
+    dataset = EmoticDataset(csv_path, arrays_dir(fake_archive))
+    assert len(dataset) == 6
+    item = dataset[1]
+    assert torch.isnan(item["affect"]).all()
+    assert item["emotions"].sum() >= 1
+    assert torch.isfinite(dataset[0]["affect"]).all()
+
+
+def test_affect_targets_mask_normalized_rows_whose_raw_value_is_missing():
+    df = pd.DataFrame(
+        {"Valence": [1.0, np.nan, 10.0], "Arousal": [5.5, 5.0, 12.0],
+         "Valence_norm": [-1.0, np.nan, 1.0], "Arousal_norm": [0.0, -0.1, 1.0]}
+    )
+    targets = affect_targets(df)
+    np.testing.assert_allclose(targets[[0, 2]], [[-1.0, 0.0], [1.0, 1.0]])
+    assert np.isnan(targets[1]).all()
 
 
 @pytest.mark.parametrize("name", ["../secret.npy", "/etc/passwd", "sub/crop.npy", "..", "a\\b.npy", ""])
@@ -138,6 +186,32 @@ def test_scaled_box_rescales_unswaps_and_clamps():
     beyond = {**row, "X_min": 250.0, "X_max": 400.0, "Y_min": -30.0, "Y_max": 500.0}
     left, top, right, bottom = scaled_box(beyond, (50, 100, 3))
     assert 0 <= left < right <= 100 and 0 <= top < bottom <= 50
+
+
+def test_scaled_box_keeps_a_correctly_stated_portrait_row_whose_box_overflows():
+    # A portrait photo (100 x 200) stored at half size; the box overflows the width by
+    # 2 px, as annotation tools allow. The box alone would fit the swapped size, but the
+    # array's aspect says the stated order is right.
+    row = {"Width": 100.0, "Height": 200.0, "X_min": 10.0, "Y_min": 20.0, "X_max": 102.0, "Y_max": 90.0}
+    assert scaled_box(row, (100, 50, 3)) == (5, 10, 50, 45)
+
+
+def test_scaled_box_unswaps_by_aspect_even_when_the_box_overflows():
+    # A landscape photo (200 x 100) stated swapped; its box overflows the true width by
+    # 2 px, so the box fits neither order: the aspect alone tells.
+    row = {"Width": 100.0, "Height": 200.0, "X_min": 40.0, "Y_min": 20.0, "X_max": 202.0, "Y_max": 60.0}
+    assert scaled_box(row, (50, 100, 3)) == (20, 10, 100, 30)
+
+
+def test_scaled_box_uses_the_box_only_when_the_aspect_cannot_tell():
+    # A 300 x 200 photo stored as a square array: both orders match the aspect equally.
+    # Stated swapped (200 x 300), the box fits only the swapped size: swap.
+    swapped = {"Width": 200.0, "Height": 300.0, "X_min": 100.0, "Y_min": 30.0, "X_max": 280.0, "Y_max": 150.0}
+    assert scaled_box(swapped, (60, 60, 3)) == (20, 9, 56, 45)
+    # A correctly stated 200 x 300 photo whose box overflows the width by 2 px: within
+    # the tolerance, it fits as stated, so it is not swapped.
+    overflowing = {"Width": 200.0, "Height": 300.0, "X_min": 100.0, "Y_min": 30.0, "X_max": 202.0, "Y_max": 150.0}
+    assert scaled_box(overflowing, (60, 60, 3)) == (30, 6, 60, 30)
 
 
 def test_dataset_items_on_quirky_rows(fake_archive):

@@ -79,15 +79,18 @@ def _shrink(image: np.ndarray, side: int = 32) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR), dtype=float)
 
 
-def test_boxes_rescaled_to_the_stored_image_give_the_crop(demo_root: Path, tables: dict[str, pd.DataFrame]) -> None:
-    """Swapped Width/Height and half-size images are undone by ``scaled_box``."""
+def test_boxes_rescaled_to_the_stored_image_give_the_crop(
+    demo_root: Path, tables: dict[str, pd.DataFrame], manifest: dict
+) -> None:
+    """Swapped Width/Height, overflowing boxes and half-size images are undone by ``scaled_box``."""
     img_dir = arrays_dir(demo_root)
-    swapped = half_size = 0
+    half_size = 0
+    swapped = sum(len(rows) for rows in manifest["swapped_rows"].values())
+    overflowing = sum(len(rows) for rows in manifest["overflowing_rows"].values())
     for df in tables.values():
         for _, row in df.iterrows():
             image = np.asarray(load_array(img_dir, row["Arr_name"]))
             stated = sorted((row["Width"], row["Height"]))
-            swapped += row["X_max"] > row["Width"]
             half_size += sorted(image.shape[:2]) != stated
             left, top, right, bottom = scaled_box(row, image.shape)
             # Half-size images lose detail, so compare at low resolution.
@@ -95,7 +98,33 @@ def test_boxes_rescaled_to_the_stored_image_give_the_crop(demo_root: Path, table
             crop = _shrink(np.asarray(load_array(img_dir, row["Crop_name"])))
             assert np.abs(recut - crop).mean() < 12, row["Crop_name"]
     assert swapped >= 2
+    assert overflowing >= 2
     assert half_size >= 2
+
+
+def test_swapped_and_overflowing_rows_are_what_the_manifest_says(
+    demo_root: Path, tables: dict[str, pd.DataFrame], manifest: dict
+) -> None:
+    img_dir = arrays_dir(demo_root)
+    for split, df in tables.items():
+        swapped, overflowing = manifest["swapped_rows"][split], manifest["overflowing_rows"][split]
+        assert not set(swapped) & set(overflowing)
+        # Swapped rows: the box overflows the stated width, which is the photo's height.
+        assert (df.loc[swapped, "X_max"] > df.loc[swapped, "Width"]).all()
+        plain = df.drop(index=swapped + overflowing)
+        assert (plain["X_max"] <= plain["Width"]).all() and (plain["Y_max"] <= plain["Height"]).all()
+        for _, row in df.loc[overflowing].iterrows():
+            # A correctly stated, clearly portrait photo; the box overflows its width by
+            # 2 px but fits the swapped size, so only the aspect ratio tells.
+            assert row["Height"] >= 1.25 * row["Width"]
+            assert row["X_max"] - row["Width"] == 2.0
+            assert row["X_max"] <= row["Height"] and row["Y_max"] <= row["Width"]
+            image = load_array(img_dir, row["Arr_name"])
+            height, width = image.shape[:2]
+            assert height / width == pytest.approx(row["Height"] / row["Width"], abs=0.03)
+            left, top, right, bottom = scaled_box(row, image.shape)
+            assert right == width
+            assert bottom == pytest.approx(row["Y_max"] * height / row["Height"], abs=1)
 
 
 def test_several_persons_share_full_images(tables: dict[str, pd.DataFrame]) -> None:

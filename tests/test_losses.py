@@ -206,3 +206,44 @@ def test_emonet_loss_gradients_reach_both_heads() -> None:
     pre_tanh = torch.randn(4, 2, requires_grad=True)
     EmoNetLoss()(EmoNetOutput(logits, torch.tanh(pre_tanh)), emotions, affect).total.backward()
     assert logits.grad.abs().sum() > 0 and pre_tanh.grad.abs().sum() > 0
+
+
+def test_nan_affect_targets_are_skipped_in_loss_and_gradient() -> None:
+    out, emotions, affect = _output(batch=4)
+    masked = affect.clone()
+    masked[1] = float("nan")  # a row with an invalid affect annotation
+    pre_tanh = torch.randn(4, 2, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    logits = out.emotion_logits.clone().requires_grad_()
+    prediction = torch.tanh(pre_tanh)
+    parts = EmoNetLoss()(EmoNetOutput(logits, prediction), emotions, masked)
+    # The mean over the 3 valid rows of the per-row sum over (valence, arousal).
+    keep = [0, 2, 3]
+    expected = F.smooth_l1_loss(prediction[keep], affect[keep], reduction="none", beta=AFFECT_BETA).sum(1).mean()
+    torch.testing.assert_close(parts.affect, expected)
+    # The masked row still trains the emotions: the emotion loss covers all 4 rows.
+    torch.testing.assert_close(parts.emotion, AsymmetricLoss()(out.emotion_logits, emotions))
+    parts.total.backward()
+    assert torch.isfinite(pre_tanh.grad).all() and torch.isfinite(logits.grad).all()
+    assert pre_tanh.grad[1].abs().sum() == 0 and pre_tanh.grad[0].abs().sum() > 0
+    assert logits.grad[1].abs().sum() > 0
+
+
+def test_single_nan_affect_value_masks_only_that_value() -> None:
+    out, emotions, affect = _output(batch=2)
+    masked = affect.clone()
+    masked[0, 1] = float("nan")
+    elementwise = F.smooth_l1_loss(out.affect, affect, reduction="none", beta=AFFECT_BETA)
+    # Three valid values; the mean over them times the 2 outputs per row.
+    expected = (elementwise[0, 0] + elementwise[1].sum()) / 3 * 2
+    torch.testing.assert_close(EmoNetLoss()(out, emotions, masked).affect, expected)
+
+
+def test_all_nan_affect_batch_gives_zero_affect_loss() -> None:
+    out, emotions, _ = _output(batch=3)
+    pre_tanh = torch.randn(3, 2, requires_grad=True)
+    nan_affect = torch.full((3, 2), float("nan"))
+    parts = EmoNetLoss()(EmoNetOutput(out.emotion_logits, torch.tanh(pre_tanh)), emotions, nan_affect)
+    assert parts.affect.item() == 0.0
+    assert torch.isfinite(parts.total) and parts.total == parts.emotion
+    parts.total.backward()
+    assert torch.equal(pre_tanh.grad, torch.zeros_like(pre_tanh))

@@ -7,11 +7,13 @@ import logging
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import average_precision_score, f1_score
 
 from emonet import metrics
+from emonet.normalize import AffectNormalizer
 from emonet.metrics import (
     EVALUATION_KEYS,
     REPORT_COLUMNS,
@@ -20,7 +22,9 @@ from emonet.metrics import (
     check_multilabel,
     cooccurrence_matrix,
     evaluate_predictions,
+    face_visibility_groups,
     mean_average_precision_score,
+    metrics_by_visibility,
     multilabel_scores,
     per_emotion_report,
     true_vs_predicted_matrix,
@@ -221,7 +225,7 @@ def test_affect_errors_on_both_scales() -> None:
     errors = affect_errors([[0.0, 0.0], [0.5, -1.0]], [[0.5, 0.0], [0.0, -0.5]])
     # Valence errors 0.5 and 0.5; arousal errors 0 and 0.5. On 1..10: times 9 / 2.
     assert errors == pytest.approx(
-        {"mae_valence": 0.5, "mae_arousal": 0.25, "mae_valence_1_10": 2.25, "mae_arousal_1_10": 1.125}
+        {"mae_valence": 0.5, "mae_arousal": 0.25, "mae_valence_1_10": 2.25, "mae_arousal_1_10": 1.125, "n_affect": 2}
     )
 
 
@@ -239,12 +243,62 @@ def test_affect_errors_undo_the_normalization_with_fitted_bounds() -> None:
     assert errors["mae_valence"] == pytest.approx(0.75 * 2 / 6)
 
 
+def test_affect_errors_skip_rows_with_nan_targets() -> None:
+    true = [[0.0, 0.0], [np.nan, np.nan], [0.5, -1.0], [np.nan, 0.2]]
+    pred = [[0.5, 0.0], [0.9, 0.9], [0.0, -0.5], [0.0, 0.0]]
+    errors = affect_errors(true, pred)
+    # Rows 0 and 2 only: as in test_affect_errors_on_both_scales.
+    assert errors == pytest.approx(
+        {"mae_valence": 0.5, "mae_arousal": 0.25, "mae_valence_1_10": 2.25, "mae_arousal_1_10": 1.125, "n_affect": 2}
+    )
+
+
+def test_affect_errors_with_no_target_are_nan_not_an_error(caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        errors = affect_errors([[np.nan, np.nan]], [[0.0, 0.0]])
+    assert errors["n_affect"] == 0
+    assert all(np.isnan(errors[key]) for key in ("mae_valence", "mae_arousal", "mae_valence_1_10", "mae_arousal_1_10"))
+    assert "no row has a valence/arousal target" in caplog.text
+
+
+def test_1_10_errors_use_the_raw_values_not_the_clipped_targets() -> None:
+    # Bounds fitted on a train split whose valence spans 2..8; a test row annotated
+    # 9.5 lies outside, so its normalized target is clipped to 1 (i.e. 8 on the scale).
+    train = pd.DataFrame({"Valence": [2.0, 5.0, 8.0], "Arousal": [3.0, 5.0, 7.0]})
+    normalizer = AffectNormalizer.fit(train)
+    raw_test = np.array([[9.5, 5.0], [5.0, 6.0]])
+    affect_true, clipped = normalizer.transform(raw_test)
+    assert clipped == 1 and affect_true[0, 0] == 1.0
+    raw_pred = np.array([[8.0, 5.0], [5.0, 5.0]])  # predicts the train maximum for row 0
+    affect_pred, _ = normalizer.transform(raw_pred)
+    bounds = {"low": normalizer.low, "high": normalizer.high}
+
+    errors = affect_errors(affect_true, affect_pred, raw_true=raw_test, **bounds)
+    assert errors["mae_valence_1_10"] == pytest.approx((1.5 + 0.0) / 2)  # |8 - 9.5| and |5 - 5|
+    assert errors["mae_arousal_1_10"] == pytest.approx((0.0 + 1.0) / 2)
+    # Without the raw values the clipped target hides row 0's error of 1.5.
+    assert affect_errors(affect_true, affect_pred, **bounds)["mae_valence_1_10"] == pytest.approx(0.0)
+    # The [-1, 1] errors stay against the (clipped) training targets.
+    assert errors["mae_valence"] == pytest.approx(0.0)
+    through_evaluation = evaluate_predictions(
+        [[1, 0], [0, 1]], [[0.9, 0.1], [0.2, 0.8]], affect_true, affect_pred, raw_true=raw_test, **bounds
+    )
+    assert through_evaluation["mae_valence_1_10"] == pytest.approx(0.75)
+    # A raw NaN (a masked annotation) masks the row as well.
+    raw_masked = raw_test.copy()
+    raw_masked[1, 1] = np.nan
+    masked = affect_errors(affect_true, affect_pred, raw_true=raw_masked, **bounds)
+    assert masked["n_affect"] == 1 and masked["mae_valence_1_10"] == pytest.approx(1.5)
+
+
 @pytest.mark.parametrize(
     ("true", "pred", "kwargs", "match"),
     [
         ([[0.0, 0.1, 0.2]], [[0.0, 0.1, 0.2]], {}, r"affect_true must have shape \(n_samples, 2\)"),
         ([[0.0, 0.1]], [[0.0, 0.1], [0.2, 0.3]], {}, r"same shape, got \(1, 2\) and \(2, 2\)"),
         ([[0.0, 0.1]], [[np.nan, 0.1]], {}, "affect_pred holds 1 NaN"),
+        ([[np.inf, 0.1]], [[0.0, 0.1]], {}, "affect_true holds 1 infinite"),
+        ([[0.0, 0.1]], [[0.0, 0.1]], {"raw_true": [[5.0, 5.0], [5.0, 5.0]]}, "raw_true has 2 samples, expected 1"),
         ([[0.0, 0.1]], [[0.0, 0.1]], {"low": (5.0, 1.0), "high": (5.0, 10.0)}, "high must exceed low"),
         ([[0.0, 0.1]], [[0.0, 0.1]], {"low": (1.0, 2.0, 3.0)}, "low must be a finite"),
     ],
@@ -301,3 +355,85 @@ def test_evaluate_predictions_rejects_mismatched_sample_counts() -> None:
     y, prob = random_multilabel(n=10)
     with pytest.raises(ValueError, match="affect_true has 9 samples but y_true has 10"):
         evaluate_predictions(y, prob, np.zeros((9, 2)), np.zeros((9, 2)))
+
+
+def test_evaluate_predictions_keeps_masked_rows_in_the_emotion_metrics() -> None:
+    y, prob = random_multilabel(n=40)
+    rng = np.random.default_rng(5)
+    affect_true = rng.uniform(-1, 1, (40, 2))
+    affect_pred = np.clip(affect_true + rng.normal(0, 0.2, affect_true.shape), -1, 1)
+    masked = affect_true.copy()
+    masked[::4] = np.nan  # 10 rows with an invalid affect annotation
+
+    result = evaluate_predictions(y, prob, masked, affect_pred)
+    assert result["n_emotion"] == 40 and result["n_affect"] == 30
+    assert result["mAP"] == pytest.approx(mean_average_precision_score(y, prob))
+    keep = np.isfinite(masked).all(axis=1)
+    assert result["mae_valence"] == pytest.approx(np.abs(affect_pred - affect_true)[keep, 0].mean())
+
+
+# --- metrics by face visibility --------------------------------------------------------
+
+
+def test_face_visibility_groups_and_their_checks() -> None:
+    groups = face_visibility_groups([0.0, 0.4, 99.8, 100.0, np.nan])
+    assert groups.tolist() == ["none", "partial", "partial", "whole", "unreadable"]
+    with pytest.raises(ValueError, match=r"\[0, 100\] or be NaN, found \[-1.0, 150.0\]"):
+        face_visibility_groups([-1.0, 50.0, 150.0])
+    with pytest.raises(ValueError, match="1-D"):
+        face_visibility_groups([[0.0, 100.0]])
+
+
+def test_metrics_by_visibility_hand_computed() -> None:
+    visibility = [100, 100, 100, 0, 0, 50, np.nan]
+    y_true = [[1, 0], [0, 1], [1, 1], [1, 0], [0, 1], [0, 1], [1, 0]]
+    y_prob = [[0.9, 0.2], [0.3, 0.8], [0.4, 0.6], [0.2, 0.7], [0.6, 0.4], [0.1, 0.9], [0.7, 0.3]]
+    affect_true = [[0.0, 0.0], [0.2, 0.2], [np.nan, np.nan], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    affect_pred = [[0.2, 0.0], [0.2, 0.6], [0.9, 0.9], [-0.4, 0.0], [0.0, 0.2], [1.0, 1.0], [0.0, 0.0]]
+    result = metrics_by_visibility(y_true, y_prob, affect_true, affect_pred, visibility, thresholds=0.5)
+
+    assert set(result) == {f"{m}_face_{g}" for m in metrics.VISIBILITY_METRICS for g in metrics.VISIBILITY_GROUPS}
+    assert [result[f"n_face_{g}"] for g in ("none", "partial", "whole", "unreadable")] == [2, 1, 3, 1]
+    # Whole face (rows 0-2). Label 0: positives 0.9, 0.4, negative 0.3 -> AP 1. Label 1:
+    # positives 0.8, 0.6, negative 0.2 -> AP 1. Predictions at 0.5: [1,0], [0,1], [0,1]:
+    # label 0 F1 2/3 (TP 1, FN 1), label 1 F1 1.
+    assert result["mAP_face_whole"] == pytest.approx(1.0)
+    assert result["f1_macro_face_whole"] == pytest.approx((2 / 3 + 1) / 2)
+    # Row 2 is masked: valence errors 0.2 and 0 on [-1, 1], times 4.5 on 1..10.
+    assert result["mae_valence_1_10_face_whole"] == pytest.approx(4.5 * 0.1)
+    assert result["mae_arousal_1_10_face_whole"] == pytest.approx(4.5 * 0.2)
+    # No face (rows 3, 4): each label's positive scores below its negative -> AP 0.5;
+    # predictions [0,1], [1,0] are both wrong -> F1 0.
+    assert result["mAP_face_none"] == pytest.approx(0.5)
+    assert result["f1_macro_face_none"] == 0.0
+    assert result["mae_valence_1_10_face_none"] == pytest.approx(4.5 * 0.2)
+    # Partial (row 5): only label 1 has a positive, so it alone is averaged.
+    assert result["mAP_face_partial"] == pytest.approx(1.0)
+    assert result["f1_macro_face_partial"] == pytest.approx(1.0)
+    assert result["mae_valence_1_10_face_partial"] == pytest.approx(4.5)
+    assert result["mAP_face_unreadable"] == pytest.approx(1.0)
+    assert result["mae_valence_1_10_face_unreadable"] == 0.0
+
+
+def test_metrics_by_visibility_empty_and_affect_less_groups_are_nan() -> None:
+    result = metrics_by_visibility(
+        [[1, 0], [0, 1]], [[0.9, 0.1], [0.2, 0.8]], [[np.nan, np.nan], [np.nan, np.nan]], [[0.0, 0.0]] * 2, [0.0, 0.0]
+    )
+    assert result["n_face_none"] == 2 and result["mAP_face_none"] == 1.0
+    assert np.isnan(result["mae_valence_1_10_face_none"])
+    for group in ("partial", "whole", "unreadable"):
+        assert result[f"n_face_{group}"] == 0
+        assert all(np.isnan(result[f"{m}_face_{group}"]) for m in metrics.VISIBILITY_METRICS if m != "n")
+
+
+def test_metrics_by_visibility_uses_raw_values_and_checks_lengths() -> None:
+    y_true, y_prob = [[1, 0], [0, 1]], [[0.9, 0.1], [0.2, 0.8]]
+    low, high = (2.0, 2.0), (8.0, 8.0)
+    # Target clipped to 1 (= 8 on the scale) but annotated 9: the raw error is 1.
+    result = metrics_by_visibility(
+        y_true, y_prob, [[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]], [100.0, 100.0],
+        low=low, high=high, raw_true=[[9.0, 5.0], [5.0, 5.0]],
+    )
+    assert result["mae_valence_1_10_face_whole"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="visibility has 3 samples but y_true has 2"):
+        metrics_by_visibility(y_true, y_prob, [[0.0, 0.0]] * 2, [[0.0, 0.0]] * 2, [0.0, 50.0, 100.0])

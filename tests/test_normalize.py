@@ -76,20 +76,69 @@ def test_fit_on_train_uses_train_only_and_clips_others(fake_archive, tmp_path):
     assert pd.read_csv(result.outputs["val"])["Valence_norm"].eq(1.0).all()
 
 
-def test_min_visibility_filters_rows(fake_archive, tmp_path):
-    vis_dir = tmp_path / "vis"
-    vis_dir.mkdir()
+def _with_visibility(fake_archive, out_dir):
+    out_dir.mkdir()
     for split in ("train", "val", "test"):
         df = pd.read_csv(annotations_path(fake_archive, split))
         df[FACE_VISIBILITY_COLUMN] = [0.0, 100.0, 55.0, np.nan, 100.0, 0.0]
-        df.to_csv(vis_dir / annotations_path(fake_archive, split).name, index=False)
+        df.to_csv(out_dir / annotations_path(fake_archive, split).name, index=False)
+    return out_dir
+
+
+def test_min_visibility_filters_train_and_val_but_not_test(fake_archive, tmp_path):
+    vis_dir = _with_visibility(fake_archive, tmp_path / "vis")
     result = normalize_dataset(vis_dir, tmp_path / "out", min_visibility=50)
-    assert result.counts["train"]["rows_below_visibility"] == 3
-    assert len(pd.read_csv(result.outputs["test"])) == 3
+    for split in ("train", "val"):
+        assert result.counts[split]["rows_below_visibility"] == 3
+        assert len(pd.read_csv(result.outputs[split])) == 3
+    # The benchmark split keeps every row, so its mAP stays comparable.
+    assert "rows_below_visibility" not in result.counts["test"]
+    assert len(pd.read_csv(result.outputs["test"])) == 6
     with pytest.raises(ValueError, match=r"min_visibility must lie in \[0, 100\], got 150"):
         normalize_dataset(vis_dir, tmp_path / "out", min_visibility=150)
+
+
+def test_filter_test_by_visibility_filters_the_test_split_too(fake_archive, tmp_path):
+    vis_dir = _with_visibility(fake_archive, tmp_path / "vis")
+    result = normalize_dataset(vis_dir, tmp_path / "out", min_visibility=50, filter_test_by_visibility=True)
+    assert result.counts["test"]["rows_below_visibility"] == 3
+    test = pd.read_csv(result.outputs["test"])
+    assert test[FACE_VISIBILITY_COLUMN].tolist() == [100.0, 55.0, 100.0]
+    with pytest.raises(ValueError, match="filter_test_by_visibility needs min_visibility"):
+        normalize_dataset(vis_dir, tmp_path / "out", filter_test_by_visibility=True)
+
+
+def test_masked_affect_stays_nan_through_normalization(fake_archive, tmp_path):
+    for split, row in (("train", 2), ("test", 4)):
+        path = annotations_path(fake_archive, split)
+        df = pd.read_csv(path)
+        df.loc[row, "Valence"] = 0.0  # outside 1..10: masked, not dropped
+        df.to_csv(path, index=False)
+    train = pd.read_csv(annotations_path(fake_archive, "train")).drop(index=2)
+    result = normalize_dataset(fake_archive / ANNOTATIONS_DIRNAME, tmp_path / "out", fit_on_train=True)
+    # The masked train value does not move the fitted bounds.
+    assert result.normalizer.low[0] == pytest.approx(train["Valence"].min())
+    for split, row in (("train", 2), ("test", 4)):
+        out = pd.read_csv(result.outputs[split])
+        assert len(out) == 6
+        assert result.counts[split]["rows_affect_masked"] == 1 and result.counts[split]["rows_rejected"] == 0
+        assert np.isnan(out.loc[row, "Valence"]) and np.isnan(out.loc[row, "Valence_norm"])
+        assert np.isfinite(out.drop(index=row)["Valence_norm"]).all()
+        assert np.isfinite(out["Arousal_norm"]).all()
+    assert result.counts["val"]["rows_affect_masked"] == 0
 
 
 def test_min_visibility_needs_the_column(fake_archive, tmp_path):
     with pytest.raises(ValueError, match="Face_Visibility"):
         normalize_dataset(fake_archive / ANNOTATIONS_DIRNAME, tmp_path / "out", min_visibility=10)
+
+
+def test_cli_filter_test_by_visibility_flag(fake_archive, tmp_path):
+    from emonet.cli import main
+
+    vis_dir = _with_visibility(fake_archive, tmp_path / "vis")
+    base = ["normalize", "--annotations-dir", str(vis_dir), "--min-visibility", "50"]
+    assert main([*base, "--out-dir", str(tmp_path / "kept")]) == 0
+    assert len(pd.read_csv(tmp_path / "kept" / normalized_filename("test"))) == 6
+    assert main([*base, "--out-dir", str(tmp_path / "filtered"), "--filter-test-by-visibility"]) == 0
+    assert len(pd.read_csv(tmp_path / "filtered" / normalized_filename("test"))) == 3

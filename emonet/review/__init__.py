@@ -18,12 +18,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from emonet.annotations import load_annotations
+from emonet.annotations import load_annotations, raw_affect
 from emonet.batch import ModelSource, describe_model, load_predictor
 from emonet.data import EmoticDataset
 from emonet.evaluation import write_split_report
 from emonet.io import write_csv_atomic, write_json_atomic
-from emonet.metrics import EVALUATION_KEYS, evaluate_predictions
+from emonet.metrics import EVALUATION_KEYS, evaluate_predictions, metrics_by_visibility
 from emonet.normalize import AffectNormalizer
 from emonet.prediction import Predictions
 from emonet.review.drawing import MAX_GRID_SAMPLES, fmt, page_name, plot_grid, plot_sample
@@ -202,12 +202,20 @@ def review_predictions_with_visualization(
         _, split_report = write_split_report(y_true, probs, predictor.thresholds, true_norm, affect_pred, output_dir)
     files.update({key: Path(os.path.relpath(path, output_dir)).as_posix() for key, path in split_report.items()})
 
-    bounds = {"low": predictor.normalizer.low, "high": predictor.normalizer.high}
+    common = {
+        "affect_true": true_norm, "affect_pred": affect_pred, "thresholds": predictor.thresholds,
+        "low": predictor.normalizer.low, "high": predictor.normalizer.high, "raw_true": raw_affect(annotations),
+    }
     try:
-        scores = evaluate_predictions(y_true, probs, true_norm, affect_pred, predictor.thresholds, **bounds)
+        scores = evaluate_predictions(y_true, probs, **common)
     except ValueError as error:  # no emotion has a positive sample in this split
         logger.warning("metrics undefined on %s: %s", test_csv_path.name, error)
         scores = dict.fromkeys(EVALUATION_KEYS, float("nan"))
+    by_visibility = (
+        metrics_by_visibility(y_true, probs, visibility=table.sort_index()[FACE_VISIBILITY_COLUMN], **common)
+        if has_visibility
+        else {}
+    )
     mean_ap = scores["mAP"]
     ordered = table.sort_values("rank")
     summary: dict[str, Any] = {
@@ -216,6 +224,9 @@ def review_predictions_with_visualization(
         "img_arrays_dir": str(img_dir),
         "n_samples": n,
         "rows_rejected": int(annotations.attrs.get("rejected_rows", 0)),
+        "rows_affect_masked": int(annotations.attrs.get("affect_masked_rows", 0)),
+        "n_emotion": _finite_or_none(scores["n_emotion"]),
+        "n_affect": _finite_or_none(scores["n_affect"]),
         "n_selected": int(num_samples),
         "n_detailed": detailed,
         "sort_by": sort_by,
@@ -227,6 +238,7 @@ def review_predictions_with_visualization(
         "mean_sample_f1": float(table["f1"].mean()),
         "selected_mean_sample_f1": float(ordered["f1"].head(num_samples).mean()),
         **{key: _finite_or_none(scores[key]) for key in AFFECT_KEYS},
+        "by_face_visibility": {key: _finite_or_none(value) for key, value in by_visibility.items()},
         "selected": ordered["crop_name"].head(num_samples).tolist(),
         "files": {**files, "review_csv": REVIEW_CSV, "summary": SUMMARY_FILE, "index": INDEX_FILE},
     }

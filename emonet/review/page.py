@@ -11,8 +11,14 @@ from urllib.parse import quote
 import pandas as pd
 
 from emonet.io import atomic_open
+from emonet.metrics import VISIBILITY_GROUPS
 from emonet.review.drawing import FALSE_POSITIVE, HIT, MISSED, emotion_tokens, fmt
 from emonet.schema import FACE_VISIBILITY_COLUMN
+
+# Columns of the face-visibility table: metric of emonet.metrics.metrics_by_visibility, format.
+VISIBILITY_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("n", ".0f"), ("mAP", ".4f"), ("f1_macro", ".4f"), ("mae_valence_1_10", ".2f"), ("mae_arousal_1_10", ".2f"),
+)
 
 # The whole-split figures of emonet.evaluation, in the order the page shows them.
 FIGURE_KEYS: tuple[str, ...] = (
@@ -40,6 +46,9 @@ def write_index(path: Path, summary: dict[str, Any], table: pd.DataFrame, has_vi
             ("test CSV", summary["test_csv"]),
             ("samples in split", str(summary["n_samples"])),
             ("rows rejected while loading", str(summary["rows_rejected"])),
+            ("rows with masked valence/arousal", str(summary["rows_affect_masked"])),
+            ("rows in the emotion metrics / affect errors",
+             f"{fmt(summary['n_emotion'], '.0f')} / {fmt(summary['n_affect'], '.0f')}"),
             ("shown in grid", f"{summary['n_selected']} (sorted by {summary['sort_by']}, seed {summary['seed']})"),
             ("detailed pages", str(summary["n_detailed"])),
             ("mAP", fmt(summary["mAP"], ".4f")),
@@ -48,6 +57,22 @@ def write_index(path: Path, summary: dict[str, Any], table: pd.DataFrame, has_vi
             ("valence / arousal MAE (1-10)",
              f"{fmt(summary['mae_valence_1_10'])} / {fmt(summary['mae_arousal_1_10'])}"),
         )
+    )
+    visibility_rows = "".join(
+        f"<tr><th>{esc(group)}</th>"
+        + "".join(
+            f"<td>{fmt(summary['by_face_visibility'].get(f'{metric}_face_{group}'), spec)}</td>"
+            for metric, spec in VISIBILITY_COLUMNS
+        )
+        + "</tr>"
+        for group in VISIBILITY_GROUPS
+    )
+    visibility_table = (
+        "<h2>By face visibility</h2><table><tr><th>face</th>"
+        + "".join(f"<th>{esc(metric)}</th>" for metric, _ in VISIBILITY_COLUMNS)
+        + f"</tr>{visibility_rows}</table>"
+        if summary["by_face_visibility"]
+        else ""
     )
     selected = table[table["selected"]].sort_values("rank")
     header = ["rank", "crop", "F1", "predicted", "true", "valence pred / true", "arousal pred / true"]
@@ -108,6 +133,7 @@ figcaption {{ font-size: 0.85em; color: #555; }}
 <p class="key">Emotions: <span style="color:{HIT}">correct</span>,
 <span style="color:{FALSE_POSITIVE}">false positive</span>, <span style="color:{MISSED}">missed</span>.
 Valence and arousal on the 1-10 scale.</p>
+{visibility_table}
 <h2>Grid</h2>
 <a href="{_href(files['grid'])}"><img src="{_href(files['grid'])}" alt="grid of selected samples"></a>
 <h2>Selected samples</h2>
