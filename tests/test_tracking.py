@@ -9,8 +9,10 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -20,11 +22,14 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+from emonet.evaluation import split_fingerprint
 from emonet.inference import OUTPUT_COLUMNS, PROB_COLUMNS
+from emonet.schema import annotations_path, arrays_dir
 from emonet.tracking import (
     CHALLENGER,
     CHAMPION,
@@ -34,6 +39,8 @@ from emonet.tracking import (
     log_emonet_model,
     pip_requirements,
     promote_model,
+    score_model_on_split,
+    split_score_tag,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -118,6 +125,84 @@ def test_configure_mlflow_creates_the_experiment_once(tmp_path):
         MlflowClient().delete_experiment(other)
         with pytest.raises(ValueError, match="'exp-b' .* is deleted"):
             configure_mlflow(uri, "exp-b")
+
+
+def test_configure_mlflow_refuses_a_file_that_is_not_an_mlflow_store(tmp_path):
+    """A 0-byte or foreign file used to be silently turned into a new, empty store."""
+    with restored_mlflow_uris():
+        configure_mlflow(f"sqlite:///{tmp_path / 'good' / 'mlflow.db'}", "exp")  # missing: created
+        assert (tmp_path / "good" / "mlflow.db").stat().st_size > 0
+
+        empty = tmp_path / "empty.db"
+        empty.touch()
+        with pytest.raises(ValueError, match=f"{empty}.*empty"):
+            configure_mlflow(f"sqlite:///{empty}", "exp")
+        assert empty.stat().st_size == 0, "the empty file must not be turned into a store"
+
+        text = tmp_path / "notes.db"
+        text.write_text("not a database at all")
+        with pytest.raises(ValueError, match=f"{text}.*not a SQLite database"):
+            configure_mlflow(f"sqlite:///{text}", "exp")
+
+        foreign = tmp_path / "foreign.db"
+        with contextlib.closing(sqlite3.connect(foreign)) as connection:
+            connection.execute("CREATE TABLE notes (text TEXT)")
+        with pytest.raises(ValueError, match=f"{foreign}.*not an MLflow store"):
+            configure_mlflow(f"sqlite:///{foreign}", "exp")
+
+        malformed = tmp_path / "malformed.db"
+        malformed.write_bytes((tmp_path / "good" / "mlflow.db").read_bytes())
+        with open(malformed, "r+b") as file:  # keep the header, overwrite the schema pages
+            file.seek(100)
+            file.write(b"\xff" * 20000)
+        with pytest.raises(ValueError, match=f"{malformed}.*malformed"):
+            configure_mlflow(f"sqlite:///{malformed}", "exp")
+
+
+def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
+    """MLflow's table creation fails ("duplicate column") when two processes run it at once."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    script = f"""
+from emonet.tracking import configure_mlflow
+barrier("open")
+print(configure_mlflow({uri!r}, "exp"))
+"""
+    results = _run_together(script, 3, tmp_path)
+    assert [r.returncode for r in results] == [0, 0, 0], [r.stderr[-2000:] for r in results]
+    assert len({r.stdout.strip().splitlines()[-1] for r in results}) == 1  # one experiment
+
+
+# Defines `me` (this child's index), `n` and `barrier(name)`: every child waits there
+# until all have arrived, so their next steps really overlap.
+CHILD_PROLOGUE = """
+import sys, time
+from pathlib import Path
+me, n = int(sys.argv[1]), int(sys.argv[2])
+
+def barrier(name):
+    Path(f"{name}-{me}.arrived").touch()
+    deadline = time.monotonic() + 240
+    while len(list(Path().glob(f"{name}-*.arrived"))) < n:
+        assert time.monotonic() < deadline, f"barrier {name}: the other processes never arrived"
+        time.sleep(0.01)
+"""
+
+
+def _run_together(script: str, n: int, cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Run ``script`` (after :data:`CHILD_PROLOGUE`) in ``n`` processes at once, in ``cwd``."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD_PROLOGUE + script, str(i), str(n)],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(n)
+    ]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=400)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return results
 
 
 def test_pip_requirements_pin_installed_versions():
@@ -337,16 +422,102 @@ def test_worse_then_better_version(registry):
     assert _aliases(client, name) == {CHAMPION: v4, CHALLENGER: v3}
 
 
-def test_different_test_split_never_moves_the_champion(registry):
+@pytest.fixture(scope="module")
+def split(tiny_checkpoint):
+    """A real labelled test split (the tiny archive's) and its fingerprint."""
+    root = tiny_checkpoint["root"]
+    test_csv = annotations_path(root, "test")
+    return {"csv": test_csv, "img_dir": arrays_dir(root), "id": split_fingerprint(pd.read_csv(test_csv))}
+
+
+def test_score_model_on_split_matches_the_evaluation(logged, checkpoint, split, tmp_path):
+    from emonet.evaluation import evaluate_checkpoint
+
+    score = score_model_on_split(logged["version"].source, split["csv"], split["img_dir"])
+    report = evaluate_checkpoint(checkpoint, split["csv"], split["img_dir"], tmp_path, device="cpu", progress=False)
+    assert score == pytest.approx(report.metrics["mAP"], abs=1e-6)
+
+
+def test_champion_of_another_split_is_rescored_on_the_candidates(registry, split, monkeypatch):
+    """A new test split no longer freezes the champion: it is re-scored on the candidate's split."""
+    import emonet.tracking
+
+    client, name, new_version = registry
+    rescored = []
+
+    def counting_score(*args):
+        rescored.append(args)
+        return score_model_on_split(*args)
+
+    monkeypatch.setattr(emonet.tracking, "score_model_on_split", counting_score)
+    v1, r1 = new_version()
+    promote_model(client, name, v1, 0.99, "sha256:aaa", r1)  # a high score, but on another split
+    truth = score_model_on_split(f"models:/{name}/{v1}", split["csv"], split["img_dir"])
+
+    v2, r2 = new_version()
+    better = promote_model(
+        client, name, v2, truth + 0.01, split["id"], r2, test_csv=split["csv"], img_dir=split["img_dir"]
+    )
+    assert [args[0] for args in rescored] == [f"models:/{name}/{v1}"]
+    assert (better["alias"], better["decision"], better["previous_version"]) == (CHAMPION, "promoted", v1)
+    assert better["previous_map"] == pytest.approx(truth)
+    assert _aliases(client, name) == {CHAMPION: v2}
+    run = client.get_run(r2)
+    assert run.data.metrics["champion_previous_test_mAP"] == pytest.approx(truth)
+    assert run.data.tags["champion_previous_version"] == v1 and run.data.tags["promotion_decision"] == "promoted"
+    # The old champion keeps its score on the new split as a tag, so it is never re-scored twice.
+    old = client.get_model_version(name, v1).tags
+    assert float(old[split_score_tag(split["id"])]) == pytest.approx(truth) and old["test_split"] == "sha256:aaa"
+
+    v3, r3 = new_version()
+    worse = promote_model(
+        client, name, v3, truth, split["id"], r3, test_csv=split["csv"], img_dir=split["img_dir"]
+    )
+    assert (worse["alias"], worse["decision"], worse["previous_map"]) == (CHALLENGER, "not_better", truth + 0.01)
+    assert len(rescored) == 1, "the champion was scored on this split: its own score is used"
+
+
+def test_rescoring_needs_the_split(registry):
     client, name, new_version = registry
     v1, r1 = new_version()
     promote_model(client, name, v1, 0.30, "sha256:aaa", r1)
     v2, r2 = new_version()
-    result = promote_model(client, name, v2, 0.90, "sha256:bbb", r2)  # far higher, other split
-    assert (result["alias"], result["decision"]) == (CHALLENGER, "different_test_split")
-    assert "sha256:aaa" in result["reason"] and "sha256:bbb" in result["reason"]
-    assert _aliases(client, name) == {CHAMPION: v1, CHALLENGER: v2}
-    assert client.get_run(r2).data.tags["promotion_decision"] == "different_test_split"
+    with pytest.raises(ValueError, match="never scored on test split sha256:bbb: pass test_csv"):
+        promote_model(client, name, v2, 0.40, "sha256:bbb", r2)
+    assert _aliases(client, name) == {CHAMPION: v1}
+
+
+def test_a_champion_that_cannot_be_loaded_is_replaced(registry, logged, split, tmp_path):
+    client, name, new_version = registry
+    copy = tmp_path / "model"
+    shutil.copytree(mlflow.artifacts.download_artifacts(logged["version"].source), copy)
+    run_id = client.create_run(client.get_run(logged["run_id"]).info.experiment_id).info.run_id
+    v1 = str(client.create_model_version(name, copy.as_uri(), run_id=run_id).version)
+    promote_model(client, name, v1, 0.30, "sha256:aaa", run_id)
+    shutil.rmtree(copy)  # its artifacts are gone
+
+    v2, r2 = new_version()
+    result = promote_model(client, name, v2, 0.10, split["id"], r2, test_csv=split["csv"], img_dir=split["img_dir"])
+    assert (result["alias"], result["decision"], result["previous_version"]) == (CHAMPION, "champion_unavailable", v1)
+    assert f"champion version {v1} cannot be scored" in result["reason"] and result["previous_map"] is None
+    assert _aliases(client, name) == {CHAMPION: v2}
+    tags = client.get_run(r2).data.tags
+    assert tags["promotion_decision"] == "champion_unavailable" and tags["promotion_reason"] == result["reason"]
+
+
+def test_min_improvement(registry):
+    client, name, new_version = registry
+    v1, r1 = new_version()
+    promote_model(client, name, v1, 0.30, "split-a", r1, min_improvement=0.05)
+    v2, r2 = new_version()
+    small = promote_model(client, name, v2, 0.34, "split-a", r2, min_improvement=0.05)
+    assert (small["alias"], small["decision"]) == (CHALLENGER, "not_better")
+    assert "min_improvement 0.05" in small["reason"]
+    v3, r3 = new_version()
+    large = promote_model(client, name, v3, 0.36, "split-a", r3, min_improvement=0.05)
+    assert (large["alias"], large["decision"]) == (CHAMPION, "promoted")
+    with pytest.raises(ValueError, match="min_improvement"):
+        promote_model(client, name, v3, 0.36, "split-a", r3, min_improvement=-0.01)
 
 
 def test_champion_score_falls_back_to_its_run_metric(registry):
