@@ -36,6 +36,7 @@ from emonet.tracking import (
     configure_mlflow,
     default_artifact_location,
     default_tracking_uri,
+    find_run_version,
     log_emonet_model,
     pip_requirements,
     promote_model,
@@ -538,3 +539,89 @@ def test_promote_model_validates_inputs(registry, tmp_path):
         promote_model(client, name, version, float("nan"), "split-a", run_id)
     with pytest.raises(ValueError, match="test_split_id"):
         promote_model(client, name, version, 0.3, "", run_id)
+
+
+# --------------------------------------------------------------------------- concurrency and retries
+
+
+def test_concurrent_registrations_leave_the_better_version_champion(tmp_path):
+    """Two processes register and promote into one SQLite store at the same moment.
+
+    The worse version's alias move is delayed the most, so without the lock around
+    decide-and-alias it would move last and win. Checked with the file lock of SQLite
+    stores and with the registry lock used for other stores.
+    """
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with restored_mlflow_uris():
+        experiment_id = configure_mlflow(uri, "exp")
+        client = MlflowClient()
+        for name in ("file-locked", "registry-locked"):
+            client.create_registered_model(name)
+            run_id = client.create_run(experiment_id).info.run_id
+            version = client.create_model_version(name, "file:///nowhere/model", run_id=run_id).version
+            promote_model(client, name, version, 0.30, "split-a", run_id)
+    script = f"""
+import json
+import emonet.tracking
+from mlflow import MlflowClient
+from emonet.tracking import configure_mlflow, promote_model
+
+scores, delays = [0.60, 0.50], [0.2, 2.0]  # child 0 is better; child 1 moves its alias last
+
+class SlowAliasClient(MlflowClient):
+    def set_registered_model_alias(self, name, alias, version):
+        time.sleep(delays[me])
+        super().set_registered_model_alias(name, alias, version)
+
+experiment_id = configure_mlflow({uri!r}, "exp")
+client = SlowAliasClient()
+results = {{}}
+for name in ("file-locked", "registry-locked"):
+    if name == "registry-locked":
+        emonet.tracking._promotion_lock = emonet.tracking._registry_lock
+    run_id = client.create_run(experiment_id).info.run_id
+    barrier(name + "-register")
+    version = client.create_model_version(name, "file:///nowhere/model", run_id=run_id).version
+    barrier(name + "-promote")
+    results[name] = promote_model(client, name, version, scores[me], "split-a", run_id)
+    results[name]["version"] = str(version)
+print(json.dumps(results))
+"""
+    runs = _run_together(script, 2, tmp_path)
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr[-3000:] for r in runs]
+    better, worse = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
+    with restored_mlflow_uris():
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        for name in ("file-locked", "registry-locked"):
+            assert _aliases(client, name)[CHAMPION] == better[name]["version"], (better[name], worse[name])
+            # Whoever decided second saw the first one's result.
+            assert {better[name]["decision"], worse[name]["decision"]} in ({"promoted"}, {"promoted", "not_better"})
+            assert not client.search_registered_models(f"name = '{name}.promotion-lock'")  # released
+
+
+def test_a_retried_registration_reuses_the_runs_version(logged, checkpoint, split, monkeypatch):
+    """The register-model task looks up the run's version before logging a new one."""
+    import logging
+
+    import tasks.model
+
+    client = logged["client"]
+    name = "retried-registration"
+    run_id = client.create_run(client.get_run(logged["run_id"]).info.experiment_id).info.run_id
+    calls = []
+
+    def counting_log(*args, **kwargs):
+        calls.append(args)
+        return log_emonet_model(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.model, "log_emonet_model", counting_log)
+    monkeypatch.setattr(tasks.model, "get_run_logger", lambda: logging.getLogger("test"))
+    arguments = (run_id, checkpoint, None, 0.3, split["id"], name, split["csv"], split["img_dir"])
+    first = tasks.model.register_model.fn(*arguments)
+    again = tasks.model.register_model.fn(*arguments)  # as a task retry after a later failure
+    assert len(calls) == 1
+    assert first["version"] == again["version"] == "1"
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    assert (first["decision"], again["decision"]) == ("first_version", "already_champion")
+    assert str(find_run_version(client, name, run_id).version) == "1"
+    assert find_run_version(client, name, logged["run_id"]) is None
