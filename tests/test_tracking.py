@@ -33,12 +33,19 @@ from emonet.schema import annotations_path, arrays_dir
 from emonet.tracking import (
     CHALLENGER,
     CHAMPION,
+    END_REASON_TAG,
+    FLOW_RUN_TAG,
+    HOST_TAG,
+    PID_TAG,
+    PROCESS_START_TAG,
+    close_stale_runs,
     configure_mlflow,
     default_artifact_location,
     default_tracking_uri,
     find_run_version,
     log_emonet_model,
     pip_requirements,
+    process_tags,
     promote_model,
     score_model_on_split,
     split_score_tag,
@@ -625,3 +632,76 @@ def test_a_retried_registration_reuses_the_runs_version(logged, checkpoint, spli
     assert (first["decision"], again["decision"]) == ("first_version", "already_champion")
     assert str(find_run_version(client, name, run_id).version) == "1"
     assert find_run_version(client, name, logged["run_id"]) is None
+
+
+# --------------------------------------------------------------------------- runs left RUNNING
+
+
+def _dead_process_tags() -> dict[str, str]:
+    """process_tags() of a process that has ended, as a SIGKILLed flow leaves them."""
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    started = psutil.Process(child.pid).create_time()
+    child.kill()
+    child.wait(timeout=30)
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(child.pid), PROCESS_START_TAG: repr(started)}
+
+
+def test_close_stale_runs_ends_runs_of_killed_flows_only(store):
+    client = MlflowClient()
+    experiment_id = configure_mlflow(store["uri"], "stale-runs")
+
+    def running(tags: dict[str, str]) -> str:
+        return client.create_run(experiment_id, tags=tags).info.run_id
+
+    killed = running({FLOW_RUN_TAG: "flow-killed", **_dead_process_tags()})
+    crashed = running({FLOW_RUN_TAG: "flow-crashed", HOST_TAG: "elsewhere", PID_TAG: "1"})
+    failed = running({FLOW_RUN_TAG: "flow-failed"})
+    alive = running({FLOW_RUN_TAG: "flow-alive", **process_tags()})
+    other_host = running({FLOW_RUN_TAG: "flow-remote", **_dead_process_tags(), HOST_TAG: "elsewhere"})
+    untagged = running({})
+    own = running({FLOW_RUN_TAG: "flow-crashed"})  # the caller's run is never touched
+    finished = running({FLOW_RUN_TAG: "flow-failed"})
+    client.set_terminated(finished, "FINISHED")
+
+    final_states = {"flow-crashed": "CRASHED", "flow-failed": "FAILED", "flow-killed": None}
+    closed = close_stale_runs(client, experiment_id, final_states.get, keep=[own])
+
+    assert {c["run_id"]: c["status"] for c in closed} == {killed: "KILLED", crashed: "KILLED", failed: "FAILED"}
+    for run_id, status in ((killed, "KILLED"), (crashed, "KILLED"), (failed, "FAILED")):
+        assert client.get_run(run_id).info.status == status
+    reasons = {run_id: client.get_run(run_id).data.tags[END_REASON_TAG] for run_id in (killed, crashed, failed)}
+    assert "ended (killed or crashed)" in reasons[killed] and socket.gethostname() in reasons[killed]
+    assert "flow-crashed ended (CRASHED)" in reasons[crashed]
+    assert "flow-failed ended (FAILED)" in reasons[failed]
+    for run_id in (alive, other_host, untagged, own):
+        run = client.get_run(run_id)
+        assert run.info.status == "RUNNING" and END_REASON_TAG not in run.data.tags
+    assert client.get_run(finished).info.status == "FINISHED"
+    assert close_stale_runs(client, experiment_id, final_states.get, keep=[own]) == []
+
+
+def test_crash_and_cancellation_hooks_end_the_flow_runs_mlflow_run(store):
+    from types import SimpleNamespace
+
+    from flows.training_pipeline import emonet_training_pipeline, end_mlflow_run_of_flow_run
+
+    assert end_mlflow_run_of_flow_run in emonet_training_pipeline.on_crashed_hooks
+    assert end_mlflow_run_of_flow_run in emonet_training_pipeline.on_cancellation_hooks
+    client = MlflowClient()
+    experiment_id = configure_mlflow(store["uri"], "hooks")
+    flow_run_id = "0b7e4c1e-5a43-4c55-9b5e-2b3c4d5e6f70"
+    ours = client.create_run(experiment_id, tags={FLOW_RUN_TAG: flow_run_id}).info.run_id
+    other = client.create_run(experiment_id, tags={FLOW_RUN_TAG: "another-flow-run"}).info.run_id
+
+    flow_run = SimpleNamespace(id=flow_run_id, parameters={"tracking_uri": store["uri"]})
+    state = SimpleNamespace(name="Crashed", message="Execution was aborted by a termination signal.")
+    end_mlflow_run_of_flow_run(emonet_training_pipeline, flow_run, state)
+
+    run = client.get_run(ours)
+    assert run.info.status == "KILLED"
+    assert run.data.tags[END_REASON_TAG] == (
+        f"Prefect flow run {flow_run_id} ended Crashed: Execution was aborted by a termination signal."
+    )
+    assert client.get_run(other).info.status == "RUNNING"
