@@ -705,3 +705,35 @@ def test_crash_and_cancellation_hooks_end_the_flow_runs_mlflow_run(store):
         f"Prefect flow run {flow_run_id} ended Crashed: Execution was aborted by a termination signal."
     )
     assert client.get_run(other).info.status == "RUNNING"
+
+
+@pytest.mark.slow
+def test_demo_flow_registers_apart_and_closes_a_killed_flows_run(prefect_env, tmp_path):
+    """A run on the demo data registers `emonet-demo`, never `emonet`, and the next flow
+    run closes the MLflow run that a SIGKILLed flow left RUNNING."""
+    import uuid
+
+    from emonet.demo_data import make_demo_data
+    from flows.training_pipeline import emonet_training_pipeline
+    from tasks.model import final_flow_run_state
+
+    demo_dir = make_demo_data(tmp_path / "demo", seed=3, n_train=32, n_val=16, n_test=16, size=48)
+    uri = prefect_env["tracking_uri"]
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with restored_mlflow_uris():
+        experiment_id = configure_mlflow(uri, "registry-flow")
+        killed = client.create_run(experiment_id, tags={FLOW_RUN_TAG: str(uuid.uuid4()), **_dead_process_tags()})
+        summary = emonet_training_pipeline(
+            demo_dir=demo_dir, output_dir=tmp_path / "outputs", experiment_name="registry-flow",
+            image_size=32, epochs=1, batch_size=8, num_workers=0, visibility_workers=1, visibility_shard_size=16,
+        )
+    run_id = summary["mlflow_run_id"]
+    assert summary["registered_model"] == "emonet-demo"
+    assert {v.name for v in client.search_model_versions(f"run_id = '{run_id}'")} == {"emonet-demo"}
+
+    stale = client.get_run(killed.info.run_id)
+    assert stale.info.status == "KILLED" and "killed or crashed" in stale.data.tags[END_REASON_TAG]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[PID_TAG] == str(os.getpid())
+    assert final_flow_run_state(run.data.tags[FLOW_RUN_TAG]) == "COMPLETED"
+    assert final_flow_run_state(str(uuid.uuid4())) is None
