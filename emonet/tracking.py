@@ -199,7 +199,7 @@ def _check_sqlite_store(db_path: Path) -> None:
     if header != SQLITE_HEADER:
         raise ValueError(f"MLflow store {db_path} is not a SQLite database: {remedy}")
     try:
-        with contextlib.closing(sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True)) as connection:
+        with contextlib.closing(sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True, timeout=30)) as connection:
             tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     except sqlite3.DatabaseError as error:
         raise ValueError(f"MLflow store {db_path} is malformed ({error}): {remedy}") from None
@@ -605,7 +605,9 @@ def _registry_lock(client: MlflowClient, name: str, timeout: float = PROMOTION_L
                 client.delete_registered_model(lock_name)
             continue
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the promotion lock {lock_name!r} was held by {held.tags.get('owner')} for more than {timeout:.0f} s")
+            raise TimeoutError(
+                f"the promotion lock {lock_name!r} was held by {held.tags.get('owner')} for more than {timeout:.0f} s"
+            )
         time.sleep(0.2)
     try:
         yield
@@ -711,7 +713,9 @@ def promote_model(
             if (str(current.version) if current is not None else None) != previous_version:
                 logger.info("another registration moved the champion of %r meanwhile: deciding again", name)
                 continue
-            alias, decision, reason = _decide(version, test_map, previous_version, previous_map, unavailable, min_improvement)
+            alias, decision, reason = _decide(
+                version, test_map, previous_version, previous_map, unavailable, min_improvement
+            )
             client.set_registered_model_alias(name, alias, version)
         break
     else:

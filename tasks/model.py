@@ -67,8 +67,14 @@ def start_mlflow_run(experiment_id: str, flow_run_id: str | None, flow_run_name:
     """Close the runs that killed flow runs left RUNNING, then open the MLflow run of this
     flow run, tagged with the Prefect flow run and this process, and log its parameters."""
     client = MlflowClient()
-    for closed in close_stale_runs(client, experiment_id, final_flow_run_state):
-        get_run_logger().warning("MLflow run %s marked %s: %s", closed["run_id"], closed["status"], closed["reason"])
+    logger = get_run_logger()
+    try:
+        closed_runs = close_stale_runs(client, experiment_id, final_flow_run_state)
+    except Exception:  # tidying up after other flow runs must never stop this one
+        logger.warning("could not look for MLflow runs left RUNNING by killed flow runs", exc_info=True)
+        closed_runs = []
+    for closed in closed_runs:
+        logger.warning("MLflow run %s marked %s: %s", closed["run_id"], closed["status"], closed["reason"])
     tags = {FLOW_RUN_TAG: str(flow_run_id), "prefect.flow_run_name": str(flow_run_name), **process_tags()}
     run = client.create_run(experiment_id, run_name=flow_run_name, tags=tags)
     run_id = run.info.run_id
@@ -212,7 +218,9 @@ def register_model(
     if version is None:
         version = log_emonet_model(run_id, checkpoint, normalization_json, registered_model_name=registered_model_name)
     else:
-        logger.info("run %s already registered %s version %s: reusing it", run_id, registered_model_name, version.version)
+        logger.info(
+            "run %s already registered %s version %s: reusing it", run_id, registered_model_name, version.version
+        )
     decision = promote_model(
         client,
         registered_model_name,
