@@ -606,6 +606,19 @@ print(json.dumps(results))
             assert not client.search_registered_models(f"name = '{name}.promotion-lock'")  # released
 
 
+def test_registry_lock_waits_for_its_holder_and_breaks_a_stale_one(logged):
+    from emonet.tracking import _registry_lock
+
+    client, name = logged["client"], "locked-model"
+    client.create_registered_model(f"{name}.promotion-lock", tags={"owner": "elsewhere:1", "acquired": repr(time.time())})
+    with pytest.raises(TimeoutError, match="held by elsewhere:1"), _registry_lock(client, name, timeout=0.5):
+        pass
+    client.set_registered_model_tag(f"{name}.promotion-lock", "acquired", repr(time.time() - 2 * 3600))
+    with _registry_lock(client, name, timeout=5):  # left by a killed holder: broken
+        assert client.get_registered_model(f"{name}.promotion-lock").tags["owner"] != "elsewhere:1"
+    assert not client.search_registered_models(f"name = '{name}.promotion-lock'")
+
+
 def test_a_retried_registration_reuses_the_runs_version(logged, checkpoint, split, monkeypatch):
     """The register-model task looks up the run's version before logging a new one."""
     import logging
