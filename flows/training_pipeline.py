@@ -15,13 +15,14 @@ from typing import Annotated, Any
 
 import mlflow
 import pandas as pd
+from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import Field
 
 from emonet.config import EmoNetConfig, config_to_dict, load_config
 from emonet.schema import SPLITS, annotations_path, arrays_dir
-from emonet.tracking import configure_mlflow
+from emonet.tracking import DEMO_MODEL_NAME, MODEL_NAME, configure_mlflow, default_tracking_uri, end_open_runs
 from tasks.data import (
     ensure_demo_data,
     normalize_splits,
@@ -99,7 +100,20 @@ def prepare_data(
     }
 
 
-@flow(name="emonet-training-pipeline", log_prints=True)
+def end_mlflow_run_of_flow_run(flow: Any, flow_run: Any, state: Any) -> None:
+    """Crash and cancellation hook: the flow's own `except` never runs then, so the
+    MLflow run of this flow run is ended here, KILLED, with the state as the reason."""
+    uri = flow_run.parameters.get("tracking_uri") or default_tracking_uri()
+    reason = f"Prefect flow run {flow_run.id} ended {state.name}: {state.message or 'no message'}"
+    end_open_runs(MlflowClient(tracking_uri=uri, registry_uri=uri), str(flow_run.id), "KILLED", reason)
+
+
+@flow(
+    name="emonet-training-pipeline",
+    log_prints=True,
+    on_crashed=[end_mlflow_run_of_flow_run],
+    on_cancellation=[end_mlflow_run_of_flow_run],
+)
 def emonet_training_pipeline(
     config: EmoNetConfig | Path = EmoNetConfig(),
     data_root: Path | None = None,
@@ -115,7 +129,8 @@ def emonet_training_pipeline(
     visibility_workers: PositiveInt | None = None,
     visibility_parallel_shards: PositiveInt = 1,
     experiment_name: str = "emonet",
-    registered_model_name: str = "emonet",
+    registered_model_name: str | None = None,
+    min_improvement: Annotated[float, Field(ge=0)] = 0.0,
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Train EmoNet on an EMOTIC archive (or the bundled demo data) and register it.
@@ -140,12 +155,17 @@ def emonet_training_pipeline(
         visibility_workers: Face Mesh processes per shard (default: all cores).
         visibility_parallel_shards: Shards scored at the same time.
         experiment_name: MLflow experiment.
-        registered_model_name: MLflow registered model that receives the new version.
+        registered_model_name: MLflow registered model that receives the new version;
+            default `emonet` with `data_root`, `emonet-demo` on the demo data.
+        min_improvement: How much the test mAP must exceed the champion's (on this
+            test split) for the new version to become champion; 0 = strictly higher.
         tracking_uri: MLflow tracking URI; default `MLFLOW_TRACKING_URI` or SQLite under `mlruns/`.
     """
     logger = get_run_logger()
     overrides = {"epochs": epochs, "seed": seed, "batch_size": batch_size}
     resolved = load_config(config, train={key: value for key, value in overrides.items() if value is not None})
+    # Demo models never replace a real one: they go to their own registered model.
+    registered_model_name = registered_model_name or (MODEL_NAME if data_root is not None else DEMO_MODEL_NAME)
     output_dir = output_dir.resolve()
     root = (data_root or ensure_demo_data(demo_dir, seed=resolved.train.seed)).resolve()
     img_dir = arrays_dir(root)
@@ -203,6 +223,9 @@ def emonet_training_pipeline(
             evaluation["metrics"]["mAP"],
             evaluation["test_split"],
             registered_model_name,
+            normalized["test"],
+            img_dir,
+            min_improvement,
         )
     except BaseException:
         finish_mlflow_run(run_id, "FAILED")

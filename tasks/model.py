@@ -8,6 +8,7 @@ task takes the ``run_id`` and logs through an explicit ``MlflowClient``.
 from __future__ import annotations
 
 import math
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ import mlflow.data
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.tracking import MlflowClient
-from prefect import get_run_logger, task
+from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import ObjectNotFound
 from prefect.tasks import exponential_backoff
 
 from emonet.config import EmoNetConfig, config_to_dict
@@ -26,7 +28,14 @@ from emonet.models import build_model
 from emonet.normalize import AffectNormalizer
 from emonet.review import review_predictions_with_visualization
 from emonet.schema import EMOTIONS
-from emonet.tracking import log_emonet_model, promote_model
+from emonet.tracking import (
+    FLOW_RUN_TAG,
+    close_stale_runs,
+    find_run_version,
+    log_emonet_model,
+    process_tags,
+    promote_model,
+)
 from emonet.train import fit, make_loaders
 from tasks.report import EpochProgress
 
@@ -45,11 +54,31 @@ def _log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], s
     client.log_batch(run_id, metrics=finite)
 
 
+def final_flow_run_state(flow_run_id: str) -> str | None:
+    """The type of a Prefect flow run's state (``"CRASHED"``, ...) once final, else None
+    (still running, or unknown to this Prefect API)."""
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(uuid.UUID(flow_run_id)).state
+    except (ObjectNotFound, ValueError):
+        return None
+    return state.type.value if state is not None and state.is_final() else None
+
+
 @task(name="start-mlflow-run", **TRACKING_RETRIES, **NOT_CACHED)
 def start_mlflow_run(experiment_id: str, flow_run_id: str | None, flow_run_name: str | None, params: dict[str, Any]) -> str:
-    """Open the MLflow run of this flow run, tagged with the Prefect flow run, and log its parameters."""
+    """Close the runs that killed flow runs left RUNNING, then open the MLflow run of this
+    flow run, tagged with the Prefect flow run and this process, and log its parameters."""
     client = MlflowClient()
-    tags = {"prefect.flow_run_id": str(flow_run_id), "prefect.flow_run_name": str(flow_run_name)}
+    logger = get_run_logger()
+    try:
+        closed_runs = close_stale_runs(client, experiment_id, final_flow_run_state)
+    except Exception:  # tidying up after other flow runs must never stop this one
+        logger.warning("could not look for MLflow runs left RUNNING by killed flow runs", exc_info=True)
+        closed_runs = []
+    for closed in closed_runs:
+        logger.warning("MLflow run %s marked %s: %s", closed["run_id"], closed["status"], closed["reason"])
+    tags = {FLOW_RUN_TAG: str(flow_run_id), "prefect.flow_run_name": str(flow_run_name), **process_tags()}
     run = client.create_run(experiment_id, run_name=flow_run_name, tags=tags)
     run_id = run.info.run_id
     client.log_batch(run_id, params=[Param(key, str(value)) for key, value in sorted(params.items())])
@@ -206,9 +235,31 @@ def register_model(
     test_map: float,
     test_split: str,
     registered_model_name: str,
+    test_csv: Path,
+    img_dir: Path,
+    min_improvement: float = 0.0,
 ) -> dict[str, Any]:
-    """Log the pyfunc model, register a version, and move `champion` only on improvement."""
-    version = log_emonet_model(run_id, checkpoint, normalization_json, registered_model_name=registered_model_name)
-    decision = promote_model(MlflowClient(), registered_model_name, version.version, test_map, test_split, run_id)
-    get_run_logger().info("%s version %s: %s", registered_model_name, version.version, decision["decision"])
+    """Log the pyfunc model and register it once per run (a retry reuses the version),
+    then move `champion` only when it beats the champion on this test split."""
+    logger = get_run_logger()
+    client = MlflowClient()
+    version = find_run_version(client, registered_model_name, run_id)
+    if version is None:
+        version = log_emonet_model(run_id, checkpoint, normalization_json, registered_model_name=registered_model_name)
+    else:
+        logger.info(
+            "run %s already registered %s version %s: reusing it", run_id, registered_model_name, version.version
+        )
+    decision = promote_model(
+        client,
+        registered_model_name,
+        version.version,
+        test_map,
+        test_split,
+        run_id,
+        test_csv=test_csv,
+        img_dir=img_dir,
+        min_improvement=min_improvement,
+    )
+    logger.info("%s version %s: %s", registered_model_name, version.version, decision["decision"])
     return {"version": str(version.version), **decision}

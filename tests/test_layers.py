@@ -11,6 +11,8 @@ import sys
 import pytest
 
 SERVING = ["emonet.inference", "emonet.batch", "emonet.pyfunc_model", "emonet.tracking", "emonet.prediction"]
+# What the logged MLflow model loads and predicts with (tracking also re-scores champions).
+SERVED_MODEL = ["emonet.inference", "emonet.batch", "emonet.pyfunc_model", "emonet.prediction"]
 TORCH_FREE = ["emonet.annotations", "emonet.normalize", "emonet.visibility", "emonet.arrays", "emonet.affect"]
 
 
@@ -25,7 +27,11 @@ def test_serving_code_never_imports_training_code(module):
     loaded = _loaded_after_importing(module)
     assert "emonet.train" not in loaded
     assert "emonet.losses" not in loaded
-    assert "sklearn" not in loaded, "the served model's requirements leave scikit-learn out"
+
+
+@pytest.mark.parametrize("module", SERVED_MODEL)
+def test_the_served_model_needs_no_scikit_learn(module):
+    assert "sklearn" not in _loaded_after_importing(module), "its pip requirements leave scikit-learn out"
 
 
 @pytest.mark.parametrize("module", TORCH_FREE)
