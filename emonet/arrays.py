@@ -26,13 +26,36 @@ def check_file_name(name: object, column: str = "file name") -> str:
     return name
 
 
+def _check_link_stays_inside(path: Path, img_dir: Path) -> None:
+    """Refuse a symbolic link in the image folder whose real path leaves the folder.
+
+    Only links need resolving: ``path`` is a plain name inside ``img_dir``, so a file
+    that is not a link lies inside ``img_dir`` by construction.
+    """
+    target = Path(os.path.realpath(path))
+    folder = Path(os.path.realpath(img_dir))
+    if not target.is_relative_to(folder):
+        raise ValueError(f"{path.name}: a symbolic link that leads outside the image folder {img_dir}; refused")
+
+
 def load_array(img_dir: str | Path, name: str) -> np.ndarray:
     """Open one image array of the archive lazily and check it is H x W x 3 uint8.
 
     The array is memory-mapped (``mmap_mode="r"``): nothing is read from disk until
-    pixels are used, so large splits never sit in memory at once.
+    pixels are used, so large splits never sit in memory at once. Its memory order is
+    kept (a Fortran-order file gives a Fortran-order map); callers that hand pixels
+    to native code needing C order copy with ``np.ascontiguousarray``.
+
+    Raises
+    ------
+    ValueError : ``name`` is not a plain file name, is a symbolic link whose target
+        lies outside ``img_dir``, or is not an H x W x 3 uint8 ``.npy`` array. The
+        message names the file; callers add the row.
+    FileNotFoundError : no such file in ``img_dir``.
     """
     path = Path(img_dir) / check_file_name(name)
+    if path.is_symlink():
+        _check_link_stays_inside(path, Path(img_dir))
     if not path.is_file():
         raise FileNotFoundError(f"image array not found: {path}")
     try:
