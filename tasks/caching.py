@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import inspect
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -52,9 +51,8 @@ def stat_digest(paths: Iterable[Path]) -> str:
 
 def module_digest(module_name: str) -> str:
     """SHA-256 of the source file of an importable module (imported if needed)."""
-    module = importlib.import_module(module_name)
-    source = inspect.getsourcefile(module)
-    if source is None:
+    source = getattr(importlib.import_module(module_name), "__file__", None)
+    if source is None or not source.endswith(".py"):
         raise ValueError(f"module {module_name!r} has no source file to fingerprint")
     return content_digest(source)
 
