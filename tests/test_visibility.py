@@ -408,3 +408,57 @@ def test_write_visibility_csv_writes_every_row_and_never_the_input(fake_archive,
     with pytest.raises(ValueError, match="must differ from the input"):
         write_visibility_csv(csv_path, scores, csv_path)
     assert csv_path.read_bytes() == before
+
+
+# --- on a Dask cluster --------------------------------------------------------------
+
+
+def _shard_states(prepare_data_run_id) -> list[str]:
+    """State names of the face-visibility shard task runs under one prepare_data run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    with get_client(sync_client=True) as client:
+        parent_or_child = FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[prepare_data_run_id]),
+            id=FlowRunFilterId(any_=[prepare_data_run_id]),
+            operator="or_",
+        )
+        runs = client.read_task_runs(
+            flow_run_filter=parent_or_child, task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="visibility-"))
+        )
+    return sorted(run.state.name for run in runs if run.name.startswith("visibility-"))
+
+
+@pytest.mark.slow
+def test_dask_cluster_scores_like_the_local_path_and_reuses_cached_shards(prefect_env, fake_archive, tmp_path):
+    from distributed import LocalCluster
+
+    from flows.training_pipeline import prepare_data
+
+    img_dir = arrays_dir(fake_archive)
+    for index, kind in enumerate(["whole", "partial", "none", "whole"]):
+        np.save(img_dir / crop_name("val", index), example_crop(kind, 96))
+    params = {"data_root": fake_archive, "output_dir": tmp_path / "out", "visibility_shard_size": 4}
+    n_shards = 3 * 2  # 6 rows per split in shards of 4
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        first = prepare_data(**params, dask_address=cluster.scheduler_address, return_state=True)
+        second = prepare_data(**params, dask_address=cluster.scheduler_address, return_state=True)
+
+    for split in ("train", "val", "test"):
+        csv_path = annotations_path(fake_archive, split)
+        written = pd.read_csv(tmp_path / "out" / "visibility" / csv_path.name)[FACE_VISIBILITY_COLUMN].to_numpy()
+        names = pd.read_csv(csv_path)["Crop_name"].tolist()
+        np.testing.assert_array_equal(written, score_crops(img_dir, names, workers=1, progress=False))
+    assert first.result()["visibility"]["val"]["full"] == 2
+    assert _shard_states(first.state_details.flow_run_id) == ["Completed"] * n_shards
+    assert _shard_states(second.state_details.flow_run_id) == ["Cached"] * n_shards
