@@ -42,6 +42,11 @@ FACE_MESH_OPTIONS: dict[str, Any] = {"static_image_mode": True, "max_num_faces":
 MAX_SCORED_SIDE = 2048
 MAX_CROP_PIXELS = 100_000_000
 
+# Crop files smaller than this are read at once rather than memory-mapped (see
+# emonet.arrays.load_array): Face Mesh copies every pixel anyway, and mapping a small
+# file costs about as much as reading it twice.
+_READ_AT_ONCE_BYTES = 4 << 20
+
 # Unreadable crops are logged as warnings up to this many, then at DEBUG level, so a
 # wrong image folder does not bury the log under 23k identical warnings.
 _MAX_LOGGED_FAILURES = 20
@@ -152,7 +157,7 @@ class FaceVisibilityScorer:
 def _score_file(scorer: FaceVisibilityScorer, img_dir: str | Path, name: str) -> tuple[float, str | None]:
     """Score one crop file: ``(score, None)``, or ``(nan, reason)`` if it cannot be read."""
     try:
-        crop = load_array(img_dir, name)
+        crop = load_array(img_dir, name, mmap_min_bytes=_READ_AT_ONCE_BYTES)
         return scorer(crop), None
     except (OSError, ValueError) as err:
         return math.nan, str(err) or type(err).__name__

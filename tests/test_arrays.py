@@ -53,3 +53,41 @@ def test_fortran_order_array_is_read_with_its_values(tmp_path):
     array = load_array(tmp_path, "f.npy")
     assert array.flags["F_CONTIGUOUS"]
     np.testing.assert_array_equal(array, image)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_small_files_read_at_once_equal_the_mapped_ones(tmp_path, order):
+    image = np.asarray(np.random.default_rng(0).integers(0, 256, (6, 9, 3)), dtype=np.uint8, order=order)
+    np.save(tmp_path / "a.npy", image)
+    mapped = load_array(tmp_path, "a.npy")
+    read = load_array(tmp_path, "a.npy", mmap_min_bytes=1 << 20)
+    assert isinstance(mapped, np.memmap) and not isinstance(read, np.memmap)
+    np.testing.assert_array_equal(read, image)
+    np.testing.assert_array_equal(mapped, image)
+    assert read.flags["F_CONTIGUOUS"] == (order == "F")
+
+
+def test_small_file_whose_header_lies_is_refused_before_allocating(tmp_path):
+    # The header declares 100000 x 100000 x 3 (30 GB); the file holds a few bytes.
+    path = tmp_path / "liar.npy"
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(100_000, 100_000, 3))
+    del array
+    with open(path, "r+b") as handle:
+        handle.truncate(200)
+    with pytest.raises(ValueError, match=r"liar\.npy.*more than the file holds"):
+        load_array(tmp_path, "liar.npy", mmap_min_bytes=1 << 20)
+
+
+@pytest.mark.parametrize(
+    "array, match",
+    [
+        (np.zeros((4, 5), np.uint8), r"H x W x 3.*\(4, 5\)"),
+        (np.zeros((4, 5, 3), np.float32), "uint8, got float32"),
+        (np.array([[[None, None, None]]], dtype=object), "cannot read"),
+    ],
+    ids=["gray", "float", "object"],
+)
+def test_small_files_read_at_once_are_checked(tmp_path, array, match):
+    np.save(tmp_path / "bad.npy", array, allow_pickle=True)
+    with pytest.raises(ValueError, match=match):
+        load_array(tmp_path, "bad.npy", mmap_min_bytes=1 << 20)

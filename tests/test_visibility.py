@@ -22,6 +22,7 @@ from emonet.visibility import (
     FaceVisibilityScorer,
     VisibilityResult,
     add_face_visibility,
+    default_workers,
     example_crop,
     face_visibility_score,
     score_crops,
@@ -462,3 +463,18 @@ def test_dask_cluster_scores_like_the_local_path_and_reuses_cached_shards(prefec
     assert first.result()["visibility"]["val"]["full"] == 2
     assert _shard_states(first.state_details.flow_run_id) == ["Completed"] * n_shards
     assert _shard_states(second.state_details.flow_run_id) == ["Cached"] * n_shards
+
+
+def test_dask_address_names_the_task_runner():
+    from flows.visibility import dask_task_runner
+
+    local = dask_task_runner("local")
+    assert local.address is None
+    assert local.cluster_kwargs["n_workers"] == default_workers()
+    assert local.cluster_kwargs["threads_per_worker"] == 1 and local.cluster_kwargs["processes"] is True
+    assert local.cluster_kwargs["host"] == "127.0.0.1"
+    assert dask_task_runner("tcp://10.0.0.5:8786").address == "tcp://10.0.0.5:8786"
+    assert dask_task_runner("10.0.0.5:8786").address == "10.0.0.5:8786"
+    for bad in ("locla", "tcp://scheduler", "http://10.0.0.5:8786"):
+        with pytest.raises(ValueError, match="dask_address"):
+            dask_task_runner(bad)
