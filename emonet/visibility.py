@@ -181,8 +181,8 @@ def thread_scorer() -> FaceVisibilityScorer:
 def score_names(img_dir: str | Path, names: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
     """Score crops in this process with :func:`thread_scorer`, without a progress bar.
 
-    The unit of work sent to a pool or Dask worker: names go in, one float64 array
-    and the failures come back, so the parent handles a chunk, not each crop.
+    The unit of work sent to a pool worker: names go in, one float64 array and the
+    failures come back, so the parent handles a chunk, not each crop.
 
     Returns
     -------
