@@ -173,6 +173,8 @@ def test_worker_module_does_not_import_torch():
 
 
 def test_add_face_visibility_writes_a_copy(fake_archive, tmp_path):
+    # Imported here: pool workers import this module (for _exit_on_poison below) and
+    # emonet.data imports torch, seconds of start-up per worker.
     from emonet.data import load_annotations
 
     csv_path = annotations_path(fake_archive, "val")
