@@ -1,11 +1,17 @@
-"""Benchmark of the face-visibility step: the project's parallel ``score_crops`` against
-the seed's plain sequential loop with one Face Mesh, in steady state and at start-up.
+"""Benchmark of the face-visibility step: the project's process pool (``score_crops``)
+and its Dask path (shards scored on a ``distributed.LocalCluster``) against the seed's
+plain sequential loop with one Face Mesh, in steady state and at start-up, on small
+crops (about 2 ms each on a quiet machine) and on 224 px crops.
 
-Each timing runs ``score_crops`` on N1 and on N2 crops; per-crop time is the slope
-``(t2 - t1) / (N2 - N1)``, so process start-up cancels, and start-up is the intercept
-``t1 - N1 * slope``. Every parallel timing runs in a fresh interpreter, as a CLI run
-does, so it includes starting the forkserver and the workers. Times are the best of
-``--repeats`` runs. Run: ``python benchmarks/bench_visibility.py [--n1 200 --n2 1600]``.
+Each timing scores N1 and N2 crops; per-crop time is the slope ``(t2 - t1) / (N2 - N1)``,
+so start-up cancels, and start-up is the intercept ``t1 - N1 * slope``. Every pool
+timing runs in a fresh interpreter, as a CLI run does, so it includes starting the
+forkserver and the workers. The Dask timings run on one cluster of ``--workers``
+single-threaded worker processes, started once: each worker scores shards of
+``--dask-shard`` crops with ``score_crops(..., workers=1)``, as the flow's shard task does
+there (Prefect's own per-shard cost, a few calls to its API, is left out: the flow's
+shards hold 2,000 crops). Times are the best of ``--repeats`` runs.
+Run: ``python benchmarks/bench_visibility.py [--sizes 64,224 --n1 200 --n2 1600]``.
 """
 
 from __future__ import annotations
@@ -86,6 +92,19 @@ def time_seed_loop(folder: Path, names: list[str]) -> tuple[float, np.ndarray]:
     return time.perf_counter() - start, scores
 
 
+def time_dask(client, folder: Path, names: list[str], shard: int) -> tuple[float, np.ndarray]:
+    """Seconds to score ``names`` in shards on the cluster behind ``client``, and the scores."""
+    start = time.perf_counter()
+    # workers=1 and progress=False passed by position: `workers` is also a keyword of
+    # Client.submit (where to run), which would take it.
+    futures = [
+        client.submit(score_crops, str(folder), names[i : i + shard], 1, False, pure=False)
+        for i in range(0, len(names), shard)
+    ]
+    scores = np.concatenate(client.gather(futures))
+    return time.perf_counter() - start, scores
+
+
 def cpu_jiffies() -> tuple[int, int] | None:
     """(idle, total) CPU time of the whole machine so far, from /proc/stat (Linux)."""
     try:
@@ -134,58 +153,82 @@ def best_of(repeats: int, fn, *args) -> tuple[float, np.ndarray]:
     return min(runs, key=lambda run: run[0])
 
 
+def fit(times: dict[int, tuple[float, np.ndarray]], n1: int, n2: int) -> tuple[float, float]:
+    """Per-crop seconds (the slope between N1 and N2) and start-up seconds (intercept)."""
+    t1, t2 = times[n1][0], times[n2][0]
+    slope = (t2 - t1) / (n2 - n1)
+    return slope, t1 - slope * n1
+
+
+def bench_size(args: argparse.Namespace, size: int, workers: int, client) -> dict[str, float]:
+    """Time the three ways on N2 crops of ``size`` px; print a table; return the speed-ups."""
+    n1, n2 = args.n1, args.n2
+    with tempfile.TemporaryDirectory(prefix="bench_visibility_") as tmp:
+        folder = Path(tmp)
+        names = write_crops(folder, n2, size)
+        before = cpu_jiffies()
+        seed = {n: best_of(args.repeats, time_seed_loop, folder, names[:n]) for n in (n1, n2)}
+        seed_busy = busy_percent(before, cpu_jiffies())
+        pool = {n: best_of(args.repeats, time_project, folder, names[:n], workers) for n in (n1, n2)}
+        time_dask(client, folder, names[: 2 * workers], 1)  # each worker creates its Face Mesh
+        dask = {n: best_of(args.repeats, time_dask, client, folder, names[:n], args.dask_shard) for n in (n1, n2)}
+
+    for label, runs in (("score_crops", pool), ("the Dask path", dask)):
+        if not np.array_equal(runs[n2][1], seed[n2][1]):
+            diff = np.flatnonzero(runs[n2][1] != seed[n2][1])
+            sys.exit(f"{size} px: scores differ between {label} and the seed loop at {len(diff)} crops, first {diff[:5]}")
+    scores = seed[n2][1]
+    seed_slope, seed_start = fit(seed, n1, n2)
+    rows = [("seed loop (1 Face Mesh)", seed_slope, seed_start, seed[n2][0], 1.0)]
+    for label, runs in ((f"process pool ({workers} workers)", pool), (f"Dask ({workers} processes)", dask)):
+        slope, start_up = fit(runs, n1, n2)
+        if seed_slope <= 0 or slope <= 0:
+            sys.exit("noise exceeds the difference between the two sizes: raise --n2 (or --repeats)")
+        rows.append((label, slope, start_up, runs[n2][0], seed_slope / slope))
+    print(f"\n{size} px crops: {np.mean(scores > 0):.0%} with a face, {np.mean(scores == 100):.0%} whole; scores agree")
+    print(f"{'':28}{'ms/crop':>9}{'start-up s':>12}{f't({n2}) s':>11}{'speed-up':>10}")
+    for label, slope, start_up, total, speedup in rows:
+        print(f"{label:28}{1e3 * slope:9.2f}{start_up:12.2f}{total:11.2f}{speedup:9.2f}x")
+    return {"pool": rows[1][4], "pool_start": rows[1][2], "dask": rows[2][4], "seed_busy": seed_busy}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n1", type=int, default=200, help="crops in the small run")
     parser.add_argument("--n2", type=int, default=1600, help="crops in the large run")
-    parser.add_argument("--size", type=int, default=224, help="crop side in pixels")
+    parser.add_argument("--sizes", default="64,224", help="crop sides in pixels, comma-separated")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    parser.add_argument("--dask-shard", type=int, default=25, help="crops per Dask task")
     parser.add_argument("--repeats", type=int, default=2, help="runs per timing; the best is kept")
     args = parser.parse_args()
     if not 0 < args.n1 < args.n2:
         parser.error(f"need 0 < n1 < n2, got n1={args.n1} n2={args.n2}")
+    sizes = [int(size) for size in args.sizes.split(",")]
     workers = args.workers or default_workers()
     load = os.getloadavg()[0]
+    print(f"{args.n2} crops per size; {workers} workers; {os.cpu_count()} cores")
 
-    with tempfile.TemporaryDirectory(prefix="bench_visibility_") as tmp:
-        folder = Path(tmp)
-        names = write_crops(folder, args.n2, args.size)
-        print(f"{args.n2} crops of {args.size} px in {folder}; {workers} workers; {os.cpu_count()} cores")
+    from distributed import Client, LocalCluster
 
-        before = cpu_jiffies()
-        seed = {n: best_of(args.repeats, time_seed_loop, folder, names[:n]) for n in (args.n1, args.n2)}
-        seed_busy = busy_percent(before, cpu_jiffies())
-        project = {n: best_of(args.repeats, time_project, folder, names[:n], workers) for n in (args.n1, args.n2)}
+    cluster = LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    )
+    with cluster, Client(cluster) as client:
+        results = {size: bench_size(args, size, workers, client) for size in sizes}
 
-    if not np.array_equal(project[args.n2][1], seed[args.n2][1]):
-        diff = np.flatnonzero(project[args.n2][1] != seed[args.n2][1])
-        sys.exit(f"scores differ between score_crops and the seed loop at {len(diff)} crops, first {diff[:5]}")
-    scores = seed[args.n2][1]
-    print(f"scores agree; {np.mean(scores > 0):.0%} with a face, {np.mean(scores == 100):.0%} whole")
-
-    def fit(times: dict[int, tuple[float, np.ndarray]]) -> tuple[float, float]:
-        t1, t2 = times[args.n1][0], times[args.n2][0]
-        slope = (t2 - t1) / (args.n2 - args.n1)
-        return slope, t1 - slope * args.n1
-
-    seed_slope, seed_start = fit(seed)
-    proj_slope, proj_start = fit(project)
-    if seed_slope <= 0 or proj_slope <= 0:
-        sys.exit("noise exceeds the difference between the two sizes: raise --n2 (or --repeats)")
-    speedup = seed_slope / proj_slope
-    print(f"{'':26}{'ms/crop':>10}{'start-up s':>12}{f't({args.n2}) s':>12}")
-    for label, slope, start, total in [
-        ("seed loop (1 Face Mesh)", seed_slope, seed_start, seed[args.n2][0]),
-        (f"score_crops ({workers} workers)", proj_slope, proj_start, project[args.n2][0]),
-    ]:
-        print(f"{label:26}{1e3 * slope:10.2f}{start:12.2f}{total:12.2f}")
-    print(f"steady-state speed-up: {speedup:.2f}x (target >= 1.8 on 2 cores)")
+    print()
+    for size, result in results.items():
+        print(
+            f"{size} px: steady-state speed-up {result['pool']:.2f}x process pool (target >= 1.85), "
+            f"{result['dask']:.2f}x Dask (target >= 1.7) on {workers} cores; pool start-up {result['pool_start']:.2f} s "
+            "(target < 3 s)"
+        )
     print(f"machine's ceiling now (plain numpy work, {workers} processes): {parallel_ceiling(workers):.2f}x")
-    print(f"start-up: {proj_start:.2f} s (target < 3 s)")
     # The seed loop keeps one core busy: anything above 100/cores % is other work,
-    # which takes cores from the parallel run and skews the ratio.
+    # which takes cores from the parallel runs and skews the ratios.
     alone = 100.0 / (os.cpu_count() or 1)
-    print(f"machine busy during the seed loop: {seed_busy:.0f}% ({alone:.0f}% if nothing else runs)")
+    seed_busy = max(result["seed_busy"] for result in results.values())
+    print(f"machine busy during the seed loops: up to {seed_busy:.0f}% ({alone:.0f}% if nothing else runs)")
     if load > 0.5 or seed_busy > alone + 15:
         print(f"note: other processes were running (load average {load:.1f} at the start): figures are skewed")
 

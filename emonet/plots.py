@@ -1,5 +1,5 @@
-"""Evaluation figures as PNG files: emotion heatmaps, per-emotion bars, affect scatter
-and learning curves.
+"""Evaluation figures as PNG files: emotion heatmaps, per-emotion bars, affect scatter,
+learning curves and the face-visibility histogram.
 
 Figures are built on ``matplotlib.figure.Figure`` directly, not pyplot, so plotting
 needs no GUI backend, never changes the caller's backend and is safe from worker
@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from numpy.typing import ArrayLike
 
 from emonet.io import save_figure_atomic
@@ -30,6 +31,7 @@ __all__ = [
     "plot_learning_curves",
     "plot_per_emotion_metrics",
     "plot_true_vs_predicted",
+    "plot_visibility_histogram",
 ]
 
 # Cell annotations stay legible up to about this many labels per axis.
@@ -480,4 +482,58 @@ def plot_learning_curves(history: Sequence[Mapping[str, float]], path: str | Pat
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(f"Learning curves ({len(history)} epochs)", fontsize=13)
+    return save_figure_atomic(fig, path)
+
+
+def plot_visibility_histogram(scores: ArrayLike, path: str | Path, title: str | None = None) -> Path:
+    """Save a histogram of face-visibility scores as a PNG.
+
+    Bins are 5 points wide over [0, 100]; the counts of unreadable (NaN), no-face
+    (0) and whole-face (100) crops are shown in a text box, since on real crops the
+    score is nearly binary and those two bars dominate.
+
+    Parameters
+    ----------
+    scores : scores in [0, 100], NaN for unreadable crops.
+    path : the PNG to write (atomically).
+    title : figure title; a default one if None.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    nan_count = int(np.isnan(values).sum())
+    valid = values[~np.isnan(values)]
+    zero_count = int(np.count_nonzero(valid == 0.0))
+    full_count = int(np.count_nonzero(valid == 100.0))
+    partial_count = len(valid) - zero_count - full_count
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    ax.hist(valid, bins=np.linspace(0.0, 100.0, 21), color="tab:blue", edgecolor="white")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("Face visibility (% of Face Mesh landmarks inside the crop)")
+    ax.set_ylabel("Crops")
+    ax.set_title(title if title is not None else "Face visibility of body crops")
+    ax.grid(axis="y", alpha=0.3)
+    summary = (
+        f"crops: {len(values)}\n"
+        f"no face (0): {zero_count}\n"
+        f"partial (0-100): {partial_count}\n"
+        f"whole face (100): {full_count}\n"
+        f"unreadable (NaN): {nan_count}"
+    )
+    ax.text(
+        0.5,
+        0.97,
+        summary,
+        transform=ax.transAxes,
+        ha="center",
+        va="top",
+        fontsize=9,
+        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85},
+    )
     return save_figure_atomic(fig, path)

@@ -8,7 +8,10 @@ import logging
 import math
 import multiprocessing
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +21,31 @@ from tqdm.auto import tqdm
 from emonet.arrays import load_array
 from emonet.schema import FACE_VISIBILITY_COLUMN
 
-# This module is imported by every worker process (to find the worker functions), so
-# it imports only numpy, tqdm and emonet.schema at the top. ``emonet.data`` imports
-# torch (about 3 s on 2 cores) and ``emonet.io`` pandas: both are imported inside the
-# functions that run in the parent, never in a worker.
+# Worker processes (the local pool's and Dask's) import this module to find the
+# scoring functions, so its top level imports only numpy, tqdm and the torch- and
+# pandas-free emonet.arrays and emonet.schema. Writing CSVs (pandas) and plotting
+# (matplotlib) are imported inside the functions that run in the parent.
 
 logger = logging.getLogger(__name__)
 
 # The seed's Face Mesh settings. ``refine_landmarks=True`` adds the 10 iris landmarks,
 # so the mesh returns 478 points, not 468: the score divides by the number returned.
 FACE_MESH_OPTIONS: dict[str, Any] = {"static_image_mode": True, "max_num_faces": 1, "refine_landmarks": True}
+
+# Size limits of a scored crop. Face Mesh works on a 192 x 192 resize of the face,
+# so a crop with a longer side than MAX_SCORED_SIDE is subsampled (every k-th row and
+# column) to at most that side before scoring: the score, a ratio of landmarks inside
+# the crop, is kept, and only the rows used are read from a memory-mapped file. A crop
+# of more than MAX_CROP_PIXELS is scored NaN without reading it: no body crop of a
+# photo comes near (EMOTIC's largest photos have about 24 Mpx), and MediaPipe aborts
+# the whole process on images whose byte count overflows OpenCV's 32-bit sizes.
+MAX_SCORED_SIDE = 2048
+MAX_CROP_PIXELS = 100_000_000
+
+# Crop files smaller than this are read at once rather than memory-mapped (see
+# emonet.arrays.load_array): Face Mesh copies every pixel anyway, and mapping a small
+# file costs about as much as reading it twice.
+_READ_AT_ONCE_BYTES = 4 << 20
 
 # Unreadable crops are logged as warnings up to this many, then at DEBUG level, so a
 # wrong image folder does not bury the log under 23k identical warnings.
@@ -53,7 +71,9 @@ def face_visibility_score(crop: np.ndarray, face_mesh: Any) -> float:
 
     Raises
     ------
-    ValueError : ``crop`` is not an ``(H, W, 3)`` uint8 array.
+    ValueError : ``crop`` is not a non-empty ``(H, W, 3)`` uint8 array, or has more
+        than :data:`MAX_CROP_PIXELS` pixels. Crops with a side over
+        :data:`MAX_SCORED_SIDE` are subsampled, not refused.
 
     Examples
     --------
@@ -67,9 +87,7 @@ def face_visibility_score(crop: np.ndarray, face_mesh: Any) -> float:
         raise ValueError(f"expected an RGB uint8 crop of shape (H, W, 3), got shape {shape} dtype {dtype}")
     if crop.shape[0] == 0 or crop.shape[1] == 0:
         raise ValueError(f"expected a non-empty crop, got shape {crop.shape}")
-    # MediaPipe copies the pixels into its own image frame, so strided views and
-    # memory-mapped crops are passed as they are.
-    result = face_mesh.process(crop)
+    result = face_mesh.process(_fit_for_face_mesh(crop))
     faces = result.multi_face_landmarks
     if not faces:
         return 0.0
@@ -80,6 +98,22 @@ def face_visibility_score(crop: np.ndarray, face_mesh: Any) -> float:
     xy = xy.reshape(-1, 2)  # (L, 2) normalized x, y
     inside = np.count_nonzero(np.all((xy >= 0.0) & (xy <= 1.0), axis=1))
     return 100.0 * inside / len(xy)
+
+
+def _fit_for_face_mesh(crop: np.ndarray) -> np.ndarray:
+    """The crop within the size limits, C-contiguous, as MediaPipe needs it."""
+    height, width = crop.shape[:2]
+    if height * width > MAX_CROP_PIXELS:
+        raise ValueError(
+            f"crop of {height} x {width} px is over the limit of {MAX_CROP_PIXELS:,} px (MAX_CROP_PIXELS); not scored"
+        )
+    step = math.ceil(max(height, width) / MAX_SCORED_SIDE)
+    if step > 1:
+        crop = crop[::step, ::step]
+    # MediaPipe refuses read-only arrays that are not C-contiguous ("Reference mode is
+    # unavailable if 'data' is not c_contiguous"): Fortran-order .npy files map that
+    # way. A C-contiguous memory map passes through without a copy.
+    return np.ascontiguousarray(crop)
 
 
 class FaceVisibilityScorer:
@@ -123,36 +157,47 @@ class FaceVisibilityScorer:
 def _score_file(scorer: FaceVisibilityScorer, img_dir: str | Path, name: str) -> tuple[float, str | None]:
     """Score one crop file: ``(score, None)``, or ``(nan, reason)`` if it cannot be read."""
     try:
-        crop = load_array(img_dir, name)
+        crop = load_array(img_dir, name, mmap_min_bytes=_READ_AT_ONCE_BYTES)
         return scorer(crop), None
     except (OSError, ValueError) as err:
         return math.nan, str(err) or type(err).__name__
 
 
-# Per-process state of a pool worker: one Face Mesh, created by the initializer and
-# reused for every crop the worker is sent. No thread cap is needed: Face Mesh runs
-# single-threaded on CPU (measured 1.0 CPU-second per wall-second), so N workers use
-# N cores.
-_worker_scorer: FaceVisibilityScorer | None = None
-_worker_img_dir: str | None = None
-_worker_error: str | None = None
+# One Face Mesh per thread (a graph must not be run by two threads at once), created
+# on first use and kept for the life of the process: a pool worker or a Dask worker
+# creates one and reuses it for every crop it is sent, and a process that scores
+# shard after shard pays the start-up (0.2-0.5 s) once.
+_thread_state = threading.local()
 
 
-def _init_worker(img_dir: str) -> None:
-    global _worker_scorer, _worker_img_dir, _worker_error
-    _worker_img_dir = img_dir
-    try:
-        _worker_scorer = FaceVisibilityScorer()
-    except Exception as err:  # noqa: BLE001 - re-raised by every task, see below
-        # A Pool whose initializer raises replaces the dead worker forever and the
-        # parent hangs; failing each task instead sends the error to the parent.
-        _worker_error = f"{type(err).__name__}: {err}"
+def thread_scorer() -> FaceVisibilityScorer:
+    """This thread's Face Mesh, created on the first call and reused by later ones."""
+    scorer = getattr(_thread_state, "scorer", None)
+    if scorer is None:
+        scorer = _thread_state.scorer = FaceVisibilityScorer()
+    return scorer
 
 
-def _score_in_worker(name: str) -> tuple[float, str | None]:
-    if _worker_scorer is None or _worker_img_dir is None:
-        raise RuntimeError(f"could not create a Face Mesh in worker process {os.getpid()}: {_worker_error}")
-    return _score_file(_worker_scorer, _worker_img_dir, name)
+def score_names(img_dir: str | Path, names: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
+    """Score crops in this process with :func:`thread_scorer`, without a progress bar.
+
+    The unit of work sent to a pool worker: names go in, one float64 array and the
+    failures come back, so the parent handles a chunk, not each crop.
+
+    Returns
+    -------
+    tuple
+        Scores, float64 of shape ``(len(names),)`` (NaN where unreadable), and
+        ``{position in names: reason}`` for the unreadable crops.
+    """
+    scorer = thread_scorer()
+    scores = np.empty(len(names), dtype=np.float64)
+    failures: dict[int, str] = {}
+    for index, name in enumerate(names):
+        scores[index], reason = _score_file(scorer, img_dir, name)
+        if reason is not None:
+            failures[index] = reason
+    return scores, failures
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
@@ -181,6 +226,16 @@ def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def chunk_size(n_crops: int, workers: int) -> int:
+    """Crops per unit of work sent to a worker.
+
+    Up to 32 crops (0.06-0.3 s of work) make the per-chunk cost of sending names and
+    scores negligible, and at least 4 chunks per worker keep the workers evenly busy
+    to the end on small inputs.
+    """
+    return max(1, min(32, n_crops // (4 * workers)))
+
+
 def score_crops(
     img_dir: str | Path,
     crop_names: Sequence[str],
@@ -189,9 +244,10 @@ def score_crops(
 ) -> np.ndarray:
     """Face visibility of many crops, in parallel, in input order.
 
-    Each worker process creates one Face Mesh and reuses it. Workers are sent crop
-    names, not pixels, and read the crops themselves, so memory does not grow with
-    the number of crops. Workers are started with 'forkserver' (see
+    Each worker process creates one Face Mesh and reuses it. Workers are sent chunks
+    of crop names, not pixels, read the crops themselves and send back one array of
+    scores per chunk, so memory does not grow with the number of crops and the parent
+    does little work per crop. Workers are started with 'forkserver' (see
     ``_pool_context``), so a script that calls this with ``workers > 1`` needs the
     usual ``if __name__ == "__main__":`` guard.
 
@@ -200,20 +256,24 @@ def score_crops(
     img_dir : folder holding the ``.npy`` crops.
     crop_names : file names of the crops in ``img_dir`` (e.g. the CSV's ``Crop_name``).
     workers : number of worker processes; ``None`` uses every available core. With 1
-        (or a single crop) the crops are scored in this process, without a pool.
+        (or a single crop) the crops are scored in this process, without a pool, by
+        this thread's Face Mesh (:func:`thread_scorer`, kept for later calls).
     progress : show a tqdm progress bar.
 
     Returns
     -------
     np.ndarray
         float64, shape ``(len(crop_names),)``: scores in [0, 100], NaN where the crop
-        is missing or unreadable (logged with the file name and the reason; their
+        is missing, unreadable, a link out of ``img_dir`` or over
+        :data:`MAX_CROP_PIXELS` (logged with the file name and the reason; their
         count is ``np.isnan(result).sum()``).
 
     Raises
     ------
     FileNotFoundError : ``img_dir`` is not a folder.
     ValueError : ``workers`` is less than 1.
+    RuntimeError : a worker process died (killed, out of memory, a crash in native
+        code); the other workers are stopped and no scores are returned.
     """
     img_dir = Path(img_dir)
     if not img_dir.is_dir():
@@ -228,35 +288,71 @@ def score_crops(
     workers = min(workers, max(n, 1))
     failures = 0
 
-    def record(index: int, score: float, reason: str | None) -> None:
+    def record_failure(index: int, reason: str) -> None:
         nonlocal failures
-        scores[index] = score
-        if reason is not None:
-            failures += 1
-            if failures <= _MAX_LOGGED_FAILURES:
-                logger.warning("%s: face visibility set to NaN: %s", names[index], reason)
-            else:
-                if failures == _MAX_LOGGED_FAILURES + 1:
-                    logger.warning("more unreadable crops: logged at DEBUG level from now on, counted at the end")
-                logger.debug("%s: face visibility set to NaN: %s", names[index], reason)
+        failures += 1
+        if failures <= _MAX_LOGGED_FAILURES:
+            logger.warning("%s: face visibility set to NaN: %s", names[index], reason)
+        else:
+            if failures == _MAX_LOGGED_FAILURES + 1:
+                logger.warning("more unreadable crops: logged at DEBUG level from now on, counted at the end")
+            logger.debug("%s: face visibility set to NaN: %s", names[index], reason)
 
     with tqdm(total=n, desc="face visibility", unit="crop", disable=not progress) as bar:
         if workers == 1:
-            with FaceVisibilityScorer() as scorer:
-                for index, name in enumerate(names):
-                    record(index, *_score_file(scorer, img_dir, name))
-                    bar.update()
+            scorer = thread_scorer()
+            for index, name in enumerate(names):
+                scores[index], reason = _score_file(scorer, img_dir, name)
+                if reason is not None:
+                    record_failure(index, reason)
+                bar.update()
         else:
-            # Chunks of ~32 crops (~0.1 s of work) make the per-task pickling cost
-            # negligible; small inputs get smaller chunks so all workers get some.
-            chunksize = max(1, min(32, n // (4 * workers)))
-            with _pool_context().Pool(workers, initializer=_init_worker, initargs=(str(img_dir),)) as pool:
-                for index, (score, reason) in enumerate(pool.imap(_score_in_worker, names, chunksize=chunksize)):
-                    record(index, score, reason)
-                    bar.update()
+            _score_in_pool(img_dir, names, workers, scores, record_failure, bar)
     if failures:
         logger.warning("%d of %d crops could not be read; their face visibility is NaN", failures, n)
     return scores
+
+
+def _score_in_pool(
+    img_dir: Path,
+    names: list[str],
+    workers: int,
+    scores: np.ndarray,
+    record_failure: Callable[[int, str], None],
+    bar: tqdm,
+) -> None:
+    """Fill ``scores`` from a pool of ``workers`` processes, chunk by chunk.
+
+    ``concurrent.futures`` rather than ``multiprocessing.Pool``: when a worker dies
+    (SIGKILL, out of memory, an abort in MediaPipe's native code) the executor fails
+    every pending chunk with ``BrokenProcessPool``, where a ``Pool`` waits for ever
+    for the lost results.
+    """
+    size = chunk_size(len(names), workers)
+    executor = ProcessPoolExecutor(workers, mp_context=_pool_context())
+    try:
+        chunks = {
+            executor.submit(score_names, str(img_dir), names[start : start + size]): start
+            for start in range(0, len(names), size)
+        }
+        for future in as_completed(chunks):
+            start = chunks[future]
+            try:
+                chunk_scores, chunk_failures = future.result()
+            except BrokenProcessPool as err:
+                raise RuntimeError(
+                    f"a face-visibility worker process died (killed, out of memory or a crash in native code) "
+                    f"while scoring {len(names)} crops of {img_dir}; the other workers were stopped and no "
+                    f"scores were returned"
+                ) from err
+            scores[start : start + len(chunk_scores)] = chunk_scores
+            for offset, reason in chunk_failures.items():
+                record_failure(start + offset, reason)
+            bar.update(len(chunk_scores))
+    finally:
+        # Pending chunks are dropped at once on an error or Ctrl-C; the running ones
+        # end within one chunk.
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,13 +363,13 @@ class VisibilityResult:
     ----------
     out_csv : the CSV written (input columns plus ``Face_Visibility``).
     plot_path : the histogram PNG, or None.
-    rows : rows in the output (rows ``load_annotations`` rejected are not in it).
+    rows : rows in the output (every valid row; rows with invalid VAD are kept, their affect masked).
     scored : rows with a score (crop read).
     failed : rows whose crop was missing or unreadable (score NaN).
     with_face : rows with a face found (score > 0).
     full : rows with the whole face inside the crop (score == 100).
     mean : mean score over scored rows (NaN if none).
-    rejected_rows : input rows dropped by ``load_annotations`` (invalid VAD).
+    rejected_rows : input rows dropped by ``load_annotations`` (only with ``invalid_affect="drop"``).
     """
 
     out_csv: Path
@@ -285,6 +381,17 @@ class VisibilityResult:
     full: int
     mean: float
     rejected_rows: int = 0
+
+    def counts(self) -> dict[str, int | float]:
+        """The counts and the mean alone, e.g. for MLflow metrics."""
+        return {
+            "rows": self.rows,
+            "scored": self.scored,
+            "failed": self.failed,
+            "with_face": self.with_face,
+            "full": self.full,
+            "mean": self.mean,
+        }
 
     def as_dict(self) -> dict[str, Any]:
         """Plain types (paths as strings), for JSON, MLflow or Prefect artifacts."""
@@ -299,6 +406,74 @@ def _same_file(a: Path, b: Path) -> bool:
         return True
     # Also catches hard links and case-insensitive file systems.
     return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
+def write_visibility_csv(
+    annotations_csv: str | Path, scores: Sequence[float] | np.ndarray, out_csv: str | Path
+) -> VisibilityResult:
+    """Write a copy of a split's CSV with ``Face_Visibility`` set to ``scores``.
+
+    The CSV is read as it is, without validation: ``scores`` holds one value per data
+    row in file order, as :func:`score_crops` returns for its ``Crop_name`` column
+    (the flow scores shards of rows this way and validates rows later). The input is
+    never modified; the copy keeps every column and is written atomically.
+
+    Returns
+    -------
+    VisibilityResult
+        Counts and mean of ``scores`` (``plot_path`` None, ``rejected_rows`` 0).
+
+    Raises
+    ------
+    ValueError : ``out_csv`` is the input CSV (same path, a link or a hard link), or
+        the number of scores differs from the number of rows.
+    """
+    import pandas as pd
+
+    annotations_csv, out_csv = Path(annotations_csv), Path(out_csv)
+    _check_not_input(out_csv, annotations_csv)
+    df = pd.read_csv(annotations_csv)
+    values = np.asarray(scores, dtype=np.float64)
+    if values.shape != (len(df),):
+        raise ValueError(f"{annotations_csv}: {values.size} face-visibility scores for {len(df)} rows")
+    return _write_scored(df, values, annotations_csv, out_csv)
+
+
+def _check_not_input(out_csv: Path, annotations_csv: Path) -> None:
+    if _same_file(out_csv, annotations_csv):
+        raise ValueError(f"out_csv must differ from the input CSV (never overwritten): {out_csv}")
+
+
+def _write_scored(df: Any, scores: np.ndarray, annotations_csv: Path, out_csv: Path) -> VisibilityResult:
+    """Add (or replace) the ``Face_Visibility`` column, write ``df`` and summarize."""
+    from emonet.io import write_csv_atomic
+
+    if FACE_VISIBILITY_COLUMN in df.columns:
+        logger.info("%s already has %s; replacing it", annotations_csv.name, FACE_VISIBILITY_COLUMN)
+    df[FACE_VISIBILITY_COLUMN] = scores
+    write_csv_atomic(df, out_csv)
+    scored = scores[~np.isnan(scores)]
+    result = VisibilityResult(
+        out_csv=out_csv,
+        plot_path=None,
+        rows=len(scores),
+        scored=len(scored),
+        failed=len(scores) - len(scored),
+        with_face=int(np.count_nonzero(scored > 0)),
+        full=int(np.count_nonzero(scored == 100.0)),
+        mean=float(scored.mean()) if len(scored) else math.nan,
+        rejected_rows=int(df.attrs.get("rejected_rows", 0)),
+    )
+    logger.info(
+        "face visibility of %d rows written to %s: %d with a face (%d whole), %d unreadable (NaN), mean %.1f",
+        result.rows,
+        out_csv,
+        result.with_face,
+        result.full,
+        result.failed,
+        result.mean,
+    )
+    return result
 
 
 def add_face_visibility(
@@ -317,7 +492,7 @@ def add_face_visibility(
     Parameters
     ----------
     annotations_csv : an ``annot_arrs_<split>.csv`` (or a CSV derived from one),
-        read with :func:`emonet.data.load_annotations`.
+        read with :func:`emonet.annotations.load_annotations`.
     img_dir : folder with the ``.npy`` arrays named in ``Crop_name``.
     out_csv : where to write the copy (atomically).
     workers : worker processes for :func:`score_crops`; ``None`` for all cores.
@@ -336,15 +511,14 @@ def add_face_visibility(
         ``plot_path``, the CSV is invalid (see ``load_annotations``), or no crop at
         all could be read (most likely a wrong ``img_dir``).
     """
-    # Imported here, not at the top: emonet.data imports torch and emonet.io pandas,
-    # and worker processes import this module.
+    # Imported here, not at the top: worker processes import this module and need
+    # neither pandas nor matplotlib.
     from emonet.annotations import load_annotations
-    from emonet.io import write_csv_atomic
+    from emonet.plots import plot_visibility_histogram
 
     annotations_csv, img_dir, out_csv = Path(annotations_csv), Path(img_dir), Path(out_csv)
     plot_path = None if plot_path is None else Path(plot_path)
-    if _same_file(out_csv, annotations_csv):
-        raise ValueError(f"out_csv must differ from the input CSV (never overwritten): {out_csv}")
+    _check_not_input(out_csv, annotations_csv)
     if plot_path is not None and (_same_file(plot_path, annotations_csv) or _same_file(plot_path, out_csv)):
         raise ValueError(f"plot_path must differ from the input and output CSVs: {plot_path}")
     if not img_dir.is_dir():
@@ -358,97 +532,11 @@ def add_face_visibility(
             f"none of the {failed} crops named in {annotations_csv.name} could be read from {img_dir} "
             "(see the warnings above); nothing written"
         )
-    if FACE_VISIBILITY_COLUMN in df.columns:
-        logger.info("%s already has %s; replacing it", annotations_csv.name, FACE_VISIBILITY_COLUMN)
-    df[FACE_VISIBILITY_COLUMN] = scores
-    write_csv_atomic(df, out_csv)
-
-    scored = scores[~np.isnan(scores)]
-    result = VisibilityResult(
-        out_csv=out_csv,
-        plot_path=None,
-        rows=len(scores),
-        scored=len(scored),
-        failed=failed,
-        with_face=int(np.count_nonzero(scored > 0)),
-        full=int(np.count_nonzero(scored == 100.0)),
-        mean=float(scored.mean()),
-        rejected_rows=int(df.attrs.get("rejected_rows", 0)),
-    )
+    result = _write_scored(df, scores, annotations_csv, out_csv)
     if plot_path is not None:
         title = f"Face visibility: {annotations_csv.name}"
         result = dataclasses.replace(result, plot_path=plot_visibility_histogram(scores, plot_path, title=title))
-    logger.info(
-        "face visibility of %d rows written to %s: %d with a face (%d whole), %d unreadable (NaN), mean %.1f",
-        result.rows,
-        out_csv,
-        result.with_face,
-        result.full,
-        result.failed,
-        result.mean,
-    )
     return result
-
-
-def plot_visibility_histogram(scores: np.ndarray | Sequence[float], path: str | Path, title: str | None = None) -> Path:
-    """Save a histogram of face-visibility scores as a PNG.
-
-    Bins are 5 points wide over [0, 100]; the counts of unreadable (NaN), no-face
-    (0) and whole-face (100) crops are shown in a text box, since on real crops the
-    score is nearly binary and those two bars dominate.
-
-    Parameters
-    ----------
-    scores : scores in [0, 100], NaN for unreadable crops.
-    path : the PNG to write (atomically).
-    title : figure title; a default one if None.
-
-    Returns
-    -------
-    Path
-        ``path``.
-    """
-    # A bare Figure renders with the Agg canvas without touching pyplot's global
-    # backend, so this works headless and from worker threads.
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    from emonet.io import save_figure_atomic
-
-    values = np.asarray(scores, dtype=np.float64).ravel()
-    nan_count = int(np.isnan(values).sum())
-    valid = values[~np.isnan(values)]
-    zero_count = int(np.count_nonzero(valid == 0.0))
-    full_count = int(np.count_nonzero(valid == 100.0))
-    partial_count = len(valid) - zero_count - full_count
-
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.add_subplot()
-    ax.hist(valid, bins=np.linspace(0.0, 100.0, 21), color="tab:blue", edgecolor="white")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlim(0, 100)
-    ax.set_xlabel("Face visibility (% of Face Mesh landmarks inside the crop)")
-    ax.set_ylabel("Crops")
-    ax.set_title(title if title is not None else "Face visibility of body crops")
-    ax.grid(axis="y", alpha=0.3)
-    summary = (
-        f"crops: {len(values)}\n"
-        f"no face (0): {zero_count}\n"
-        f"partial (0-100): {partial_count}\n"
-        f"whole face (100): {full_count}\n"
-        f"unreadable (NaN): {nan_count}"
-    )
-    ax.text(
-        0.5,
-        0.97,
-        summary,
-        transform=ax.transAxes,
-        ha="center",
-        va="top",
-        fontsize=9,
-        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85},
-    )
-    return save_figure_atomic(fig, path)
 
 
 # Windows (rows, columns) of skimage's 512 x 512 astronaut photo, whose face spans

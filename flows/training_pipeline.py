@@ -58,8 +58,13 @@ def prepare_data(
     visibility_workers: PositiveInt | None = None,
     visibility_parallel_shards: PositiveInt = 1,
     filter_test_by_visibility: bool = False,
+    dask_address: str = "",
 ) -> dict[str, Any]:
     """Face visibility (cached per shard) and affect normalization (cached) of every split.
+
+    With ``dask_address`` set (``local``, or a scheduler such as ``tcp://host:8786``)
+    the shards are scored on that Dask cluster (``flows.visibility``) and
+    ``visibility_workers``/``visibility_parallel_shards`` do not apply.
 
     Writes ``<output_dir>/visibility/`` (CSV copies with ``Face_Visibility`` and
     histograms) and ``<output_dir>/normalized/`` (``normalized_dataset_<split>.csv``,
@@ -74,14 +79,23 @@ def prepare_data(
     # Each shard already uses `visibility_workers` processes: run `parallel_shards` at a
     # time so the machine is not oversubscribed (on a cluster runner, raise it).
     scores: dict[str, list[float]] = {split: [] for split in SPLITS}
-    for wave_start in range(0, len(shards), visibility_parallel_shards):
-        wave = shards[wave_start : wave_start + visibility_parallel_shards]
-        futures = [
-            score_visibility_shard.submit(csv_path, img_dir, start, stop, visibility_workers)
-            for _, csv_path, start, stop in wave
-        ]
-        for (split, *_), future in zip(wave, futures):
-            scores[split] += future.result()
+    if dask_address:
+        # Imported only here: dask and distributed add half a second to every import
+        # of this module, forkserver workers' included.
+        from flows.visibility import score_visibility_on_dask
+
+        shard_scores = score_visibility_on_dask([shard[1:] for shard in shards], img_dir, dask_address)
+        for (split, *_), values in zip(shards, shard_scores):
+            scores[split] += values
+    else:
+        for wave_start in range(0, len(shards), visibility_parallel_shards):
+            wave = shards[wave_start : wave_start + visibility_parallel_shards]
+            futures = [
+                score_visibility_shard.submit(csv_path, img_dir, start, stop, visibility_workers)
+                for _, csv_path, start, stop in wave
+            ]
+            for (split, *_), future in zip(wave, futures):
+                scores[split] += future.result()
 
     visibility_dir = output_dir / "visibility"
     visibility = write_visibility({split: annotations_path(data_root, split) for split in SPLITS}, scores, visibility_dir)
@@ -128,6 +142,7 @@ def emonet_training_pipeline(
     visibility_shard_size: PositiveInt = 2000,
     visibility_workers: PositiveInt | None = None,
     visibility_parallel_shards: PositiveInt = 1,
+    dask_address: str = "",
     experiment_name: str = "emonet",
     registered_model_name: str | None = None,
     min_improvement: Annotated[float, Field(ge=0)] = 0.0,
@@ -154,6 +169,9 @@ def emonet_training_pipeline(
         visibility_shard_size: Rows per cached face-visibility shard.
         visibility_workers: Face Mesh processes per shard (default: all cores).
         visibility_parallel_shards: Shards scored at the same time.
+        dask_address: Score face-visibility shards on Dask: empty for this machine's
+            process pool, `local` for a LocalCluster on this machine, or a scheduler
+            address such as `tcp://10.0.0.5:8786`.
         experiment_name: MLflow experiment.
         registered_model_name: MLflow registered model that receives the new version;
             default `emonet` with `data_root`, `emonet-demo` on the demo data.
@@ -187,6 +205,7 @@ def emonet_training_pipeline(
             visibility_workers,
             visibility_parallel_shards,
             filter_test_by_visibility=filter_test_by_visibility,
+            dask_address=dask_address,
         )
         normalized, normalization_json = data["normalized"], data["normalization_json"]
         log_dataset_summary(run_id, data["frames"], data["counts"], data["visibility"], data["visibility_dir"])

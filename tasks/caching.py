@@ -4,13 +4,13 @@ Prefect hashes a ``Path`` argument by its string, so a task keyed on its inputs 
 would return a stale result after the file behind the path changed. These policies add
 a fingerprint of the files themselves: CSVs by content (they are small), image arrays
 by size and modification time (hashing gigabytes of pixels would cost more than the
-work it saves), and the source of the library module that computes the result.
+work it saves), and the source of every library module whose code shapes the result.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
+import importlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,9 +19,15 @@ import pandas as pd
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
 from prefect.context import TaskRunContext
 
-import emonet.normalize
-import emonet.visibility
-
+# The library modules whose code shapes each cached result, directly or through the
+# rows and arrays it reads: the scoring or normalization itself, row validation
+# (emonet.annotations), the affect scale map (emonet.affect), array reading and its
+# checks (emonet.arrays) and the column names and scales (emonet.schema). TASK_SOURCE covers only the task's own body. Add a module here
+# when a cached task starts to depend on it.
+VISIBILITY_MODULES: tuple[str, ...] = ("emonet.visibility", "emonet.arrays", "emonet.annotations", "emonet.schema")
+NORMALIZE_MODULES: tuple[str, ...] = (
+    "emonet.normalize", "emonet.affect", "emonet.annotations", "emonet.arrays", "emonet.schema",
+)
 
 
 def content_digest(path: str | Path) -> str:
@@ -45,27 +51,33 @@ def stat_digest(paths: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
-def _module_digest(module: object) -> str:
-    # TASK_SOURCE covers only the task's own body; a change to the library code that
-    # computes the result must invalidate the cache too.
-    return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()
+def module_digest(module_name: str) -> str:
+    """SHA-256 of the source file of an importable module (imported if needed)."""
+    source = getattr(importlib.import_module(module_name), "__file__", None)
+    if source is None or not source.endswith(".py"):
+        raise ValueError(f"module {module_name!r} has no source file to fingerprint")
+    return content_digest(source)
 
 
-VISIBILITY_CODE = _module_digest(emonet.visibility)
-NORMALIZE_CODE = _module_digest(emonet.normalize)
+def code_digest(module_names: Iterable[str]) -> str:
+    """One digest of the sources of ``module_names``, in the order given."""
+    digest = hashlib.sha256()
+    for name in module_names:
+        digest.update(f"{name}:{module_digest(name)};".encode())
+    return digest.hexdigest()
 
 
 def _visibility_shard_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     csv_path = Path(parameters["annotations_csv"])
     img_dir = Path(parameters["img_dir"])
     names = pd.read_csv(csv_path, usecols=["Crop_name"])["Crop_name"].iloc[parameters["start"] : parameters["stop"]]
-    return VISIBILITY_CODE + content_digest(csv_path) + stat_digest(img_dir / str(name) for name in names)
+    return code_digest(VISIBILITY_MODULES) + content_digest(csv_path) + stat_digest(img_dir / str(name) for name in names)
 
 
 def _csv_contents_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Contents of every CSV passed in ``csv_paths`` (a split -> path mapping)."""
     csv_paths = sorted(parameters["csv_paths"].items())
-    parts = [NORMALIZE_CODE] + [f"{split}:{content_digest(path)}" for split, path in csv_paths]
+    parts = [code_digest(NORMALIZE_MODULES)] + [f"{split}:{content_digest(path)}" for split, path in csv_paths]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 

@@ -13,10 +13,10 @@ from prefect.tasks import exponential_backoff
 
 from emonet.annotations import load_annotations
 from emonet.demo_data import make_demo_data
-from emonet.io import write_csv_atomic
 from emonet.normalize import AffectNormalizer, normalize_frames, write_normalized
-from emonet.schema import FACE_VISIBILITY_COLUMN, SPLITS, annotations_path
-from emonet.visibility import plot_visibility_histogram, score_crops
+from emonet.plots import plot_visibility_histogram
+from emonet.schema import SPLITS, annotations_path
+from emonet.visibility import score_crops, write_visibility_csv
 from tasks.caching import CSV_CONTENTS_CACHE, VISIBILITY_SHARD_CACHE
 
 # File-system hiccups (network shares, a busy disk) are the plausible transient failures.
@@ -56,22 +56,13 @@ def score_visibility_shard(annotations_csv: Path, img_dir: Path, start: int, sto
 def write_visibility(
     annotation_csvs: dict[str, Path], scores: dict[str, list[float]], out_dir: Path
 ) -> dict[str, dict[str, Any]]:
-    """Per split, a copy of the CSV with ``Face_Visibility`` in ``out_dir``; one
-    histogram of all splits; and per-split counts (rows, unreadable, with a face, mean)."""
-    summary = {}
-    for split, csv_path in annotation_csvs.items():
-        df = pd.read_csv(csv_path)
-        values = np.asarray(scores[split], dtype=np.float64)
-        if len(values) != len(df):
-            raise ValueError(f"{csv_path}: {len(values)} visibility scores for {len(df)} rows")
-        df[FACE_VISIBILITY_COLUMN] = values
-        write_csv_atomic(df, Path(out_dir) / csv_path.name)
-        summary[split] = {
-            "rows": len(values),
-            "unreadable": int(np.isnan(values).sum()),
-            "with_face": int((values > 0).sum()),
-            "mean": float(np.nanmean(values)) if np.isfinite(values).any() else float("nan"),
-        }
+    """Per split, a copy of the CSV with ``Face_Visibility`` in ``out_dir`` and its
+    counts (rows, scored, failed, with a face, whole face, mean); one histogram of all
+    splits."""
+    summary = {
+        split: write_visibility_csv(csv_path, scores[split], Path(out_dir) / csv_path.name).counts()
+        for split, csv_path in annotation_csvs.items()
+    }
     all_scores = np.concatenate([np.asarray(scores[split], dtype=np.float64) for split in annotation_csvs])
     plot_visibility_histogram(all_scores, Path(out_dir) / "face_visibility.png", title="Face visibility, all splits")
     return summary

@@ -22,6 +22,7 @@ from emonet.plots import (
     plot_learning_curves,
     plot_per_emotion_metrics,
     plot_true_vs_predicted,
+    plot_visibility_histogram,
 )
 from emonet.schema import NUM_EMOTIONS
 
@@ -100,6 +101,14 @@ def test_plot_affect_scatter(tmp_path: Path) -> None:
         plot_affect_scatter(affect_true, affect_pred[:, 0], tmp_path / "x.png")
     with pytest.raises(ValueError, match="same shape"):
         plot_affect_scatter(affect_true, affect_pred[:10], tmp_path / "x.png")
+
+
+@pytest.mark.parametrize(
+    "scores", [[0.0, 0.0, 50.0, 100.0, np.nan], [np.nan, np.nan], []], ids=["mixed", "all-nan", "empty"]
+)
+def test_plot_visibility_histogram(tmp_path: Path, scores) -> None:
+    path = tmp_path / "plots" / "h.png"
+    assert_png(path, plot_visibility_histogram(np.asarray(scores), path, title="val"), 600, 400)
 
 
 def full_history(epochs: int = 4) -> list[dict[str, float]]:

@@ -758,7 +758,8 @@ def test_demo_flow_registers_apart_and_closes_a_killed_flows_run(prefect_env, tm
         killed = client.create_run(experiment_id, tags={FLOW_RUN_TAG: str(uuid.uuid4()), **_dead_process_tags()})
         summary = emonet_training_pipeline(
             demo_dir=demo_dir, output_dir=tmp_path / "outputs", experiment_name="registry-flow",
-            image_size=32, epochs=1, batch_size=8, num_workers=0, visibility_workers=1, visibility_shard_size=16,
+            config={"model": {"backbone": "resnet18"}, "train": {"image_size": 32, "epochs": 1, "num_workers": 0}},
+            batch_size=8, visibility_workers=1, visibility_shard_size=16,
         )
     run_id = summary["mlflow_run_id"]
     assert summary["registered_model"] == "emonet-demo"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,17 +14,21 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import emonet.visibility as visibility
 from emonet.annotations import load_annotations
 from emonet.arrays import load_array
 from emonet.schema import FACE_VISIBILITY_COLUMN, annotations_path, arrays_dir, crop_name
 from emonet.visibility import (
+    MAX_CROP_PIXELS,
     FaceVisibilityScorer,
     VisibilityResult,
     add_face_visibility,
+    default_workers,
     example_crop,
     face_visibility_score,
-    plot_visibility_histogram,
     score_crops,
+    score_names,
+    write_visibility_csv,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -231,15 +237,6 @@ def test_add_face_visibility_with_no_readable_crop(fake_archive, tmp_path):
 # --- helpers ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "scores", [[0.0, 0.0, 50.0, 100.0, np.nan], [np.nan, np.nan], []], ids=["mixed", "all-nan", "empty"]
-)
-def test_histogram_is_written(tmp_path, scores):
-    path = plot_visibility_histogram(np.asarray(scores), tmp_path / "plots" / "h.png", title="val")
-    assert path == tmp_path / "plots" / "h.png"
-    assert path.read_bytes().startswith(PNG_MAGIC)
-
-
 def test_example_crop_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind"):
         example_crop("profile")
@@ -257,18 +254,226 @@ def test_strided_and_memory_mapped_crops_score_like_copies(scorer, tmp_path):
     assert scorer(mapped) == scorer(wide) == scorer(crop)
 
 
-def test_worker_that_cannot_create_a_face_mesh_fails_its_tasks(monkeypatch):
-    # A raising Pool initializer would make the pool respawn workers forever; the
-    # error must instead reach the parent through the first task.
-    import emonet.visibility as visibility
-
+def test_a_face_mesh_that_cannot_be_created_fails_the_chunk(monkeypatch):
+    # The error must reach the parent through the chunk's result, not kill the worker.
     def broken() -> None:
         raise ImportError("no mediapipe here")
 
     monkeypatch.setattr(visibility, "FaceVisibilityScorer", broken)
-    monkeypatch.setattr(visibility, "_worker_scorer", None)
-    monkeypatch.setattr(visibility, "_worker_img_dir", None)
-    monkeypatch.setattr(visibility, "_worker_error", None)
-    visibility._init_worker("/nowhere")
-    with pytest.raises(RuntimeError, match="no mediapipe here"):
-        visibility._score_in_worker("crop.npy")
+    monkeypatch.setattr(visibility, "_thread_state", threading.local())
+    with pytest.raises(ImportError, match="no mediapipe here"):
+        score_names("/nowhere", ["crop.npy"])
+
+
+def test_one_face_mesh_per_thread_is_reused(monkeypatch, crop_dir):
+    created = []
+
+    class CountingScorer(FaceVisibilityScorer):
+        def __init__(self) -> None:
+            created.append(threading.get_ident())
+            super().__init__()
+
+    monkeypatch.setattr(visibility, "FaceVisibilityScorer", CountingScorer)
+    monkeypatch.setattr(visibility, "_thread_state", threading.local())
+    folder, names = crop_dir
+    first = score_crops(folder, names, workers=1, progress=False)
+    second, failures = score_names(folder, names)
+    np.testing.assert_array_equal(first, second)
+    assert sorted(failures) == [6, 7]
+    assert len(created) == 1
+    other_thread = threading.Thread(target=score_names, args=(folder, names[:1]))
+    other_thread.start()
+    other_thread.join()
+    assert len(created) == 2 and created[1] != created[0]
+
+
+# --- hostile and unusual arrays ----------------------------------------------------
+
+
+def test_fortran_order_crop_scores_like_c_order(tmp_path):
+    # A valid .npy in Fortran order maps as a read-only, non-C-contiguous array,
+    # which MediaPipe refused ("not c_contiguous"): it scored NaN.
+    crop = example_crop("partial", 160)
+    np.save(tmp_path / "c.npy", crop)
+    np.save(tmp_path / "f.npy", np.asfortranarray(crop))
+    assert not load_array(tmp_path, "f.npy").flags["C_CONTIGUOUS"]
+    in_process = score_crops(tmp_path, ["c.npy", "f.npy"] * 2, workers=1, progress=False)
+    pooled = score_crops(tmp_path, ["c.npy", "f.npy"] * 2, workers=2, progress=False)
+    assert 0.0 < in_process[0] < 100.0
+    np.testing.assert_array_equal(in_process, np.full(4, in_process[0]))
+    np.testing.assert_array_equal(pooled, in_process)
+
+
+def write_sparse_crop(path: Path, height: int, width: int) -> None:
+    """A valid .npy whose header declares height x width x 3, as a sparse file: the
+    pixels are a hole, so it takes a few KB on disk whatever its size."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(height, width, 3))
+    del array
+    assert path.stat().st_size > height * width * 3
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_oversize_crop_scores_nan_with_a_reason(tmp_path, caplog, workers):
+    # MediaPipe aborted the process on it (rc 134) with workers=1, and the pool hung.
+    write_sparse_crop(tmp_path / "huge.npy", 100_000, 100_000)
+    np.save(tmp_path / "face.npy", example_crop("whole", 128))
+    with caplog.at_level(logging.WARNING, logger="emonet.visibility"):
+        scores = score_crops(tmp_path, ["huge.npy", "face.npy"] * 2, workers=workers, progress=False)
+    assert np.isnan(scores[0]) and np.isnan(scores[2])
+    assert scores[1] == scores[3] == 100.0
+    messages = "\n".join(record.getMessage() for record in caplog.records)
+    assert "huge.npy" in messages and "100000 x 100000 px is over the limit" in messages
+    assert 100_000 * 100_000 > MAX_CROP_PIXELS
+
+
+def test_large_crop_is_subsampled_before_scoring(monkeypatch):
+    shapes: list[tuple[int, ...]] = []
+    landmarks = fake_mesh([(0.5, 0.5)] * 10)
+    recording = SimpleNamespace(process=lambda image: shapes.append(image.shape) or landmarks.process(image))
+    monkeypatch.setattr(visibility, "MAX_SCORED_SIDE", 100)
+    assert face_visibility_score(np.zeros((450, 230, 3), np.uint8), recording) == 100.0
+    assert face_visibility_score(np.zeros((100, 60, 3), np.uint8), recording) == 100.0
+    assert shapes == [(90, 46, 3), (100, 60, 3)]  # every 5th pixel; a crop within the limit as it is
+
+
+def test_subsampling_keeps_the_score(scorer, monkeypatch):
+    # Visibility is a ratio of landmarks inside the crop: a crop subsampled to half
+    # its side keeps a whole face whole and a cut face cut.
+    whole, partial = example_crop("whole"), example_crop("partial")  # about 400 x 230
+    monkeypatch.setattr(visibility, "MAX_SCORED_SIDE", 200)
+    assert scorer(whole) == 100.0
+    assert 0.0 < scorer(partial) < 100.0
+
+
+def _exit_on_poison(img_dir: str, names: list[str]):
+    """Stands in for ``score_names`` in pool workers: a worker sent the crop named
+    "poison.npy" dies at once, as on a SIGKILL or an abort in native code."""
+    if "poison.npy" in names:
+        os._exit(70)
+    return visibility.score_names(img_dir, names)
+
+
+def test_a_dead_worker_fails_the_call_instead_of_hanging(crop_dir, monkeypatch):
+    folder, names = crop_dir
+    monkeypatch.setattr(visibility, "score_names", _exit_on_poison)
+    outcome: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            score_crops(folder, names[:4] * 4 + ["poison.npy"] + names[:4] * 4, workers=2, progress=False)
+        except BaseException as err:  # noqa: BLE001 - handed to the test thread
+            outcome["error"] = err
+
+    # A daemon thread, so that a hang fails this test instead of blocking the suite.
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "score_crops hung after a worker process died"
+    assert isinstance(outcome.get("error"), RuntimeError)
+    assert "worker process died" in str(outcome["error"]) and str(folder) in str(outcome["error"])
+
+
+def test_link_out_of_the_image_folder_scores_nan(tmp_path, caplog):
+    img_dir, outside = tmp_path / "img_arrs", tmp_path / "outside"
+    img_dir.mkdir()
+    outside.mkdir()
+    np.save(outside / "face.npy", example_crop("whole", 128))
+    (img_dir / "escape.npy").symlink_to(outside / "face.npy")
+    np.save(img_dir / "face.npy", example_crop("whole", 128))
+    with caplog.at_level(logging.WARNING, logger="emonet.visibility"):
+        scores = score_crops(img_dir, ["escape.npy", "face.npy"], workers=1, progress=False)
+    assert np.isnan(scores[0]) and scores[1] == 100.0
+    assert "escape.npy" in caplog.text and "outside the image folder" in caplog.text
+
+
+# --- the column the flow writes ----------------------------------------------------
+
+
+def test_write_visibility_csv_writes_every_row_and_never_the_input(fake_archive, tmp_path):
+    csv_path = annotations_path(fake_archive, "train")
+    before = csv_path.read_bytes()
+    scores = [100.0, np.nan, 0.0, 50.0, 0.0, 100.0]
+    out_csv = tmp_path / "vis" / csv_path.name
+
+    result = write_visibility_csv(csv_path, scores, out_csv)
+
+    written = pd.read_csv(out_csv)
+    np.testing.assert_array_equal(written[FACE_VISIBILITY_COLUMN].to_numpy(), np.asarray(scores))
+    pd.testing.assert_frame_equal(written.drop(columns=FACE_VISIBILITY_COLUMN), pd.read_csv(csv_path))
+    assert result.counts() == {"rows": 6, "scored": 5, "failed": 1, "with_face": 3, "full": 2, "mean": 50.0}
+    assert result.out_csv == out_csv
+    with pytest.raises(ValueError, match="5 face-visibility scores for 6 rows"):
+        write_visibility_csv(csv_path, scores[:5], tmp_path / "short.csv")
+    assert not (tmp_path / "short.csv").exists()
+    with pytest.raises(ValueError, match="must differ from the input"):
+        write_visibility_csv(csv_path, scores, csv_path)
+    assert csv_path.read_bytes() == before
+
+
+# --- on a Dask cluster --------------------------------------------------------------
+
+
+def _shard_states(prepare_data_run_id) -> list[str]:
+    """State names of the face-visibility shard task runs under one prepare_data run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    with get_client(sync_client=True) as client:
+        parent_or_child = FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[prepare_data_run_id]),
+            id=FlowRunFilterId(any_=[prepare_data_run_id]),
+            operator="or_",
+        )
+        runs = client.read_task_runs(
+            flow_run_filter=parent_or_child, task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="visibility-"))
+        )
+    return sorted(run.state.name for run in runs if run.name.startswith("visibility-"))
+
+
+@pytest.mark.slow
+def test_dask_cluster_scores_like_the_local_path_and_reuses_cached_shards(prefect_env, fake_archive, tmp_path):
+    from distributed import LocalCluster
+
+    from flows.training_pipeline import prepare_data
+
+    img_dir = arrays_dir(fake_archive)
+    for index, kind in enumerate(["whole", "partial", "none", "whole"]):
+        np.save(img_dir / crop_name("val", index), example_crop(kind, 96))
+    params = {"data_root": fake_archive, "output_dir": tmp_path / "out", "visibility_shard_size": 4}
+    n_shards = 3 * 2  # 6 rows per split in shards of 4
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        first = prepare_data(**params, dask_address=cluster.scheduler_address, return_state=True)
+        second = prepare_data(**params, dask_address=cluster.scheduler_address, return_state=True)
+
+    for split in ("train", "val", "test"):
+        csv_path = annotations_path(fake_archive, split)
+        written = pd.read_csv(tmp_path / "out" / "visibility" / csv_path.name)[FACE_VISIBILITY_COLUMN].to_numpy()
+        names = pd.read_csv(csv_path)["Crop_name"].tolist()
+        np.testing.assert_array_equal(written, score_crops(img_dir, names, workers=1, progress=False))
+    assert first.result()["visibility"]["val"]["full"] == 2
+    assert _shard_states(first.state_details.flow_run_id) == ["Completed"] * n_shards
+    assert _shard_states(second.state_details.flow_run_id) == ["Cached"] * n_shards
+
+
+def test_dask_address_names_the_task_runner():
+    from flows.visibility import dask_task_runner
+
+    local = dask_task_runner("local")
+    assert local.address is None
+    assert local.cluster_kwargs["n_workers"] == default_workers()
+    assert local.cluster_kwargs["threads_per_worker"] == 1 and local.cluster_kwargs["processes"] is True
+    assert local.cluster_kwargs["host"] == "127.0.0.1"
+    assert dask_task_runner("tcp://10.0.0.5:8786").address == "tcp://10.0.0.5:8786"
+    assert dask_task_runner("10.0.0.5:8786").address == "10.0.0.5:8786"
+    for bad in ("locla", "tcp://scheduler", "http://10.0.0.5:8786"):
+        with pytest.raises(ValueError, match="dask_address"):
+            dask_task_runner(bad)
