@@ -21,6 +21,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "ImageTooLargeError",
     "check_image",
+    "check_max_pixels",
     "check_pixel_limit",
     "decode_image_b64",
     "read_confined_image",
@@ -50,7 +51,8 @@ def check_pixel_limit(height: int, width: int, max_pixels: int | None, name: str
         )
 
 
-def _check_max_pixels(max_pixels: int | None) -> int | None:
+def check_max_pixels(max_pixels: int | None) -> int | None:
+    """Return ``max_pixels`` if it is a positive int or None; raise ``ValueError`` otherwise."""
     if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1):
         raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}")
     return max_pixels
@@ -103,7 +105,7 @@ def read_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
     ValueError
         An unsupported suffix, an undecodable file, or a ``.npy`` that is not H x W x 3 uint8.
     """
-    max_pixels = _check_max_pixels(max_pixels)
+    max_pixels = check_max_pixels(max_pixels)
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
@@ -134,7 +136,7 @@ def decode_image_b64(text: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
     ValueError
         Not a string, not valid base64, or bytes that are not a PNG/JPEG image.
     """
-    max_pixels = _check_max_pixels(max_pixels)
+    max_pixels = check_max_pixels(max_pixels)
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"expected a non-empty base64 string, got {type(text).__name__}")
     text = text.strip()

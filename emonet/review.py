@@ -25,7 +25,7 @@ from emonet.annotations import load_annotations, scaled_box
 from emonet.arrays import load_array
 from emonet.evaluation import SPLIT_REPORT_FILES, write_split_report
 from emonet.inference import PROB_COLUMNS, Predictor
-from emonet.io import atomic_open, save_figure_atomic, write_csv_atomic, write_json_atomic
+from emonet.io import atomic_open, check_not_inputs, save_figure_atomic, write_csv_atomic, write_json_atomic
 from emonet.metrics import (
     binarize,
     mean_average_precision_score,
@@ -792,6 +792,10 @@ def review_predictions_with_visualization(
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
     test_csv_path, img_dir, output_dir = Path(test_csv_path), Path(img_arrays_dir), Path(output_dir)
+    check_not_inputs(
+        [output_dir / name for name in (GRID_FILE, SUMMARY_FILE, INDEX_FILE, REVIEW_CSV, *SPLIT_REPORT_FILES.values())],
+        {"test_csv_path": test_csv_path, "model": model, "normalizer": normalizer},
+    )
     if not img_dir.is_dir():
         raise FileNotFoundError(f"image array folder not found: {img_dir}")
     annotations = load_annotations(test_csv_path)

@@ -294,13 +294,6 @@ class VisibilityResult:
         return summary
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    # Also catches hard links and case-insensitive file systems.
-    return a.exists() and b.exists() and os.path.samefile(a, b)
-
-
 def add_face_visibility(
     annotations_csv: str | Path,
     img_dir: str | Path,
@@ -339,14 +332,11 @@ def add_face_visibility(
     # Imported here, not at the top: emonet.data imports torch and emonet.io pandas,
     # and worker processes import this module.
     from emonet.annotations import load_annotations
-    from emonet.io import write_csv_atomic
+    from emonet.io import check_not_inputs, write_csv_atomic
 
     annotations_csv, img_dir, out_csv = Path(annotations_csv), Path(img_dir), Path(out_csv)
     plot_path = None if plot_path is None else Path(plot_path)
-    if _same_file(out_csv, annotations_csv):
-        raise ValueError(f"out_csv must differ from the input CSV (never overwritten): {out_csv}")
-    if plot_path is not None and (_same_file(plot_path, annotations_csv) or _same_file(plot_path, out_csv)):
-        raise ValueError(f"plot_path must differ from the input and output CSVs: {plot_path}")
+    check_not_inputs({"out_csv": out_csv, "plot_path": plot_path}, {"annotations_csv": annotations_csv})
     if not img_dir.is_dir():
         raise FileNotFoundError(f"image array folder not found: {img_dir}")
 
