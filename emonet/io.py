@@ -6,6 +6,7 @@ outputs can be written, and CSV reading that names a file that is not a CSV."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -93,7 +94,7 @@ def ensure_writable_dir(folder: PathLike) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise NotADirectoryError(f"output folder is a file, not a folder: {folder}") from None
+        raise NotADirectoryError(errno.ENOTDIR, "the output folder is a file", str(folder)) from None
     except OSError as error:
         raise type(error)(error.errno, f"cannot create the output folder: {error.strerror}", str(folder)) from None
     try:
