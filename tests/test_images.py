@@ -246,3 +246,40 @@ def test_mlflow_scoring_server_sets_the_flag_the_model_reads(monkeypatch):
     fake_model = SimpleNamespace(metadata=SimpleNamespace(get_input_schema=lambda: None))
     scoring_server.init(fake_model)
     assert os.environ[SERVING_FLAG] == "true" and _in_scoring_server()
+
+
+def test_scoring_server_app_answers_400_to_file_paths_and_bombs(checkpoint, tmp_path, monkeypatch):
+    # MLflow's own scoring app (what `mlflow models serve` runs under uvicorn), in process.
+    import mlflow
+    from mlflow.pyfunc import scoring_server
+    from starlette.testclient import TestClient
+
+    from emonet.tracking import PYFUNC_MODEL_FILE, model_signature
+
+    monkeypatch.delenv("EMONET_IMAGE_ROOT", raising=False)
+    monkeypatch.setenv(SERVING_FLAG, "false")  # init() sets it; removed again after the test
+    normalization = AffectNormalizer().save(tmp_path / "normalization.json")
+    model_dir = tmp_path / "model"
+    mlflow.pyfunc.save_model(
+        model_dir,
+        python_model=str(PYFUNC_MODEL_FILE),
+        artifacts={"checkpoint": str(checkpoint), "normalization": str(normalization)},
+        signature=model_signature("body"),
+        pip_requirements=[],
+        model_config={"inference_batch_size": 2, "inference_device": "cpu"},
+    )
+    client = TestClient(scoring_server.init(mlflow.pyfunc.load_model(str(model_dir))))
+
+    def post(record: dict) -> tuple[int, str]:
+        response = client.post("/invocations", json={"dataframe_records": [record]})
+        return response.status_code, response.text
+
+    crop = np.zeros((12, 12, 3), dtype=np.uint8)
+    np.save(tmp_path / "crop.npy", crop)
+    status, text = post({"image_b64": _b64(_png_bytes(crop))})
+    assert status == 200 and "predictions" in text
+    answers = [post({"image_path": path}) for path in ("/etc/passwd", "../../etc/passwd", str(tmp_path / "crop.npy"))]
+    assert {status for status, _ in answers} == {400}
+    assert all("row 0: file paths are refused by the scoring server" in text for _, text in answers)
+    status, text = post({"image_b64": _b64(_png_bytes(Image.new("1", (13000, 13000))))})
+    assert status == 400 and "row 0: base64 image: image of 13000 x 13000" in text
