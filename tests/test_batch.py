@@ -281,3 +281,15 @@ def test_registered_mlflow_model_scores_like_its_checkpoint(trained, predictor, 
     names = pd.read_csv(annotations_path(root, "test"))["Crop_name"]
     reference = _reference(predictor, root, names)
     np.testing.assert_allclose(pd.read_csv(out)[list(PROB_COLUMNS)], reference[list(PROB_COLUMNS)], atol=1e-5)
+
+
+def test_batch_flow_validates_max_pixels():
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.batch_predict import emonet_batch_predict
+
+    base = {"input_csv": "crops.csv", "output_csv": "predictions.csv"}
+    assert emonet_batch_predict.validate_parameters(base)["max_pixels"] == 40_000_000
+    assert emonet_batch_predict.validate_parameters({**base, "max_pixels": 100})["max_pixels"] == 100
+    with pytest.raises(ParameterTypeError):
+        emonet_batch_predict.validate_parameters({**base, "max_pixels": 0})
