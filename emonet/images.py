@@ -71,7 +71,9 @@ def check_image(image: object, name: str = "image") -> np.ndarray:
 
 def _decode_pil(data: bytes | Path, name: str, max_pixels: int | None) -> np.ndarray:
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+        # Only the two documented formats: every other Pillow decoder (TIFF, PSD, ...) stays
+        # out of reach of a REST client.
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=("PNG", "JPEG")) as image:
             # Image.open reads only the header: the size is known, no pixel is decoded yet.
             check_pixel_limit(image.height, image.width, max_pixels, name)
             # convert("RGB") also drops alpha and expands grayscale/palette images.

@@ -86,6 +86,18 @@ def test_pixel_limit_on_files_and_base64_is_inclusive(tmp_path):
             read_image(tmp_path / "a.png", max_pixels=bad)
 
 
+def test_only_png_and_jpeg_are_decoded(tmp_path):
+    image = np.zeros((4, 4, 3), dtype=np.uint8)
+    for fmt in ("BMP", "TIFF", "GIF"):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format=fmt)
+        with pytest.raises(ValueError, match="base64 image: cannot decode as a PNG/JPEG image"):
+            decode_image_b64(_b64(buffer.getvalue()))
+        (tmp_path / "disguised.png").write_bytes(buffer.getvalue())
+        with pytest.raises(ValueError, match="disguised.png: cannot decode as a PNG/JPEG image"):
+            read_image(tmp_path / "disguised.png")
+
+
 def test_oversize_npy_header_is_refused_without_reading_pixels(tmp_path):
     path = sparse_npy(tmp_path / "huge.npy", (100_000, 100_000, 3))  # declares 30 GB
     with pytest.raises(ImageTooLargeError, match=r"huge.npy: image of 100000 x 100000 = 10,000,000,000 pixels"):
