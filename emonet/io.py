@@ -85,10 +85,12 @@ def ensure_writable_dir(folder: PathLike) -> Path:
 
     Raises
     ------
-    NotADirectoryError, FileExistsError
+    NotADirectoryError
         ``folder`` or one of its parents is a file.
     PermissionError, OSError
-        The folder cannot be created or written (the error names ``folder``).
+        The folder cannot be created or written.
+
+    Every error has ``folder`` as its ``filename``.
     """
     folder = Path(folder)
     try:
