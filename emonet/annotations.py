@@ -13,6 +13,7 @@ import pandas as pd
 
 from emonet.affect import to_unit_range
 from emonet.arrays import check_file_name
+from emonet.io import read_csv
 from emonet.schema import (
     AFFECT_COLUMNS,
     AFFECT_NORM_COLUMNS,
@@ -70,7 +71,7 @@ def load_annotations(csv_path: str | Path, *, strict: bool = False, invalid_affe
     if not csv_path.is_file():
         raise FileNotFoundError(f"annotation CSV not found: {csv_path}")
     try:
-        df = pd.read_csv(csv_path)
+        df = read_csv(csv_path)
     except pd.errors.EmptyDataError:
         raise ValueError(f"annotation CSV is empty: {csv_path}") from None
     missing = [column for column in CSV_COLUMNS if column not in df.columns]

@@ -17,9 +17,9 @@ from tqdm.auto import tqdm
 
 from emonet.arrays import load_array
 from emonet.checkpoint import resolve_device
-from emonet.images import read_image
+from emonet.images import DEFAULT_MAX_PIXELS, check_max_pixels, check_pixel_limit, read_image
 from emonet.inference import OUTPUT_COLUMNS, Predictor
-from emonet.io import atomic_path
+from emonet.io import atomic_path, check_not_inputs, read_csv
 from emonet.normalize import AffectNormalizer
 
 logger = logging.getLogger(__name__)
@@ -156,9 +156,17 @@ def _is_missing(value: object) -> bool:
 class _RowReader:
     """Reads the crop (and full image) of one input row, in either input layout."""
 
-    def __init__(self, columns: Sequence[str], csv_path: Path, img_dir: Path | None, needs_context: bool) -> None:
+    def __init__(
+        self,
+        columns: Sequence[str],
+        csv_path: Path,
+        img_dir: Path | None,
+        needs_context: bool,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
         self.img_dir = img_dir
         self.needs_context = needs_context
+        self.max_pixels = max_pixels
         if IMAGE_PATH in columns:
             self.layout = "paths"
             self.image_column, self.context_column = IMAGE_PATH, CONTEXT_PATH
@@ -188,9 +196,11 @@ class _RowReader:
         if not isinstance(value, str):
             raise ValueError(f"{column} must be a string, got {value!r}")
         if self.layout == "archive":
-            return load_array(self.base, value)
+            array = load_array(self.base, value)  # memory-mapped: only the header is read so far
+            check_pixel_limit(array.shape[0], array.shape[1], self.max_pixels, value)
+            return array
         path = Path(value).expanduser()
-        return read_image(path if path.is_absolute() else self.base / path)
+        return read_image(path if path.is_absolute() else self.base / path, max_pixels=self.max_pixels)
 
     def read(self, record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
         crop = self._read(record.get(self.image_column), self.image_column)
@@ -206,16 +216,7 @@ def skipped_path(out_csv: str | Path) -> Path:
 
 def _count_rows(csv_path: Path) -> int:
     # One narrow pass in chunks: cheap next to decoding images, and memory stays flat.
-    return sum(len(chunk) for chunk in pd.read_csv(csv_path, usecols=[0], chunksize=65536))
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return a.exists() and b.exists() and a.samefile(b)
-    except OSError:
-        return False
+    return sum(len(chunk) for chunk in read_csv(csv_path, usecols=[0], chunksize=65536))
 
 
 # --------------------------------------------------------------------------- predict_csv
@@ -233,6 +234,7 @@ def predict_csv(
     device: str = "auto",
     normalizer: AffectNormalizer | str | Path | None = None,
     keep_columns: Sequence[str] = (),
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Score every row of a CSV of body crops and write the predictions CSV.
 
@@ -273,6 +275,9 @@ def predict_csv(
     device : ``"auto"``, ``"cpu"`` or ``"cuda"`` for a model loaded here.
     normalizer : affect normalization for a checkpoint (see :func:`load_predictor`).
     keep_columns : more input columns to copy to the output (e.g. an id).
+    max_pixels : a row whose image (or full image) has more pixels is a bad row
+        (raised or skipped, see ``on_error``); checked from the file's header, before
+        any pixel is read. None for no limit.
 
     Returns
     -------
@@ -287,7 +292,7 @@ def predict_csv(
     FileNotFoundError
         The input CSV, ``img_dir`` or (with ``on_error="raise"``) an image is missing.
     ValueError
-        ``out_csv`` is the input, an unknown ``on_error``, a bad ``batch_size``, an
+        ``out_csv`` is the input, an unknown ``on_error``, a bad ``batch_size`` or ``max_pixels``, an
         empty CSV, missing columns (named), or (with ``on_error="raise"``) an
         unreadable image; row errors name the 0-based data row.
 
@@ -301,19 +306,18 @@ def predict_csv(
         raise ValueError(f"unknown on_error {on_error!r}; expected one of {list(ON_ERROR_OPTIONS)}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_max_pixels(max_pixels)
     if not csv_path.is_file():
         raise FileNotFoundError(f"input CSV not found: {csv_path}")
     skipped_csv = skipped_path(out_csv) if on_error == "skip" else None
-    for target in (out_csv, skipped_csv):
-        if target is not None and _same_file(target, csv_path):
-            raise ValueError(f"output {target} is the input CSV; choose another path (the input is never overwritten)")
+    check_not_inputs({"out_csv": out_csv, "skipped_csv": skipped_csv}, {"input CSV": csv_path, "model": model})
     if out_csv.is_dir():
         raise ValueError(f"out_csv is a folder, expected a file path: {out_csv}")
     img_dir = Path(img_dir) if img_dir is not None else None
     if img_dir is not None and not img_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {img_dir}")
     try:
-        columns = list(pd.read_csv(csv_path, nrows=0).columns)
+        columns = list(read_csv(csv_path, nrows=0).columns)
     except pd.errors.EmptyDataError:
         raise ValueError(f"input CSV is empty (no header): {csv_path}") from None
     missing = [column for column in keep_columns if column not in columns]
@@ -326,7 +330,7 @@ def predict_csv(
     _RowReader(columns, csv_path, img_dir, needs_context=False)
 
     predictor = load_predictor(model, device=device, batch_size=batch_size, normalizer=normalizer)
-    reader = _RowReader(columns, csv_path, img_dir, predictor.needs_context)
+    reader = _RowReader(columns, csv_path, img_dir, predictor.needs_context, max_pixels)
     id_columns = [c for c in ID_COLUMNS if c in columns] + [c for c in keep_columns if c not in ID_COLUMNS]
     out_columns = [ROW_COLUMN, *id_columns, *OUTPUT_COLUMNS]
     # Identifying columns are text: without this, pandas would turn "007" into 7.
@@ -350,7 +354,7 @@ def predict_csv(
                 open(stack.enter_context(atomic_path(skipped_csv)), "w", newline="", encoding="utf-8")
             )
             pd.DataFrame(columns=[ROW_COLUMN, *id_columns, "reason"]).to_csv(skip_handle, index=False)
-        for chunk in pd.read_csv(csv_path, chunksize=batch_size, dtype=dtypes):
+        for chunk in read_csv(csv_path, chunksize=batch_size, dtype=dtypes):
             first_row = counts["read"]
             kept, crops, contexts, skipped = [], [], [], []
             for offset, record in enumerate(chunk.to_dict("records")):

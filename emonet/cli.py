@@ -8,6 +8,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from emonet.images import DEFAULT_MAX_PIXELS
+from emonet.io import ensure_writable_dir
+
 logger = logging.getLogger("emonet")
 
 
@@ -21,6 +24,7 @@ def _positive_int(text: str) -> int:
 def _cmd_make_demo_data(args: argparse.Namespace) -> None:
     from emonet.demo_data import make_demo_data
 
+    ensure_writable_dir(args.out_dir)
     root = make_demo_data(
         args.out_dir, seed=args.seed, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, size=args.size
     )
@@ -30,6 +34,9 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> None:
 def _cmd_visibility(args: argparse.Namespace) -> None:
     from emonet.visibility import add_face_visibility
 
+    for output in (args.out, args.plot):
+        if output is not None:
+            ensure_writable_dir(output.parent)
     result = add_face_visibility(args.annotations, args.img_dir, args.out, workers=args.workers, plot_path=args.plot)
     for key, value in result.as_dict().items():
         print(f"{key:>14}: {value}")
@@ -38,6 +45,7 @@ def _cmd_visibility(args: argparse.Namespace) -> None:
 def _cmd_normalize(args: argparse.Namespace) -> None:
     from emonet.normalize import normalize_dataset
 
+    ensure_writable_dir(args.out_dir)
     result = normalize_dataset(
         args.annotations_dir,
         args.out_dir,
@@ -55,6 +63,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from emonet.models import build_model
     from emonet.train import fit, make_loaders
 
+    ensure_writable_dir(args.checkpoint_dir)
     config = load_config(args.config)
     train_loader, val_loader = make_loaders(args.train_csv, args.val_csv, args.img_dir, config)
     result = fit(
@@ -72,6 +81,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from emonet.evaluation import evaluate_checkpoint
 
+    ensure_writable_dir(args.out_dir)
     report = evaluate_checkpoint(
         args.checkpoint, args.annotations, args.img_dir, args.out_dir, normalizer=args.normalization
     )
@@ -83,6 +93,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_review(args: argparse.Namespace) -> None:
     from emonet.review import review_predictions_with_visualization
 
+    ensure_writable_dir(args.out_dir)
     table = review_predictions_with_visualization(
         args.model,
         args.annotations,
@@ -100,8 +111,15 @@ def _cmd_review(args: argparse.Namespace) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from emonet.batch import predict_csv
 
+    ensure_writable_dir(args.out.parent)
     summary = predict_csv(
-        args.model, args.input, args.out, img_dir=args.img_dir, batch_size=args.batch_size, on_error=args.on_error
+        args.model,
+        args.input,
+        args.out,
+        img_dir=args.img_dir,
+        batch_size=args.batch_size,
+        on_error=args.on_error,
+        max_pixels=args.max_pixels,
     )
     print(summary)
 
@@ -178,8 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--img-dir", type=Path, default=None)
     predict.add_argument("--batch-size", type=_positive_int, default=64)
     predict.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="skip: list bad rows aside")
+    predict.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+                         help="refuse images of more pixels, from their header (default: %(default)s)")
     predict.set_defaults(func=_cmd_predict)
     return parser
+
+
+def _describe_os_error(error: OSError) -> str:
+    # The path first, then the reason, without the "[Errno 13]" prefix a user cannot act on.
+    if error.filename is None:
+        return str(error)
+    paths = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 is not None else "")
+    return f"{paths}: {error.strerror or error}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,6 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A user's mistake: one clear line, no traceback.
         print(f"emonet {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        # The system refused a file operation (permissions, a full disk, a read-only
+        # mount): one line naming the path; exit code 1, as for any other failure.
+        print(f"emonet {args.command}: error: {_describe_os_error(err)}", file=sys.stderr)
+        return 1
     return 0
 
 

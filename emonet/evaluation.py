@@ -13,7 +13,7 @@ import pandas as pd
 
 from emonet.annotations import raw_affect
 from emonet.data import EmoticDataset
-from emonet.io import write_csv_atomic, write_json_atomic
+from emonet.io import check_not_inputs, write_csv_atomic, write_json_atomic
 from emonet.metrics import (
     binarize,
     cooccurrence_matrix,
@@ -88,6 +88,10 @@ def evaluate_checkpoint(
     a training history, ``learning_curves.png``.
     """
     out_dir = Path(out_dir)
+    check_not_inputs(
+        [out_dir / name for name in (*SPLIT_REPORT_FILES.values(), "metrics.json", "learning_curves.png")],
+        {"checkpoint": checkpoint, "annotations": annotations, "normalizer": normalizer},
+    )
     if not isinstance(normalizer, AffectNormalizer):
         normalizer = AffectNormalizer.load(normalizer) if normalizer is not None else AffectNormalizer()
     device_ = resolve_device(device)

@@ -1,5 +1,10 @@
 """Reading input images for prediction: ``.npy`` arrays, PNG/JPEG files and base64 PNG/JPEG,
-each checked to be an ``H x W x 3`` RGB uint8 array."""
+each checked to be an ``H x W x 3`` RGB uint8 array of at most ``max_pixels`` pixels.
+
+The pixel limit is checked from the file's header, before any pixel is decoded: a 20 KB
+PNG can declare 13000 x 13000 pixels and decode to half a gigabyte, so a server that
+decodes first and checks afterwards can be made to run out of memory by one request.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,46 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_SUFFIXES", "check_image", "decode_image_b64", "read_image"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_SUFFIXES",
+    "ImageTooLargeError",
+    "check_image",
+    "check_max_pixels",
+    "check_pixel_limit",
+    "decode_image_b64",
+    "read_confined_image",
+    "read_image",
+    "resolve_image_root",
+]
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".npy", ".png", ".jpg", ".jpeg")
+# 40 million pixels: an 8000 x 5000 photo (120 MB as RGB uint8), far above any EMOTIC
+# image, while a batch of 32 such images still fits in a server's memory.
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header declares more pixels than the limit; nothing was decoded."""
+
+
+def check_pixel_limit(height: int, width: int, max_pixels: int | None, name: str = "image") -> None:
+    """Raise :class:`ImageTooLargeError` naming ``name`` if ``height * width > max_pixels``.
+
+    ``max_pixels=None`` disables the check (for trusted, local inputs only).
+    """
+    if max_pixels is not None and int(height) * int(width) > max_pixels:
+        raise ImageTooLargeError(
+            f"{name}: image of {int(width)} x {int(height)} = {int(height) * int(width):,} pixels is over the "
+            f"limit of {max_pixels:,} pixels (max_pixels)"
+        )
+
+
+def check_max_pixels(max_pixels: int | None) -> int | None:
+    """Return ``max_pixels`` if it is a positive int or None; raise ``ValueError`` otherwise."""
+    if max_pixels is not None and (not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1):
+        raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}")
+    return max_pixels
 
 
 def check_image(image: object, name: str = "image") -> np.ndarray:
@@ -27,16 +69,25 @@ def check_image(image: object, name: str = "image") -> np.ndarray:
     return image
 
 
-def _decode_pil(data: bytes | io.BytesIO | Path, name: str) -> np.ndarray:
+def _decode_pil(data: bytes | Path, name: str, max_pixels: int | None) -> np.ndarray:
     try:
-        with Image.open(data if not isinstance(data, bytes) else io.BytesIO(data)) as image:
+        # Only the two documented formats: every other Pillow decoder (TIFF, PSD, ...) stays
+        # out of reach of a REST client.
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=("PNG", "JPEG")) as image:
+            # Image.open reads only the header: the size is known, no pixel is decoded yet.
+            check_pixel_limit(image.height, image.width, max_pixels, name)
             # convert("RGB") also drops alpha and expands grayscale/palette images.
             return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as error:
+    except ImageTooLargeError:
+        raise
+    except Image.DecompressionBombError as error:
+        # PIL's own limit (about 179 Mpx), met when max_pixels is set above it.
+        raise ImageTooLargeError(f"{name}: {error}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"{name}: cannot decode as a PNG/JPEG image: {error}") from None
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read one image file as an ``H x W x 3`` RGB uint8 array.
 
     Parameters
@@ -44,14 +95,19 @@ def read_image(path: str | Path) -> np.ndarray:
     path : a ``.npy`` array (as in the EMOTIC archive; memory-mapped, so only the
         pixels used are read) or a ``.png`` / ``.jpg`` / ``.jpeg`` picture (converted
         to RGB).
+    max_pixels : refuse images of more pixels (height x width), checked from the
+        file's header before decoding; None for no limit.
 
     Raises
     ------
     FileNotFoundError
         No file at ``path``.
+    ImageTooLargeError
+        (a ``ValueError``) more than ``max_pixels`` pixels.
     ValueError
         An unsupported suffix, an undecodable file, or a ``.npy`` that is not H x W x 3 uint8.
     """
+    max_pixels = check_max_pixels(max_pixels)
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
@@ -62,21 +118,27 @@ def read_image(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"image file not found: {path}")
     if suffix == ".npy":
         try:
+            # A memory map reads the header only: the shape is checked before any pixel is read.
             array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as error:
+        except (ValueError, OSError, EOFError) as error:
             raise ValueError(f"cannot read {path} as a .npy array: {error}") from None
-        return check_image(array, str(path))
-    return _decode_pil(path, str(path))
+        check_image(array, str(path))
+        check_pixel_limit(array.shape[0], array.shape[1], max_pixels, str(path))
+        return array
+    return _decode_pil(path, str(path), max_pixels)
 
 
-def decode_image_b64(text: str) -> np.ndarray:
+def decode_image_b64(text: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode a base64 PNG or JPEG (optionally a ``data:image/...;base64,`` URL) to RGB uint8.
 
     Raises
     ------
+    ImageTooLargeError
+        (a ``ValueError``) the image declares more than ``max_pixels`` pixels (nothing decoded).
     ValueError
         Not a string, not valid base64, or bytes that are not a PNG/JPEG image.
     """
+    max_pixels = check_max_pixels(max_pixels)
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"expected a non-empty base64 string, got {type(text).__name__}")
     text = text.strip()
@@ -86,4 +148,60 @@ def decode_image_b64(text: str) -> np.ndarray:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
         raise ValueError(f"invalid base64 image data: {error}") from None
-    return _decode_pil(data, "base64 image")
+    return _decode_pil(data, "base64 image", max_pixels)
+
+
+# --------------------------------------------------------------------------- confinement
+
+
+def resolve_image_root(root: str | Path) -> Path:
+    """The real path (symlinks resolved) of an image root folder.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``root`` is not an existing folder.
+    """
+    resolved = Path(root).expanduser().resolve()
+    if not resolved.is_dir():
+        raise FileNotFoundError(f"image root is not a folder: {root}")
+    return resolved
+
+
+def read_confined_image(path: str, root: Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file only if its real path lies inside ``root``.
+
+    For callers that cannot be trusted with the file system (REST clients). ``path`` is
+    taken relative to ``root`` unless absolute; symlinks and ``..`` are resolved before
+    the check, so neither can lead outside. A file that does not exist, lies outside
+    ``root`` or cannot be read as an image gets one and the same message, which names
+    only the path as given: the error tells a client nothing about which files exist.
+
+    Parameters
+    ----------
+    path : the file, as the caller gave it.
+    root : the allowed folder, as returned by :func:`resolve_image_root`.
+    max_pixels : see :func:`read_image`. An image over the limit is named as such: it
+        lies inside ``root``, where the caller may look.
+
+    Raises
+    ------
+    ImageTooLargeError
+        An image inside ``root`` over the pixel limit.
+    ValueError
+        Anything else: missing, outside ``root``, not a readable image.
+    """
+    refused = ValueError(f"{path!r} is not a readable image file under the image root")
+    try:
+        resolved = (root / path).resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        raise refused from None
+    if not resolved.is_relative_to(root):
+        raise refused
+    try:
+        # The resolved path, not the given one: it holds no symlink a client could aim elsewhere.
+        return read_image(resolved, max_pixels=max_pixels)
+    except ImageTooLargeError:
+        raise
+    except (ValueError, OSError):
+        raise refused from None

@@ -1,19 +1,138 @@
-"""Atomic file writes: every output goes to a temporary file in the target folder and
-is renamed into place, so an interrupted run never leaves a half-written file."""
+"""Safe file handling for every command: atomic writes (every output goes to a temporary
+file in the target folder and is renamed into place, so an interrupted run never leaves a
+half-written file), the guard that no output is one of the inputs, an early check that
+outputs can be written, and CSV reading that names a file that is not a CSV."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import pandas as pd
 
+PathLike = str | os.PathLike
+
+
+# --------------------------------------------------------------------------- guards
+
+
+def _labelled(paths: Mapping[str, object] | Iterable[object], label: str) -> list[tuple[str, Path]]:
+    items = paths.items() if isinstance(paths, Mapping) else ((label, path) for path in paths)
+    # None and in-memory objects (a Predictor, a normalizer) are not files: nothing to compare.
+    return [(name, Path(path)) for name, path in items if isinstance(path, (str, os.PathLike))]
+
+
+def same_file(a: PathLike, b: PathLike) -> bool:
+    """Whether ``a`` and ``b`` name the same file: the same real path once symlinks and
+    ``..`` are resolved (also when neither exists yet), or the same inode (a hard link,
+    a case-insensitive file system)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): not the same file
+        return False
+
+
+def check_not_inputs(
+    outputs: Mapping[str, PathLike | None] | Iterable[PathLike | None],
+    inputs: Mapping[str, object] | Iterable[object],
+) -> None:
+    """Refuse to write over an input: raise ``ValueError`` if an output is the same file
+    as an input, or as another output (see :func:`same_file`).
+
+    Every command calls this before any work, so an input is never overwritten, however
+    the output is spelled (the same path, a symlink, ``..``, a hard link).
+
+    Parameters
+    ----------
+    outputs, inputs : paths, or mappings of a name for the message (``"out_csv"``) to a
+        path. ``None`` and entries that are not paths (an in-memory object, e.g. a
+        :class:`~emonet.inference.Predictor` given instead of a checkpoint) are skipped.
+
+    Raises
+    ------
+    ValueError
+        Naming both paths (and their names).
+    """
+    outputs_, inputs_ = _labelled(outputs, "output"), _labelled(inputs, "input")
+    for index, (out_name, out_path) in enumerate(outputs_):
+        for in_name, in_path in inputs_:
+            if same_file(out_path, in_path):
+                raise ValueError(
+                    f"{out_name} {out_path} must differ from the input {in_name} {in_path}: it is the same file "
+                    "(inputs are never overwritten)"
+                )
+        for other_name, other_path in outputs_[index + 1 :]:
+            if same_file(out_path, other_path):
+                raise ValueError(f"{out_name} {out_path} and {other_name} {other_path} are the same file")
+
+
+def ensure_writable_dir(folder: PathLike) -> Path:
+    """Create ``folder`` if needed and check that files can be created in it.
+
+    Called before long work, so a read-only or misspelled output folder fails at once
+    instead of after the work is done. The check creates and removes a temporary file:
+    the only test that also holds for root, network and read-only-mounted file systems
+    (``os.access`` answers yes to root on a read-only folder).
+
+    Raises
+    ------
+    NotADirectoryError
+        ``folder`` or one of its parents is a file.
+    PermissionError, OSError
+        The folder cannot be created or written.
+
+    Every error has ``folder`` as its ``filename``.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(errno.ENOTDIR, "the output folder is a file", str(folder)) from None
+    except OSError as error:
+        raise type(error)(error.errno, f"cannot create the output folder: {error.strerror}", str(folder)) from None
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise type(error)(error.errno, f"cannot write in the output folder: {error.strerror}", str(folder)) from None
+    return folder
+
+
+def read_csv(path: PathLike, **kwargs: Any) -> Any:
+    """``pandas.read_csv`` that names ``path`` when the file is not a text CSV.
+
+    pandas reports a binary file (an image, a checkpoint) as a bare ``UnicodeDecodeError``
+    or ``ParserError`` without the file name; here they become ``ValueError("<path>: not a
+    CSV file: ...")``, also when they happen in a later chunk (``chunksize``).
+    ``EmptyDataError`` passes through for the caller's own message.
+    """
+    try:
+        result = pd.read_csv(path, **kwargs)
+    except (UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise ValueError(f"{path}: not a CSV file: {error}") from None
+    if kwargs.get("chunksize") is not None or kwargs.get("iterator"):
+        return _named_chunks(result, path)
+    return result
+
+
+def _named_chunks(reader: Any, path: PathLike) -> Iterator[pd.DataFrame]:
+    with reader:
+        try:
+            yield from reader
+        except (UnicodeDecodeError, pd.errors.ParserError) as error:
+            raise ValueError(f"{path}: not a CSV file: {error}") from None
+
+
+# --------------------------------------------------------------------------- atomic writes
 
 
 def _read_umask() -> int:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from emonet.affect import from_unit_range, to_unit_range
 from emonet.annotations import load_annotations
-from emonet.io import write_csv_atomic, write_json_atomic
+from emonet.io import check_not_inputs, write_csv_atomic, write_json_atomic
 from emonet.schema import (
     AFFECT_COLUMNS,
     AFFECT_NORM_COLUMNS,
@@ -215,7 +215,11 @@ def normalize_dataset(
     :func:`~emonet.annotations.load_annotations`) and counted as
     ``rows_affect_masked``; their normalized values are NaN too.
     """
-    annotations_dir = Path(annotations_dir)
+    annotations_dir, out_dir = Path(annotations_dir), Path(out_dir)
+    check_not_inputs(
+        [out_dir / normalized_filename(split) for split in splits] + [out_dir / PARAMS_FILENAME],
+        {f"{split} annotations": annotations_dir / annotations_filename(split) for split in splits},
+    )
     frames = {split: load_annotations(annotations_dir / annotations_filename(split)) for split in splits}
     frames, normalizer, counts = normalize_frames(
         frames,

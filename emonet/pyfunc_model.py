@@ -4,16 +4,27 @@ model, whose artifacts are a checkpoint and the affect normalization (see emonet
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.environment_variables import _MLFLOW_IS_IN_SERVING_ENVIRONMENT
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from emonet.checkpoint import resolve_device
-from emonet.images import decode_image_b64, read_image
+from emonet.images import (
+    DEFAULT_MAX_PIXELS,
+    check_max_pixels,
+    decode_image_b64,
+    read_confined_image,
+    read_image,
+    resolve_image_root,
+)
 from emonet.inference import Predictor
 from emonet.schema import NUM_EMOTIONS
 
@@ -30,6 +41,8 @@ INPUT_COLUMNS: tuple[str, ...] = (IMAGE_PATH, IMAGE_B64, CONTEXT_PATH, CONTEXT_B
 # Names of the model's artifacts (as emonet.tracking logs them).
 CHECKPOINT_ARTIFACT = "checkpoint"
 NORMALIZATION_ARTIFACT = "normalization"
+# The folder that file paths must lie in, when the model config does not set one.
+IMAGE_ROOT_ENV = "EMONET_IMAGE_ROOT"
 
 
 class InvalidModelInput(MlflowException, ValueError):
@@ -60,7 +73,25 @@ def _present(frame: pd.DataFrame, path_column: str, b64_column: str, what: str) 
     return path_col, b64_col
 
 
-def _decode_cell(frame: pd.DataFrame, path_col: str | None, b64_col: str | None, row: int, what: str) -> np.ndarray:
+def _in_scoring_server() -> bool:
+    # MLflow's scoring server (`mlflow models serve`, and the images of `mlflow models
+    # build-docker`) sets this variable in init(), before its first request; MLflow also sets
+    # it while checking an input example at log time, as the server would see it. It is
+    # MLflow's private name: importing it fails loudly if an upgrade drops it, rather than
+    # letting REST clients read files again. The check runs per call, not in load_context,
+    # because the server loads the model before init() sets the variable.
+    return bool(_MLFLOW_IS_IN_SERVING_ENVIRONMENT.get())
+
+
+def _decode_cell(
+    frame: pd.DataFrame,
+    path_col: str | None,
+    b64_col: str | None,
+    row: int,
+    what: str,
+    read_path: Callable[[str], np.ndarray],
+    max_pixels: int | None,
+) -> np.ndarray:
     """Decode one row's image; its path wins over its base64 when both are set."""
     path = frame[path_col].iat[row] if path_col is not None else None
     blob = frame[b64_col].iat[row] if b64_col is not None else None
@@ -68,9 +99,9 @@ def _decode_cell(frame: pd.DataFrame, path_col: str | None, b64_col: str | None,
         if not _is_missing(path):
             if not isinstance(path, str):
                 raise ValueError(f"{path_col} must be a string, got {type(path).__name__}")
-            return read_image(path)
+            return read_path(path)
         if not _is_missing(blob):
-            return decode_image_b64(blob)
+            return decode_image_b64(blob, max_pixels=max_pixels)
         given = " or ".join(c for c in (path_col, b64_col) if c is not None)
         raise ValueError(f"no {what} given: {given} is empty")
     except (ValueError, FileNotFoundError) as error:
@@ -90,13 +121,24 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
     :class:`InvalidModelInput` naming its 0-based position.
 
     ``model_config`` keys (logged by :func:`emonet.tracking.log_emonet_model`, and
-    overridable at load time): ``inference_batch_size`` (default 32) and
-    ``inference_device`` (default ``"auto"``: CUDA when available). The prefix keeps
-    them apart from the training parameters of the same run, which MLflow would
-    otherwise refuse to overwrite.
+    overridable at load time): ``inference_batch_size`` (default 32),
+    ``inference_device`` (default ``"auto"``: CUDA when available),
+    ``inference_max_pixels`` (default 40 million: larger images are refused from their
+    header, before decoding) and ``inference_image_root`` (default: the
+    ``EMONET_IMAGE_ROOT`` environment variable, else none). The prefix keeps them apart
+    from the training parameters of the same run, which MLflow would otherwise refuse to
+    overwrite.
+
+    File paths (``image_path``, ``context_path``): with an image root, only files whose
+    real path lies under it are read, relative paths are taken from it, and a refused
+    path gets the same message whether it is missing, outside or undecodable. Without a
+    root, paths are read as given in process, and refused in MLflow's scoring server,
+    which then accepts only base64 images: a REST client must not read the server's files.
     """
 
     predictor: Predictor
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    image_root: Path | None = None
 
     def load_context(self, context: Any) -> None:
         """Build the :class:`~emonet.inference.Predictor` from the ``checkpoint`` and
@@ -104,13 +146,27 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
         config = dict(getattr(context, "model_config", None) or {})
         device = resolve_device(str(config.get("inference_device", "auto")))
         batch_size = int(config.get("inference_batch_size", 32))
+        self.max_pixels = check_max_pixels(config.get("inference_max_pixels", DEFAULT_MAX_PIXELS))
+        root = config.get("inference_image_root") or os.environ.get(IMAGE_ROOT_ENV)
+        self.image_root = resolve_image_root(root) if root else None
         self.predictor = Predictor.from_checkpoint(
             context.artifacts[CHECKPOINT_ARTIFACT],
             normalizer=context.artifacts.get(NORMALIZATION_ARTIFACT),
             device=device,
             batch_size=batch_size,
         )
-        logger.info("loaded EmoNet (%s) on %s", self.predictor.variant, device)
+        logger.info("loaded EmoNet (%s) on %s; image root %s, at most %s pixels per image", self.predictor.variant,
+                    device, self.image_root, self.max_pixels)
+
+    def _read_path(self, path: str) -> np.ndarray:
+        if self.image_root is not None:
+            return read_confined_image(path, self.image_root, max_pixels=self.max_pixels)
+        if _in_scoring_server():
+            raise ValueError(
+                f"file paths are refused by the scoring server (no image root is set): send the image as base64 "
+                f"in {IMAGE_B64!r}/{CONTEXT_B64!r}, or start the server with {IMAGE_ROOT_ENV} set to a folder"
+            )
+        return read_image(path, max_pixels=self.max_pixels)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row (see the class docstring); ``params`` are unused."""
@@ -125,9 +181,11 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
         if frame.empty:
             return predictor.to_frame(np.empty((0, NUM_EMOTIONS)), np.empty((0, 2)))
 
+        decode = {"read_path": self._read_path, "max_pixels": self.max_pixels}
+
         def read(row: int) -> tuple[np.ndarray, np.ndarray | None]:
-            crop = _decode_cell(frame, *image_cols, row, "image")
-            scene = _decode_cell(frame, *context_cols, row, "context image") if context_cols else None
+            crop = _decode_cell(frame, *image_cols, row, "image", **decode)
+            scene = _decode_cell(frame, *context_cols, row, "context image", **decode) if context_cols else None
             return crop, scene
 
         # Rows are decoded inside the loader one batch at a time, so memory does not grow

@@ -37,6 +37,7 @@ from PIL import Image
 
 from emonet.annotations import load_annotations
 from emonet.data import EmoticDataset
+from emonet.images import DEFAULT_MAX_PIXELS
 from emonet.inference import EMOTIONS_COLUMN, OUTPUT_COLUMNS
 from emonet.metrics import mean_average_precision_score
 from emonet.normalize import AffectNormalizer
@@ -440,7 +441,14 @@ def log_emonet_model(
                 pip_requirements=pip_requirements(),
                 signature=model_signature(variant),
                 input_example=example,
-                model_config={"inference_batch_size": int(batch_size), "inference_device": device},
+                model_config={
+                    "inference_batch_size": int(batch_size),
+                    "inference_device": device,
+                    # Logged so that they can be overridden at load time (MLflow ignores
+                    # load-time keys a model was not logged with).
+                    "inference_max_pixels": DEFAULT_MAX_PIXELS,
+                    "inference_image_root": "",
+                },
                 registered_model_name=registered_model_name,
             )
     version = client.get_model_version(registered_model_name, str(info.registered_model_version))

@@ -401,13 +401,6 @@ class VisibilityResult:
         return summary
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    # Also catches hard links and case-insensitive file systems.
-    return a.exists() and b.exists() and os.path.samefile(a, b)
-
-
 def write_visibility_csv(
     annotations_csv: str | Path, scores: Sequence[float] | np.ndarray, out_csv: str | Path
 ) -> VisibilityResult:
@@ -430,18 +423,15 @@ def write_visibility_csv(
     """
     import pandas as pd
 
+    from emonet.io import check_not_inputs
+
     annotations_csv, out_csv = Path(annotations_csv), Path(out_csv)
-    _check_not_input(out_csv, annotations_csv)
+    check_not_inputs({"out_csv": out_csv}, {"annotations_csv": annotations_csv})
     df = pd.read_csv(annotations_csv)
     values = np.asarray(scores, dtype=np.float64)
     if values.shape != (len(df),):
         raise ValueError(f"{annotations_csv}: {values.size} face-visibility scores for {len(df)} rows")
     return _write_scored(df, values, annotations_csv, out_csv)
-
-
-def _check_not_input(out_csv: Path, annotations_csv: Path) -> None:
-    if _same_file(out_csv, annotations_csv):
-        raise ValueError(f"out_csv must differ from the input CSV (never overwritten): {out_csv}")
 
 
 def _write_scored(df: Any, scores: np.ndarray, annotations_csv: Path, out_csv: Path) -> VisibilityResult:
@@ -514,13 +504,12 @@ def add_face_visibility(
     # Imported here, not at the top: worker processes import this module and need
     # neither pandas nor matplotlib.
     from emonet.annotations import load_annotations
+    from emonet.io import check_not_inputs
     from emonet.plots import plot_visibility_histogram
 
     annotations_csv, img_dir, out_csv = Path(annotations_csv), Path(img_dir), Path(out_csv)
     plot_path = None if plot_path is None else Path(plot_path)
-    _check_not_input(out_csv, annotations_csv)
-    if plot_path is not None and (_same_file(plot_path, annotations_csv) or _same_file(plot_path, out_csv)):
-        raise ValueError(f"plot_path must differ from the input and output CSVs: {plot_path}")
+    check_not_inputs({"out_csv": out_csv, "plot_path": plot_path}, {"annotations_csv": annotations_csv})
     if not img_dir.is_dir():
         raise FileNotFoundError(f"image array folder not found: {img_dir}")
 

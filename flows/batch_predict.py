@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from prefect import flow
 from pydantic import Field
 
+from emonet.images import DEFAULT_MAX_PIXELS
 from tasks.predict import batch_predict
 
 
@@ -28,6 +29,7 @@ def emonet_batch_predict(
     batch_size: Annotated[int, Field(ge=1)] = 64,
     tracking_uri: str | None = None,
     on_error: Literal["raise", "skip"] = "raise",
+    max_pixels: Annotated[int, Field(ge=1)] = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Predict emotions and valence/arousal for every crop listed in a CSV.
 
@@ -44,6 +46,8 @@ def emonet_batch_predict(
             or the SQLite store under `mlruns/`.
         on_error: `raise` stops at the first unreadable image; `skip` leaves such rows
             out and lists them in `<output stem>.skipped.csv`.
+        max_pixels: Images with more pixels (height x width, read from the file's
+            header before decoding) are bad rows, raised or skipped as `on_error` says.
     """
     # Imported here, not at module level: importing the flow must stay cheap and
     # side-effect free (default_tracking_uri creates mlruns/).
@@ -55,7 +59,8 @@ def emonet_batch_predict(
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return batch_predict(
-        model_uri, input_csv, output_csv, img_dir=img_dir, batch_size=batch_size, on_error=on_error
+        model_uri, input_csv, output_csv, img_dir=img_dir, batch_size=batch_size, on_error=on_error,
+        max_pixels=max_pixels,
     )
 
 
@@ -69,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or mlruns/mlflow.db")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     args = parser.parse_args(argv)
     summary = emonet_batch_predict(
         input_csv=args.input_csv,
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         tracking_uri=args.tracking_uri,
         on_error=args.on_error,
+        max_pixels=args.max_pixels,
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from emonet.batch import predict_csv
+from emonet.images import DEFAULT_MAX_PIXELS
 
 # Errors the caller made (a missing file, a bad column, an unknown option): retrying
 # cannot fix them, so they fail at once instead of after the backoff.
@@ -47,10 +48,12 @@ def batch_predict(
     img_dir: Path | None = None,
     batch_size: int = 64,
     on_error: Literal["raise", "skip"] = "raise",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Score every row of ``input_csv`` with ``model_uri`` into ``output_csv``; returns the summary."""
     summary = predict_csv(
-        model_uri, input_csv, output_csv, img_dir=img_dir, batch_size=batch_size, progress=False, on_error=on_error
+        model_uri, input_csv, output_csv, img_dir=img_dir, batch_size=batch_size, progress=False, on_error=on_error,
+        max_pixels=max_pixels,
     )
     logger = get_run_logger()
     logger.info(

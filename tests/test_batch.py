@@ -3,6 +3,9 @@ errors that name the row, the skip option, and the input file never overwritten.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,6 +13,7 @@ from PIL import Image
 
 from emonet.batch import ID_COLUMNS, is_mlflow_uri, load_predictor, predict_csv, skipped_path
 from conftest import train_tiny_checkpoint
+from test_images import sparse_npy
 from emonet.config import load_config
 from emonet.arrays import load_array
 from emonet.demo_data import make_demo_data
@@ -99,9 +103,15 @@ def test_output_never_overwrites_the_input(trained, predictor, tmp_path):
     csv_path = tmp_path / "copy.csv"
     csv_path.write_bytes(annotations_path(root, "test").read_bytes())
     before = csv_path.read_bytes()
-    for target in (csv_path, tmp_path / "sub" / ".." / "copy.csv"):
-        with pytest.raises(ValueError, match="is the input CSV"):
+    (tmp_path / "symlink.csv").symlink_to(csv_path)
+    os.link(csv_path, tmp_path / "hardlink.csv")
+    for target in (csv_path, tmp_path / "sub" / ".." / "copy.csv", tmp_path / "symlink.csv", tmp_path / "hardlink.csv"):
+        with pytest.raises(ValueError, match=f"out_csv {target} must differ from the input input CSV {csv_path}"):
             predict_csv(predictor, csv_path, target, img_dir=arrays_dir(root), progress=False)
+    # The list of skipped rows is an output too.
+    (tmp_path / "out.skipped.csv").symlink_to(csv_path)
+    with pytest.raises(ValueError, match="skipped_csv .*out.skipped.csv must differ from the input"):
+        predict_csv(predictor, csv_path, tmp_path / "out.csv", img_dir=arrays_dir(root), on_error="skip")
     assert csv_path.read_bytes() == before
 
 
@@ -155,6 +165,46 @@ def test_input_errors_are_clear(trained, predictor, tmp_path):
         predict_csv(predictor, tmp_path / "missing.csv", tmp_path / "e.csv")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         load_predictor(tmp_path / "missing.pt")
+
+
+def test_oversize_crop_is_skipped_or_named_before_its_pixels_are_read(trained, predictor, tmp_path):
+    # A crop whose header declares 100000 x 100000 x 3 (30 GB; a sparse file here): reading
+    # it raised MemoryError, even with on_error="skip".
+    root, _ = trained
+    img_dir = tmp_path / "img_arrs"
+    img_dir.mkdir()
+    frame = pd.read_csv(annotations_path(root, "test"))
+    for name in frame["Crop_name"]:
+        shutil.copy(arrays_dir(root) / name, img_dir / name)
+    sparse_npy(img_dir / "crop_arr_test_huge.npy", (100_000, 100_000, 3))
+    frame.loc[3, "Crop_name"] = "crop_arr_test_huge.npy"
+    csv_path = tmp_path / "huge.csv"
+    frame.to_csv(csv_path, index=False)
+    out = tmp_path / "out.csv"
+
+    summary = predict_csv(predictor, csv_path, out, img_dir=img_dir, batch_size=4, progress=False, on_error="skip")
+    assert summary["rows_written"] == 10 and [s["row"] for s in summary["skipped"]] == [3]
+    assert "crop_arr_test_huge.npy: image of 100000 x 100000 = 10,000,000,000 pixels is over the limit" in (
+        summary["skipped"][0]["reason"])
+    assert 3 not in pd.read_csv(out)["row"].tolist()
+    with pytest.raises(ValueError, match="huge.csv: row 3: crop_arr_test_huge.npy: image of 100000 x 100000"):
+        predict_csv(predictor, csv_path, tmp_path / "raised.csv", img_dir=img_dir, batch_size=4, progress=False)
+    # The limit is a parameter, for the image_path layout too.
+    paths_csv = tmp_path / "paths.csv"
+    pd.DataFrame({"image_path": [str(img_dir / frame.loc[0, "Crop_name"])]}).to_csv(paths_csv, index=False)
+    with pytest.raises(ValueError, match="paths.csv: row 0: .*image of 40 x 40 = 1,600 pixels is over the limit of 1,599"):
+        predict_csv(predictor, paths_csv, tmp_path / "small.csv", progress=False, max_pixels=1599)
+    assert predict_csv(predictor, paths_csv, tmp_path / "small.csv", progress=False, max_pixels=1600)[
+        "rows_written"] == 1
+    with pytest.raises(ValueError, match="max_pixels must be a positive int"):
+        predict_csv(predictor, paths_csv, tmp_path / "small.csv", progress=False, max_pixels=0)
+
+
+def test_binary_input_csv_is_named(predictor, tmp_path):
+    binary = tmp_path / "photo.csv"
+    binary.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ValueError, match=f"{binary}: not a CSV file"):
+        predict_csv(predictor, binary, tmp_path / "out.csv", progress=False)
 
 
 def test_header_only_csv_gives_header_only_output(predictor, tmp_path):
@@ -231,3 +281,15 @@ def test_registered_mlflow_model_scores_like_its_checkpoint(trained, predictor, 
     names = pd.read_csv(annotations_path(root, "test"))["Crop_name"]
     reference = _reference(predictor, root, names)
     np.testing.assert_allclose(pd.read_csv(out)[list(PROB_COLUMNS)], reference[list(PROB_COLUMNS)], atol=1e-5)
+
+
+def test_batch_flow_validates_max_pixels():
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.batch_predict import emonet_batch_predict
+
+    base = {"input_csv": "crops.csv", "output_csv": "predictions.csv"}
+    assert emonet_batch_predict.validate_parameters(base)["max_pixels"] == 40_000_000
+    assert emonet_batch_predict.validate_parameters({**base, "max_pixels": 100})["max_pixels"] == 100
+    with pytest.raises(ParameterTypeError):
+        emonet_batch_predict.validate_parameters({**base, "max_pixels": 0})

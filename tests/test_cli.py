@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import pandas as pd
+import pytest
 
 from emonet.cli import main
 from emonet.schema import ANNOTATIONS_DIRNAME, FACE_VISIBILITY_COLUMN, annotations_path, arrays_dir
@@ -33,3 +37,98 @@ def test_user_errors_are_one_line_with_exit_code_2(fake_archive, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith("emonet normalize: error:") and "Face_Visibility" in err
     assert "Traceback" not in err
+
+
+def _one_line_error(capsys, command: str) -> str:
+    """The error line, checked to be the only one (a progress bar may come before it)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("emonet ")]
+    assert len(errors) == 1 and errors[0].startswith(f"emonet {command}: error: ") and err.endswith(errors[0] + "\n")
+    return errors[0] + "\n"
+
+
+def test_output_folder_under_a_file_fails_in_one_line(fake_archive, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code = main(["normalize", "--annotations-dir", str(fake_archive / ANNOTATIONS_DIRNAME), "--out-dir",
+                 str(a_file / "out")])
+    assert code == 1
+    assert f"{a_file / 'out'}: cannot create the output folder: Not a directory" in _one_line_error(capsys, "normalize")
+
+
+def test_unwritable_output_is_found_before_the_work(fake_archive, tmp_path, capsys, monkeypatch):
+    import emonet.evaluation
+    import emonet.io
+    import emonet.visibility
+
+    calls = []
+    monkeypatch.setattr(emonet.visibility, "add_face_visibility", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(emonet.evaluation, "evaluate_checkpoint", lambda *args, **kwargs: calls.append(args))
+    csv_path = annotations_path(fake_archive, "test")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    code = main(["visibility", "--annotations", str(csv_path), "--img-dir", str(arrays_dir(fake_archive)),
+                 "--out", str(tmp_path / "ok.csv"), "--plot", str(a_file / "hist.png")])
+    assert code == 1 and f"{a_file}: the output folder is a file" in _one_line_error(capsys, "visibility")
+
+    # As root, a read-only folder is still writable, so the refusal is simulated.
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(emonet.io.tempfile, "TemporaryFile", read_only)
+    out_dir = tmp_path / "read_only"
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "best.pt"), "--annotations", str(csv_path),
+                 "--img-dir", str(arrays_dir(fake_archive)), "--out-dir", str(out_dir)])
+    assert code == 1
+    assert f"{out_dir}: cannot write in the output folder: Permission denied" in _one_line_error(capsys, "evaluate")
+    assert calls == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_fails_in_one_line(fake_archive, tmp_path, capsys):
+    out_dir = tmp_path / "ro"
+    out_dir.mkdir()
+    out_dir.chmod(0o555)
+    try:
+        code = main(["normalize", "--annotations-dir", str(fake_archive / ANNOTATIONS_DIRNAME), "--out-dir",
+                     str(out_dir)])
+    finally:
+        out_dir.chmod(0o755)
+    assert code == 1 and "cannot write in the output folder" in _one_line_error(capsys, "normalize")
+
+
+def test_os_errors_during_the_work_are_one_line_naming_the_path(fake_archive, tmp_path, capsys, monkeypatch):
+    import emonet.normalize
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "x.csv"))
+
+    monkeypatch.setattr(emonet.normalize, "normalize_dataset", refused)
+    code = main(["normalize", "--annotations-dir", str(fake_archive / ANNOTATIONS_DIRNAME), "--out-dir",
+                 str(tmp_path / "out")])
+    assert code == 1
+    assert _one_line_error(capsys, "normalize") == f"emonet normalize: error: {tmp_path / 'x.csv'}: Permission denied\n"
+
+
+def test_binary_csv_is_named(fake_archive, tmp_path, capsys):
+    binary = annotations_path(fake_archive, "train")
+    binary.write_bytes(bytes(range(256)) * 8)
+    code = main(["normalize", "--annotations-dir", str(fake_archive / ANNOTATIONS_DIRNAME), "--out-dir",
+                 str(tmp_path / "out")])
+    assert code == 2 and f"{binary}: not a CSV file: 'utf-8' codec can't decode" in _one_line_error(capsys, "normalize")
+
+
+def test_predict_max_pixels_skips_or_names_the_row(tiny_checkpoint, tmp_path, capsys):
+    crop = np.zeros((40, 40, 3), dtype=np.uint8)
+    np.save(tmp_path / "crop.npy", crop)
+    csv_path = tmp_path / "crops.csv"
+    pd.DataFrame({"image_path": ["crop.npy", "crop.npy"]}).to_csv(csv_path, index=False)
+    base = ["predict", "--model", str(tiny_checkpoint["checkpoint"]), "--input", str(csv_path)]
+    assert main([*base, "--out", str(tmp_path / "ok.csv"), "--max-pixels", "1600"]) == 0
+    assert len(pd.read_csv(tmp_path / "ok.csv")) == 2
+    code = main([*base, "--out", str(tmp_path / "raise.csv"), "--max-pixels", "1599"])
+    assert code == 2 and "crops.csv: row 0: " in _one_line_error(capsys, "predict")
+    assert main([*base, "--out", str(tmp_path / "skip.csv"), "--max-pixels", "1599", "--on-error", "skip"]) == 0
+    skipped = pd.read_csv(tmp_path / "skip.skipped.csv")
+    assert skipped["row"].tolist() == [0, 1] and skipped["reason"].str.contains("over the limit of 1,599").all()

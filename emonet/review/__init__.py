@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from emonet.annotations import load_annotations, raw_affect
 from emonet.batch import ModelSource, describe_model, load_predictor
 from emonet.data import EmoticDataset
-from emonet.evaluation import write_split_report
-from emonet.io import write_csv_atomic, write_json_atomic
+from emonet.evaluation import SPLIT_REPORT_FILES, write_split_report
+from emonet.io import check_not_inputs, write_csv_atomic, write_json_atomic
 from emonet.metrics import EVALUATION_KEYS, evaluate_predictions, metrics_by_visibility
 from emonet.normalize import AffectNormalizer
 from emonet.prediction import Predictions
@@ -146,6 +146,10 @@ def review_predictions_with_visualization(
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
         raise ValueError(f"seed must be an int, got {seed!r}")
     test_csv_path, img_dir, output_dir = Path(test_csv_path), Path(img_arrays_dir), Path(output_dir)
+    check_not_inputs(
+        [output_dir / name for name in (GRID_FILE, SUMMARY_FILE, INDEX_FILE, REVIEW_CSV, *SPLIT_REPORT_FILES.values())],
+        {"test_csv_path": test_csv_path, "model": model, "normalizer": normalizer},
+    )
     if not img_dir.is_dir():
         raise FileNotFoundError(f"image array folder not found: {img_dir}")
     annotations = load_annotations(test_csv_path)
