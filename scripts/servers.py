@@ -362,7 +362,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     start_parser.add_argument("--pg-port", type=int, default=5433, help="port of the local cluster")
     start_parser.add_argument("--pg-data", type=Path, default=None, help="local cluster's data (default <state-dir>/postgres)")
     start_parser.add_argument("--pg-bin", default=None, help="folder with initdb and pg_ctl (default: found)")
-    start_parser.add_argument("--timeout", type=float, default=180.0, help="seconds each server may take to answer")
+    start_parser.add_argument(
+        "--timeout", type=float, default=600.0,
+        help="seconds each server may take to answer (the first start migrates the databases: minutes on a busy machine)",
+    )
     args = parser.parse_args(argv)
     if args.command == "start" and args.artifacts_destination is None:
         args.artifacts_destination = str(args.state_dir / "mlflow-artifacts")

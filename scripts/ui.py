@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mlflow-store", required=True, help="MLflow backend store URI (the SQLite database)")
     parser.add_argument("--mlflow-port", type=int, default=5000)
     parser.add_argument("--prefect-port", type=int, default=4200)
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds each server may take to answer")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds each server may take to answer")
     return parser.parse_args(argv)
 
 
