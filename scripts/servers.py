@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import secrets
 import shutil
 import subprocess
@@ -31,7 +32,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import psycopg
+from psycopg import sql
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 from scripts.processes import (
     ServerError,
@@ -76,22 +80,28 @@ def write_state(state_dir: Path, state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- database URLs
 
 
-def database_url(server_url: str, database: str, driver: str) -> str:
-    """``server_url`` (any ``postgresql[+driver]://`` or ``postgres://`` URL) with another
-    database and driver, password included and escaped."""
-    url = make_url(server_url.replace("postgres://", "postgresql://", 1))
+def parse_server_url(server_url: str) -> URL:
+    """A ``postgresql[+driver]://`` or ``postgres://`` URL, parsed; a message that never
+    shows the password when it is not one."""
+    try:
+        url = make_url(server_url.replace("postgres://", "postgresql://", 1))
+    except ArgumentError:
+        raise ServerError("--database-url is not a URL: expected postgresql://USER:PASSWORD@HOST:PORT/DB") from None
     if url.get_backend_name() != "postgresql":
         raise ServerError(f"--database-url must be a postgresql:// URL, got {url.render_as_string()!r}")
-    return url.set(drivername=driver, database=database).render_as_string(hide_password=False)
+    return url
+
+
+def database_url(server_url: str, database: str, driver: str) -> str:
+    """``server_url`` with another database and driver, the password kept and escaped."""
+    return parse_server_url(server_url).set(drivername=driver, database=database).render_as_string(hide_password=False)
 
 
 def create_databases(server_url: str, names: list[str]) -> None:
-    """Create each database that does not exist yet (existing data is kept)."""
-    import psycopg
-    from psycopg import sql
-
-    admin_url = make_url(server_url.replace("postgres://", "postgresql://", 1))
-    admin_url = admin_url.set(drivername="postgresql", database=admin_url.database or "postgres")
+    """Create each database that does not exist yet (existing data is kept), connected
+    to the URL's own database (``postgres`` when it names none)."""
+    url = parse_server_url(server_url)
+    admin_url = url.set(drivername="postgresql", database=url.database or "postgres")
     try:
         with psycopg.connect(admin_url.render_as_string(hide_password=False), autocommit=True) as conn:
             for name in names:
@@ -111,7 +121,8 @@ def find_postgres_bin(explicit: str | None) -> Path:
     on_path = shutil.which("pg_ctl")
     if on_path:
         candidates.append(str(Path(on_path).resolve().parent))
-    candidates += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name), reverse=True)
+    debian = glob.glob("/usr/lib/postgresql/*/bin")
+    candidates += sorted(debian, key=lambda p: [int(n) for n in re.findall(r"\d+", Path(p).parent.name)], reverse=True)
     for folder in candidates:
         if (Path(folder) / "initdb").is_file() and (Path(folder) / "pg_ctl").is_file():
             return Path(folder)
@@ -147,6 +158,11 @@ def prepare_data_dir(requested: Path, run_as: list[str]) -> Path:
     (a parent such as ``/root`` is closed to others), the cluster lives in a new folder
     under the system's temp folder instead, and ``requested`` becomes a link to it.
     """
+    if requested.is_symlink() and not requested.exists():
+        raise ServerError(
+            f"{requested} links to {os.readlink(requested)}, which is gone (was the temp folder cleared?): "
+            "remove the link to initialize a new, empty cluster"
+        )
     requested.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not run_as:
         return requested

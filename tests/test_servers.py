@@ -80,8 +80,11 @@ def test_database_url_swaps_database_and_driver_and_keeps_the_escaped_password()
     url = database_url("postgres://team%40x:p%2Fw%3A1@db.internal:6543/postgres?sslmode=require", "mlflow", "postgresql+psycopg")
     assert url == "postgresql+psycopg://team%40x:p%2Fw%3A1@db.internal:6543/mlflow?sslmode=require"
     assert database_url("postgresql://u:pw@h/db", "prefect", "postgresql+asyncpg") == "postgresql+asyncpg://u:pw@h/prefect"
-    with pytest.raises(ServerError, match="must be a postgresql:// URL, got 'mysql://u:"):
+    with pytest.raises(ServerError, match=r"must be a postgresql:// URL, got 'mysql://u:\*\*\*@h/db'"):
         database_url("mysql://u:pw@h/db", "mlflow", "postgresql+psycopg")
+    with pytest.raises(ServerError, match="is not a URL") as error:
+        database_url("team:secret@db.internal", "mlflow", "postgresql+psycopg")
+    assert "secret" not in str(error.value)
 
 
 @pytest.mark.slow
