@@ -6,6 +6,7 @@ in another folder; the champion loads through the server; ``stop`` stops all of 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -44,10 +45,13 @@ TINY_RUN = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (all held open until all are chosen)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def clean_env(tmp_path: Path) -> dict[str, str]:
@@ -90,7 +94,7 @@ def test_database_url_swaps_database_and_driver_and_keeps_the_escaped_password()
 @pytest.mark.slow
 def test_servers_on_postgresql_run_a_deployment_and_serve_the_champion(tmp_path):
     state_dir = tmp_path / "servers"
-    pg_port, mlflow_port, prefect_port = free_port(), free_port(), free_port()
+    pg_port, mlflow_port, prefect_port = free_ports(3)
     mlflow_url, prefect_api = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}/api"
     env = clean_env(tmp_path)
     servers = [sys.executable, "-m", "scripts.servers"]
@@ -189,7 +193,7 @@ def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 24
 
 @pytest.mark.slow
 def test_make_ui_stops_exactly_its_two_servers_on_ctrl_c(tmp_path):
-    mlflow_port, prefect_port = free_port(), free_port()
+    mlflow_port, prefect_port = free_ports(2)
     log = tmp_path / "ui.log"
     # `make ui` in a process group of its own, as a terminal runs it; the venv running this
     # test is never reinstalled from here (-o).
