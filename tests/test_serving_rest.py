@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import requests
@@ -48,11 +49,16 @@ def champion_store(tmp_path_factory, tiny_checkpoint) -> str:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment_id = client.create_experiment("rest", artifact_location=(base / "artifacts").as_uri())
     run_id = client.create_run(experiment_id).info.run_id
+    # log_emonet_model logs through MLflow's global URIs, which earlier tests may have set.
     saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    os.environ["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_REGISTRY_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     try:
         version = log_emonet_model(run_id, tiny_checkpoint["checkpoint"], None, None, MODEL_NAME)
     finally:
+        # Back to the environment's store, as test_tracking.py leaves it.
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
