@@ -13,10 +13,15 @@ OUT_DIR ?= outputs
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-PREFECT_API := http://127.0.0.1:4200/api
-MLFLOW_DB := sqlite:///$(CURDIR)/mlruns/mlflow.db
+MLFLOW_PORT ?= 5000
+PREFECT_PORT ?= 4200
+PREFECT_API := http://127.0.0.1:$(PREFECT_PORT)/api
+MLFLOW_DB ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
+# `make serve`: the registered model to serve and the port.
+MODEL ?= models:/emonet@champion
+PORT ?= 5001
 
-.PHONY: demo test venv ui deploy clean-outputs
+.PHONY: demo test venv ui deploy serve servers servers-stop postgresql clean-outputs
 
 venv: $(STAMP)
 
@@ -31,24 +36,43 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 demo: $(STAMP)
 	$(PY) -m flows.training_pipeline --demo-dir $(DEMO_DIR) --output-dir $(OUT_DIR)/demo
 
-test: $(STAMP)
+test: $(STAMP) postgresql
 	$(PY) -m pytest -q
 
+# PostgreSQL's initdb and pg_ctl, for `make servers` and its test: Debian's postgresql
+# package, installed when missing (needs root, as in CI).
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	    [ "$$(id -u)" = 0 ] || { echo "PostgreSQL binaries missing: run 'apt-get install -y postgresql' as root" >&2; exit 1; }; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
+
 # Prefect server (UI at http://127.0.0.1:4200) and MLflow UI (http://127.0.0.1:5000),
-# both on loopback only; Ctrl-C stops both.
+# both on loopback only; Ctrl-C stops exactly these two servers.
 ui: $(STAMP)
 	@mkdir -p mlruns
-	@echo "Prefect UI: http://127.0.0.1:4200    MLflow UI: http://127.0.0.1:5000"
-	trap 'kill 0' INT TERM EXIT; \
-	$(VENV)/bin/mlflow ui --backend-store-uri $(MLFLOW_DB) --host 127.0.0.1 --port 5000 & \
-	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+	$(PY) -m scripts.ui --mlflow-store '$(MLFLOW_DB)' --mlflow-port $(MLFLOW_PORT) --prefect-port $(PREFECT_PORT)
 
-# With `make ui` running: create the process work pool, deploy prefect.yaml and start
-# a worker that runs flows from this checkout.
+# With `make ui` (or `make servers`) running: create the process work pool, deploy
+# prefect.yaml (each deployment records this checkout) and start a worker.
 deploy: $(STAMP)
 	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect work-pool create emonet-process --type process --overwrite
 	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect --no-prompt deploy --all
-	EMONET_HOME=$(CURDIR) PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect worker start --pool emonet-process
+	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect worker start --pool emonet-process
+
+# The team set-up in the background: MLflow tracking server and Prefect server on
+# PostgreSQL ($$EMONET_DATABASE_URL, else a local cluster under .servers/), on loopback.
+servers: $(STAMP) $(if $(EMONET_DATABASE_URL),,postgresql)
+	$(PY) -m scripts.servers start --mlflow-port $(MLFLOW_PORT) --prefect-port $(PREFECT_PORT)
+
+# Stops exactly what `make servers` started; the data stays.
+servers-stop:
+	$(PY) -m scripts.servers stop
+
+# MODEL over REST on 127.0.0.1:$(PORT), from $$MLFLOW_TRACKING_URI (default: the SQLite
+# store under mlruns/). The scoring server starts uvicorn by name: the venv goes on PATH.
+serve: $(STAMP)
+	PATH='$(CURDIR)/$(VENV)/bin':"$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-$(MLFLOW_DB)}" \
+	    $(VENV)/bin/mlflow models serve -m '$(MODEL)' --env-manager local --host 127.0.0.1 --port $(PORT)
 
 clean-outputs:
 	rm -rf $(OUT_DIR)

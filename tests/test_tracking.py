@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -327,59 +326,6 @@ def test_champion_loads_in_a_fresh_process_without_the_repository(logged, store,
     # The same pixels through .npy, .png and base64 give the same prediction.
     for row in rows[1:]:
         assert all(math.isclose(row[c], rows[0][c], abs_tol=1e-5) for c in PROB_COLUMNS)
-
-
-@pytest.mark.slow
-def test_mlflow_models_serve_answers_invocations(logged, store, tmp_path):
-    """``mlflow models serve --env-manager local`` on 127.0.0.1: a good and a bad request."""
-    import requests
-
-    promote_model(logged["client"], MODEL_NAME, logged["version"].version, 0.25, "split-a", logged["run_id"])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["MLFLOW_TRACKING_URI"] = store["uri"]
-    env["MLFLOW_REGISTRY_URI"] = store["uri"]
-    # The server execs `uvicorn` by name: it must be on PATH (the venv's bin folder).
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
-             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, f"server exited early:\n{log_path.read_text()[-3000:]}"
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, f"server not up after 180 s:\n{log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
-
-        image = np.random.default_rng(1).integers(0, 256, size=(40, 40, 3), dtype=np.uint8)
-        body = {"dataframe_split": {"columns": ["image_b64"], "data": [[_png_b64(image)], [_png_b64(image[::-1])]]}}
-        response = requests.post(f"{url}/invocations", json=body, timeout=60)
-        assert response.status_code == 200, response.text
-        predictions = response.json()["predictions"]
-        assert len(predictions) == 2 and list(predictions[0]) == list(OUTPUT_COLUMNS)
-
-        bad = {"dataframe_split": {"columns": ["image_b64"], "data": [[_png_b64(image)], ["not-an-image"]]}}
-        response = requests.post(f"{url}/invocations", json=bad, timeout=60)
-        assert response.status_code == 400 and "row 1: invalid base64" in response.text
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server's own session: mlflow and uvicorn
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
 
 
 # --------------------------------------------------------------------------- promotion
