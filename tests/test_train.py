@@ -4,12 +4,17 @@ early stopping, the two-stream variant and the loader helpers (tiny, CPU)."""
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import emonet.train as train_module
 from emonet.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_device
@@ -91,7 +96,10 @@ def straight_run(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         model, train_loader, val_loader, config,
         callbacks=[received.append], checkpoint_dir=checkpoint_dir, progress=False,
     )
-    return {"config": config, "model": model, "result": result, "received": received, "dir": checkpoint_dir}
+    return {
+        "config": config, "model": model, "result": result, "received": received, "dir": checkpoint_dir,
+        "root": demo_root,
+    }
 
 
 def test_fit_lowers_the_training_loss(straight_run: dict[str, Any]) -> None:
@@ -356,3 +364,172 @@ def test_fit_on_cuda_with_mixed_precision(fake_archive: Path, tmp_path: Path) ->
     model, _, checkpoint = load_checkpoint(result.best_checkpoint)
     assert checkpoint["scaler"]  # the GradScaler's state was saved
     assert next(model.parameters()).device.type == "cpu"
+
+
+# --------------------------------------------------------------------------- a non-finite loss
+
+
+class NanAtTrainingCall(torch.nn.Module):
+    """The real loss, except NaN at the ``fail_at``-th training call (0-based; calls
+    under ``inference_mode``, i.e. validation, are not counted). At that call it records
+    the parameters and the checkpoint files as they are before the batch's step."""
+
+    def __init__(self, criterion: EmoNetLoss, fail_at: int, model: EmoNet, checkpoint_dir: Path) -> None:
+        super().__init__()
+        self.criterion, self.fail_at, self.checkpoint_dir = criterion, fail_at, checkpoint_dir
+        self.watched = [model]  # a list, so the model is not registered as a submodule
+        self.calls = 0
+        self.params_before: dict[str, torch.Tensor] = {}
+        self.files_before: dict[str, bytes] = {}
+
+    def forward(self, output: Any, emotions: torch.Tensor, affect: torch.Tensor) -> LossOutput:
+        losses = self.criterion(output, emotions, affect)
+        if not torch.is_grad_enabled():
+            return losses
+        call, self.calls = self.calls, self.calls + 1
+        if call != self.fail_at:
+            return losses
+        self.params_before = {name: p.detach().clone() for name, p in self.watched[0].named_parameters()}
+        self.files_before = {path.name: path.read_bytes() for path in self.checkpoint_dir.glob("*.pt")}
+        return LossOutput(total=losses.total * float("nan"), emotion=losses.emotion, affect=losses.affect)
+
+
+def test_non_finite_loss_stops_before_the_step_and_leaves_weights_and_files(
+    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(epochs=3)  # 32 train rows, batch 16: two batches per epoch
+    model = _model(config)
+    # Training call 3 (0-based) is epoch 2, batch 1.
+    poison = NanAtTrainingCall(EmoNetLoss.from_config(config.loss), fail_at=3, model=model, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(train_module.EmoNetLoss, "from_config", staticmethod(lambda loss_config: poison))
+    train_loader, val_loader = _loaders(demo_root, config)
+    with pytest.raises(FloatingPointError, match=r"at epoch 2, batch 1\b.*no step was taken"):
+        fit(model, train_loader, val_loader, config, checkpoint_dir=tmp_path, progress=False)
+    assert poison.params_before and set(poison.files_before) == {LAST_CHECKPOINT, BEST_CHECKPOINT}
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), poison.params_before[name]), name
+    for name, content in poison.files_before.items():
+        assert (tmp_path / name).read_bytes() == content, name
+    assert torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)["epoch"] == 1
+
+
+# --------------------------------------------------------------------------- best.pt after a kill
+
+
+def test_resume_refuses_a_best_checkpoint_it_cannot_repair(straight_run: dict[str, Any], tmp_path: Path) -> None:
+    result = straight_run["result"]
+    last = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    best_epoch = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)["epoch"]
+    # last.pt of epoch 3 claiming a best epoch whose weights neither file holds.
+    claimed = next(epoch for epoch in (1, 2) if epoch != best_epoch)
+    torch.save({**last, "best_epoch": claimed}, tmp_path / LAST_CHECKPOINT)
+    (tmp_path / BEST_CHECKPOINT).write_bytes(result.best_checkpoint.read_bytes())
+    config = straight_run["config"]
+    train_loader, val_loader = _loaders(straight_run["root"], config)
+    with pytest.raises(ValueError, match=rf"holds epoch {best_epoch}.*best epoch is {claimed}"):
+        fit(_model(config), train_loader, val_loader, config, resume_from=tmp_path / LAST_CHECKPOINT, progress=False)
+
+
+# A child that trains through the CLI and SIGKILLs itself at one point of the checkpoint
+# writes. Val mAP is made to rise every epoch, so every epoch is a new best.
+KILLED_TRAINING = """
+import os, signal, sys
+from pathlib import Path
+import emonet.train as train
+from emonet.cli import main
+
+kill_at = os.environ.get("EMONET_TEST_KILL_AT", "")
+real_save = train.save_checkpoint
+
+def save(payload, path):
+    if kill_at == "before-thresholds" and payload.get("thresholds") is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(payload, path)
+    if kill_at == f"after-{Path(path).name}-epoch-{payload['epoch']}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+epochs = iter(range(int(os.environ["EMONET_TEST_FIRST_EPOCH"]), 1000))
+real_evaluate = train.evaluate
+
+def rising(*args, **kwargs):
+    return {**real_evaluate(*args, **kwargs), "val_mAP": 0.1 * next(epochs)}
+
+train.save_checkpoint, train.evaluate = save, rising
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run_cli_train(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", KILLED_TRAINING, "train", *args],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600,
+    )
+
+
+def _write_config(path: Path, **train: Any) -> Path:
+    config = _config(**train)
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("epochs", "kill_at"),
+    [(1, "after-last.pt-epoch-1"), (2, "after-last.pt-epoch-2"), (2, "before-thresholds")],
+)
+def test_a_kill_during_checkpoint_writes_is_repaired_on_resume(
+    demo_root: Path, tmp_path: Path, epochs: int, kill_at: str
+) -> None:
+    config_path = _write_config(tmp_path / "config.yaml", epochs=epochs, batch_size=16)
+    run_dir = tmp_path / "run"
+    args = ["--config", str(config_path), "--train-csv", str(annotations_path(demo_root, "train")),
+            "--val-csv", str(annotations_path(demo_root, "val")), "--img-dir", str(arrays_dir(demo_root)),
+            "--checkpoint-dir", str(run_dir)]
+    killed = _run_cli_train(args, {"EMONET_TEST_KILL_AT": kill_at, "EMONET_TEST_FIRST_EPOCH": "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    last_epoch = torch.load(run_dir / LAST_CHECKPOINT, weights_only=True)["epoch"]
+
+    # A fresh process resumes from last.pt.
+    resumed = _run_cli_train(
+        [*args, "--resume-from", str(run_dir / LAST_CHECKPOINT)], {"EMONET_TEST_FIRST_EPOCH": str(last_epoch + 1)}
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    last = torch.load(run_dir / LAST_CHECKPOINT, weights_only=True)
+    best = torch.load(run_dir / BEST_CHECKPOINT, weights_only=True)
+    assert last["epoch"] == epochs and last["best_epoch"] == epochs
+    assert f"at epoch {epochs}: {run_dir / BEST_CHECKPOINT}" in resumed.stdout
+    assert best["epoch"] == last["best_epoch"]
+    for name, tensor in last["model"].items():
+        assert torch.equal(best["model"][name], tensor), name
+    assert best["thresholds"] is not None and len(best["thresholds"]) == NUM_EMOTIONS
+
+
+# --------------------------------------------------------------------------- reproducibility
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_two_cli_runs_with_one_seed_write_identical_weights(demo_root: Path, tmp_path: Path, num_workers: int) -> None:
+    # Augmentation and dropout on: the seed must cover initialization, data order,
+    # augmentation and the loader workers.
+    config_path = _write_config(tmp_path / "config.yaml", epochs=1, batch_size=8, num_workers=num_workers)
+    runs = [tmp_path / "a", tmp_path / "b"]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "emonet.cli", "train", "--config", str(config_path),
+             "--train-csv", str(annotations_path(demo_root, "train")), "--val-csv", str(annotations_path(demo_root, "val")),
+             "--img-dir", str(arrays_dir(demo_root)), "--checkpoint-dir", str(run)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for run in runs
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-2000:]
+    first, second = (torch.load(run / BEST_CHECKPOINT, weights_only=True) for run in runs)
+    assert first["model"].keys() == second["model"].keys()
+    for name, tensor in first["model"].items():
+        assert torch.equal(tensor, second["model"][name]), name
+    assert first["thresholds"] == second["thresholds"]
+    assert first["history"] == second["history"]
