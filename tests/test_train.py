@@ -85,6 +85,12 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def small_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 train / 8 val rows of 32 px demo crops, for the tests that start processes."""
+    return make_demo_data(tmp_path_factory.mktemp("small"), seed=1, n_train=16, n_val=8, n_test=1, size=32)
+
+
+@pytest.fixture(scope="module")
 def straight_run(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """An uninterrupted 3-epoch run with augmentation and dropout, recording callbacks."""
     config = _config()
@@ -395,14 +401,14 @@ class NanAtTrainingCall(torch.nn.Module):
 
 
 def test_non_finite_loss_stops_before_the_step_and_leaves_weights_and_files(
-    demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    config = _config(epochs=3)  # 32 train rows, batch 16: two batches per epoch
+    config = _config(epochs=3, batch_size=8)  # 16 train rows: two batches per epoch
     model = _model(config)
     # Training call 3 (0-based) is epoch 2, batch 1.
     poison = NanAtTrainingCall(EmoNetLoss.from_config(config.loss), fail_at=3, model=model, checkpoint_dir=tmp_path)
     monkeypatch.setattr(train_module.EmoNetLoss, "from_config", staticmethod(lambda loss_config: poison))
-    train_loader, val_loader = _loaders(demo_root, config)
+    train_loader, val_loader = _loaders(small_root, config)
     with pytest.raises(FloatingPointError, match=r"at epoch 2, batch 1\b.*no step was taken"):
         fit(model, train_loader, val_loader, config, checkpoint_dir=tmp_path, progress=False)
     assert poison.params_before and set(poison.files_before) == {LAST_CHECKPOINT, BEST_CHECKPOINT}
@@ -474,32 +480,40 @@ def _write_config(path: Path, **train: Any) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("epochs", "kill_at"),
-    [(1, "after-last.pt-epoch-1"), (2, "after-last.pt-epoch-2"), (2, "before-thresholds")],
-)
-def test_a_kill_during_checkpoint_writes_is_repaired_on_resume(
-    demo_root: Path, tmp_path: Path, epochs: int, kill_at: str
-) -> None:
-    config_path = _write_config(tmp_path / "config.yaml", epochs=epochs, batch_size=16)
+def test_kills_during_checkpoint_writes_are_repaired_on_resume(small_root: Path, tmp_path: Path) -> None:
+    # One 2-epoch run, killed at each dangerous point in turn, each time resumed by a
+    # fresh process: after last.pt of epoch 1 (best.pt not yet written), after last.pt
+    # of epoch 2 (best.pt still holds epoch 1), and before the tuned thresholds are saved.
+    config_path = _write_config(tmp_path / "config.yaml", epochs=2, batch_size=8)
     run_dir = tmp_path / "run"
-    args = ["--config", str(config_path), "--train-csv", str(annotations_path(demo_root, "train")),
-            "--val-csv", str(annotations_path(demo_root, "val")), "--img-dir", str(arrays_dir(demo_root)),
+    last_path, best_path = run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT
+    args = ["--config", str(config_path), "--train-csv", str(annotations_path(small_root, "train")),
+            "--val-csv", str(annotations_path(small_root, "val")), "--img-dir", str(arrays_dir(small_root)),
             "--checkpoint-dir", str(run_dir)]
-    killed = _run_cli_train(args, {"EMONET_TEST_KILL_AT": kill_at, "EMONET_TEST_FIRST_EPOCH": "1"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    last_epoch = torch.load(run_dir / LAST_CHECKPOINT, weights_only=True)["epoch"]
+    resume = ["--resume-from", str(last_path)]
 
-    # A fresh process resumes from last.pt.
-    resumed = _run_cli_train(
-        [*args, "--resume-from", str(run_dir / LAST_CHECKPOINT)], {"EMONET_TEST_FIRST_EPOCH": str(last_epoch + 1)}
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    last = torch.load(run_dir / LAST_CHECKPOINT, weights_only=True)
-    best = torch.load(run_dir / BEST_CHECKPOINT, weights_only=True)
-    assert last["epoch"] == epochs and last["best_epoch"] == epochs
-    assert f"at epoch {epochs}: {run_dir / BEST_CHECKPOINT}" in resumed.stdout
-    assert best["epoch"] == last["best_epoch"]
+    def run(kill_at: str | None, first_epoch: int, extra: list[str]) -> subprocess.CompletedProcess:
+        env = {"EMONET_TEST_FIRST_EPOCH": str(first_epoch)}
+        if kill_at is not None:
+            env["EMONET_TEST_KILL_AT"] = kill_at
+        completed = _run_cli_train([*args, *extra], env)
+        expected = -signal.SIGKILL if kill_at is not None else 0
+        assert completed.returncode == expected, completed.stderr[-2000:]
+        return completed
+
+    run("after-last.pt-epoch-1", 1, [])
+    assert last_path.is_file() and not best_path.is_file()
+    run("after-last.pt-epoch-2", 2, resume)
+    # The resume first re-saved best.pt (epoch 1) from last.pt, then epoch 2 was killed.
+    assert torch.load(best_path, weights_only=True)["epoch"] == 1
+    assert torch.load(last_path, weights_only=True)["best_epoch"] == 2
+    run("before-thresholds", 3, resume)
+    finished = run(None, 3, resume)
+
+    last = torch.load(last_path, weights_only=True)
+    best = torch.load(best_path, weights_only=True)
+    assert last["epoch"] == 2 and last["best_epoch"] == 2 and best["epoch"] == 2
+    assert f"at epoch 2: {best_path}" in finished.stdout
     for name, tensor in last["model"].items():
         assert torch.equal(best["model"][name], tensor), name
     assert best["thresholds"] is not None and len(best["thresholds"]) == NUM_EMOTIONS
@@ -510,7 +524,7 @@ def test_a_kill_during_checkpoint_writes_is_repaired_on_resume(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_two_cli_runs_with_one_seed_write_identical_weights(demo_root: Path, tmp_path: Path, num_workers: int) -> None:
+def test_two_cli_runs_with_one_seed_write_identical_weights(small_root: Path, tmp_path: Path, num_workers: int) -> None:
     # Augmentation and dropout on: the seed must cover initialization, data order,
     # augmentation and the loader workers.
     config_path = _write_config(tmp_path / "config.yaml", epochs=1, batch_size=8, num_workers=num_workers)
@@ -518,8 +532,8 @@ def test_two_cli_runs_with_one_seed_write_identical_weights(demo_root: Path, tmp
     processes = [
         subprocess.Popen(
             [sys.executable, "-m", "emonet.cli", "train", "--config", str(config_path),
-             "--train-csv", str(annotations_path(demo_root, "train")), "--val-csv", str(annotations_path(demo_root, "val")),
-             "--img-dir", str(arrays_dir(demo_root)), "--checkpoint-dir", str(run)],
+             "--train-csv", str(annotations_path(small_root, "train")), "--val-csv", str(annotations_path(small_root, "val")),
+             "--img-dir", str(arrays_dir(small_root)), "--checkpoint-dir", str(run)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for run in runs
