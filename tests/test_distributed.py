@@ -193,6 +193,8 @@ def test_sync_batchnorm_on_the_cpu_is_a_config_error(spawned: dict[str, Any]) ->
 
 
 @pytest.mark.slow
+# The task runs outside a flow; Prefect's own closing lines say so. The task's log is kept.
+@pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted to send logs:UserWarning")
 def test_prefect_task_trains_with_torchrun_and_the_checkpoint_serves(prefect_env: dict[str, Any], tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
