@@ -312,7 +312,10 @@ def launch_training(
         tc.batch_size * tc.distributed.world_size, " ".join(command),
     )
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process:
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace",
+        env=env,
+    ) as process:
         try:
             assert process.stdout is not None  # set by stdout=PIPE
             for line in process.stdout:
