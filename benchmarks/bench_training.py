@@ -39,12 +39,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from emonet.checkpoint import resolve_device
 from emonet.config import EmoNetConfig, load_config
 from emonet.demo_data import make_demo_data
 from emonet.losses import EmoNetLoss
 from emonet.models import build_model
 from emonet.schema import NUM_EMOTIONS, annotations_path, arrays_dir
-from emonet.checkpoint import resolve_device
 from emonet.train import make_loaders, seed_everything, train_one_epoch
 
 

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
+from emonet import distributed
 from emonet.checkpoint import (
     BEST_CHECKPOINT,
     CHECKPOINT_FORMAT,
@@ -38,7 +39,6 @@ from emonet.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from emonet import distributed
 from emonet.config import EmoNetConfig, config_to_dict
 from emonet.data import EmoticDataset
 from emonet.losses import EmoNetLoss
