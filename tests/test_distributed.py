@@ -150,8 +150,10 @@ def test_one_step_on_two_processes_equals_one_process_on_the_whole_batch(
     assert single.keys() == ddp.keys()
     moved = [name for name in single if not torch.equal(single[name], initial[name])]
     assert "emotion_head.weight" in moved and len(moved) > 10
+    # AdamW's first step is about lr (1e-3) x the sign of each gradient; float rounding of
+    # the gradient average may move a near-zero gradient's step by a small fraction of it.
     for name, tensor in single.items():
-        torch.testing.assert_close(ddp[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(ddp[name], tensor, rtol=1e-4, atol=5e-5, msg=name)
 
 
 @pytest.mark.slow
