@@ -44,9 +44,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "all_gather_objects",
+    "all_ranks_finite",
+    "all_reduce_sum",
+    "broadcast_module",
     "gather_predictions",
     "is_distributed",
-    "is_main_process",
     "launch_training",
     "main",
     "mlflow_epoch_logger",
@@ -74,10 +77,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
-
-
-def is_main_process() -> bool:
-    return rank() == 0
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
