@@ -53,7 +53,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from emonet.train import train_from_csvs
 
     config = load_config(args.config)
-    # Also a torchrun worker: `torchrun --nproc_per_node 2 -m emonet.cli train ...` trains data-parallel.
+    # Also a torchrun worker: `torchrun --nproc_per_node 2 -m emonet.cli train ...` trains data-parallel;
+    # the other ranks would repeat rank 0's lines, so they report only problems.
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
     result = train_from_csvs(
         args.train_csv,
         args.val_csv,
@@ -63,7 +67,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         callbacks=[lambda metrics: logger.info("epoch %d: %s", metrics["epoch"], metrics)],
         resume_from=args.resume_from,
     )
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank == 0:
         print(f"best val mAP {result.best_metric:.4f} at epoch {result.best_epoch}: {result.best_checkpoint}")
 
 
