@@ -522,6 +522,26 @@ def test_kills_during_checkpoint_writes_are_repaired_on_resume(small_root: Path,
 # --------------------------------------------------------------------------- reproducibility
 
 
+def test_train_from_csvs_seeds_before_building_the_model(
+    small_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever the global RNG did before, train.seed alone decides the initial weights.
+    initial: list[dict[str, torch.Tensor]] = []
+
+    def record_initial_weights(model: EmoNet, *args: Any, **kwargs: Any) -> None:
+        initial.append({name: tensor.clone() for name, tensor in model.state_dict().items()})
+
+    monkeypatch.setattr(train_module, "fit", record_initial_weights)
+    splits = (annotations_path(small_root, "train"), annotations_path(small_root, "val"), arrays_dir(small_root))
+    for rng_state, seed in ((1, 7), (2, 7), (1, 8)):
+        torch.manual_seed(rng_state)
+        train_module.train_from_csvs(*splits, _config(seed=seed))
+    same_seed, other_seed = initial[1], initial[2]
+    for name, tensor in initial[0].items():
+        assert torch.equal(tensor, same_seed[name]), name
+    assert not torch.equal(initial[0]["emotion_head.weight"], other_seed["emotion_head.weight"])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_two_cli_runs_with_one_seed_write_identical_weights(small_root: Path, tmp_path: Path, num_workers: int) -> None:
