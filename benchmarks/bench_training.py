@@ -9,7 +9,13 @@ It also prints CPU milliseconds per sample (main process plus DataLoader workers
 their ratio: on a machine shared with other jobs the wall-clock ratio is noise, while
 the CPU cost of the input pipeline stays measurable.
 
-    python benchmarks/bench_training.py [--num-workers N] [--steps 20] [--rounds 3]
+Then, for information (no target), data-parallel throughput: ``--ddp N`` processes with
+``DistributedDataParallel`` over gloo on loopback, each with the same per-process batch
+and ``cores / N`` torch threads, against one process with every core, both on the real
+pipeline. On a CPU box the processes share the same cores, so expect no speed-up; on a
+GPU box each process drives its own GPU.
+
+    python benchmarks/bench_training.py [--num-workers N] [--steps 20] [--rounds 3] [--ddp 2]
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -28,13 +35,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
-from emonet.config import load_config
+from emonet.checkpoint import resolve_device
+from emonet.config import EmoNetConfig, load_config
 from emonet.demo_data import make_demo_data
 from emonet.losses import EmoNetLoss
 from emonet.models import build_model
 from emonet.schema import NUM_EMOTIONS, annotations_path, arrays_dir
-from emonet.checkpoint import resolve_device
 from emonet.train import make_loaders, seed_everything, train_one_epoch
 
 
@@ -92,6 +102,43 @@ def _timed_steps(
     return seen / elapsed, cpu / max(seen, 1), waited / elapsed
 
 
+def _data_parallel_worker(
+    rank: int, world: int, port: int, root: Path, config: dict[str, Any], steps: int, warmup: int, out: Path
+) -> None:
+    """One process of the data-parallel measurement; writes its samples/s to ``out/rank{rank}``."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        emonet_config = EmoNetConfig.model_validate(config)
+        device = resolve_device(emonet_config.train.device)
+        seed_everything(0)
+        model = build_model(emonet_config.model).to(device)
+        trained = DistributedDataParallel(model) if world > 1 else model
+        criterion = EmoNetLoss.from_config(emonet_config.loss).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=emonet_config.train.lr)
+        train_loader, _ = make_loaders(annotations_path(root, "train"), annotations_path(root, "val"),
+                                       arrays_dir(root), emonet_config, device=device)
+        batches = _forever(train_loader)
+        _timed_steps(trained, batches, warmup, criterion, optimizer, device)
+        rate, _, _ = _timed_steps(trained, batches, steps, criterion, optimizer, device)
+        (out / f"rank{rank}").write_text(str(rate))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _data_parallel_rate(world: int, root: Path, config: EmoNetConfig, steps: int, warmup: int) -> float:
+    """Samples per second of all ``world`` processes together (they step in lockstep)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="emonet_ddp_") as out:
+        args = (world, port, root, config.model_dump(mode="json"), steps, warmup, Path(out))
+        mp.spawn(_data_parallel_worker, args=args, nprocs=world, join=True)
+        return sum(float((Path(out) / f"rank{rank}").read_text()) for rank in range(world))
+
+
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet18")
@@ -105,6 +152,7 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--no-augment", action="store_true", help="time the pipeline without augmentation")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", type=Path, default=None, help="reuse a demo archive (made if absent)")
+    parser.add_argument("--ddp", type=int, default=2, help="data-parallel processes to compare with 1; 0 skips it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     # Tiny demo splits leave some emotions without positives; irrelevant to speed.
@@ -165,6 +213,13 @@ def main(argv: list[str] | None = None) -> float:
             print(f"round {round_index + 1}: model alone {rates['model'][-1]:.1f}, real {rates['real'][-1]:.1f} "
                   "samples/s", flush=True)
         del real, train_loader  # stop the persistent workers
+        if args.ddp > 1:
+            # Interleaved rounds, as above, so a change in the machine's load hits both alike.
+            ddp_runs: dict[int, list[float]] = {1: [], args.ddp: []}
+            for _ in range(args.rounds):
+                for world in ddp_runs:
+                    ddp_runs[world].append(_data_parallel_rate(world, root, config, args.steps, real_warmup))
+            ddp_rates = {world: statistics.median(rates) for world, rates in ddp_runs.items()}
 
     model_rate, real_rate = statistics.median(rates["model"]), statistics.median(rates["real"])
     model_cpu, real_cpu = statistics.median(cpu["model"]), statistics.median(cpu["real"])
@@ -176,6 +231,10 @@ def main(argv: list[str] | None = None) -> float:
     print(f"real pipeline (loader + aug):   {real_rate:7.1f} samples/s, {real_cpu * 1e3:6.1f} CPU ms/sample "
           f"(main + workers), {statistics.median(waits):.1%} of the time waiting for batches")
     print(f"ratio real / model alone: {ratio:.3f} (target >= 0.85); CPU-cost ratio {model_cpu / real_cpu:.3f}")
+    if args.ddp > 1:
+        print(f"data-parallel (real pipeline, batch {batch} per process, gloo): 1 process {ddp_rates[1]:.1f}, "
+              f"{args.ddp} processes {ddp_rates[args.ddp]:.1f} samples/s, ratio "
+              f"{ddp_rates[args.ddp] / ddp_rates[1]:.2f} (information only: the processes share {os.cpu_count()} CPUs)")
     if load_before > 0.5:
         print("warning: other processes were running; on a busy machine the wall-clock ratio is mostly noise")
     return ratio

@@ -59,23 +59,29 @@ def _cmd_normalize(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    import os
+
     from emonet.config import load_config
-    from emonet.models import build_model
-    from emonet.train import fit, make_loaders
+    from emonet.train import train_from_csvs
 
     ensure_writable_dir(args.checkpoint_dir)
     config = load_config(args.config)
-    train_loader, val_loader = make_loaders(args.train_csv, args.val_csv, args.img_dir, config)
-    result = fit(
-        build_model(config.model),
-        train_loader,
-        val_loader,
+    # Also a torchrun worker: `torchrun --nproc_per_node 2 -m emonet.cli train ...` trains data-parallel;
+    # the other ranks would repeat rank 0's lines, so they report only problems.
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    result = train_from_csvs(
+        args.train_csv,
+        args.val_csv,
+        args.img_dir,
         config,
+        args.checkpoint_dir,
         callbacks=[lambda metrics: logger.info("epoch %d: %s", metrics["epoch"], metrics)],
-        checkpoint_dir=args.checkpoint_dir,
         resume_from=args.resume_from,
     )
-    print(f"best val mAP {result.best_metric:.4f} at epoch {result.best_epoch}: {result.best_checkpoint}")
+    if rank == 0:
+        print(f"best val mAP {result.best_metric:.4f} at epoch {result.best_epoch}: {result.best_checkpoint}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Backbone = Literal["resnet18", "resnet34", "resnet50", "efficientnet_b0"]
 Variant = Literal["body", "body_context"]
@@ -40,6 +40,31 @@ class LossConfig(_Frozen):
     affect_beta: float = Field(1 / 9, gt=0.0)  # Smooth L1 switch point: half a 1..10 scale point in [-1, 1] units
 
 
+class DistributedConfig(_Frozen):
+    """Data-parallel training with ``torchrun`` (see ``emonet.distributed``); 1 x 1 trains in-process."""
+
+    nproc_per_node: int = Field(1, ge=1)  # processes per machine: one per GPU (or a few CPU processes)
+    nnodes: int = Field(1, ge=1)  # machines; each runs torchrun with the same settings
+    rdzv_endpoint: str | None = None  # host:port of the c10d rendezvous; None: a free local port (one machine)
+    rdzv_id: str = "emonet"  # names the job at the rendezvous; the same on every machine
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    sync_batchnorm: bool = False  # BatchNorm statistics over the whole effective batch (CUDA only)
+
+    @model_validator(mode="after")
+    def _multi_node_needs_an_endpoint(self) -> DistributedConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"train.distributed.nnodes={self.nnodes} needs rdzv_endpoint (host:port on node 0)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
 class TrainConfig(_Frozen):
     image_size: int = Field(224, ge=32)  # side of the square network input
     context_size: int = Field(224, ge=32)  # side of the full-image input (body_context)
@@ -53,9 +78,11 @@ class TrainConfig(_Frozen):
     grad_clip_norm: float | None = Field(None, gt=0.0)  # max gradient norm; None: no clipping
     augment: bool = True  # flips, colour jitter and rotation on the train split
     num_workers: int = Field(2, ge=0)  # DataLoader worker processes
-    seed: int = 0  # seeds Python, NumPy and torch
+    seed: int = 0  # seeds weight init, data order, augmentation and loader workers
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     amp: bool = True  # mixed precision, used on CUDA only
+    deterministic: bool = False  # deterministic CUDA kernels (slower); CPU runs are deterministic anyway
+    distributed: DistributedConfig = DistributedConfig()  # torchrun data parallelism; batch_size is per process
 
 
 class EmoNetConfig(_Frozen):

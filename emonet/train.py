@@ -2,13 +2,17 @@
 
 Small functions in the style of torchvision's ``references/classification``: the caller
 (a notebook, the CLI or a Prefect task) builds loaders, calls :func:`fit` and logs the
-per-epoch dicts it passes to its callbacks.
+per-epoch dicts it passes to its callbacks. :func:`train_from_csvs` does all of it from
+the split CSVs, seeding first; the CLI, the Prefect task and the torchrun worker use it.
+Inside a torchrun process group (:mod:`emonet.distributed`) the same functions train
+with ``DistributedDataParallel``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,9 +23,12 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
+from emonet import distributed
+from emonet.annotations import raw_affect
 from emonet.checkpoint import (
     BEST_CHECKPOINT,
     CHECKPOINT_FORMAT,
@@ -37,8 +44,8 @@ from emonet.config import EmoNetConfig, config_to_dict
 from emonet.data import EmoticDataset
 from emonet.losses import EmoNetLoss
 from emonet.metrics import evaluate_predictions, tune_thresholds
-from emonet.models import EmoNet
-from emonet.prediction import autocast, predict_split, to_device
+from emonet.models import EmoNet, build_model
+from emonet.prediction import Predictions, autocast, predict_split, to_device
 from emonet.schema import NUM_EMOTIONS, SCALE_MAX, SCALE_MIN
 from emonet.transforms import build_transforms
 
@@ -51,9 +58,12 @@ __all__ = [
     "fit",
     "make_loader",
     "make_loaders",
+    "read_fit_result",
     "seed_everything",
     "seed_worker",
+    "train_from_csvs",
     "train_one_epoch",
+    "use_deterministic_algorithms",
 ]
 
 MONITOR = "val_mAP"  # model selection, LR schedule and early stopping all follow it
@@ -68,11 +78,32 @@ def seed_everything(seed: int) -> None:
     """Seed Python's ``random``, NumPy's global RNG and torch (CPU and every CUDA device).
 
     CPU runs are then bit-reproducible; CUDA runs may still differ slightly because
-    some cuDNN kernels are non-deterministic.
+    some cuDNN and atomic-add kernels are non-deterministic, unless
+    :func:`use_deterministic_algorithms` is on (``train.deterministic``).
     """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def use_deterministic_algorithms() -> None:
+    """Make CUDA training repeatable run to run, at some speed cost.
+
+    Turns on ``torch.use_deterministic_algorithms``, pins cuDNN to deterministic
+    kernels without autotuning, and sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, which
+    cuBLAS needs for repeatable matrix products (read when its first handle is made, so
+    call this before the first CUDA matmul). No effect on CPU results, which are
+    already repeatable.
+
+    ``warn_only``: torch flags the CUDA backward of ``AdaptiveAvgPool2d`` as
+    non-deterministic and would raise on every backbone here; with the 1 x 1 output
+    they use, each input position gets a single gradient contribution, so its result
+    does not depend on the order of the atomic adds. Any other flagged op warns.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def seed_worker(worker_id: int) -> None:
@@ -95,6 +126,7 @@ def make_loader(
     device: str | torch.device = "cpu",
     seed: int = 0,
     drop_last: bool = False,
+    sampler: Sampler | Sequence[int] | None = None,
 ) -> DataLoader:
     """A reproducible ``DataLoader``: seeded generator and workers, pinned memory on CUDA.
 
@@ -115,6 +147,8 @@ def make_loader(
     device : where the batches go; page-locked (pinned) memory on CUDA speeds the copy.
     seed : seed of the loader's generator.
     drop_last : drop the last incomplete batch.
+    sampler : the indices to draw, e.g. a ``DistributedSampler`` (then ``shuffle`` is
+        the sampler's business and must be False here).
 
     Raises
     ------
@@ -125,12 +159,15 @@ def make_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if sampler is not None and shuffle:
+        raise ValueError("pass shuffle=False with a sampler; the sampler decides the order")
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
+        sampler=sampler,
         num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda",
         drop_last=drop_last,
@@ -184,6 +221,12 @@ def make_loaders(
     BatchNorm never normalizes over a batch of one (a split smaller than one batch
     is kept whole). The validation loader keeps every sample, in order.
 
+    Inside a process group (a torchrun worker) each process gets its part of the data:
+    a ``DistributedSampler`` over train (one shared permutation per epoch, seeded with
+    ``train.seed``; :func:`fit` calls ``set_epoch``) and an unpadded shard of val
+    (:func:`emonet.distributed.shard_indices`). ``train.batch_size`` is then per
+    process, and each process's loader generator (worker seeds) is offset by its rank.
+
     Parameters
     ----------
     device : where training runs; defaults to ``config.train.device`` resolved.
@@ -191,17 +234,26 @@ def make_loaders(
     device = resolve_device(config.train.device if device is None else device)
     train_dataset, val_dataset = build_datasets(train, val, img_dir, config)
     tc = config.train
+    train_sampler: DistributedSampler | None = None
+    val_shard: range | None = None
+    if distributed.is_distributed():
+        train_sampler = DistributedSampler(train_dataset, shuffle=True, seed=tc.seed)
+        val_shard = distributed.shard_indices(len(val_dataset))
+    samples_per_process = len(train_sampler) if train_sampler is not None else len(train_dataset)
+    loader_seed = tc.seed + distributed.rank()
     train_loader = make_loader(
         train_dataset,
         tc.batch_size,
-        shuffle=True,
+        shuffle=train_sampler is None,
         num_workers=tc.num_workers,
         device=device,
-        seed=tc.seed,
-        drop_last=len(train_dataset) > tc.batch_size,
+        seed=loader_seed,
+        drop_last=samples_per_process > tc.batch_size,
+        sampler=train_sampler,
     )
     val_loader = make_loader(
-        val_dataset, tc.batch_size, shuffle=False, num_workers=tc.num_workers, device=device, seed=tc.seed
+        val_dataset, tc.batch_size, shuffle=False, num_workers=tc.num_workers, device=device, seed=loader_seed,
+        sampler=val_shard,
     )
     return train_loader, val_loader
 
@@ -209,8 +261,13 @@ def make_loaders(
 # --------------------------------------------------------------------------- loops
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (which hides its attributes)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
 def _uses_context(model: nn.Module) -> bool:
-    return getattr(model, "variant", "body") == "body_context"
+    return getattr(_unwrap(model), "variant", "body") == "body_context"
 
 
 def _unpack(
@@ -259,12 +316,16 @@ def train_one_epoch(
     -------
     dict
         ``train_loss, train_loss_emotion, train_loss_affect``: sample-weighted means
-        over the epoch.
+        over the epoch (over every process's samples in a distributed run).
 
     Raises
     ------
     FloatingPointError
-        When a batch's loss is NaN or infinite (the weights would be ruined).
+        When a batch's loss is NaN or infinite, naming the epoch and batch. It is
+        checked before ``backward()``, so the weights and optimizer state stay as they
+        were before that batch. In a distributed run every rank raises together.
+        Under AMP a finite loss whose scaled gradients overflow is the GradScaler's
+        business, as usual: it skips that step and lowers the scale.
     ValueError
         When the loader yields nothing.
     """
@@ -280,6 +341,13 @@ def train_one_epoch(
         with autocast(device, use_amp):
             output = model(body, context) if with_context else model(body)
             losses = criterion(output, emotions, affect)
+        # Before backward and step: one NaN loss would otherwise write NaN into every weight.
+        if not distributed.all_ranks_finite(losses.total):
+            raise FloatingPointError(
+                f"non-finite training loss {losses.total.item()} at epoch {epoch}, batch {step}"
+                + (f" (on at least one of {distributed.world_size()} processes)" if distributed.is_distributed() else "")
+                + "; no step was taken, the weights are those from before this batch"
+            )
         optimizer.zero_grad(set_to_none=True)
         if use_amp:
             scaler.scale(losses.total).backward()
@@ -296,13 +364,13 @@ def train_one_epoch(
 
         n = body.shape[0]
         values = {"total": losses.total.item(), "emotion": losses.emotion.item(), "affect": losses.affect.item()}
-        if not math.isfinite(values["total"]):
-            raise FloatingPointError(f"non-finite training loss {values['total']} at epoch {epoch}, batch {step}")
         for key, value in values.items():
             sums[key] += value * n
         seen += n
         bar.set_postfix(loss=f"{sums['total'] / seen:.4f}", refresh=False)
     bar.close()
+    *totals, seen = distributed.all_reduce_sum([sums["total"], sums["emotion"], sums["affect"], seen], device)
+    sums = dict(zip(("total", "emotion", "affect"), totals))
     if seen == 0:
         raise ValueError("the training loader yielded no batch (empty dataset, or drop_last with too few samples)")
     return {
@@ -310,6 +378,11 @@ def train_one_epoch(
         "train_loss_emotion": sums["emotion"] / seen,
         "train_loss_affect": sums["affect"] / seen,
     }
+
+
+def _predict_gathered(model: nn.Module, loader: DataLoader, **kwargs: Any) -> Predictions:
+    """:func:`predict_split` of the bare model on this rank's shard, merged over all ranks."""
+    return distributed.gather_predictions(predict_split(_unwrap(model), loader, **kwargs))
 
 
 def evaluate(
@@ -325,6 +398,10 @@ def evaluate(
     affect_bounds: tuple[Sequence[float], Sequence[float]] | None = None,
 ) -> dict[str, float]:
     """Loss and metrics of ``model`` on ``loader``, under ``inference_mode``.
+
+    In a distributed run ``loader`` holds this process's shard: the predictions of
+    every rank are gathered first, so the metrics cover the whole split exactly once
+    and every rank returns the same dict.
 
     Parameters
     ----------
@@ -345,11 +422,15 @@ def evaluate(
         val_hamming_loss, val_mae_valence, val_mae_arousal, val_mae_valence_1_10,
         val_mae_arousal_1_10``.
     """
-    predictions = predict_split(
+    predictions = _predict_gathered(
         model, loader, device=device, amp=amp, criterion=criterion, progress=progress, desc=f"{prefix}eval"
     )
     losses = predictions.losses
     low, high = affect_bounds if affect_bounds is not None else ((SCALE_MIN,) * 2, (SCALE_MAX,) * 2)
+    # The 1..10 errors against the annotated values, when the split's rows are at hand
+    # (not against targets clipped by bounds fitted on train).
+    annotations = getattr(loader.dataset, "annotations", None)
+    raw_true = raw_affect(annotations.iloc[predictions.indices]) if annotations is not None else None
     metrics = evaluate_predictions(
         predictions.emotions_true,
         predictions.emotion_prob,
@@ -358,6 +439,7 @@ def evaluate(
         thresholds=thresholds,
         low=low,
         high=high,
+        raw_true=raw_true,
     )
     results = {
         f"{prefix}loss": losses["total"],
@@ -453,6 +535,18 @@ def fit(
     progress : show tqdm bars.
     affect_bounds : see :func:`evaluate`.
 
+    Inside a process group (torchrun; see :mod:`emonet.distributed`) the model is
+    wrapped in ``DistributedDataParallel`` (with ``SyncBatchNorm`` if
+    ``train.distributed.sync_batchnorm``, CUDA only), the train sampler's epoch is set
+    every epoch, validation predictions are gathered from all ranks, and rank 0 alone
+    writes checkpoints (with every rank's RNG states), calls the callbacks and shows
+    progress. Resuming works the same, on the same number of processes for exact RNG
+    streams; the ``resume_from`` file must be readable by every process.
+
+    A kill between the checkpoint writes is repaired on resume: ``last.pt`` is written
+    first and names the epoch ``best.pt`` must hold, so a missing or stale ``best.pt``
+    is re-saved from it.
+
     Returns
     -------
     FitResult
@@ -460,21 +554,31 @@ def fit(
     Raises
     ------
     ValueError
-        ``resume_from`` holds a different model config.
+        ``resume_from`` holds a different model config, or its ``best.pt`` cannot be
+        repaired; ``sync_batchnorm`` on the CPU.
     FileNotFoundError
         ``resume_from`` does not exist.
+    FloatingPointError
+        A non-finite training loss (see :func:`train_one_epoch`); nothing is written.
     """
     tc = config.train
-    device = resolve_device(tc.device)
+    world, rank = distributed.world_size(), distributed.rank()
+    main_process = rank == 0
+    device = distributed.process_device(resolve_device(tc.device))
     use_amp = tc.amp and device.type == "cuda"
     loaders = {"train": train_loader, "val": val_loader}
-    callbacks = list(callbacks)
+    callbacks = list(callbacks) if main_process else []
+    progress = progress and main_process
+    if tc.deterministic:
+        use_deterministic_algorithms()
     if resume_from is None:
-        seed_everything(tc.seed)
+        # Offset by rank so that processes draw different augmentations (rank 0: train.seed).
+        seed_everything(tc.seed + rank)
 
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    trained = _distribute(model, config, device)
     criterion = EmoNetLoss.from_config(config.loss).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -500,28 +604,35 @@ def fit(
         bad_epochs = int(checkpoint["bad_epochs"])
         stopped_early = bool(checkpoint["stopped_early"])
         history = [dict(row) for row in checkpoint["history"]]
-        restore_rng(checkpoint["rng"], loaders)
+        restore_rng(_rng_of_this_rank(checkpoint, rank, world), loaders)
         if checkpoint_dir is None:
             checkpoint_dir = resume_from.parent
-        source_best = resume_from.parent / BEST_CHECKPOINT
-        target_best = Path(checkpoint_dir) / BEST_CHECKPOINT
-        if source_best.resolve() != target_best.resolve() and source_best.is_file():
-            save_checkpoint(read_checkpoint(source_best), target_best)
+        if main_process:
+            source_best = resume_from.parent / BEST_CHECKPOINT
+            target_best = Path(checkpoint_dir) / BEST_CHECKPOINT
+            if source_best.resolve() != target_best.resolve() and source_best.is_file():
+                save_checkpoint(read_checkpoint(source_best), target_best)
+            _repair_best(checkpoint, resume_from, target_best)
         logger.info("resumed from %s after epoch %d (best val mAP %.4f at epoch %d)",
                     resume_from, start_epoch, best_metric, best_epoch)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     last_path = checkpoint_dir / LAST_CHECKPOINT if checkpoint_dir is not None else None
     best_path = checkpoint_dir / BEST_CHECKPOINT if checkpoint_dir is not None else None
+    if world > 1:
+        logger.info("%d processes x batch %d = effective batch %d", world, tc.batch_size, world * tc.batch_size)
 
     patience = tc.early_stopping_patience
     epochs = range(start_epoch, tc.epochs) if not stopped_early else range(0)
     for epoch_index in tqdm(epochs, desc="fit", disable=not progress, dynamic_ncols=True):
         epoch = epoch_index + 1
+        if isinstance(train_loader.sampler, DistributedSampler):
+            train_loader.sampler.set_epoch(epoch_index)  # a new shared permutation every epoch
         lr = float(optimizer.param_groups[0]["lr"])
         train_metrics = train_one_epoch(
-            model, train_loader, criterion, optimizer, device,
+            trained, train_loader, criterion, optimizer, device,
             scaler=scaler, grad_clip_norm=tc.grad_clip_norm, epoch=epoch, progress=progress,
         )
+        # Every rank computes the same gathered metrics, so they take the same LR and stopping decisions.
         val_metrics = evaluate(
             model, val_loader, criterion, device, amp=use_amp, progress=progress, affect_bounds=affect_bounds
         )
@@ -542,26 +653,33 @@ def fit(
         )
 
         if checkpoint_dir is not None:
-            payload = {
-                "format": CHECKPOINT_FORMAT,
-                "format_version": CHECKPOINT_VERSION,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "epoch": epoch,
-                "best_metric": best_metric,
-                "best_epoch": best_epoch,
-                "history": history,
-                "bad_epochs": bad_epochs,
-                "stopped_early": stopped_early,
-                "rng": capture_rng(loaders),
-                "config": config_to_dict(config),
-                "thresholds": None,
-            }
-            save_checkpoint(payload, last_path)
-            if improved:
-                save_checkpoint(payload, best_path)
+            rng_ranks = distributed.all_gather_objects(capture_rng(loaders))
+            if main_process:
+                payload = {
+                    "format": CHECKPOINT_FORMAT,
+                    "format_version": CHECKPOINT_VERSION,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "epoch": epoch,
+                    "best_metric": best_metric,
+                    "best_epoch": best_epoch,
+                    "history": history,
+                    "bad_epochs": bad_epochs,
+                    "stopped_early": stopped_early,
+                    "rng": rng_ranks[0],
+                    "rng_ranks": rng_ranks,
+                    "world_size": world,
+                    "config": config_to_dict(config),
+                    "thresholds": None,
+                }
+                # last.pt first: it names best_epoch, and when that is this epoch it holds the
+                # same weights, so a kill before best.pt is written is repaired on resume
+                # (see _repair_best).
+                save_checkpoint(payload, last_path)
+                if improved:
+                    save_checkpoint(payload, best_path)
         elif improved:
             best_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
 
@@ -571,16 +689,18 @@ def fit(
             logger.info("early stopping after epoch %d: no val mAP gain for %d epochs", epoch, patience)
             break
 
-    # Restore the best epoch's weights, then tune the decision thresholds on them.
+    # Restore the best epoch's weights (rank 0 reads them; the others receive them), then
+    # tune the decision thresholds on them.
     best_payload: dict[str, Any] | None = None
-    if best_path is not None and best_path.is_file():
+    if main_process and best_path is not None:
+        if not best_path.is_file():
+            raise FileNotFoundError(f"{best_path} is missing; it should hold epoch {best_epoch}, the best one")
         best_payload = read_checkpoint(best_path)
         model.load_state_dict(best_payload["model"])
     elif best_state is not None:
         model.load_state_dict(best_state)
-    else:
-        logger.warning("no best checkpoint found; tuning thresholds on the current weights")
-    predictions = predict_split(model, val_loader, device=device, amp=use_amp, progress=progress, desc="thresholds")
+    distributed.broadcast_module(model)
+    predictions = _predict_gathered(model, val_loader, device=device, amp=use_amp, progress=progress, desc="thresholds")
     thresholds = tune_thresholds(predictions.emotions_true, predictions.emotion_prob)
     if best_payload is not None:
         best_payload["thresholds"] = [float(t) for t in thresholds]
@@ -590,8 +710,132 @@ def fit(
         best_metric=best_metric,
         best_epoch=best_epoch,
         history=history,
-        best_checkpoint=best_path if best_payload is not None else None,
-        last_checkpoint=last_path if last_path is not None and last_path.is_file() else None,
+        best_checkpoint=best_path,
+        last_checkpoint=last_path,
         thresholds=thresholds,
         stopped_early=stopped_early,
     )
+
+
+def _distribute(model: nn.Module, config: EmoNetConfig, device: torch.device) -> nn.Module:
+    """``model`` wrapped in ``DistributedDataParallel`` inside a process group (with
+    SyncBatchNorm if asked), else ``model`` itself."""
+    if not distributed.is_distributed():
+        return model
+    if config.train.distributed.sync_batchnorm:
+        if device.type != "cuda":
+            raise ValueError(
+                f"train.distributed.sync_batchnorm needs CUDA (torch's SyncBatchNorm has no CPU kernels), "
+                f"but this run is on {device}; set it to false"
+            )
+        # Converts the BatchNorm layers in place (EmoNet itself is not one); same state_dict keys.
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _rng_of_this_rank(checkpoint: Mapping[str, Any], rank: int, world: int) -> Mapping[str, Any]:
+    """This rank's saved RNG states; rank 0's (with a warning) if the process count changed."""
+    per_rank = checkpoint.get("rng_ranks") or [checkpoint["rng"]]
+    if len(per_rank) == world:
+        return per_rank[rank]
+    logger.warning(
+        "resuming on %d processes a run checkpointed on %d: augmentation draws will differ from an "
+        "uninterrupted run", world, len(per_rank),
+    )
+    return checkpoint["rng"]
+
+
+def _repair_best(last: Mapping[str, Any], last_path: Path, best_path: Path) -> None:
+    """Make ``best.pt`` hold the epoch ``last.pt`` names as the best.
+
+    ``last.pt`` is written before ``best.pt``, so a kill between the two leaves best.pt
+    missing or one best epoch behind; last.pt then names itself as the best epoch and
+    holds exactly the weights best.pt should, and is copied over.
+
+    Raises
+    ------
+    ValueError
+        ``best.pt`` holds another epoch and last.pt cannot replace it (the files come
+        from different runs, or best.pt was replaced by hand).
+    """
+    best_epoch, last_epoch = int(last["best_epoch"]), int(last["epoch"])
+    held = int(read_checkpoint(best_path)["epoch"]) if best_path.is_file() else None
+    if held == best_epoch:
+        return
+    if best_epoch == last_epoch:
+        logger.warning(
+            "%s holds epoch %s but %s names epoch %d, its own, as the best (training was stopped between the "
+            "two writes): re-saving best.pt from last.pt", best_path, held, last_path, best_epoch,
+        )
+        save_checkpoint(last, best_path)
+        return
+    raise ValueError(
+        f"{best_path} holds epoch {held}, but {last_path} (epoch {last_epoch}) says the best epoch is {best_epoch}; "
+        "those weights are in neither file. Resume with the best.pt of the same run beside last.pt."
+    )
+
+
+def read_fit_result(checkpoint_dir: str | Path) -> FitResult:
+    """The :class:`FitResult` of a finished run, read from its ``last.pt`` and ``best.pt``
+    (e.g. after a torchrun job, whose processes cannot return one).
+
+    Raises
+    ------
+    FileNotFoundError
+        A checkpoint is missing.
+    ValueError
+        ``best.pt`` has no tuned thresholds (the run did not finish).
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    last_path, best_path = checkpoint_dir / LAST_CHECKPOINT, checkpoint_dir / BEST_CHECKPOINT
+    last, best = read_checkpoint(last_path), read_checkpoint(best_path)
+    if best.get("thresholds") is None:
+        raise ValueError(f"{best_path} has no tuned thresholds: the run did not finish")
+    return FitResult(
+        best_metric=float(last["best_metric"]),
+        best_epoch=int(last["best_epoch"]),
+        history=[dict(row) for row in last["history"]],
+        best_checkpoint=best_path,
+        last_checkpoint=last_path,
+        thresholds=np.asarray(best["thresholds"], dtype=np.float64),
+        stopped_early=bool(last["stopped_early"]),
+    )
+
+
+def train_from_csvs(
+    train_csv: pd.DataFrame | str | Path,
+    val_csv: pd.DataFrame | str | Path,
+    img_dir: str | Path,
+    config: EmoNetConfig,
+    checkpoint_dir: str | Path | None = None,
+    *,
+    callbacks: Iterable[Callback] = (),
+    resume_from: str | Path | None = None,
+    affect_bounds: tuple[Sequence[float], Sequence[float]] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Seed, build the model and the loaders, and :func:`fit`: a whole training run.
+
+    The one entry point of ``emonet train``, the Prefect training task and the torchrun
+    worker. ``train.seed`` is set before the model is built, so it fixes the initial
+    weights as well as the data order, the augmentation and the loader workers' seeds:
+    two runs with the same config and seed write bit-identical checkpoints on the CPU
+    (with any ``num_workers``). Under torchrun (``WORLD_SIZE`` > 1 in the environment)
+    the process joins the job's process group for the run (see :mod:`emonet.distributed`).
+
+    Parameters
+    ----------
+    train_csv, val_csv : annotation CSVs or DataFrames of the two splits.
+    img_dir : folder of the ``.npy`` arrays.
+    config : the run config.
+    checkpoint_dir, callbacks, resume_from, affect_bounds, progress : see :func:`fit`.
+    """
+    with distributed.process_group(config):
+        seed_everything(config.train.seed)
+        model = build_model(config.model)
+        train_loader, val_loader = make_loaders(train_csv, val_csv, img_dir, config)
+        return fit(
+            model, train_loader, val_loader, config,
+            callbacks=callbacks, checkpoint_dir=checkpoint_dir, resume_from=resume_from,
+            progress=progress, affect_bounds=affect_bounds,
+        )

@@ -23,8 +23,8 @@ from prefect.exceptions import ObjectNotFound
 from prefect.tasks import exponential_backoff
 
 from emonet.config import EmoNetConfig, config_to_dict
+from emonet.distributed import launch_training
 from emonet.evaluation import EvaluationReport, evaluate_checkpoint, split_fingerprint
-from emonet.models import build_model
 from emonet.normalize import AffectNormalizer
 from emonet.review import review_predictions_with_visualization
 from emonet.schema import EMOTIONS
@@ -36,7 +36,7 @@ from emonet.tracking import (
     process_tags,
     promote_model,
 )
-from emonet.train import fit, make_loaders
+from emonet.train import train_from_csvs
 from tasks.report import EpochProgress
 
 # The tracking server (or its SQLite file) can be briefly unavailable or locked.
@@ -138,7 +138,12 @@ def train_model(
     loss: dict[str, Any],
     train: dict[str, Any],
 ) -> dict[str, Any]:
-    """Train with per-epoch MLflow logging; a retry resumes from the last checkpoint."""
+    """Train with per-epoch MLflow logging; a retry resumes from the last checkpoint.
+
+    With ``train.distributed`` above one process, ``torchrun`` runs the training as a
+    subprocess: its output streams into this task's log, rank 0 logs the epochs to the
+    MLflow run itself, and a failed rank fails the task.
+    """
     logger = get_run_logger()
     config = EmoNetConfig.model_validate({"model": model, "loss": loss, "train": train})
     client = MlflowClient()
@@ -150,23 +155,31 @@ def train_model(
             "epoch %d: train loss %.4f, val mAP %.4f", metrics["epoch"], metrics["train_loss"], metrics["val_mAP"]
         )
 
-    normalizer = AffectNormalizer.load(normalization_json)
     last = Path(checkpoint_dir) / "last.pt"
     resume_from = last if last.is_file() else None
     if resume_from is not None:
         logger.info("resuming from %s", resume_from)
-    train_loader, val_loader = make_loaders(train_csv, val_csv, img_dir, config)
-    result = fit(
-        build_model(config.model),
-        train_loader,
-        val_loader,
-        config,
-        callbacks=[log_epoch, EpochProgress(config.train.epochs)],
-        checkpoint_dir=checkpoint_dir,
-        resume_from=resume_from,
-        # The 1..10 validation errors need the bounds the targets were normalized with.
-        affect_bounds=(normalizer.low, normalizer.high),
-    )
+    progress = EpochProgress(config.train.epochs)
+    distributed = config.train.distributed
+    if distributed.enabled:
+        client.log_param(run_id, "effective_batch_size", config.train.batch_size * distributed.world_size)
+        result = launch_training(
+            config, train_csv, val_csv, img_dir, checkpoint_dir,
+            resume_from=resume_from, normalization_json=normalization_json, mlflow_run_id=run_id,
+            on_line=logger.info,
+        )
+        # The epochs ran in torchrun's processes, which log them to MLflow themselves.
+        for metrics in result.history[-1:]:
+            progress(metrics)
+    else:
+        normalizer = AffectNormalizer.load(normalization_json)
+        result = train_from_csvs(
+            train_csv, val_csv, img_dir, config, checkpoint_dir,
+            callbacks=[log_epoch, progress],
+            resume_from=resume_from,
+            # The 1..10 validation errors need the bounds the targets were normalized with.
+            affect_bounds=(normalizer.low, normalizer.high),
+        )
     client.log_artifact(run_id, str(result.best_checkpoint), "checkpoints")
     client.log_metric(run_id, "best_val_mAP", result.best_metric)
     client.log_metric(run_id, "best_epoch", result.best_epoch)

@@ -4,12 +4,17 @@ early stopping, the two-stream variant and the loader helpers (tiny, CPU)."""
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import emonet.train as train_module
 from emonet.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_device
@@ -80,6 +85,12 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def small_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 train / 8 val rows of 32 px demo crops, for the tests that start processes."""
+    return make_demo_data(tmp_path_factory.mktemp("small"), seed=1, n_train=16, n_val=8, n_test=1, size=32)
+
+
+@pytest.fixture(scope="module")
 def straight_run(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """An uninterrupted 3-epoch run with augmentation and dropout, recording callbacks."""
     config = _config()
@@ -91,7 +102,10 @@ def straight_run(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         model, train_loader, val_loader, config,
         callbacks=[received.append], checkpoint_dir=checkpoint_dir, progress=False,
     )
-    return {"config": config, "model": model, "result": result, "received": received, "dir": checkpoint_dir}
+    return {
+        "config": config, "model": model, "result": result, "received": received, "dir": checkpoint_dir,
+        "root": demo_root,
+    }
 
 
 def test_fit_lowers_the_training_loss(straight_run: dict[str, Any]) -> None:
@@ -356,3 +370,214 @@ def test_fit_on_cuda_with_mixed_precision(fake_archive: Path, tmp_path: Path) ->
     model, _, checkpoint = load_checkpoint(result.best_checkpoint)
     assert checkpoint["scaler"]  # the GradScaler's state was saved
     assert next(model.parameters()).device.type == "cpu"
+
+
+# --------------------------------------------------------------------------- a non-finite loss
+
+
+class NanAtTrainingCall(torch.nn.Module):
+    """The real loss, except NaN at the ``fail_at``-th training call (0-based; calls
+    under ``inference_mode``, i.e. validation, are not counted). At that call it records
+    the parameters and the checkpoint files as they are before the batch's step."""
+
+    def __init__(self, criterion: EmoNetLoss, fail_at: int, model: EmoNet, checkpoint_dir: Path) -> None:
+        super().__init__()
+        self.criterion, self.fail_at, self.checkpoint_dir = criterion, fail_at, checkpoint_dir
+        self.watched = [model]  # a list, so the model is not registered as a submodule
+        self.calls = 0
+        self.params_before: dict[str, torch.Tensor] = {}
+        self.files_before: dict[str, bytes] = {}
+
+    def forward(self, output: Any, emotions: torch.Tensor, affect: torch.Tensor) -> LossOutput:
+        losses = self.criterion(output, emotions, affect)
+        if not torch.is_grad_enabled():
+            return losses
+        call, self.calls = self.calls, self.calls + 1
+        if call != self.fail_at:
+            return losses
+        self.params_before = {name: p.detach().clone() for name, p in self.watched[0].named_parameters()}
+        self.files_before = {path.name: path.read_bytes() for path in self.checkpoint_dir.glob("*.pt")}
+        return LossOutput(total=losses.total * float("nan"), emotion=losses.emotion, affect=losses.affect)
+
+
+def test_non_finite_loss_stops_before_the_step_and_leaves_weights_and_files(
+    small_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(epochs=3, batch_size=8)  # 16 train rows: two batches per epoch
+    model = _model(config)
+    # Training call 3 (0-based) is epoch 2, batch 1.
+    poison = NanAtTrainingCall(EmoNetLoss.from_config(config.loss), fail_at=3, model=model, checkpoint_dir=tmp_path)
+    monkeypatch.setattr(train_module.EmoNetLoss, "from_config", staticmethod(lambda loss_config: poison))
+    train_loader, val_loader = _loaders(small_root, config)
+    with pytest.raises(FloatingPointError, match=r"at epoch 2, batch 1\b.*no step was taken"):
+        fit(model, train_loader, val_loader, config, checkpoint_dir=tmp_path, progress=False)
+    assert poison.params_before and set(poison.files_before) == {LAST_CHECKPOINT, BEST_CHECKPOINT}
+    for name, param in model.named_parameters():
+        assert torch.equal(param.detach(), poison.params_before[name]), name
+    for name, content in poison.files_before.items():
+        assert (tmp_path / name).read_bytes() == content, name
+    assert torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)["epoch"] == 1
+
+
+# --------------------------------------------------------------------------- best.pt after a kill
+
+
+def test_resume_refuses_a_best_checkpoint_it_cannot_repair(straight_run: dict[str, Any], tmp_path: Path) -> None:
+    result = straight_run["result"]
+    last = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    best_epoch = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)["epoch"]
+    # last.pt of epoch 3 claiming a best epoch whose weights neither file holds.
+    claimed = next(epoch for epoch in (1, 2) if epoch != best_epoch)
+    torch.save({**last, "best_epoch": claimed}, tmp_path / LAST_CHECKPOINT)
+    (tmp_path / BEST_CHECKPOINT).write_bytes(result.best_checkpoint.read_bytes())
+    config = straight_run["config"]
+    train_loader, val_loader = _loaders(straight_run["root"], config)
+    with pytest.raises(ValueError, match=rf"holds epoch {best_epoch}.*best epoch is {claimed}"):
+        fit(_model(config), train_loader, val_loader, config, resume_from=tmp_path / LAST_CHECKPOINT, progress=False)
+
+
+# A child that trains through the CLI and SIGKILLs itself at one point of the checkpoint
+# writes. Val mAP is made to rise every epoch, so every epoch is a new best.
+KILLED_TRAINING = """
+import os, signal, sys
+from pathlib import Path
+import emonet.train as train
+from emonet.cli import main
+
+kill_at = os.environ.get("EMONET_TEST_KILL_AT", "")
+real_save = train.save_checkpoint
+
+def save(payload, path):
+    if kill_at == "before-thresholds" and payload.get("thresholds") is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(payload, path)
+    if kill_at == f"after-{Path(path).name}-epoch-{payload['epoch']}":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+
+epochs = iter(range(int(os.environ["EMONET_TEST_FIRST_EPOCH"]), 1000))
+real_evaluate = train.evaluate
+
+def rising(*args, **kwargs):
+    return {**real_evaluate(*args, **kwargs), "val_mAP": 0.1 * next(epochs)}
+
+train.save_checkpoint, train.evaluate = save, rising
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _run_cli_train(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", KILLED_TRAINING, "train", *args],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600,
+    )
+
+
+def _write_config(path: Path, **train: Any) -> Path:
+    config = _config(**train)
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    return path
+
+
+@pytest.mark.slow
+def test_kills_during_checkpoint_writes_are_repaired_on_resume(small_root: Path, tmp_path: Path) -> None:
+    # One 2-epoch run, killed at each dangerous point in turn, each time resumed by a
+    # fresh process: after last.pt of epoch 1 (best.pt not yet written), after last.pt
+    # of epoch 2 (best.pt still holds epoch 1), and before the tuned thresholds are saved.
+    config_path = _write_config(tmp_path / "config.yaml", epochs=2, batch_size=8)
+    run_dir = tmp_path / "run"
+    last_path, best_path = run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT
+    args = ["--config", str(config_path), "--train-csv", str(annotations_path(small_root, "train")),
+            "--val-csv", str(annotations_path(small_root, "val")), "--img-dir", str(arrays_dir(small_root)),
+            "--checkpoint-dir", str(run_dir)]
+    resume = ["--resume-from", str(last_path)]
+
+    def run(kill_at: str | None, first_epoch: int, extra: list[str]) -> subprocess.CompletedProcess:
+        env = {"EMONET_TEST_FIRST_EPOCH": str(first_epoch)}
+        if kill_at is not None:
+            env["EMONET_TEST_KILL_AT"] = kill_at
+        completed = _run_cli_train([*args, *extra], env)
+        expected = -signal.SIGKILL if kill_at is not None else 0
+        assert completed.returncode == expected, completed.stderr[-2000:]
+        return completed
+
+    run("after-last.pt-epoch-1", 1, [])
+    assert last_path.is_file() and not best_path.is_file()
+    run("after-last.pt-epoch-2", 2, resume)
+    # The resume first re-saved best.pt (epoch 1) from last.pt, then epoch 2 was killed.
+    assert torch.load(best_path, weights_only=True)["epoch"] == 1
+    assert torch.load(last_path, weights_only=True)["best_epoch"] == 2
+    run("before-thresholds", 3, resume)
+    finished = run(None, 3, resume)
+
+    last = torch.load(last_path, weights_only=True)
+    best = torch.load(best_path, weights_only=True)
+    assert last["epoch"] == 2 and last["best_epoch"] == 2 and best["epoch"] == 2
+    assert f"at epoch 2: {best_path}" in finished.stdout
+    for name, tensor in last["model"].items():
+        assert torch.equal(best["model"][name], tensor), name
+    assert best["thresholds"] is not None and len(best["thresholds"]) == NUM_EMOTIONS
+
+
+# --------------------------------------------------------------------------- reproducibility
+
+
+def test_train_from_csvs_seeds_before_building_the_model(
+    small_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whatever the global RNG did before, train.seed alone decides the initial weights.
+    initial: list[dict[str, torch.Tensor]] = []
+
+    def record_initial_weights(model: EmoNet, *args: Any, **kwargs: Any) -> None:
+        initial.append({name: tensor.clone() for name, tensor in model.state_dict().items()})
+
+    monkeypatch.setattr(train_module, "fit", record_initial_weights)
+    splits = (annotations_path(small_root, "train"), annotations_path(small_root, "val"), arrays_dir(small_root))
+    for rng_state, seed in ((1, 7), (2, 7), (1, 8)):
+        torch.manual_seed(rng_state)
+        train_module.train_from_csvs(*splits, _config(seed=seed))
+    same_seed, other_seed = initial[1], initial[2]
+    for name, tensor in initial[0].items():
+        assert torch.equal(tensor, same_seed[name]), name
+    assert not torch.equal(initial[0]["emotion_head.weight"], other_seed["emotion_head.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_two_cli_runs_with_one_seed_write_identical_weights(small_root: Path, tmp_path: Path, num_workers: int) -> None:
+    # Augmentation and dropout on: the seed must cover initialization, data order,
+    # augmentation and the loader workers.
+    config_path = _write_config(tmp_path / "config.yaml", epochs=1, batch_size=8, num_workers=num_workers)
+    runs = [tmp_path / "a", tmp_path / "b"]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "emonet.cli", "train", "--config", str(config_path),
+             "--train-csv", str(annotations_path(small_root, "train")), "--val-csv", str(annotations_path(small_root, "val")),
+             "--img-dir", str(arrays_dir(small_root)), "--checkpoint-dir", str(run)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for run in runs
+    ]
+    for process in processes:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-2000:]
+    first, second = (torch.load(run / BEST_CHECKPOINT, weights_only=True) for run in runs)
+    assert first["model"].keys() == second["model"].keys()
+    for name, tensor in first["model"].items():
+        assert torch.equal(tensor, second["model"][name]), name
+    assert first["thresholds"] == second["thresholds"]
+    assert first["history"] == second["history"]
+
+
+def test_deterministic_switch_sets_torch_cudnn_and_cublas(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        train_module.use_deterministic_algorithms()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
