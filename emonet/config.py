@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Backbone = Literal["resnet18", "resnet34", "resnet50", "efficientnet_b0"]
 Variant = Literal["body", "body_context"]
+Scheduler = Literal["plateau", "cosine"]
 
 
 class _Frozen(BaseModel):
@@ -72,6 +73,9 @@ class TrainConfig(_Frozen):
     epochs: int = Field(50, ge=1)  # the seed's epoch count; early stopping may end sooner
     lr: float = Field(1e-4, gt=0.0)  # AdamW learning rate
     weight_decay: float = Field(1e-4, ge=0.0)  # AdamW decoupled weight decay
+    # plateau: ReduceLROnPlateau on val mAP, per epoch (the seed's); cosine: per-step decay to 0 after warm-up
+    scheduler: Scheduler = "plateau"
+    warmup_epochs: float = Field(0.0, ge=0.0)  # cosine only: linear rise from 0 to lr; spares AdamW's first noisy steps
     scheduler_factor: float = Field(0.1, gt=0.0, lt=1.0)  # ReduceLROnPlateau factor
     scheduler_patience: int = Field(3, ge=0)  # epochs without val mAP gain before lowering lr
     early_stopping_patience: int | None = Field(8, ge=1)  # None disables early stopping
@@ -83,6 +87,14 @@ class TrainConfig(_Frozen):
     amp: bool = True  # mixed precision, used on CUDA only
     deterministic: bool = False  # deterministic CUDA kernels (slower); CPU runs are deterministic anyway
     distributed: DistributedConfig = DistributedConfig()  # torchrun data parallelism; batch_size is per process
+
+    @model_validator(mode="after")
+    def _warmup_needs_cosine(self) -> TrainConfig:
+        if self.warmup_epochs > 0 and self.scheduler != "cosine":
+            raise ValueError(
+                f"warmup_epochs={self.warmup_epochs} needs scheduler='cosine', got scheduler={self.scheduler!r}"
+            )
+        return self
 
 
 class EmoNetConfig(_Frozen):

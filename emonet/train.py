@@ -40,7 +40,7 @@ from emonet.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from emonet.config import EmoNetConfig, config_to_dict
+from emonet.config import EmoNetConfig, TrainConfig, config_to_dict
 from emonet.data import EmoticDataset
 from emonet.losses import EmoNetLoss
 from emonet.metrics import evaluate_predictions, tune_thresholds
@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FitResult",
     "build_datasets",
+    "build_scheduler",
     "evaluate",
     "fit",
     "make_loader",
@@ -258,6 +259,42 @@ def make_loaders(
     return train_loader, val_loader
 
 
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, train_config: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau, bool]:
+    """The learning-rate schedule of ``train_config.scheduler`` and whether it steps per batch.
+
+    ``"plateau"``: ReduceLROnPlateau on val mAP (``scheduler_factor``,
+    ``scheduler_patience``), stepped once per epoch with the metric. ``"cosine"``: a
+    linear rise from 0 to ``lr`` over ``warmup_epochs``, then a cosine decay to 0 at
+    the end of ``epochs``, stepped after every optimizer step. Both keep their
+    position in ``state_dict()``, so a resumed run continues the same curve.
+
+    Returns
+    -------
+    (scheduler, per_step) : ``per_step`` is True when ``scheduler.step()`` follows every
+        batch, False when ``scheduler.step(val_mAP)`` follows every epoch.
+    """
+    if train_config.scheduler == "plateau":
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=train_config.scheduler_factor, patience=train_config.scheduler_patience
+        )
+        return plateau, False
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    warmup_steps = round(train_config.warmup_epochs * steps_per_epoch)
+    total_steps = max(train_config.epochs * steps_per_epoch, warmup_steps + 1)
+
+    def lr_factor(step: int) -> float:
+        # Step s sets the rate of batch s + 1, so the first batch already trains (lr / warmup_steps).
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor), True
+
+
 # --------------------------------------------------------------------------- loops
 
 
@@ -296,6 +333,7 @@ def train_one_epoch(
     grad_clip_norm: float | None = None,
     epoch: int = 0,
     progress: bool = True,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` with gradient steps.
 
@@ -311,6 +349,8 @@ def train_one_epoch(
     grad_clip_norm : clip the global gradient norm to this value; None does not clip.
     epoch : shown in the progress bar and in error messages.
     progress : show a tqdm bar with the running loss.
+    scheduler : a per-step learning-rate schedule (see :func:`build_scheduler`),
+        stepped after every optimizer step; None leaves the rate alone.
 
     Returns
     -------
@@ -361,6 +401,8 @@ def train_one_epoch(
             if grad_clip_norm is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
             optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
 
         n = body.shape[0]
         values = {"total": losses.total.item(), "emotion": losses.emotion.item(), "affect": losses.affect.item()}
@@ -499,8 +541,8 @@ def fit(
 ) -> FitResult:
     """Train ``model``, keep the best epoch by validation mAP, tune thresholds.
 
-    AdamW (``train.lr``, ``train.weight_decay``); ReduceLROnPlateau on val mAP
-    (``scheduler_factor``, ``scheduler_patience``); early stopping after
+    AdamW (``train.lr``, ``train.weight_decay``); the learning-rate schedule of
+    ``train.scheduler`` (see :func:`build_scheduler`); early stopping after
     ``early_stopping_patience`` epochs without a new best (None disables it); optional
     gradient clipping (``grad_clip_norm``). On CUDA: float16 autocast with a
     GradScaler (``train.amp``) and channels_last; on CPU, float32.
@@ -581,9 +623,7 @@ def fit(
     trained = _distribute(model, config, device)
     criterion = EmoNetLoss.from_config(config.loss).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="max", factor=tc.scheduler_factor, patience=tc.scheduler_patience
-    )
+    scheduler, per_step = build_scheduler(optimizer, tc, len(train_loader))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     start_epoch, best_metric, best_epoch, bad_epochs, stopped_early = 0, -math.inf, 0, 0, False
@@ -631,13 +671,15 @@ def fit(
         train_metrics = train_one_epoch(
             trained, train_loader, criterion, optimizer, device,
             scaler=scaler, grad_clip_norm=tc.grad_clip_norm, epoch=epoch, progress=progress,
+            scheduler=scheduler if per_step else None,
         )
         # Every rank computes the same gathered metrics, so they take the same LR and stopping decisions.
         val_metrics = evaluate(
             model, val_loader, criterion, device, amp=use_amp, progress=progress, affect_bounds=affect_bounds
         )
         monitored = val_metrics[MONITOR]
-        scheduler.step(monitored)
+        if not per_step:
+            scheduler.step(monitored)
         improved = _is_better(monitored, best_metric, best_epoch)
         if improved:
             best_metric, best_epoch, bad_epochs = monitored, epoch, 0

@@ -160,7 +160,7 @@ def emonet_training_pipeline(
         output_dir: Visibility and normalized CSVs, checkpoints and reports go here.
         epochs: Overrides `config.train.epochs` when set.
         seed: Overrides `config.train.seed` when set: seeds weight initialization, data
-            order, augmentation, DataLoader workers and the demo data.
+            order, augmentation and DataLoader workers.
         batch_size: Overrides `config.train.batch_size` when set.
         min_face_visibility: Keep only train/val rows whose face visibility is at least this (0-100).
         filter_test_by_visibility: Filter the test split by `min_face_visibility` too (its mAP
@@ -185,7 +185,7 @@ def emonet_training_pipeline(
     # Demo models never replace a real one: they go to their own registered model.
     registered_model_name = registered_model_name or (MODEL_NAME if data_root is not None else DEMO_MODEL_NAME)
     output_dir = output_dir.resolve()
-    root = (data_root or ensure_demo_data(demo_dir, seed=resolved.train.seed)).resolve()
+    root = (data_root or ensure_demo_data(demo_dir)).resolve()
     img_dir = arrays_dir(root)
     for split in SPLITS:
         if not annotations_path(root, split).is_file():

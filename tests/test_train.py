@@ -26,6 +26,7 @@ from emonet.models import EmoNet, build_model
 from emonet.schema import EMOTIONS, NUM_EMOTIONS, annotations_path, arrays_dir
 from emonet.train import (
     build_datasets,
+    build_scheduler,
     evaluate,
     fit,
     make_loader,
@@ -248,6 +249,77 @@ def test_early_stopping_and_lr_schedule(
     # ReduceLROnPlateau (patience 0, factor 0.1) cuts the rate after every bad epoch.
     lrs = [row["lr"] for row in result.history]
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5][:expected_epochs])
+
+
+def _lr_curve(config: EmoNetConfig, steps_per_epoch: int) -> tuple[list[float], bool]:
+    """The learning rate of every batch of ``config``'s schedule, and its per_step flag."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.train.lr)
+    scheduler, per_step = build_scheduler(optimizer, config.train, steps_per_epoch)
+    lrs = []
+    for _ in range(config.train.epochs * steps_per_epoch):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs, per_step
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero() -> None:
+    config = _config(scheduler="cosine", warmup_epochs=2, epochs=10, lr=1e-3)
+    lrs, per_step = _lr_curve(config, steps_per_epoch=5)
+    assert per_step
+    warmup, decay = lrs[:10], lrs[10:]
+    # A linear rise over the first 2 epochs: the first batch already trains, the 10th is at lr.
+    assert warmup == pytest.approx([1e-3 * (k + 1) / 10 for k in range(10)])
+    assert decay[0] == pytest.approx(1e-3)
+    assert all(later < earlier for earlier, later in zip(decay, decay[1:]))
+    assert lrs[30] == pytest.approx(0.5e-3)  # halfway through the decay: half the rate
+    assert 0 < lrs[-1] < 1e-5
+
+
+def test_cosine_schedule_without_warmup_starts_at_the_full_rate() -> None:
+    lrs, _ = _lr_curve(_config(scheduler="cosine", epochs=3, lr=1e-3), steps_per_epoch=4)
+    assert lrs[0] == pytest.approx(1e-3) and lrs[6] == pytest.approx(0.5e-3)
+
+
+def test_plateau_schedule_steps_per_epoch() -> None:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler, per_step = build_scheduler(optimizer, _config().train, steps_per_epoch=5)
+    assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and not per_step
+
+
+def test_warmup_needs_the_cosine_schedule() -> None:
+    with pytest.raises(ValueError, match="warmup_epochs=1.0 needs scheduler='cosine'"):
+        _config(warmup_epochs=1)
+    with pytest.raises(ValueError, match="scheduler"):
+        _config(scheduler="step")
+
+
+def test_cosine_run_follows_the_schedule_and_resumes_exactly(demo_root: Path, tmp_path: Path) -> None:
+    config = _config(scheduler="cosine", warmup_epochs=1, epochs=3, batch_size=8)
+    train_loader, val_loader = _loaders(demo_root, config)
+    steps = len(train_loader)
+    straight = fit(_model(config), train_loader, val_loader, config, checkpoint_dir=tmp_path / "straight",
+                   progress=False)
+    expected, _ = _lr_curve(config, steps)
+    # Each epoch logs the rate of its first batch: the warm-up's first step, then the cosine.
+    assert [row["lr"] for row in straight.history] == pytest.approx(expected[::steps])
+
+    def stop_after_two(metrics: dict[str, float]) -> None:
+        if metrics["epoch"] == 2:
+            raise Interrupted
+
+    train_loader, val_loader = _loaders(demo_root, config)
+    with pytest.raises(Interrupted):
+        fit(_model(config), train_loader, val_loader, config, callbacks=[stop_after_two],
+            checkpoint_dir=tmp_path / "resumed", progress=False)
+    train_loader, val_loader = _loaders(demo_root, config)
+    resumed = fit(build_model(config.model), train_loader, val_loader, config,
+                  resume_from=tmp_path / "resumed" / LAST_CHECKPOINT, progress=False)
+    # The scheduler's position came back from last.pt: the third epoch has the same rate and weights.
+    assert resumed.history[-1]["lr"] == pytest.approx(straight.history[-1]["lr"], rel=1e-12)
+    resumed_last, straight_last = _state(resumed.last_checkpoint), _state(straight.last_checkpoint)
+    for name, tensor in straight_last.items():
+        torch.testing.assert_close(resumed_last[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
 def test_body_context_variant_trains_one_step(fake_archive: Path) -> None:
