@@ -127,3 +127,15 @@ def tiny_checkpoint(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("tiny-run")
     root = write_fake_archive(base / "emotic", rows_per_split=6)
     return {"root": root, "checkpoint": train_tiny_checkpoint(root, base / "run")}
+
+
+# Fixtures that train a model or run a flow: every test that uses one (directly or
+# through another fixture) is `slow`, like the tests that train themselves, so
+# `pytest -m "not slow"` is the quick suite.
+TRAINING_FIXTURES = frozenset({"tiny_checkpoint", "trained", "straight_run", "prefect_env"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -172,6 +172,7 @@ def test_load_checkpoint_rebuilds_the_model_from_its_own_config(straight_run: di
         torch.testing.assert_close(model(body).emotion_logits, trained(body).emotion_logits, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(
     straight_run: dict[str, Any], demo_root: Path, tmp_path: Path
 ) -> None:
@@ -207,6 +208,7 @@ def test_resume_reproduces_the_uninterrupted_run(
     np.testing.assert_allclose(result.thresholds, straight.thresholds, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_model(straight_run: dict[str, Any], demo_root: Path) -> None:
     config = _config(variant="body_context")
     train_loader, val_loader = _loaders(demo_root, config)
@@ -228,6 +230,7 @@ def test_load_checkpoint_errors(tmp_path: Path) -> None:
         load_checkpoint(garbage)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("patience", "expected_epochs"), [(2, 3), (None, 4)])
 def test_early_stopping_and_lr_schedule(
     fake_archive: Path, monkeypatch: pytest.MonkeyPatch, patience: int | None, expected_epochs: int
@@ -294,6 +297,7 @@ def test_warmup_needs_the_cosine_schedule() -> None:
         _config(scheduler="step")
 
 
+@pytest.mark.slow
 def test_cosine_run_follows_the_schedule_and_resumes_exactly(demo_root: Path, tmp_path: Path) -> None:
     config = _config(scheduler="cosine", warmup_epochs=1, epochs=3, batch_size=8)
     train_loader, val_loader = _loaders(demo_root, config)
@@ -322,6 +326,7 @@ def test_cosine_run_follows_the_schedule_and_resumes_exactly(demo_root: Path, tm
         torch.testing.assert_close(resumed_last[name], tensor, rtol=0, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_body_context_variant_trains_one_step(fake_archive: Path) -> None:
     config = _config(variant="body_context", batch_size=4, context_size=48)
     train_dataset, val_dataset = build_datasets(
@@ -357,6 +362,7 @@ def test_evaluate_prefix_and_thresholds(fake_archive: Path) -> None:
     assert nothing["val_mAP"] == pytest.approx(everything["test_mAP"])
 
 
+@pytest.mark.slow
 def test_gradient_clipping_bounds_the_step(fake_archive: Path) -> None:
     config = _config(batch_size=6)
     train_loader, _ = _loaders(fake_archive, config)
@@ -371,6 +377,7 @@ def test_gradient_clipping_bounds_the_step(fake_archive: Path) -> None:
     assert 0 < step.item() <= 1e-3 * (1 + 1e-4)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_raises(fake_archive: Path) -> None:
     config = _config(batch_size=6)
     train_loader, _ = _loaders(fake_archive, config)
@@ -432,6 +439,7 @@ def test_make_loader_rejects_bad_arguments(fake_archive: Path) -> None:
         make_loader(dataset, 2, shuffle=False, num_workers=-1)
 
 
+@pytest.mark.slow
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fit_on_cuda_with_mixed_precision(fake_archive: Path, tmp_path: Path) -> None:
@@ -472,6 +480,7 @@ class NanAtTrainingCall(torch.nn.Module):
         return LossOutput(total=losses.total * float("nan"), emotion=losses.emotion, affect=losses.affect)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_before_the_step_and_leaves_weights_and_files(
     small_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -494,6 +503,7 @@ def test_non_finite_loss_stops_before_the_step_and_leaves_weights_and_files(
 # --------------------------------------------------------------------------- best.pt after a kill
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_best_checkpoint_it_cannot_repair(straight_run: dict[str, Any], tmp_path: Path) -> None:
     result = straight_run["result"]
     last = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
@@ -594,6 +604,7 @@ def test_kills_during_checkpoint_writes_are_repaired_on_resume(small_root: Path,
 # --------------------------------------------------------------------------- reproducibility
 
 
+@pytest.mark.slow
 def test_train_from_csvs_seeds_before_building_the_model(
     small_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
