@@ -58,8 +58,9 @@ def summary_markdown(summary: dict[str, Any], per_emotion: pd.DataFrame, registr
     """The run summary as markdown (tables render in the Prefect UI's Artifacts tab)."""
     metrics = summary["test_metrics"]
     lines = ["# EmoNet training run", "", "## Test metrics", "", "| metric | value |", "| --- | --- |"]
-    lines += [f"| {key} | {_fmt(metrics.get(key))} |" for key in EVALUATION_KEYS if key in metrics]
-    lines += [f"| {key} | {_fmt(value)} |" for key, value in metrics.items() if key not in EVALUATION_KEYS]
+    keys = [key for key in EVALUATION_KEYS if key in metrics] + [key for key in metrics if key not in EVALUATION_KEYS]
+    # Row counts (n_emotion, n_affect) are whole numbers.
+    lines += [f"| {key} | {_fmt(metrics[key], '.0f' if key.startswith('n_') else '.4f')} |" for key in keys]
     previous = registration.get("previous_version")
     lines += [
         "",
