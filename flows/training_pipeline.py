@@ -102,7 +102,7 @@ def emonet_training_pipeline(
     pretrained: bool = False,
     weights_path: Path | None = None,
     image_size: Annotated[int, Field(ge=32)] = 64,
-    epochs: PositiveInt = 16,
+    epochs: PositiveInt = 5,
     batch_size: PositiveInt = 16,
     learning_rate: Annotated[float, Field(gt=0)] = 2e-3,
     weight_decay: Annotated[float, Field(ge=0)] = 1e-4,
