@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -141,19 +143,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_mlflow_uris():
-    """Undo what a test leaves in MLflow's process-wide state: the tracking and registry
-    URIs set with ``mlflow.set_*_uri`` (``configure_mlflow`` does it) and the env vars
-    beside them, so a later test's default client finds its own store, not the last one."""
+@contextlib.contextmanager
+def restored_mlflow_uris() -> Iterator[None]:
+    """Undo what MLflow keeps process-wide: the tracking and registry URIs set with
+    ``mlflow.set_*_uri`` (``configure_mlflow`` does it) and the env vars beside them."""
     import mlflow
 
     saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    yield
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_uris() -> Iterator[None]:
+    """Every test starts from the environment's store, whatever an earlier test set."""
+    with restored_mlflow_uris():
+        yield

@@ -20,6 +20,7 @@ import requests
 from mlflow import MlflowClient
 from PIL import Image
 
+from conftest import restored_mlflow_uris
 from emonet.schema import EMOTIONS
 from emonet.tracking import log_emonet_model
 
@@ -49,21 +50,11 @@ def champion_store(tmp_path_factory, tiny_checkpoint) -> str:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     experiment_id = client.create_experiment("rest", artifact_location=(base / "artifacts").as_uri())
     run_id = client.create_run(experiment_id).info.run_id
-    # log_emonet_model logs through MLflow's global URIs, which earlier tests may have set.
-    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
+    # log_emonet_model logs through MLflow's global URIs.
+    with restored_mlflow_uris():
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
         version = log_emonet_model(run_id, tiny_checkpoint["checkpoint"], None, None, MODEL_NAME)
-    finally:
-        # Back to the environment's store, as test_tracking.py leaves it.
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     client.set_registered_model_alias(MODEL_NAME, "champion", version.version)
     return uri
 

@@ -26,6 +26,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+from conftest import restored_mlflow_uris
 from emonet.evaluation import split_fingerprint
 from emonet.inference import OUTPUT_COLUMNS, PROB_COLUMNS
 from emonet.schema import annotations_path, arrays_dir
@@ -58,22 +59,6 @@ def _png_b64(image: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
-
-
-@contextlib.contextmanager
-def restored_mlflow_uris():
-    """Undo configure_mlflow's global state: MLflow's URIs and the env vars it sets with them."""
-    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="module")
