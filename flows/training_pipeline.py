@@ -245,6 +245,7 @@ def emonet_training_pipeline(
             normalized["test"],
             img_dir,
             min_improvement,
+            test_metrics=evaluation["metrics"],
         )
     except BaseException:
         finish_mlflow_run(run_id, "FAILED")

@@ -251,9 +251,11 @@ def register_model(
     test_csv: Path,
     img_dir: Path,
     min_improvement: float = 0.0,
+    test_metrics: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Log the pyfunc model and register it once per run (a retry reuses the version),
-    then move `champion` only when it beats the champion on this test split."""
+    then move `champion` only when it beats the champion on this test split. The
+    version's description summarizes its test metrics and the decision."""
     logger = get_run_logger()
     client = MlflowClient()
     version = find_run_version(client, registered_model_name, run_id)
@@ -275,4 +277,21 @@ def register_model(
         min_improvement=min_improvement,
     )
     logger.info("%s version %s: %s", registered_model_name, version.version, decision["decision"])
+    client.update_model_version(
+        registered_model_name, version.version, description=version_description(test_metrics or {"mAP": test_map},
+                                                                                 test_split, run_id, decision)
+    )
     return {"version": str(version.version), **decision}
+
+
+def version_description(metrics: dict[str, float], test_split: str, run_id: str, decision: dict[str, Any]) -> str:
+    """The registered version's description: its test metrics and the promotion decision."""
+    shown = [
+        ("test mAP", "mAP", ".4f"), ("macro F1", "f1_macro", ".4f"), ("samples F1", "f1_samples", ".4f"),
+        ("valence MAE (1-10)", "mae_valence_1_10", ".3f"), ("arousal MAE (1-10)", "mae_arousal_1_10", ".3f"),
+    ]
+    parts = [f"{label} {metrics[key]:{spec}}" for label, key, spec in shown if key in metrics]
+    return (
+        f"{', '.join(parts)} on test split {test_split[:12]} (MLflow run {run_id}). "
+        f"Promotion: {decision['decision']}: {decision['reason']}"
+    )

@@ -119,7 +119,9 @@ def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_roo
     review = {a.path for a in client.list_artifacts(run.info.run_id, "review")}
     assert {"review/grid.png", "review/index.html"} <= review
     assert "review/per_emotion.csv" not in review, "the review links the evaluation's report"
-    assert str(client.get_model_version_by_alias("emonet-test", "champion").version) == "1"
+    champion = client.get_model_version_by_alias("emonet-test", "champion")
+    assert str(champion.version) == "1"
+    assert f"test mAP {first['test_mAP']:.4f}" in champion.description and "first_version" in champion.description
 
     artifacts = _artifacts(run.data.tags["prefect.flow_run_id"])
     summary = artifacts["emonet-training-summary"].data
