@@ -17,9 +17,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +26,7 @@ from PIL import Image
 
 from emonet.demo_data import make_demo_data
 from emonet.schema import EMOTIONS
-from scripts.processes import port_is_free, start_ticks
+from scripts.processes import port_is_free, start_ticks, wait_until_answers
 from scripts.servers import ServerError, database_url
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,20 +174,6 @@ def test_servers_on_postgresql_run_a_deployment_and_serve_the_champion(tmp_path)
         assert all(port_is_free("127.0.0.1", port) for port in (pg_port, mlflow_port, prefect_port))
 
 
-def wait_for(url: str, process: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert process.poll() is None, f"make ui exited early:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        assert time.monotonic() < deadline, f"{url} did not answer:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
-
-
 @pytest.mark.slow
 def test_make_ui_stops_exactly_its_two_servers_on_ctrl_c(tmp_path):
     mlflow_port, prefect_port = free_ports(2)
@@ -204,8 +187,8 @@ def test_make_ui_stops_exactly_its_two_servers_on_ctrl_c(tmp_path):
             cwd=REPO, env=clean_env(tmp_path), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
-        wait_for(f"http://127.0.0.1:{mlflow_port}/health", make, log)
-        wait_for(f"http://127.0.0.1:{prefect_port}/api/health", make, log)
+        wait_until_answers(f"http://127.0.0.1:{mlflow_port}/health", make, log, timeout=240)
+        wait_until_answers(f"http://127.0.0.1:{prefect_port}/api/health", make, log, timeout=240)
         pids = [int(pid) for pid in re.findall(r"started the .+ \(pid (\d+)\)", log.read_text())]
         assert len(pids) == 2
         os.killpg(make.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground group
