@@ -209,7 +209,7 @@ def emonet_training_pipeline(
         )
         normalized, normalization_json = data["normalized"], data["normalization_json"]
         log_dataset_summary(run_id, data["frames"], data["counts"], data["visibility"], data["visibility_dir"])
-        log_split_inputs(run_id, normalized)
+        log_split_inputs(run_id, data["frames"], normalized)
 
         run_dir = output_dir / "runs" / run_id
         training = train_model(

@@ -112,12 +112,13 @@ def log_dataset_summary(
 
 
 @task(name="log-split-inputs", **TRACKING_RETRIES, **NOT_CACHED)
-def log_split_inputs(run_id: str, csv_paths: dict[str, Path]) -> None:
+def log_split_inputs(run_id: str, frames: dict[str, pd.DataFrame], csv_paths: dict[str, Path]) -> None:
     """The train, val and test CSVs as the run's dataset inputs (MLflow's run page lists
-    them), each with its split fingerprint as the digest."""
+    them), each with its split fingerprint as the digest. ``frames`` are the splits as
+    written to ``csv_paths``, already in memory."""
     inputs = []
     for split, csv_path in csv_paths.items():
-        frame = pd.read_csv(csv_path)
+        frame = frames[split]
         dataset = mlflow.data.from_pandas(
             frame, source=str(Path(csv_path).resolve()), name=f"emotic-{split}", digest=split_fingerprint(frame)[:16]
         )
