@@ -208,11 +208,11 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     mediapipe 0.10.21), and the parent is often multi-threaded (Prefect task runners,
     MLflow, torch's OpenMP pool), where fork can deadlock on a lock held by another
     thread. 'forkserver' forks workers from a small server process that has run
-    neither: it starts once per parent process and is reused by later pools. The
-    server imports the parent's ``__main__`` module (keep entry points' top-level
-    imports light) and each worker adds only this module, numpy and mediapipe (not
-    torch, see the imports above). Where forkserver does not exist (Windows) 'spawn'
-    gives the same isolation.
+    neither: it starts once per parent process and is reused by later pools. Each
+    worker imports this module, numpy and mediapipe (not torch, see the imports
+    above), and also the parent's ``__main__`` module, as every start method but
+    'fork' does: that is why pools are kept for later calls (``_idle_pools``). Where
+    forkserver does not exist (Windows) 'spawn' gives the same isolation.
     """
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     return multiprocessing.get_context(method)
@@ -244,10 +244,11 @@ def score_crops(
 ) -> np.ndarray:
     """Face visibility of many crops, in parallel, in input order.
 
-    Each worker process creates one Face Mesh and reuses it. Workers are sent chunks
-    of crop names, not pixels, read the crops themselves and send back one array of
-    scores per chunk, so memory does not grow with the number of crops and the parent
-    does little work per crop. Workers are started with 'forkserver' (see
+    Each worker process creates one Face Mesh and reuses it, and the pool is kept
+    for the next call of this process (:func:`shutdown_pools` stops it). Workers are
+    sent chunks of crop names, not pixels, read the crops themselves and send back one
+    array of scores per chunk, so memory does not grow with the number of crops and
+    the parent does little work per crop. Workers are started with 'forkserver' (see
     ``_pool_context``), so a script that calls this with ``workers > 1`` needs the
     usual ``if __name__ == "__main__":`` guard.
 
@@ -313,6 +314,37 @@ def score_crops(
     return scores
 
 
+# Pools left idle by finished calls, by worker count, for the next call of this process.
+# Starting a pool costs seconds, not the 0.5 s of Face Mesh: each worker re-imports the
+# program's ``__main__`` module (multiprocessing does so for every start method but
+# 'fork'), and for the training flow that is torch, Prefect and MLflow, about 6 s per
+# pool on 2 cores. A flow that scores shard after shard pays it once.
+_idle_pools: dict[int, list[ProcessPoolExecutor]] = {}
+_idle_pools_lock = threading.Lock()
+
+
+def _take_pool(workers: int) -> ProcessPoolExecutor:
+    """An idle pool of ``workers`` processes, or a new one; concurrent callers get different pools."""
+    with _idle_pools_lock:
+        idle = _idle_pools.get(workers)
+        if idle:
+            return idle.pop()
+    return ProcessPoolExecutor(workers, mp_context=_pool_context())
+
+
+def shutdown_pools() -> None:
+    """Stop the idle worker processes that :func:`score_crops` keeps for later calls.
+
+    Optional: a process that scores nothing more may call it to free their memory
+    early; ``concurrent.futures`` stops them at interpreter exit anyway.
+    """
+    with _idle_pools_lock:
+        pools = [pool for idle in _idle_pools.values() for pool in idle]
+        _idle_pools.clear()
+    for pool in pools:
+        pool.shutdown(wait=True)
+
+
 def _score_in_pool(
     img_dir: Path,
     names: list[str],
@@ -326,10 +358,11 @@ def _score_in_pool(
     ``concurrent.futures`` rather than ``multiprocessing.Pool``: when a worker dies
     (SIGKILL, out of memory, an abort in MediaPipe's native code) the executor fails
     every pending chunk with ``BrokenProcessPool``, where a ``Pool`` waits for ever
-    for the lost results.
+    for the lost results. The pool is kept for the next call when every chunk came
+    back, and stopped otherwise.
     """
     size = chunk_size(len(names), workers)
-    executor = ProcessPoolExecutor(workers, mp_context=_pool_context())
+    executor = _take_pool(workers)
     try:
         chunks = {
             executor.submit(score_names, str(img_dir), names[start : start + size]): start
@@ -349,10 +382,13 @@ def _score_in_pool(
             for offset, reason in chunk_failures.items():
                 record_failure(start + offset, reason)
             bar.update(len(chunk_scores))
-    finally:
+    except BaseException:
         # Pending chunks are dropped at once on an error or Ctrl-C; the running ones
         # end within one chunk.
         executor.shutdown(wait=True, cancel_futures=True)
+        raise
+    with _idle_pools_lock:
+        _idle_pools.setdefault(workers, []).append(executor)
 
 
 @dataclasses.dataclass(frozen=True)

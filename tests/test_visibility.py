@@ -345,6 +345,25 @@ def test_subsampling_keeps_the_score(scorer, monkeypatch):
     assert 0.0 < scorer(partial) < 100.0
 
 
+def _worker_pid(img_dir: str, names: list[str]):
+    """Stands in for ``score_names`` in pool workers: each crop's score is the worker's process id."""
+    return np.full(len(names), float(os.getpid())), {}
+
+
+def test_the_pool_is_kept_for_the_next_call(crop_dir, monkeypatch):
+    folder, names = crop_dir
+    visibility.shutdown_pools()
+    monkeypatch.setattr(visibility, "score_names", _worker_pid)
+    score_crops(folder, names * 4, workers=2, progress=False)
+    (pool,) = visibility._idle_pools[2]
+    first_workers = set(pool._processes)
+    second = score_crops(folder, names * 4, workers=2, progress=False)
+    # Every chunk of the second call ran in a worker started for the first one.
+    assert set(second.astype(int)) <= first_workers
+    visibility.shutdown_pools()
+    assert not visibility._idle_pools
+
+
 def _exit_on_poison(img_dir: str, names: list[str]):
     """Stands in for ``score_names`` in pool workers: a worker sent the crop named
     "poison.npy" dies at once, as on a SIGKILL or an abort in native code."""
@@ -371,6 +390,11 @@ def test_a_dead_worker_fails_the_call_instead_of_hanging(crop_dir, monkeypatch):
     assert not thread.is_alive(), "score_crops hung after a worker process died"
     assert isinstance(outcome.get("error"), RuntimeError)
     assert "worker process died" in str(outcome["error"]) and str(folder) in str(outcome["error"])
+    # The broken pool is not kept: the next call starts a working one.
+    monkeypatch.undo()
+    np.testing.assert_array_equal(
+        score_crops(folder, names, workers=2, progress=False), score_crops(folder, names, workers=1, progress=False)
+    )
 
 
 def test_link_out_of_the_image_folder_scores_nan(tmp_path, caplog):
