@@ -520,6 +520,12 @@ def _check_resume(checkpoint: Mapping[str, Any], config: EmoNetConfig, path: Pat
             f"cannot resume from {path}: its model config {saved.model.model_dump(mode='json')} differs from "
             f"this run's {config.model.model_dump(mode='json')}"
         )
+    if saved.train.scheduler != config.train.scheduler:
+        # One schedule's state (a plateau counter, a step count) cannot drive the other.
+        raise ValueError(
+            f"cannot resume from {path}: it was trained with train.scheduler {saved.train.scheduler!r}, this run "
+            f"sets {config.train.scheduler!r}; resume with {saved.train.scheduler!r} or start a new run"
+        )
     for section in ("loss", "train"):
         before, now = getattr(saved, section).model_dump(), getattr(config, section).model_dump()
         changed = {key: (before[key], now[key]) for key in now if before[key] != now[key]}

@@ -222,6 +222,15 @@ def test_resume_refuses_a_different_model(straight_run: dict[str, Any], demo_roo
             resume_from=straight_run["result"].last_checkpoint, progress=False)
 
 
+@pytest.mark.slow
+def test_resume_refuses_another_scheduler(straight_run: dict[str, Any], demo_root: Path) -> None:
+    config = _config(scheduler="cosine")  # straight_run used the default plateau schedule
+    train_loader, val_loader = _loaders(demo_root, config)
+    with pytest.raises(ValueError, match="trained with train.scheduler 'plateau', this run sets 'cosine'"):
+        fit(_model(config), train_loader, val_loader, config,
+            resume_from=straight_run["result"].last_checkpoint, progress=False)
+
+
 def test_load_checkpoint_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         load_checkpoint(tmp_path / "missing.pt")
