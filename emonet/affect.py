@@ -11,8 +11,6 @@ from numpy.typing import ArrayLike
 
 from emonet.schema import SCALE_MAX, SCALE_MIN
 
-SCALE_BOUNDS: tuple[tuple[float, float], tuple[float, float]] = ((SCALE_MIN, SCALE_MIN), (SCALE_MAX, SCALE_MAX))
-
 
 def to_unit_range(values: ArrayLike, low: ArrayLike = SCALE_MIN, high: ArrayLike = SCALE_MAX) -> np.ndarray:
     """``2 * (x - low) / (high - low) - 1``: the scale's bounds map to -1 and 1 (not clipped).

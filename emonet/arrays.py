@@ -69,8 +69,9 @@ def load_array(img_dir: str | Path, name: str, mmap_min_bytes: int = 0) -> np.nd
     if not path.is_file():
         raise FileNotFoundError(f"image array not found: {path}")
     try:
-        if path.stat().st_size < mmap_min_bytes:
-            array = _read_small(path)
+        size = path.stat().st_size
+        if size < mmap_min_bytes:
+            array = _read_small(path, size)
         else:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
@@ -85,16 +86,16 @@ def load_array(img_dir: str | Path, name: str, mmap_min_bytes: int = 0) -> np.nd
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
-def _read_small(path: Path) -> np.ndarray:
-    """Read a .npy file at once. The size its header declares is checked against the
-    file's first: ``np.load`` would allocate whatever a header declares."""
+def _read_small(path: Path, size: int) -> np.ndarray:
+    """Read a .npy file of ``size`` bytes at once. The size its header declares is
+    checked against the file's first: ``np.load`` would allocate whatever a header declares."""
     with open(path, "rb") as handle:
         version = np.lib.format.read_magic(handle)
         if version not in _HEADER_READERS:
             raise ValueError(f"unsupported .npy format version {version}")
         shape, fortran_order, dtype = _HEADER_READERS[version](handle)
         count = math.prod(shape)
-        if count * dtype.itemsize > path.stat().st_size - handle.tell():
+        if count * dtype.itemsize > size - handle.tell():
             raise ValueError(f"the header declares shape {shape} {dtype}, more than the file holds")
         values = np.fromfile(handle, dtype=dtype, count=count)
     return values.reshape(shape, order="F" if fortran_order else "C")

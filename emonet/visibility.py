@@ -457,13 +457,11 @@ def write_visibility_csv(
     ValueError : ``out_csv`` is the input CSV (same path, a link or a hard link), or
         the number of scores differs from the number of rows.
     """
-    import pandas as pd
-
-    from emonet.io import check_not_inputs
+    from emonet.io import check_not_inputs, read_csv
 
     annotations_csv, out_csv = Path(annotations_csv), Path(out_csv)
     check_not_inputs({"out_csv": out_csv}, {"annotations_csv": annotations_csv})
-    df = pd.read_csv(annotations_csv)
+    df = read_csv(annotations_csv)
     values = np.asarray(scores, dtype=np.float64)
     if values.shape != (len(df),):
         raise ValueError(f"{annotations_csv}: {values.size} face-visibility scores for {len(df)} rows")
