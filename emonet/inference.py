@@ -91,7 +91,6 @@ class Predictor:
         self.batch_size = batch_size
         self.variant = getattr(model, "variant", config.model.variant)
         self.image_size = config.train.image_size
-        self.context_size = config.train.context_size if self.needs_context else None
         self.transform = eval_transform(config)
 
     @property

@@ -735,7 +735,7 @@ def _group_emotion_scores(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np
     present = np.flatnonzero(y_true.sum(axis=0) > 0)
     if len(present) == 0:
         return float("nan"), float("nan")
-    mean_ap = float(np.mean([average_precision_score(y_true[:, j], y_prob[:, j]) for j in present]))
+    mean_ap = mean_average_precision_score(y_true[:, present], y_prob[:, present])
     y_pred = binarize(y_prob, thresholds)
     f1_macro = float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
     return mean_ap, f1_macro

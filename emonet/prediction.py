@@ -200,7 +200,7 @@ def predict_split(
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     with_context = getattr(model, "variant", "body") == "body_context"
-    n_rows = len(loader.sampler) if loader.sampler is not None else len(loader.dataset)
+    n_rows = len(loader.sampler)
     emotion_prob = np.empty((n_rows, NUM_EMOTIONS), dtype=np.float32)
     affect_pred = np.empty((n_rows, len(AFFECT_COLUMNS)), dtype=np.float32)
     indices = np.empty(n_rows, dtype=np.int64)

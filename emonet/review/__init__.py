@@ -173,7 +173,7 @@ def review_predictions_with_visualization(
             "pass the predictions of this split (e.g. EvaluationReport.predictions)"
         )
     probs, affect_pred = predictions.emotion_prob, predictions.affect_pred
-    table, y_true, y_pred = build_table(
+    table, y_true = build_table(
         annotations, probs, affect_pred, predictor, sort_by, int(seed), int(num_samples), detailed
     )
     has_visibility = FACE_VISIBILITY_COLUMN in table.columns

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from emonet.annotations import raw_affect
 from emonet.inference import PROB_COLUMNS, Predictor
 from emonet.metrics import affect_sample_error, binarize, confidence_score, sample_f1_score
 from emonet.normalize import AffectNormalizer
-from emonet.schema import AFFECT_COLUMNS, AFFECT_NORM_COLUMNS, EMOTIONS, FACE_VISIBILITY_COLUMN
+from emonet.schema import AFFECT_NORM_COLUMNS, EMOTIONS, FACE_VISIBILITY_COLUMN
 
 __all__ = ["SORT_OPTIONS", "build_table", "check_sort_by", "rank_samples"]
 
@@ -78,7 +79,7 @@ def rank_samples(
 
 def _affect_truth(annotations: pd.DataFrame, normalizer: AffectNormalizer) -> tuple[np.ndarray, np.ndarray]:
     """True valence/arousal on [-1, 1] and on the 1..10 scale, each ``(N, 2)``."""
-    raw = annotations[list(AFFECT_COLUMNS)].to_numpy(dtype=np.float64)
+    raw = raw_affect(annotations)
     if all(column in annotations.columns for column in AFFECT_NORM_COLUMNS):
         norm = annotations[list(AFFECT_NORM_COLUMNS)].to_numpy(dtype=np.float64)
     else:
@@ -109,7 +110,7 @@ def build_table(
     seed: int,
     num_samples: int,
     detailed: int,
-) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+) -> tuple[pd.DataFrame, np.ndarray]:
     y_true = annotations[list(EMOTIONS)].to_numpy(dtype=np.int64)  # (N, 26)
     y_pred = binarize(probs, predictor.thresholds)  # (N, 26)
     true_norm, true_raw = _affect_truth(annotations, predictor.normalizer)
@@ -149,4 +150,4 @@ def build_table(
     if FACE_VISIBILITY_COLUMN in annotations.columns:
         table[FACE_VISIBILITY_COLUMN] = pd.to_numeric(annotations[FACE_VISIBILITY_COLUMN], errors="coerce").to_numpy()
     table["sample_page"] = ""
-    return table, y_true, y_pred
+    return table, y_true
