@@ -23,7 +23,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -205,19 +204,14 @@ def mlflow_epoch_logger(run_id: str) -> Callable[[dict[str, float]], None]:
     Uses ``MlflowClient`` with the tracking URI of the environment
     (``MLFLOW_TRACKING_URI``), which :func:`launch_training` passes to the workers.
     """
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
+
+    from emonet.tracking import log_metrics
 
     client = MlflowClient()
 
     def log(metrics: dict[str, float]) -> None:
-        step, now = int(metrics["epoch"]), int(time.time() * 1000)
-        finite = [
-            Metric(key=key, value=float(value), timestamp=now, step=step)
-            for key, value in metrics.items()
-            if isinstance(value, (int, float)) and math.isfinite(value)
-        ]
-        client.log_batch(run_id, metrics=finite)
+        log_metrics(client, run_id, metrics, step=int(metrics["epoch"]))
 
     return log
 

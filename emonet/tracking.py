@@ -27,7 +27,7 @@ import psutil
 from filelock import FileLock
 from filelock import Timeout as FileLockTimeout
 from mlflow import MlflowClient
-from mlflow.entities import Run
+from mlflow.entities import Metric, Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -56,6 +56,7 @@ __all__ = [
     "end_open_runs",
     "find_run_version",
     "log_emonet_model",
+    "log_metrics",
     "model_signature",
     "pip_requirements",
     "process_tags",
@@ -288,6 +289,21 @@ def _configure_experiment(
 
 
 # --------------------------------------------------------------------------- model logging
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step: int = 0, prefix: str = "") -> None:
+    """Log the finite numbers of ``metrics`` to run ``run_id`` in one batch, as ``prefix + key`` at ``step``.
+
+    NaN and infinite values (an undefined AP, an empty group) and non-numbers are left
+    out: a metric that cannot be computed is absent, not a NaN that breaks the charts.
+    """
+    now = int(time.time() * 1000)
+    finite = [
+        Metric(key=f"{prefix}{key}", value=float(value), timestamp=now, step=step)
+        for key, value in metrics.items()
+        if isinstance(value, (int, float)) and math.isfinite(value)
+    ]
+    client.log_batch(run_id, metrics=finite)
 
 
 def pip_requirements() -> list[str]:

@@ -7,14 +7,13 @@ task takes the ``run_id`` and logs through an explicit ``MlflowClient``.
 
 from __future__ import annotations
 
-import math
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import mlflow.data
-from mlflow.entities import DatasetInput, InputTag, Metric, Param
+from mlflow.entities import DatasetInput, InputTag, Param
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.tracking import MlflowClient
 from prefect import get_client, get_run_logger, task
@@ -33,6 +32,7 @@ from emonet.tracking import (
     close_stale_runs,
     find_run_version,
     log_emonet_model,
+    log_metrics,
     process_tags,
     promote_model,
 )
@@ -43,15 +43,6 @@ from tasks.report import EpochProgress
 TRACKING_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2)}
 # Tasks take DataFrames and clients; only the data tasks are worth caching.
 NOT_CACHED = {"cache_policy": NO_CACHE}
-
-
-def _log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0, prefix: str = "") -> None:
-    finite = [
-        Metric(key=f"{prefix}{key}", value=float(value), timestamp=0, step=step)
-        for key, value in metrics.items()
-        if isinstance(value, (int, float)) and math.isfinite(value)
-    ]
-    client.log_batch(run_id, metrics=finite)
 
 
 def final_flow_run_state(flow_run_id: str) -> str | None:
@@ -102,8 +93,8 @@ def log_dataset_summary(
     """Rows per split, rows dropped and why, emotion prevalence and face visibility."""
     client = MlflowClient()
     for split, split_counts in counts.items():
-        _log_metrics(client, run_id, split_counts, prefix=f"data_{split}_")
-        _log_metrics(client, run_id, visibility[split], prefix=f"data_{split}_visibility_")
+        log_metrics(client, run_id, split_counts, prefix=f"data_{split}_")
+        log_metrics(client, run_id, visibility[split], prefix=f"data_{split}_visibility_")
     prevalence = pd.DataFrame({split: df[list(EMOTIONS)].mean() for split, df in frames.items()})
     prevalence.index.name = "emotion"
     client.log_table(run_id, data=prevalence.reset_index(), artifact_file="dataset/emotion_prevalence.json")
@@ -151,7 +142,7 @@ def train_model(
     client.log_dict(run_id, config_to_dict(config), "config/emonet_config.yaml")
 
     def log_epoch(metrics: dict[str, float]) -> None:
-        _log_metrics(client, run_id, metrics, step=int(metrics["epoch"]))
+        log_metrics(client, run_id, metrics, step=int(metrics["epoch"]))
         logger.info(
             "epoch %d: train loss %.4f, val mAP %.4f", metrics["epoch"], metrics["train_loss"], metrics["val_mAP"]
         )
@@ -200,9 +191,9 @@ def evaluate_model(
     test = pd.read_csv(test_csv)
     report = evaluate_checkpoint(checkpoint, test, img_dir, out_dir, normalizer=AffectNormalizer.load(normalization_json))
     client = MlflowClient()
-    _log_metrics(client, run_id, report.metrics, prefix="test_")
-    _log_metrics(client, run_id, report.metrics_at_half, prefix="test_at_0.5_")
-    _log_metrics(client, run_id, report.by_visibility, prefix="test_")  # e.g. test_mAP_face_whole
+    log_metrics(client, run_id, report.metrics, prefix="test_")
+    log_metrics(client, run_id, report.metrics_at_half, prefix="test_at_0.5_")
+    log_metrics(client, run_id, report.by_visibility, prefix="test_")  # e.g. test_mAP_face_whole
     client.log_table(run_id, data=report.per_emotion.reset_index(), artifact_file="evaluation/per_emotion.json")
     for path in report.files.values():
         client.log_artifact(run_id, str(path), "evaluation")
