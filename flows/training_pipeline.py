@@ -239,13 +239,12 @@ def emonet_training_pipeline(
             run_id,
             training["best_checkpoint"],
             normalization_json,
-            evaluation["metrics"]["mAP"],
+            evaluation["metrics"],
             evaluation["test_split"],
             registered_model_name,
             normalized["test"],
             img_dir,
             min_improvement,
-            test_metrics=evaluation["metrics"],
         )
     except BaseException:
         finish_mlflow_run(run_id, "FAILED")

@@ -30,11 +30,11 @@ DEMO_ROWS = {"n_train": 2000, "n_val": 100, "n_test": 100}
 
 
 @task(name="demo-data", cache_policy=NO_CACHE, **IO_RETRIES)
-def ensure_demo_data(demo_dir: Path, seed: int = 0) -> Path:
-    """Generate the demo archive into ``demo_dir`` unless it is already there."""
+def ensure_demo_data(demo_dir: Path) -> Path:
+    """Generate the demo archive (seed 0) into ``demo_dir`` unless it is already there."""
     if all(annotations_path(demo_dir, split).is_file() for split in SPLITS):
         return demo_dir
-    return make_demo_data(demo_dir, seed=seed, **DEMO_ROWS)
+    return make_demo_data(demo_dir, seed=0, **DEMO_ROWS)
 
 
 def shard_bounds(n_rows: int, shard_size: int) -> list[tuple[int, int]]:

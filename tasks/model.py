@@ -237,17 +237,17 @@ def register_model(
     run_id: str,
     checkpoint: Path,
     normalization_json: Path,
-    test_map: float,
+    test_metrics: dict[str, float],
     test_split: str,
     registered_model_name: str,
     test_csv: Path,
     img_dir: Path,
     min_improvement: float = 0.0,
-    test_metrics: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Log the pyfunc model and register it once per run (a retry reuses the version),
-    then move `champion` only when it beats the champion on this test split. The
-    version's description summarizes its test metrics and the decision."""
+    then move `champion` only when its test mAP (``test_metrics["mAP"]``) beats the
+    champion's on this test split. The version's description summarizes its test
+    metrics and the decision."""
     logger = get_run_logger()
     client = MlflowClient()
     version = find_run_version(client, registered_model_name, run_id)
@@ -261,7 +261,7 @@ def register_model(
         client,
         registered_model_name,
         version.version,
-        test_map,
+        test_metrics["mAP"],
         test_split,
         run_id,
         test_csv=test_csv,
@@ -270,8 +270,8 @@ def register_model(
     )
     logger.info("%s version %s: %s", registered_model_name, version.version, decision["decision"])
     client.update_model_version(
-        registered_model_name, version.version, description=version_description(test_metrics or {"mAP": test_map},
-                                                                                 test_split, run_id, decision)
+        registered_model_name, version.version,
+        description=version_description(test_metrics, test_split, run_id, decision),
     )
     return {"version": str(version.version), **decision}
 

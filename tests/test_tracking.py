@@ -587,7 +587,7 @@ def test_a_retried_registration_reuses_the_runs_version(logged, checkpoint, spli
 
     monkeypatch.setattr(tasks.model, "log_emonet_model", counting_log)
     monkeypatch.setattr(tasks.model, "get_run_logger", lambda: logging.getLogger("test"))
-    arguments = (run_id, checkpoint, None, 0.3, split["id"], name, split["csv"], split["img_dir"])
+    arguments = (run_id, checkpoint, None, {"mAP": 0.3}, split["id"], name, split["csv"], split["img_dir"])
     first = tasks.model.register_model.fn(*arguments)
     again = tasks.model.register_model.fn(*arguments)  # as a task retry after a later failure
     assert len(calls) == 1
