@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +17,18 @@ from pathlib import Path
 
 class ServerError(RuntimeError):
     """A server could not be started or stopped; the message says which and why."""
+
+
+def server_env() -> dict[str, str]:
+    """This process's environment for a server, with Prefect's analytics off unless set
+    (the servers reach no analytics endpoint)."""
+    return {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
+
+
+def prefect_server(host: str, port: int) -> tuple[list[str], str]:
+    """The command of a Prefect server on ``host:port`` and the URL that answers once it is up."""
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    return command, f"http://{host}:{port}/api/health"
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -40,7 +40,9 @@ from sqlalchemy.exc import ArgumentError
 from scripts.processes import (
     ServerError,
     log_tail,
+    prefect_server,
     require_free_ports,
+    server_env,
     start_in_own_group,
     start_ticks,
     stop_group,
@@ -260,7 +262,7 @@ def server_commands(args: argparse.Namespace, server_url: str) -> dict[str, tupl
 
     The database URLs travel in the environment, so the passwords never show in ``ps``.
     """
-    base_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
+    base_env = server_env()
     artifacts = args.artifacts_destination
     if "://" not in artifacts:
         artifacts = str(Path(artifacts).resolve())
@@ -270,6 +272,7 @@ def server_commands(args: argparse.Namespace, server_url: str) -> dict[str, tupl
         **base_env,
         "PREFECT_API_DATABASE_CONNECTION_URL": database_url(server_url, args.prefect_database, "postgresql+asyncpg"),
     }
+    prefect_command, prefect_health = prefect_server(args.host, args.prefect_port)
     return {
         "mlflow": (
             [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.mlflow_port),
@@ -277,11 +280,7 @@ def server_commands(args: argparse.Namespace, server_url: str) -> dict[str, tupl
             mlflow_env,
             f"http://{args.host}:{args.mlflow_port}/health",
         ),
-        "prefect": (
-            [sys.executable, "-m", "prefect", "server", "start", "--host", args.host, "--port", str(args.prefect_port)],
-            prefect_env,
-            f"http://{args.host}:{args.prefect_port}/api/health",
-        ),
+        "prefect": (prefect_command, prefect_env, prefect_health),
     }
 
 

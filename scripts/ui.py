@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from scripts.processes import ServerError, require_free_ports, start_in_own_group, stop_group, wait_until_answers
+from scripts.processes import (
+    ServerError,
+    prefect_server,
+    require_free_ports,
+    server_env,
+    start_in_own_group,
+    stop_group,
+    wait_until_answers,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -66,17 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
+    env = server_env()
     servers = {
         "MLflow UI": (
             [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.mlflow_store, "--host", HOST,
              "--port", str(args.mlflow_port)],
             f"http://{HOST}:{args.mlflow_port}/health",
         ),
-        "Prefect server": (
-            [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(args.prefect_port)],
-            f"http://{HOST}:{args.prefect_port}/api/health",
-        ),
+        "Prefect server": prefect_server(HOST, args.prefect_port),
     }
     try:
         require_free_ports(HOST, {"MLflow UI": args.mlflow_port, "Prefect server": args.prefect_port})
