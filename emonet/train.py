@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
-from emonet import distributed
+from emonet import parallel
 from emonet.annotations import raw_affect
 from emonet.checkpoint import (
     BEST_CHECKPOINT,
@@ -225,7 +225,7 @@ def make_loaders(
     Inside a process group (a torchrun worker) each process gets its part of the data:
     a ``DistributedSampler`` over train (one shared permutation per epoch, seeded with
     ``train.seed``; :func:`fit` calls ``set_epoch``) and an unpadded shard of val
-    (:func:`emonet.distributed.shard_indices`). ``train.batch_size`` is then per
+    (:func:`emonet.parallel.shard_indices`). ``train.batch_size`` is then per
     process, and each process's loader generator (worker seeds) is offset by its rank.
 
     Parameters
@@ -237,11 +237,11 @@ def make_loaders(
     tc = config.train
     train_sampler: DistributedSampler | None = None
     val_shard: range | None = None
-    if distributed.is_distributed():
+    if parallel.is_distributed():
         train_sampler = DistributedSampler(train_dataset, shuffle=True, seed=tc.seed)
-        val_shard = distributed.shard_indices(len(val_dataset))
+        val_shard = parallel.shard_indices(len(val_dataset))
     samples_per_process = len(train_sampler) if train_sampler is not None else len(train_dataset)
-    loader_seed = tc.seed + distributed.rank()
+    loader_seed = tc.seed + parallel.rank()
     train_loader = make_loader(
         train_dataset,
         tc.batch_size,
@@ -382,10 +382,10 @@ def train_one_epoch(
             output = model(body, context) if with_context else model(body)
             losses = criterion(output, emotions, affect)
         # Before backward and step: one NaN loss would otherwise write NaN into every weight.
-        if not distributed.all_ranks_finite(losses.total):
+        if not parallel.all_ranks_finite(losses.total):
             raise FloatingPointError(
                 f"non-finite training loss {losses.total.item()} at epoch {epoch}, batch {step}"
-                + (f" (on at least one of {distributed.world_size()} processes)" if distributed.is_distributed() else "")
+                + (f" (on at least one of {parallel.world_size()} processes)" if parallel.is_distributed() else "")
                 + "; no step was taken, the weights are those from before this batch"
             )
         optimizer.zero_grad(set_to_none=True)
@@ -411,7 +411,7 @@ def train_one_epoch(
         seen += n
         bar.set_postfix(loss=f"{sums['total'] / seen:.4f}", refresh=False)
     bar.close()
-    *totals, seen = distributed.all_reduce_sum([sums["total"], sums["emotion"], sums["affect"], seen], device)
+    *totals, seen = parallel.all_reduce_sum([sums["total"], sums["emotion"], sums["affect"], seen], device)
     sums = dict(zip(("total", "emotion", "affect"), totals))
     if seen == 0:
         raise ValueError("the training loader yielded no batch (empty dataset, or drop_last with too few samples)")
@@ -424,7 +424,7 @@ def train_one_epoch(
 
 def _predict_gathered(model: nn.Module, loader: DataLoader, **kwargs: Any) -> Predictions:
     """:func:`predict_split` of the bare model on this rank's shard, merged over all ranks."""
-    return distributed.gather_predictions(predict_split(_unwrap(model), loader, **kwargs))
+    return parallel.gather_predictions(predict_split(_unwrap(model), loader, **kwargs))
 
 
 def evaluate(
@@ -610,9 +610,9 @@ def fit(
         A non-finite training loss (see :func:`train_one_epoch`); nothing is written.
     """
     tc = config.train
-    world, rank = distributed.world_size(), distributed.rank()
+    world, rank = parallel.world_size(), parallel.rank()
     main_process = rank == 0
-    device = distributed.process_device(resolve_device(tc.device))
+    device = parallel.process_device(resolve_device(tc.device))
     use_amp = tc.amp and device.type == "cuda"
     loaders = {"train": train_loader, "val": val_loader}
     callbacks = list(callbacks) if main_process else []
@@ -701,7 +701,7 @@ def fit(
         )
 
         if checkpoint_dir is not None:
-            rng_ranks = distributed.all_gather_objects(capture_rng(loaders))
+            rng_ranks = parallel.all_gather_objects(capture_rng(loaders))
             if main_process:
                 payload = {
                     "format": CHECKPOINT_FORMAT,
@@ -747,7 +747,7 @@ def fit(
         model.load_state_dict(best_payload["model"])
     elif best_state is not None:
         model.load_state_dict(best_state)
-    distributed.broadcast_module(model)
+    parallel.broadcast_module(model)
     predictions = _predict_gathered(model, val_loader, device=device, amp=use_amp, progress=progress, desc="thresholds")
     thresholds = tune_thresholds(predictions.emotions_true, predictions.emotion_prob)
     if best_payload is not None:
@@ -768,7 +768,7 @@ def fit(
 def _distribute(model: nn.Module, config: EmoNetConfig, device: torch.device) -> nn.Module:
     """``model`` wrapped in ``DistributedDataParallel`` inside a process group (with
     SyncBatchNorm if asked), else ``model`` itself."""
-    if not distributed.is_distributed():
+    if not parallel.is_distributed():
         return model
     if config.train.distributed.sync_batchnorm:
         if device.type != "cuda":
@@ -878,7 +878,7 @@ def train_from_csvs(
     config : the run config.
     checkpoint_dir, callbacks, resume_from, affect_bounds, progress : see :func:`fit`.
     """
-    with distributed.process_group(config):
+    with parallel.process_group(config):
         seed_everything(config.train.seed)
         model = build_model(config.model)
         train_loader, val_loader = make_loaders(train_csv, val_csv, img_dir, config)

@@ -24,7 +24,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from emonet.config import DistributedConfig, EmoNetConfig, load_config
 from emonet.data import EmoticDataset
 from emonet.demo_data import make_demo_data
-from emonet.distributed import gather_predictions, launch_training, resolve_backend, torchrun_command
+from emonet.distributed import launch_training, torchrun_command
+from emonet.parallel import gather_predictions, resolve_backend
 from emonet.inference import Predictor
 from emonet.losses import EmoNetLoss
 from emonet.models import build_model
