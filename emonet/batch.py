@@ -153,7 +153,7 @@ def _is_missing(value: object) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
-class _RowReader:
+class _CsvImageReader:
     """Reads the crop (and full image) of one input row, in either input layout."""
 
     def __init__(
@@ -327,10 +327,10 @@ def predict_csv(
     if clashing:
         raise ValueError(f"keep_columns would clash with prediction columns: {clashing}")
     # Fail on the layout before loading a model, which can take a while.
-    _RowReader(columns, csv_path, img_dir, needs_context=False)
+    _CsvImageReader(columns, csv_path, img_dir, needs_context=False)
 
     predictor = load_predictor(model, device=device, batch_size=batch_size, normalizer=normalizer)
-    reader = _RowReader(columns, csv_path, img_dir, predictor.needs_context, max_pixels)
+    reader = _CsvImageReader(columns, csv_path, img_dir, predictor.needs_context, max_pixels)
     id_columns = [c for c in ID_COLUMNS if c in columns] + [c for c in keep_columns if c not in ID_COLUMNS]
     out_columns = [ROW_COLUMN, *id_columns, *OUTPUT_COLUMNS]
     # Identifying columns are text: without this, pandas would turn "007" into 7.
