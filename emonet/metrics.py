@@ -37,6 +37,7 @@ __all__ = [
     "check_multilabel",
     "confidence_score",
     "cooccurrence_matrix",
+    "divide_rows",
     "VISIBILITY_GROUPS",
     "VISIBILITY_METRICS",
     "evaluate_predictions",
@@ -556,10 +557,24 @@ def true_vs_predicted_matrix(y_true: ArrayLike, y_pred: ArrayLike, *, normalize:
     counts = y_true.T @ y_pred  # (L, L)
     if not normalize:
         return counts
-    support = y_true.sum(axis=0).astype(np.float64)  # (L,)
+    return divide_rows(counts, y_true.sum(axis=0))
+
+
+def divide_rows(matrix: ArrayLike, denominator: ArrayLike) -> np.ndarray:
+    """Row ``i`` of ``matrix`` divided by ``denominator[i]``, as float64.
+
+    Rows with a zero denominator become NaN (undefined, and blank in a heatmap), not inf.
+
+    Examples
+    --------
+    >>> divide_rows([[2, 4], [1, 3]], [2, 0]).tolist()
+    [[1.0, 2.0], [nan, nan]]
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    denominator = np.asarray(denominator, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        rates = counts / support[:, None]
-    rates[support == 0] = np.nan
+        rates = matrix / denominator[:, None]
+    rates[denominator == 0] = np.nan
     return rates
 
 
