@@ -131,10 +131,21 @@ def tiny_checkpoint(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "checkpoint": train_tiny_checkpoint(root, base / "run")}
 
 
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """``(root, best.pt)``: a tiny demo archive (16/8/11 rows, 40 px crops with real faces
+    and learnable cues) and a ResNet-18 trained on it for one epoch without augmentation."""
+    from emonet.demo_data import make_demo_data
+
+    base = tmp_path_factory.mktemp("demo-run")
+    root = make_demo_data(base / "demo", seed=2, n_train=16, n_val=8, n_test=11, size=40)
+    return root, train_tiny_checkpoint(root, base / "ckpt", batch_size=8, augment=False)
+
+
 # Fixtures that train a model or run a flow: every test that uses one (directly or
 # through another fixture) is `slow`, like the tests that train themselves, so
 # `pytest -m "not slow"` is the quick suite.
-TRAINING_FIXTURES = frozenset({"tiny_checkpoint", "trained", "straight_run", "prefect_env"})
+TRAINING_FIXTURES = frozenset({"tiny_checkpoint", "demo_checkpoint", "trained", "straight_run", "prefect_env"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
