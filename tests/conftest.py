@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from prefect import Flow
+
+import emonet.train
 
 from emonet.schema import (
     CSV_COLUMNS,
@@ -142,16 +147,50 @@ def demo_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
     return root, train_tiny_checkpoint(root, base / "ckpt", batch_size=8, augment=False)
 
 
-# Fixtures that train a model or run a flow: every test that uses one (directly or
-# through another fixture) is `slow`, like the tests that train themselves, so
-# `pytest -m "not slow"` is the quick suite.
-TRAINING_FIXTURES = frozenset({"tiny_checkpoint", "demo_checkpoint", "trained", "straight_run", "prefect_env"})
+# `pytest -m "not slow"` is the quick suite. A test is `slow` when it trains a model or
+# runs a Prefect flow: marked by hand, or automatically when it uses one of these fixtures
+# (directly or through another fixture). A test that trains or runs a flow without the
+# mark fails, naming the mark, so the quick suite cannot silently grow a slow test.
+TRAINING_FIXTURES = frozenset({"tiny_checkpoint", "demo_checkpoint", "straight_run", "prefect_env"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+_running: dict[str, pytest.Item | None] = {"item": None}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    # Session fixtures are set up inside the protocol of the first test that uses them.
+    _running["item"] = item
+    try:
+        return (yield)
+    finally:
+        _running["item"] = None
+
+
+def _only_in_slow_tests(what: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        item = _running["item"]
+        if item is not None and item.get_closest_marker("slow") is None:
+            raise RuntimeError(
+                f"{item.nodeid} {what} but is not marked slow: add @pytest.mark.slow, "
+                "or get the model from a fixture in conftest.TRAINING_FIXTURES"
+            )
+        return function(*args, **kwargs)
+
+    return guarded
+
+
+# Every training path (CLI, Prefect task, torchrun worker, tests) calls emonet.train.fit
+# through the module, and every flow run goes through Flow.__call__.
+emonet.train.fit = _only_in_slow_tests("trains a model (emonet.train.fit)", emonet.train.fit)
+Flow.__call__ = _only_in_slow_tests("runs a Prefect flow", Flow.__call__)
 
 
 @contextlib.contextmanager
