@@ -14,8 +14,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import train_tiny_checkpoint
-from emonet.demo_data import make_demo_data
 from emonet.inference import PROB_COLUMNS, Predictor
 from emonet.evaluation import SPLIT_REPORT_FILES
 from emonet.prediction import Predictions
@@ -27,11 +25,8 @@ TINY = {"image_size": 32, "epochs": 1, "batch_size": 8, "num_workers": 0, "devic
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny demo archive and a resnet18 checkpoint trained on it for one epoch."""
-    base = tmp_path_factory.mktemp("review")
-    root = make_demo_data(base / "demo", seed=1, n_train=16, n_val=8, n_test=10, size=40)
-    return root, train_tiny_checkpoint(root, base / "ckpt", batch_size=8, augment=False)
+def trained(demo_checkpoint):
+    return demo_checkpoint
 
 
 # --------------------------------------------------------------------------- per-sample scores
@@ -211,7 +206,7 @@ def test_review_writes_every_promised_file(trained, tmp_path, caplog):
             str(checkpoint), csv_path, arrays_dir(root), out, num_samples=50, detailed_samples=2, sort_by="worst",
             progress=False,
         )
-    assert "num_samples=50 exceeds the 10 samples" in caplog.text
+    assert f"num_samples=50 exceeds the {len(frame)} samples" in caplog.text
     assert len(table) == len(frame) and table["selected"].all()
     assert set(table["crop_name"]) == set(frame["Crop_name"])
     assert list(PROB_COLUMNS) == [c for c in table.columns if c.startswith("prob_")]
@@ -222,7 +217,7 @@ def test_review_writes_every_promised_file(trained, tmp_path, caplog):
     assert table["f1"].is_monotonic_increasing  # worst first
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_samples"] == 10 and summary["n_selected"] == 10 and summary["n_detailed"] == 2
+    assert summary["n_samples"] == summary["n_selected"] == len(frame) and summary["n_detailed"] == 2
     assert 0.0 <= summary["mAP"] <= 1.0 and 0.0 <= summary["f1_macro"] <= 1.0
     assert summary["mean_sample_f1"] == pytest.approx(table["f1"].mean())
     assert summary["sort_by"] == "worst" and summary["seed"] == 0
