@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from emonet.arrays import open_image_array
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_SUFFIXES",
@@ -117,12 +119,8 @@ def read_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     if suffix == ".npy":
-        try:
-            # A memory map reads the header only: the shape is checked before any pixel is read.
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as error:
-            raise ValueError(f"cannot read {path} as a .npy array: {error}") from None
-        check_image(array, str(path))
+        # A memory map reads the header only: the shape is checked before any pixel is read.
+        array = open_image_array(path)
         check_pixel_limit(array.shape[0], array.shape[1], max_pixels, str(path))
         return array
     return _decode_pil(path, str(path), max_pixels)
