@@ -208,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _original_message(error: BaseException) -> str:
+    """The error's own message. An error raised in a DataLoader worker (a malformed crop,
+    say) is re-raised by torch with the worker's traceback in its message, whose last
+    line is ``ValueError: <the original message>``."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def _describe_os_error(error: OSError) -> str:
     # The path first, then the reason, without the "[Errno 13]" prefix a user cannot act on.
     if error.filename is None:
@@ -225,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:
         # A user's mistake: one clear line, no traceback.
-        print(f"emonet {args.command}: error: {err}", file=sys.stderr)
+        print(f"emonet {args.command}: error: {_original_message(err)}", file=sys.stderr)
         return 2
     except OSError as err:
         # The system refused a file operation (permissions, a full disk, a read-only
