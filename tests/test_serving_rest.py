@@ -97,6 +97,14 @@ def test_make_serve_answers_an_image_b64_row(champion_store, tmp_path):
         bad = {"dataframe_split": {"columns": ["image_b64"], "data": [[_png_b64(image)], ["not-an-image"]]}}
         response = requests.post(f"{url}/invocations", json=bad, timeout=60)
         assert response.status_code == 400 and "row 1" in response.text, response.text
+
+        # Bounded requests: too many rows, or too many pixels in all (each image under its own limit).
+        tiny = _png_b64(image[:8, :8])
+        response = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image_b64": tiny}] * 257}, timeout=60)
+        assert response.status_code == 400 and "inference_max_rows" in response.text, response.text
+        large = _png_b64(np.zeros((6300, 6300, 3), dtype=np.uint8))  # 39.7 Mpx, a few KB as PNG
+        response = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image_b64": large}] * 6}, timeout=60)
+        assert response.status_code == 400 and "inference_max_request_pixels" in response.text, response.text
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # make's own session: make, mlflow and uvicorn
         try:
