@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -239,7 +238,6 @@ def test_concurrent_registrations_leave_the_better_version_champion(tmp_path):
             promote_model(client, name, version, 0.30, "split-a", run_id)
     script = f"""
 import json
-from dataclasses import asdict
 import emonet.registry
 from mlflow import MlflowClient
 from emonet.registry import promote_model

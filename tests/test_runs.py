@@ -8,9 +8,8 @@ import socket
 import subprocess
 import sys
 
-from mlflow import MlflowClient
-
 import pytest
+from mlflow import MlflowClient
 
 from conftest import restored_mlflow_uris
 from emonet.runs import (
