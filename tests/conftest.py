@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -217,3 +219,70 @@ def _isolated_mlflow_uris() -> Iterator[None]:
     """Every test starts from the environment's store, whatever an earlier test set."""
     with restored_mlflow_uris():
         yield
+
+
+# --------------------------------------------------------------------------- MLflow stores
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory):
+    """A temporary SQLite tracking + registry store for the module."""
+    from emonet.tracking import configure_mlflow
+
+    base = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    with restored_mlflow_uris():
+        experiment_id = configure_mlflow(uri, "emonet-test", base / "artifacts")
+        yield {"uri": uri, "experiment_id": experiment_id, "base": base}
+
+
+@pytest.fixture(scope="module")
+def logged_model(mlflow_store, tiny_checkpoint):
+    """One pyfunc of ``tiny_checkpoint`` logged and registered as ``emonet`` from a worker
+    thread, to a run left RUNNING."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow import MlflowClient
+
+    from emonet.tracking import log_emonet_model
+
+    client = MlflowClient()
+    run_id = client.create_run(mlflow_store["experiment_id"]).info.run_id
+    client.log_param(run_id, "batch_size", 16)  # the training batch size, as the flow logs it
+    # Another thread than the one that created the run: nothing may rely on an active run.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        version = pool.submit(log_emonet_model, run_id, tiny_checkpoint["checkpoint"], None, None, "emonet").result()
+    return {"run_id": run_id, "version": version, "client": client}
+
+
+# Defines `me` (this child's index), `n` and `barrier(name)`: every child waits there
+# until all have arrived, so their next steps really overlap.
+CHILD_PROLOGUE = """
+import sys, time
+from pathlib import Path
+me, n = int(sys.argv[1]), int(sys.argv[2])
+
+def barrier(name):
+    Path(f"{name}-{me}.arrived").touch()
+    deadline = time.monotonic() + 240
+    while len(list(Path().glob(f"{name}-*.arrived"))) < n:
+        assert time.monotonic() < deadline, f"barrier {name}: the other processes never arrived"
+        time.sleep(0.01)
+"""
+
+
+def run_together(script: str, n: int, cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Run ``script`` (after :data:`CHILD_PROLOGUE`) in ``n`` processes at once, in ``cwd``."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD_PROLOGUE + script, str(i), str(n)],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(n)
+    ]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=400)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return results
