@@ -43,12 +43,15 @@ __all__ = [
     "evaluate_predictions",
     "face_visibility_groups",
     "mean_average_precision_score",
+    "mean_voc11_average_precision_score",
     "metrics_by_visibility",
     "multilabel_scores",
     "per_emotion_report",
+    "resampled_average_precision",
     "sample_f1_score",
     "true_vs_predicted_matrix",
     "tune_thresholds",
+    "voc11_average_precision_score",
 ]
 
 # Columns of ``per_emotion_report``, in order.
@@ -314,6 +317,167 @@ def mean_average_precision_score(y_true: ArrayLike, y_prob: ArrayLike) -> float:
     if not defined.any():
         raise ValueError(f"mAP is undefined: none of the {y_true.shape[1]} labels has a positive sample")
     aps = [average_precision_score(y_true[:, j], y_prob[:, j]) for j in np.flatnonzero(defined)]
+    return float(np.mean(aps))
+
+
+# The EMOTIC authors' AP samples precision at recall 0, 0.1, ..., 1 (``recallstep = 0.1``).
+VOC11_STEPS = 10
+
+
+def resampled_average_precision(
+    y_true: np.ndarray, y_score: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both APs of one label on weighted copies of its rows: scikit-learn's and the 11-point one.
+
+    The engine behind :func:`voc11_average_precision_score` and the bootstrap
+    (:mod:`emonet.bootstrap`): row ``i`` counts ``counts[b, i]`` times in copy ``b``, so
+    a bootstrap resample is one row of counts, and all copies are scored at once with
+    cumulative sums over a single ranking. Tied scores are one threshold: precision and
+    recall are read at the end of each run of equal scores (as
+    ``sklearn.metrics.precision_recall_curve`` does), which also makes a resample's
+    duplicated rows count as one block, exactly as if they had been copied.
+
+    Parameters
+    ----------
+    y_true : ndarray of int64, shape (n_samples,)
+        0/1 labels (already validated).
+    y_score : ndarray of float64, shape (n_samples,)
+        Scores (already validated).
+    counts : ndarray of int, shape (n_copies, n_samples)
+        Non-negative whole weights; ``np.ones((1, n))`` scores the rows as they are.
+
+    Returns
+    -------
+    step : ndarray of float64, shape (n_copies,)
+        scikit-learn's ``average_precision_score(y_true, y_score, sample_weight=counts[b])``.
+    voc11 : ndarray of float64, shape (n_copies,)
+        :func:`voc11_average_precision_score` on the copy.
+        Both are NaN for a copy without a positive row.
+    """
+    order = np.argsort(-y_score, kind="stable")
+    ranked = y_score[order]
+    block_end = np.append(ranked[1:] != ranked[:-1], True)  # (T,) last row of each run of ties
+    weights = np.asarray(counts)[:, order].astype(np.int64)  # (B, N)
+    tp = np.cumsum(weights * y_true[order], axis=1)[:, block_end]  # (B, T)
+    seen = np.cumsum(weights, axis=1)[:, block_end]  # (B, T)
+    n_pos = tp[:, -1]  # (B,)
+    # A leading block whose rows were all left out (weight 0) is no point of the curve:
+    # precision 0 there keeps it out of both APs (it adds no recall, and any maximum is >= 0).
+    precision = np.divide(tp, seen, out=np.zeros(tp.shape), where=seen > 0)
+    defined = n_pos > 0
+    safe_pos = np.where(defined, n_pos, 1)
+
+    gained = np.diff(tp, axis=1, prepend=0)  # (B, T) positives gained at each threshold
+    step = (gained * precision).sum(axis=1) / safe_pos
+
+    # Highest level k each point reaches, recall >= k/10, in integers: 10 tp >= k n_pos.
+    # (The authors compare float32 recalls with levels summed in steps of 0.1; for any split
+    # below millions of rows that decides every case the same way.)
+    reached = np.where(defined[:, None], (VOC11_STEPS * tp) // safe_pos[:, None], 0)  # (B, T) in 0..10
+    n_copies, n_points = tp.shape
+    levels = VOC11_STEPS + 1
+    per_level = np.bincount(
+        (np.arange(n_copies)[:, None] * levels + reached).ravel(), minlength=n_copies * levels
+    ).reshape(n_copies, levels)
+    # Recall never decreases down the ranking, so the points that reach level k are those
+    # from the first one that does; the best precision among them is the running maximum
+    # taken from the bottom of the ranking (0 past the end: no point reaches that level).
+    first = np.cumsum(per_level, axis=1) - per_level  # (B, 11)
+    envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+    envelope = np.concatenate([envelope, np.zeros((n_copies, 1))], axis=1)  # (B, T + 1)
+    voc11 = np.take_along_axis(envelope, first, axis=1).mean(axis=1)
+    step[~defined] = np.nan
+    voc11[~defined] = np.nan
+    return step, voc11
+
+
+def voc11_average_precision_score(y_true: ArrayLike, y_score: ArrayLike) -> float:
+    """The EMOTIC authors' 11-point interpolated average precision of one label.
+
+    Definition, as in the authors' released code (``rkosti/emotic``, ``src/funcs.lua``,
+    ``precisionrecallvector``, called by ``CurveEvaluation`` from ``train_test.lua``
+    with the default ``recallstep = 0.1``): rank the samples by descending score; take
+    precision and recall at every rank; AP is the mean, over the 11 recall levels
+    t = 0, 0.1, ..., 1, of the highest precision at a recall >= t (0 when no rank
+    reaches t). This is the PASCAL VOC 2007 AP. It is not scikit-learn's
+    ``average_precision_score`` (the step-wise, uninterpolated AP, which this project's
+    ``mAP`` uses): on EMOTIC-like data the 11-point value is a few points higher.
+
+    Ties. The authors rank with Torch7's ``Tensor:sort(true)``, a median-of-three
+    quicksort that is not stable, so with tied scores their AP depends on where the tied
+    rows happen to land. Here a run of tied scores is one threshold: precision and recall
+    are read after the whole run (as scikit-learn does). That equals their result
+    whenever the scores are distinct, and with ties it is the ordering that puts the
+    tied negatives first, the lowest AP any ordering of the ties gives.
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples,)
+        0/1 ground truth of one label.
+    y_score : array-like of shape (n_samples,)
+        Scores or probabilities; higher means more likely positive.
+
+    Returns
+    -------
+    float
+        In [0, 1]; NaN, with an ``UndefinedMetricWarning``, when there is no positive
+        sample (the authors' code returns 0 there; :func:`mean_voc11_average_precision_score`
+        leaves such a label out, as :func:`mean_average_precision_score` does).
+
+    Raises
+    ------
+    ValueError
+        If the inputs are not 1-D of one length, or fail ``check_multilabel``.
+
+    Examples
+    --------
+    >>> voc11_average_precision_score([1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1])
+    0.8484848484848484
+    """
+    shapes = (np.shape(y_true), np.shape(y_score))
+    if any(len(shape) != 1 for shape in shapes):
+        raise ValueError(f"y_true and y_score must be 1-D (one label), got shapes {shapes[0]} and {shapes[1]}")
+    y_true, y_score = check_multilabel(np.reshape(y_true, (-1, 1)), np.reshape(y_score, (-1, 1)))
+    _warn_undefined_ap(y_true, ["y_true"])
+    _, voc11 = resampled_average_precision(y_true[:, 0], y_score[:, 0], np.ones((1, len(y_true)), dtype=np.int64))
+    return float(voc11[0])
+
+
+def mean_voc11_average_precision_score(y_true: ArrayLike, y_prob: ArrayLike) -> float:
+    """Mean over labels of :func:`voc11_average_precision_score`: the EMOTIC authors' mAP.
+
+    Labels with no positive sample are left out of the mean, with an
+    ``UndefinedMetricWarning`` naming them, as in :func:`mean_average_precision_score`
+    (the authors' code would count them as 0; every label has positives on the EMOTIC
+    test split, so the two agree there).
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples, n_labels)
+        Multi-hot ground truth.
+    y_prob : array-like of shape (n_samples, n_labels)
+        Predicted probabilities or scores.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    ValueError
+        If no label has a positive sample, or the inputs fail ``check_multilabel``.
+
+    Examples
+    --------
+    >>> mean_voc11_average_precision_score([[1, 0], [0, 1], [1, 1]], [[0.9, 0.4], [0.4, 0.8], [0.6, 0.3]])
+    0.9242424242424242
+    """
+    y_true, y_prob = check_multilabel(y_true, y_prob, name="y_prob")
+    defined = _warn_undefined_ap(y_true, _default_labels(y_true.shape[1]))
+    if not defined.any():
+        raise ValueError(f"mAP is undefined: none of the {y_true.shape[1]} labels has a positive sample")
+    ones = np.ones((1, y_true.shape[0]), dtype=np.int64)
+    aps = [resampled_average_precision(y_true[:, j], y_prob[:, j], ones)[1][0] for j in np.flatnonzero(defined)]
     return float(np.mean(aps))
 
 
