@@ -357,35 +357,38 @@ def resampled_average_precision(
     order = np.argsort(-y_score, kind="stable")
     ranked = y_score[order]
     block_end = np.append(ranked[1:] != ranked[:-1], True)  # (T,) last row of each run of ties
-    weights = np.asarray(counts)[:, order].astype(np.int64)  # (B, N)
-    tp = np.cumsum(weights * y_true[order], axis=1)[:, block_end]  # (B, T)
-    seen = np.cumsum(weights, axis=1)[:, block_end]  # (B, T)
-    n_pos = tp[:, -1]  # (B,)
+    weights = np.asarray(counts)[:, order].astype(np.int32)  # (B, N); int32: counts sum to at most N
+    positives = weights * y_true[order].astype(np.int32)
+    tp = np.cumsum(positives, axis=1, dtype=np.int32)  # (B, N)
+    seen = np.cumsum(weights, axis=1, dtype=np.int32)
+    if not block_end.all():
+        tp, seen = tp[:, block_end], seen[:, block_end]  # (B, T)
+    n_copies, n_points = tp.shape
+    n_pos = tp[:, -1].astype(np.int64)  # (B,)
+    defined = n_pos > 0
     # A leading block whose rows were all left out (weight 0) is no point of the curve:
     # precision 0 there keeps it out of both APs (it adds no recall, and any maximum is >= 0).
-    precision = np.divide(tp, seen, out=np.zeros(tp.shape), where=seen > 0)
-    defined = n_pos > 0
-    safe_pos = np.where(defined, n_pos, 1)
+    precision = tp / np.maximum(seen, 1)  # (B, T) float64
 
     gained = np.diff(tp, axis=1, prepend=0)  # (B, T) positives gained at each threshold
-    step = (gained * precision).sum(axis=1) / safe_pos
+    step = np.einsum("bt,bt->b", gained, precision) / np.maximum(n_pos, 1)
 
-    # Highest level k each point reaches, recall >= k/10, in integers: 10 tp >= k n_pos.
-    # (The authors compare float32 recalls with levels summed in steps of 0.1; for any split
-    # below millions of rows that decides every case the same way.)
-    reached = np.where(defined[:, None], (VOC11_STEPS * tp) // safe_pos[:, None], 0)  # (B, T) in 0..10
-    n_copies, n_points = tp.shape
-    levels = VOC11_STEPS + 1
-    per_level = np.bincount(
-        (np.arange(n_copies)[:, None] * levels + reached).ravel(), minlength=n_copies * levels
-    ).reshape(n_copies, levels)
-    # Recall never decreases down the ranking, so the points that reach level k are those
-    # from the first one that does; the best precision among them is the running maximum
-    # taken from the bottom of the ranking (0 past the end: no point reaches that level).
-    first = np.cumsum(per_level, axis=1) - per_level  # (B, 11)
-    envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
-    envelope = np.concatenate([envelope, np.zeros((n_copies, 1))], axis=1)  # (B, T + 1)
-    voc11 = np.take_along_axis(envelope, first, axis=1).mean(axis=1)
+    # The first point at recall >= k/10 is the first with tp >= ceil(k * n_pos / 10), in
+    # integers (the authors compare float32 recalls with levels summed in steps of 0.1;
+    # below millions of rows that decides every case the same way). tp never decreases
+    # along a row, so offsetting row b by b * (max n_pos + 1) makes the whole array sorted
+    # and one searchsorted finds every row's first points.
+    levels = np.arange(VOC11_STEPS + 1)
+    needed = -((-levels[None, :] * n_pos[:, None]) // VOC11_STEPS)  # (B, 11) ceil(k n_pos / 10)
+    offset = np.arange(n_copies, dtype=np.int64)[:, None] * (int(n_pos.max()) + 1)
+    first = np.searchsorted((tp + offset).ravel(), (needed + offset).ravel()).reshape(n_copies, -1)
+    first -= np.arange(n_copies)[:, None] * n_points  # (B, 11) in 0..T; T: no point reaches the level
+    # The best precision at recall >= k/10: the maximum of each stretch between two levels'
+    # first points (reduceat), then a running maximum from the top level down.
+    flat = np.append(precision.ravel(), 0.0)
+    stretch = np.maximum.reduceat(flat, (first + np.arange(n_copies)[:, None] * n_points).ravel()).reshape(n_copies, -1)
+    stretch[first == n_points] = 0.0
+    voc11 = np.maximum.accumulate(stretch[:, ::-1], axis=1)[:, ::-1].mean(axis=1)
     step[~defined] = np.nan
     voc11[~defined] = np.nan
     return step, voc11
