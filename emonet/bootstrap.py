@@ -199,14 +199,15 @@ def bootstrap_intervals(
     y_true, y_prob = check_multilabel(y_true, y_prob, name="y_prob")
     if (affect_true is None) != (affect_pred is None):
         raise ValueError("pass both affect_true and affect_pred, or neither")
+    affect = _check_affect_1_10(affect_true, affect_pred, y_true.shape[0]) if affect_true is not None else None
     counts = bootstrap_counts(y_true.shape[0], n_resamples, seed)
     step, voc11 = _resampled_map(y_true, y_prob, counts)
     results = {
         "mAP": _interval(mean_average_precision_score(y_true, y_prob), step, confidence, seed, "mAP"),
         "mAP_voc11": _interval(mean_voc11_average_precision_score(y_true, y_prob), voc11, confidence, seed, "mAP_voc11"),
     }
-    if affect_true is not None:
-        true, pred = _check_affect_1_10(affect_true, affect_pred, y_true.shape[0])
+    if affect is not None:
+        true, pred = affect
         used = np.isfinite(true).all(axis=1)  # (N,)
         errors = np.abs(pred[used] - true[used])  # (N_used, 2)
         weights = counts[:, used]  # (B, N_used)
