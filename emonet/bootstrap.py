@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_RESAMPLES",
     "BootstrapInterval",
     "bootstrap_counts",
+    "check_bootstrap_settings",
     "bootstrap_intervals",
     "paired_bootstrap_map_difference",
 ]
@@ -63,7 +64,8 @@ class BootstrapInterval:
     seed: int
 
 
-def _check_settings(n_resamples: int, confidence: float) -> None:
+def check_bootstrap_settings(n_resamples: int, confidence: float) -> None:
+    """Raise a ValueError naming a bad resample count or confidence level (before any work)."""
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
         raise ValueError(f"n_resamples must be a whole number >= 1, got {n_resamples!r}")
     if not 0.0 < float(confidence) < 1.0:
@@ -195,7 +197,7 @@ def bootstrap_intervals(
     >>> result["mAP"].estimate, result["mAP"].low <= result["mAP"].high
     (1.0, True)
     """
-    _check_settings(n_resamples, confidence)
+    check_bootstrap_settings(n_resamples, confidence)
     y_true, y_prob = check_multilabel(y_true, y_prob, name="y_prob")
     if (affect_true is None) != (affect_pred is None):
         raise ValueError("pass both affect_true and affect_pred, or neither")
@@ -261,7 +263,7 @@ def paired_bootstrap_map_difference(
     >>> paired_bootstrap_map_difference(y, good, good, n_resamples=20).high
     0.0
     """
-    _check_settings(n_resamples, confidence)
+    check_bootstrap_settings(n_resamples, confidence)
     if protocol not in ("sklearn", "voc11"):
         raise ValueError(f"protocol must be 'sklearn' or 'voc11', got {protocol!r}")
     y_true, y_prob_a = check_multilabel(y_true, y_prob_a, name="y_prob_a")
