@@ -163,6 +163,10 @@ def bootstrap_intervals(
     mean absolute errors over the resampled rows that have a target (a NaN in
     ``affect_true`` masks a row, as in :func:`~emonet.metrics.affect_errors`).
 
+    On a split of a few dozen rows, resamples often miss an emotion's only positives, so
+    their mAPs average over fewer emotions than the estimate does and the interval can
+    even lie beside it: read such intervals as a warning that the split is too small.
+
     Parameters
     ----------
     y_true : array-like of shape (n_samples, n_labels)
