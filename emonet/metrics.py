@@ -355,14 +355,23 @@ def resampled_average_precision(
         Both are NaN for a copy without a positive row.
     """
     order = np.argsort(-y_score, kind="stable")
-    ranked = y_score[order]
-    block_end = np.append(ranked[1:] != ranked[:-1], True)  # (T,) last row of each run of ties
-    weights = np.asarray(counts)[:, order].astype(np.int32)  # (B, N); int32: counts sum to at most N
-    positives = weights * y_true[order].astype(np.int32)
-    tp = np.cumsum(positives, axis=1, dtype=np.int32)  # (B, N)
-    seen = np.cumsum(weights, axis=1, dtype=np.int32)
-    if not block_end.all():
-        tp, seen = tp[:, block_end], seen[:, block_end]  # (B, T)
+    ranked, positive = y_score[order], y_true[order] > 0
+    block_end = np.append(ranked[1:] != ranked[:-1], True)  # last row of each run of ties
+    end_of_row = np.flatnonzero(block_end)[np.cumsum(block_end) - block_end]  # (N,) its run's last row
+    # Precision rises at a positive and falls at a negative, so both APs only need the
+    # points that end a run holding a positive: every other point adds no recall and has a
+    # lower precision than the point before it. Scoring those T <= n_positives points
+    # keeps the (copies, N) work to one gather and one segment sum.
+    ends_of_positives = end_of_row[positive]  # (P,) nondecreasing
+    if len(ends_of_positives) == 0:
+        nan = np.full(len(counts), np.nan)
+        return nan, nan.copy()
+    last_in_run = np.append(ends_of_positives[1:] != ends_of_positives[:-1], True)  # (P,)
+    points = ends_of_positives[last_in_run]  # (T,) ranked index of each point
+    # Rows ranked below the last point never count: leave them out of the gather.
+    weights = np.asarray(counts)[:, order[: points[-1] + 1]].astype(np.int64, copy=False)  # (B, <= N)
+    tp = np.cumsum(weights[:, positive[: points[-1] + 1]], axis=1)[:, last_in_run]  # (B, T)
+    seen = np.cumsum(np.add.reduceat(weights, np.append(0, points[:-1] + 1), axis=1), axis=1)  # (B, T)
     n_copies, n_points = tp.shape
     n_pos = tp[:, -1].astype(np.int64)  # (B,)
     defined = n_pos > 0
