@@ -83,7 +83,7 @@ class PublishedResult:
 # Every number here was read in the named source; a result that could not be sourced is left out.
 PUBLISHED_RESULTS: tuple[PublishedResult, ...] = (
     PublishedResult(
-        method="Kosti et al., TPAMI 2019: CNN, body + image",
+        method="Kosti et al., TPAMI 2019: fusion model (body + image CNN)",
         test_map=27.38,
         ap_protocol=PROTOCOL_VOC11,
         protocol_source="the authors' released code: rkosti/emotic src/funcs.lua, precisionrecallvector "
@@ -104,7 +104,7 @@ PUBLISHED_RESULTS: tuple[PublishedResult, ...] = (
         method="EmotiCon (Mittal et al., CVPR 2020), depth-based",
         test_map=35.48,
         ap_protocol=NOT_STATED,
-        protocol_source="checked: the abstract (arXiv:2003.06692) and the Papers with Code entry; no code released",
+        protocol_source="checked: the abstract (arXiv:2003.06692) and the Papers with Code entry",
         source="Mittal, Guhan, Bhattacharya, Chandra, Bera, Manocha, 'EmotiCon: Context-Aware Multimodal Emotion "
         "Recognition using Frege's Principle', CVPR 2020, arXiv:2003.06692 (abstract)",
     ),
@@ -112,7 +112,7 @@ PUBLISHED_RESULTS: tuple[PublishedResult, ...] = (
         method="EmotiCon (Mittal et al., CVPR 2020), GCN",
         test_map=32.03,
         ap_protocol=NOT_STATED,
-        protocol_source="checked: the Papers with Code entry; no code released",
+        protocol_source="checked: the Papers with Code entry",
         source=f"Mittal et al., CVPR 2020, arXiv:2003.06692; as listed by {_PAPERS_WITH_CODE}",
     ),
     PublishedResult(
@@ -128,8 +128,8 @@ PUBLISHED_RESULTS: tuple[PublishedResult, ...] = (
         method="Xenos et al., 2024: VLLM descriptions + vision transformer",
         test_map=38.52,
         ap_protocol=NOT_STATED,
-        protocol_source="checked: the Papers with Code entry and github.com/NickyFot/EmoCommonSense "
-        "(README only, no evaluation code)",
+        protocol_source="checked: the Papers with Code entry and github.com/NickyFot/EmoCommonSense, "
+        "whose copy checked holds no evaluation code",
         source="Xenos, Foteinopoulou, Ntinou, Patras, Tzimiropoulos, 'VLLMs Provide Better Context for Emotion "
         f"Understanding Through Common Sense Reasoning', arXiv:2404.07078; as listed by {_PAPERS_WITH_CODE}",
     ),
