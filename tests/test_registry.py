@@ -238,6 +238,7 @@ def test_concurrent_registrations_leave_the_better_version_champion(tmp_path):
             promote_model(client, name, version, 0.30, "split-a", run_id)
     script = f"""
 import json
+from dataclasses import asdict
 import emonet.registry
 from mlflow import MlflowClient
 from emonet.registry import promote_model
