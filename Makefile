@@ -76,6 +76,7 @@ servers-stop:
 # starts uvicorn by name: the venv goes on PATH.
 serve: $(STAMP)
 	@case '$(WORKERS)' in ''|*[!0-9]*|0) echo "WORKERS must be a positive integer, got '$(WORKERS)'" >&2; exit 2;; esac
+	@$(PY) -m emonet.store "$${MLFLOW_TRACKING_URI:-$(MLFLOW_DB)}"
 	PATH='$(CURDIR)/$(VENV)/bin':"$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-$(MLFLOW_DB)}" \
 	    OMP_NUM_THREADS=$(SERVE_THREADS) MKL_NUM_THREADS=$(SERVE_THREADS) \
 	    $(VENV)/bin/mlflow models serve -m '$(MODEL)' --env-manager local --host 127.0.0.1 --port $(PORT) \

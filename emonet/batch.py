@@ -21,6 +21,7 @@ from emonet.images import DEFAULT_MAX_PIXELS, check_max_pixels, check_pixel_limi
 from emonet.inference import OUTPUT_COLUMNS, Predictor
 from emonet.io import atomic_path, check_not_inputs, read_csv
 from emonet.normalize import AffectNormalizer
+from emonet.store import check_store
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,9 @@ def _load_mlflow_predictor(
     model_config: dict[str, Any] = {"inference_device": device}
     if batch_size is not None:
         model_config["inference_batch_size"] = batch_size
+    # MLflow would create its tables in an empty or foreign SQLite file, then fail on it.
+    for store in {mlflow.get_tracking_uri(), mlflow.get_registry_uri()}:
+        check_store(store)
     pyfunc = mlflow.pyfunc.load_model(uri, model_config=model_config)
     try:
         python_model = pyfunc.unwrap_python_model()

@@ -24,7 +24,7 @@ from emonet.annotations import load_annotations
 from emonet.batch import load_predictor
 from emonet.data import EmoticDataset
 from emonet.metrics import mean_average_precision_score
-from emonet.tracking import sqlite_lock, sqlite_path
+from emonet.store import sqlite_lock, sqlite_path
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,6 @@ import importlib.metadata
 import io
 import logging
 import math
-import os
-import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -24,8 +22,6 @@ from urllib.parse import urlparse
 import mlflow
 import numpy as np
 import pandas as pd
-from filelock import FileLock
-from filelock import Timeout as FileLockTimeout
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Run
 from mlflow.entities.model_registry import ModelVersion
@@ -40,28 +36,20 @@ from emonet.config import EmoNetConfig
 from emonet.images import DEFAULT_MAX_PIXELS
 from emonet.inference import EMOTIONS_COLUMN, OUTPUT_COLUMNS
 from emonet.normalize import AffectNormalizer
+from emonet.store import check_sqlite_store, default_tracking_uri, sqlite_lock, sqlite_path
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "configure_mlflow",
-    "default_artifact_location",
-    "default_tracking_uri",
     "log_emonet_model",
     "log_metrics",
     "model_signature",
     "pip_requirements",
-    "sqlite_lock",
-    "sqlite_path",
 ]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PYFUNC_MODEL_FILE = PACKAGE_DIR / "pyfunc_model.py"
-MLRUNS_DIRNAME = "mlruns"
-DB_FILENAME = "mlflow.db"
-
-# How long a process waits for another one to finish opening the same SQLite store.
-STORE_LOCK_TIMEOUT_S = 600.0
 
 # Distributions the logged model imports to load and predict (emonet.pyfunc_model and
 # what it imports: no training code, so no scikit-learn; tqdm for the prediction loop's
@@ -79,98 +67,12 @@ MODEL_REQUIREMENTS: tuple[str, ...] = (
 )
 
 
-def _repo_root(root: str | Path | None) -> Path:
-    return (Path(root) if root is not None else PACKAGE_DIR.parent).resolve()
-
-
-def default_tracking_uri(root: str | Path | None = None) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else a SQLite store ``<root>/mlruns/mlflow.db``.
-
-    Parameters
-    ----------
-    root : folder holding ``mlruns/``; the repository root (the parent of the
-        ``emonet`` package) by default. ``mlruns/`` is created if missing.
-
-    Returns
-    -------
-    str
-        e.g. ``sqlite:////abs/path/mlruns/mlflow.db`` (MLflow's file store is deprecated).
-    """
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    mlruns = _repo_root(root) / MLRUNS_DIRNAME
-    mlruns.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(mlruns / DB_FILENAME).as_posix()}"
-
-
-def default_artifact_location(root: str | Path | None = None) -> str:
-    """``<root>/mlruns/artifacts`` as an absolute ``file://`` URI (root as in :func:`default_tracking_uri`)."""
-    return (_repo_root(root) / MLRUNS_DIRNAME / "artifacts").as_uri()
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI, else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///"))
-
-
 def _as_uri(location: str | Path) -> str:
     text = str(location)
     if isinstance(location, Path) or not urlparse(text).scheme or len(urlparse(text).scheme) == 1:
         # A plain (possibly relative) path; one-letter schemes are Windows drives.
         return Path(text).expanduser().resolve().as_uri()
     return text
-
-
-def _lock_path(db_path: Path) -> Path:
-    return db_path.with_name(db_path.name + ".lock")
-
-
-@contextlib.contextmanager
-def sqlite_lock(db_path: Path, timeout: float = STORE_LOCK_TIMEOUT_S) -> Iterator[None]:
-    """An exclusive lock on ``<db>.lock`` beside a SQLite store, across processes: taken
-    while a store is opened (:func:`configure_mlflow`) and while a registration decides
-    and moves the champion (:mod:`emonet.registry`).
-
-    The OS releases it when its holder dies, so a killed run never blocks the next one.
-    """
-    lock_path = _lock_path(db_path)
-    try:
-        with FileLock(lock_path, timeout=timeout):
-            yield
-    except FileLockTimeout:
-        raise TimeoutError(f"another process held {lock_path} for more than {timeout:.0f} s") from None
-
-
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-def _check_sqlite_store(db_path: Path) -> None:
-    """Refuse an existing file that is not an MLflow SQLite store.
-
-    MLflow would silently create fresh tables in an empty file (losing the registry
-    without a word) and fails without naming the file on a malformed one.
-    """
-    if not db_path.exists():
-        return
-    if not db_path.is_file():
-        raise ValueError(f"MLflow store {db_path} is not a file")
-    remedy = "restore it from a backup, or move it away to start a new, empty store"
-    if db_path.stat().st_size == 0:
-        raise ValueError(f"MLflow store {db_path} is empty (0 bytes), not an MLflow database: {remedy}")
-    with open(db_path, "rb") as file:
-        header = file.read(len(SQLITE_HEADER))
-    if header != SQLITE_HEADER:
-        raise ValueError(f"MLflow store {db_path} is not a SQLite database: {remedy}")
-    try:
-        with contextlib.closing(sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True, timeout=30)) as connection:
-            tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    except sqlite3.DatabaseError as error:
-        raise ValueError(f"MLflow store {db_path} is malformed ({error}): {remedy}") from None
-    if not {"experiments", "alembic_version"} <= tables:
-        raise ValueError(f"{db_path} is a SQLite database but not an MLflow store (no experiments table): {remedy}")
 
 
 def configure_mlflow(
@@ -210,7 +112,7 @@ def configure_mlflow(
     db_path = db_path.resolve()
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite_lock(db_path):
-        _check_sqlite_store(db_path)
+        check_sqlite_store(db_path)
         return _configure_experiment(uri, experiment_name, artifact_location, db_path)
 
 

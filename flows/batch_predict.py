@@ -53,7 +53,7 @@ def emonet_batch_predict(
     # side-effect free (default_tracking_uri creates mlruns/).
     import mlflow
 
-    from emonet.tracking import default_tracking_uri
+    from emonet.store import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)

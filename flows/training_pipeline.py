@@ -25,7 +25,8 @@ from emonet.config import EmoNetConfig, config_to_dict, load_config
 from emonet.registry import DEMO_MODEL_NAME, MODEL_NAME
 from emonet.runs import end_open_runs
 from emonet.schema import SPLITS, annotations_path, arrays_dir
-from emonet.tracking import configure_mlflow, default_tracking_uri
+from emonet.store import default_tracking_uri
+from emonet.tracking import configure_mlflow
 from flows.visibility import score_visibility
 from tasks.data import ensure_demo_data, normalize_splits, write_normalized_splits, write_visibility
 from tasks.model import (

@@ -24,12 +24,8 @@ from PIL import Image
 from conftest import restored_mlflow_uris, run_together
 from emonet.inference import OUTPUT_COLUMNS, PROB_COLUMNS
 from emonet.registry import CHAMPION, promote_model
-from emonet.tracking import (
-    configure_mlflow,
-    default_artifact_location,
-    default_tracking_uri,
-    pip_requirements,
-)
+from emonet.store import default_artifact_location, default_tracking_uri
+from emonet.tracking import configure_mlflow, pip_requirements
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "emonet"
