@@ -167,6 +167,7 @@ def capture_rng(loaders: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def restore_rng(state: Mapping[str, Any], loaders: Mapping[str, Any]) -> None:
+    """Put back the random states :func:`capture_rng` took (CUDA only on as many devices)."""
     random.setstate(state["python"])
     np.random.set_state(_numpy_state_from_torch(state["numpy"]))
     torch.set_rng_state(state["torch"])

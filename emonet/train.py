@@ -492,11 +492,9 @@ def fit(
     training the best weights are loaded back into ``model``, and per-emotion
     thresholds tuned on validation (max F1) are stored in ``best.pt``.
 
-    Inside a process group (torchrun; see :mod:`emonet.distributed`) the model is
-    wrapped in ``DistributedDataParallel`` (with ``SyncBatchNorm`` if
-    ``train.distributed.sync_batchnorm``, CUDA only), validation predictions are
-    gathered from all ranks, and rank 0 alone writes checkpoints (with every rank's RNG
-    states), calls the callbacks and shows progress.
+    Inside a process group (torchrun; see :mod:`emonet.distributed`) the model trains
+    under ``DistributedDataParallel`` (``SyncBatchNorm`` if asked, CUDA only), and rank 0
+    alone writes checkpoints, calls the callbacks and shows progress.
 
     Parameters
     ----------
@@ -505,13 +503,17 @@ def fit(
     config : the run config (``train``, ``loss``; ``model`` must describe ``model``).
     callbacks : called with each epoch's metrics dict (e.g. MLflow logging).
     checkpoint_dir : where to write checkpoints; None keeps the best weights in memory.
-    resume_from : a ``last.pt`` to continue from (see :func:`emonet.checkpoint.resume`,
-        which also repairs a ``best.pt`` a kill left behind); ``checkpoint_dir`` then
-        defaults to its folder. With ``num_workers=0`` the resumed run ends with the
-        same weights as an uninterrupted one (on CPU, on as many processes).
+    resume_from : a ``last.pt`` to continue from (:func:`emonet.checkpoint.resume`);
+        ``checkpoint_dir`` then defaults to its folder. With ``num_workers=0`` the run
+        ends with the weights of an uninterrupted one (on CPU, on as many processes).
         ``train.epochs`` may be raised to train longer.
     progress : show tqdm bars.
     affect_bounds : see :func:`evaluate`.
+
+    Returns
+    -------
+    FitResult
+        The best epoch and its val mAP, the history, the checkpoints and the thresholds.
 
     Raises
     ------
