@@ -27,9 +27,10 @@ from typing import Any
 
 import yaml
 
+from emonet.checkpoint import FitResult, read_fit_result
 from emonet.config import DistributedConfig, EmoNetConfig, config_to_dict, load_config
 from emonet.io import atomic_open
-from emonet.train import FitResult, read_fit_result, train_from_csvs
+from emonet.train import train_from_csvs
 
 logger = logging.getLogger(__name__)
 

@@ -17,17 +17,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from emonet.config import EmoNetConfig
 from emonet.images import check_image
+from emonet.loaders import make_loader
 from emonet.schema import AFFECT_COLUMNS, NUM_EMOTIONS
 from emonet.transforms import build_transforms, prepare_item
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageInputs", "Predictions", "eval_transform", "inference_loader", "predict_split", "to_device"]
+__all__ = ["ImageInputs", "Predictions", "eval_transform", "predict_split", "to_device"]
 
 # Reads one input row: its body crop and, for body_context models, its full image.
 RowReader = Callable[[int], tuple[np.ndarray, np.ndarray | None]]
@@ -119,31 +120,6 @@ class ImageInputs(Dataset):
         return item
 
 
-def inference_loader(
-    dataset: Dataset,
-    batch_size: int,
-    num_workers: int = 0,
-    device: str | torch.device = "cpu",
-    sampler: Sampler | None = None,
-) -> DataLoader:
-    """An ordered ``DataLoader`` for prediction (no shuffling; pinned memory on CUDA).
-
-    ``sampler`` lets a distributed run give each process its own shard of the split.
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=torch.device(device).type == "cuda",
-    )
-
-
 def to_device(batch: Mapping[str, Any], device: torch.device, key: str) -> torch.Tensor:
     """One image tensor of a collated batch on ``device``; channels_last on CUDA, where
     cuDNN's NHWC convolutions are faster (and use tensor cores under AMP)."""
@@ -195,7 +171,7 @@ def predict_split(
         items without ``context``.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    loader = data if isinstance(data, DataLoader) else inference_loader(data, batch_size, num_workers, device)
+    loader = data if isinstance(data, DataLoader) else make_loader(data, batch_size, num_workers=num_workers, device=device)
     model.eval()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)

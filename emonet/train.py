@@ -1,7 +1,9 @@
-"""Training and evaluation loops for EmoNet, with exact-resume checkpoints.
+"""Training and evaluation loops for EmoNet; the exact-resume checkpoints they write
+and resume from are :mod:`emonet.checkpoint`'s, the loaders :mod:`emonet.loaders`'.
 
 Small functions in the style of torchvision's ``references/classification``: the caller
-(a notebook, the CLI or a Prefect task) builds loaders, calls :func:`fit` and logs the
+(a notebook, the CLI or a Prefect task) builds loaders, calls :func:`fit` (a short loop
+over :func:`train_one_epoch`, :func:`evaluate` and the checkpoint module) and logs the
 per-epoch dicts it passes to its callbacks. :func:`train_from_csvs` does all of it from
 the split CSVs, seeding first; the CLI, the Prefect task and the torchrun worker use it.
 Inside a torchrun process group (:mod:`emonet.distributed`) the same functions train
@@ -15,7 +17,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,42 +26,42 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from emonet import parallel
 from emonet.annotations import raw_affect
 from emonet.checkpoint import (
     BEST_CHECKPOINT,
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_VERSION,
     LAST_CHECKPOINT,
+    FitResult,
+    FitState,
+    build_checkpoint,
     capture_rng,
-    read_checkpoint,
+    read_best,
     resolve_device,
-    restore_rng,
-    save_checkpoint,
+    resume,
+    save_epoch,
+    save_thresholds,
 )
-from emonet.config import EmoNetConfig, TrainConfig, config_to_dict
+from emonet.config import EmoNetConfig, TrainConfig
 from emonet.data import EmoticDataset
+from emonet.loaders import make_loader
 from emonet.losses import EmoNetLoss
 from emonet.metrics import evaluate_predictions, tune_thresholds
 from emonet.models import EmoNet, build_model
 from emonet.prediction import Predictions, autocast, predict_split, to_device
-from emonet.schema import NUM_EMOTIONS, SCALE_MAX, SCALE_MIN
+from emonet.schema import SCALE_MAX, SCALE_MIN
 from emonet.transforms import build_transforms
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FitResult",
     "build_datasets",
     "build_scheduler",
     "evaluate",
     "fit",
-    "make_loader",
     "make_loaders",
-    "read_fit_result",
     "seed_everything",
     "seed_worker",
     "train_from_csvs",
@@ -119,65 +121,6 @@ def seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
-def make_loader(
-    dataset: Dataset,
-    batch_size: int,
-    shuffle: bool,
-    num_workers: int = 0,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-    drop_last: bool = False,
-    sampler: Sampler | Sequence[int] | None = None,
-) -> DataLoader:
-    """A reproducible ``DataLoader``: seeded generator and workers, pinned memory on CUDA.
-
-    The shuffling order and the workers' seeds come from the loader's own
-    ``torch.Generator`` (``loader.generator``), seeded with ``seed``; :func:`fit` saves
-    and restores its state, so a resumed run draws the same batches.
-
-    Parameters
-    ----------
-    dataset : the dataset (e.g. an :class:`~emonet.data.EmoticDataset`).
-    batch_size : samples per batch, >= 1.
-    shuffle : reshuffle every epoch (the train split).
-    num_workers : worker processes; 0 loads in the main process. Workers are
-        persistent (kept between epochs), which saves their start-up every epoch.
-        With workers, a resumed run gets the same batches but fresh worker RNGs, so its
-        augmentation draws differ from an uninterrupted run; with 0 workers the resume
-        is exact (see :func:`fit`).
-    device : where the batches go; page-locked (pinned) memory on CUDA speeds the copy.
-    seed : seed of the loader's generator.
-    drop_last : drop the last incomplete batch.
-    sampler : the indices to draw, e.g. a ``DistributedSampler`` (then ``shuffle`` is
-        the sampler's business and must be False here).
-
-    Raises
-    ------
-    ValueError
-        For ``batch_size < 1`` or ``num_workers < 0``.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if sampler is not None and shuffle:
-        raise ValueError("pass shuffle=False with a sampler; the sampler decides the order")
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=torch.device(device).type == "cuda",
-        drop_last=drop_last,
-        generator=generator,
-        worker_init_fn=seed_worker if num_workers > 0 else None,
-        persistent_workers=num_workers > 0,
-    )
-
-
 def build_datasets(
     train: pd.DataFrame | str | Path,
     val: pd.DataFrame | str | Path,
@@ -222,6 +165,15 @@ def make_loaders(
     BatchNorm never normalizes over a batch of one (a split smaller than one batch
     is kept whole). The validation loader keeps every sample, in order.
 
+    Both are reproducible: the shuffling order and the workers' seeds come from each
+    loader's own ``torch.Generator`` (``loader.generator``), seeded with ``train.seed``,
+    and :func:`seed_worker` seeds NumPy and ``random`` in every worker. :func:`fit`
+    saves and restores the generators' states, so a resumed run draws the same batches.
+    ``train.num_workers`` workers are persistent (kept between epochs, which saves their
+    start-up every epoch). With workers, a resumed run gets the same batches but fresh
+    worker RNGs, so its augmentation draws differ from an uninterrupted run; with 0
+    workers the resume is exact.
+
     Inside a process group (a torchrun worker) each process gets its part of the data:
     a ``DistributedSampler`` over train (one shared permutation per epoch, seeded with
     ``train.seed``; :func:`fit` calls ``set_epoch``) and an unpadded shard of val
@@ -230,7 +182,8 @@ def make_loaders(
 
     Parameters
     ----------
-    device : where training runs; defaults to ``config.train.device`` resolved.
+    device : where training runs (pinned memory on CUDA); defaults to
+        ``config.train.device`` resolved.
     """
     device = resolve_device(config.train.device if device is None else device)
     train_dataset, val_dataset = build_datasets(train, val, img_dir, config)
@@ -241,22 +194,19 @@ def make_loaders(
         train_sampler = DistributedSampler(train_dataset, shuffle=True, seed=tc.seed)
         val_shard = parallel.shard_indices(len(val_dataset))
     samples_per_process = len(train_sampler) if train_sampler is not None else len(train_dataset)
-    loader_seed = tc.seed + parallel.rank()
-    train_loader = make_loader(
-        train_dataset,
-        tc.batch_size,
-        shuffle=train_sampler is None,
-        num_workers=tc.num_workers,
-        device=device,
-        seed=loader_seed,
+
+    def loader(dataset: Dataset, **order: Any) -> DataLoader:
+        return make_loader(
+            dataset, tc.batch_size, num_workers=tc.num_workers, device=device,
+            generator=torch.Generator().manual_seed(tc.seed + parallel.rank()), worker_init_fn=seed_worker,
+            persistent_workers=True, **order,
+        )
+
+    train_loader = loader(
+        train_dataset, shuffle=train_sampler is None, sampler=train_sampler,
         drop_last=samples_per_process > tc.batch_size,
-        sampler=train_sampler,
     )
-    val_loader = make_loader(
-        val_dataset, tc.batch_size, shuffle=False, num_workers=tc.num_workers, device=device, seed=loader_seed,
-        sampler=val_shard,
-    )
-    return train_loader, val_loader
+    return train_loader, loader(val_dataset, sampler=val_shard)
 
 
 def build_scheduler(
@@ -495,42 +445,19 @@ def evaluate(
 # --------------------------------------------------------------------------- fit
 
 
-@dataclass(eq=False)
-class FitResult:
-    """What :func:`fit` returns; ``history`` holds the dicts the callbacks received."""
+@dataclass(frozen=True)
+class _Setup:
+    """What :func:`fit` trains with, built once by :func:`_set_up`."""
 
-    best_metric: float  # best val mAP
-    best_epoch: int  # 1-based epoch of best_metric
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_checkpoint: Path | None = None
-    last_checkpoint: Path | None = None
-    thresholds: np.ndarray = field(default_factory=lambda: np.full(NUM_EMOTIONS, 0.5))  # (26,)
-    stopped_early: bool = False
-
-
-def _is_better(value: float, best: float, best_epoch: int) -> bool:
-    # The first epoch always counts, so best.pt exists even if mAP is NaN.
-    return best_epoch == 0 or (math.isfinite(value) and value > best)
-
-
-def _check_resume(checkpoint: Mapping[str, Any], config: EmoNetConfig, path: Path) -> None:
-    saved = EmoNetConfig.model_validate(checkpoint["config"])
-    if saved.model != config.model:
-        raise ValueError(
-            f"cannot resume from {path}: its model config {saved.model.model_dump(mode='json')} differs from "
-            f"this run's {config.model.model_dump(mode='json')}"
-        )
-    if saved.train.scheduler != config.train.scheduler:
-        # One schedule's state (a plateau counter, a step count) cannot drive the other.
-        raise ValueError(
-            f"cannot resume from {path}: it was trained with train.scheduler {saved.train.scheduler!r}, this run "
-            f"sets {config.train.scheduler!r}; resume with {saved.train.scheduler!r} or start a new run"
-        )
-    for section in ("loss", "train"):
-        before, now = getattr(saved, section).model_dump(), getattr(config, section).model_dump()
-        changed = {key: (before[key], now[key]) for key in now if before[key] != now[key]}
-        if changed:
-            logger.warning("resuming with changed %s settings (before, now): %s", section, changed)
+    device: torch.device
+    trained: nn.Module  # the model, or its DistributedDataParallel wrapper
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+    per_step: bool  # the scheduler steps after every batch, else once per epoch with val mAP
+    scaler: torch.amp.GradScaler
+    amp: bool  # float16 autocast (CUDA only)
+    grad_clip_norm: float | None
 
 
 def fit(
@@ -554,20 +481,20 @@ def fit(
     GradScaler (``train.amp``) and channels_last; on CPU, float32.
 
     Every epoch, each callback gets a fresh dict: ``epoch`` (1-based), ``train_loss``,
-    ``train_loss_emotion``, ``train_loss_affect``, ``val_loss``, ``val_loss_emotion``,
-    ``val_loss_affect``, the ``val_`` metrics of :func:`evaluate` (``val_mAP``,
-    ``val_f1_macro``, ``val_mae_valence``, ``val_mae_arousal``, ...) and ``lr`` (the
-    learning rate the epoch trained with). Callbacks run after the epoch's checkpoints
-    are written, so a logged epoch can always be resumed from; an exception raised by
-    a callback ends training there.
+    ``train_loss_emotion``, ``train_loss_affect``, the ``val_`` losses and metrics of
+    :func:`evaluate` (``val_loss``, ``val_mAP``, ``val_f1_macro``, ...) and ``lr`` (the
+    rate the epoch trained with). Callbacks run after the epoch's checkpoints are
+    written, so a logged epoch can always be resumed from; an exception raised by a
+    callback ends training there.
 
     With ``checkpoint_dir``, ``last.pt`` (every epoch) and ``best.pt`` (each new best)
-    are written atomically; they hold the model, optimizer, scheduler and scaler
-    states, the epoch, best metric and epoch, history, early-stopping counter, every
-    RNG state (Python, NumPy, torch, CUDA, both loaders' generators) and the resolved
-    config. After training, the best weights are loaded back into ``model``,
-    per-emotion thresholds are tuned on the validation set (max F1), and stored in
-    ``best.pt`` under ``thresholds``.
+    are written atomically; :mod:`emonet.checkpoint` lists what they hold. After
+    training the best weights are loaded back into ``model``, and per-emotion
+    thresholds tuned on validation (max F1) are stored in ``best.pt``.
+
+    Inside a process group (torchrun; see :mod:`emonet.distributed`) the model trains
+    under ``DistributedDataParallel`` (``SyncBatchNorm`` if asked, CUDA only), and rank 0
+    alone writes checkpoints, calls the callbacks and shows progress.
 
     Parameters
     ----------
@@ -576,192 +503,94 @@ def fit(
     config : the run config (``train``, ``loss``; ``model`` must describe ``model``).
     callbacks : called with each epoch's metrics dict (e.g. MLflow logging).
     checkpoint_dir : where to write checkpoints; None keeps the best weights in memory.
-    resume_from : a ``last.pt`` to continue from; ``checkpoint_dir`` then defaults to
-        its folder. Model, optimizer, scheduler, counters and RNG states are restored,
-        so with ``num_workers=0`` the resumed run ends with the same weights as an
-        uninterrupted one (on CPU). ``train.epochs`` may be raised to train longer.
+    resume_from : a ``last.pt`` to continue from (:func:`emonet.checkpoint.resume`);
+        ``checkpoint_dir`` then defaults to its folder. With ``num_workers=0`` the run
+        ends with the weights of an uninterrupted one (on CPU, on as many processes).
+        ``train.epochs`` may be raised to train longer.
     progress : show tqdm bars.
     affect_bounds : see :func:`evaluate`.
-
-    Inside a process group (torchrun; see :mod:`emonet.distributed`) the model is
-    wrapped in ``DistributedDataParallel`` (with ``SyncBatchNorm`` if
-    ``train.distributed.sync_batchnorm``, CUDA only), the train sampler's epoch is set
-    every epoch, validation predictions are gathered from all ranks, and rank 0 alone
-    writes checkpoints (with every rank's RNG states), calls the callbacks and shows
-    progress. Resuming works the same, on the same number of processes for exact RNG
-    streams; the ``resume_from`` file must be readable by every process.
-
-    A kill between the checkpoint writes is repaired on resume: ``last.pt`` is written
-    first and names the epoch ``best.pt`` must hold, so a missing or stale ``best.pt``
-    is re-saved from it.
 
     Returns
     -------
     FitResult
+        The best epoch and its val mAP, the history, the checkpoints and the thresholds.
 
     Raises
     ------
-    ValueError
-        ``resume_from`` holds a different model config, or its ``best.pt`` cannot be
-        repaired; ``sync_batchnorm`` on the CPU.
-    FileNotFoundError
-        ``resume_from`` does not exist.
+    ValueError, FileNotFoundError
+        From :func:`emonet.checkpoint.resume`; ``sync_batchnorm`` on the CPU.
     FloatingPointError
         A non-finite training loss (see :func:`train_one_epoch`); nothing is written.
     """
-    tc = config.train
-    world, rank = parallel.world_size(), parallel.rank()
-    main_process = rank == 0
-    device = parallel.process_device(resolve_device(tc.device))
-    use_amp = tc.amp and device.type == "cuda"
+    main_process = parallel.rank() == 0
+    callbacks, progress = (list(callbacks), progress) if main_process else ([], False)
+    setup = _set_up(model, config, len(train_loader), fresh=resume_from is None)
     loaders = {"train": train_loader, "val": val_loader}
-    callbacks = list(callbacks) if main_process else []
-    progress = progress and main_process
+    state = FitState()
+    if resume_from is not None:
+        checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else Path(resume_from).parent
+        state = resume(
+            resume_from, config, checkpoint_dir, model=model, optimizer=setup.optimizer, scheduler=setup.scheduler,
+            scaler=setup.scaler, loaders=loaders, rank=parallel.rank(), world_size=parallel.world_size(),
+        )
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    best_weights: dict[str, torch.Tensor] | None = None  # kept in memory only without a checkpoint_dir
+
+    epochs = range(state.epoch, config.train.epochs) if not state.stopped_early else range(0)
+    for epoch_index in tqdm(epochs, desc="fit", disable=not progress, dynamic_ncols=True):
+        metrics = _train_and_validate(model, setup, train_loader, val_loader, epoch_index, progress, affect_bounds)
+        improved = _record_epoch(state, metrics, config)
+        if checkpoint_dir is not None:
+            _save_checkpoints(model, setup, state, config, loaders, checkpoint_dir, improved)
+        elif improved:
+            best_weights = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
+        for callback in callbacks:
+            callback(dict(metrics))
+        if state.stopped_early:
+            break
+
+    thresholds = _tune_on_best(model, setup, val_loader, checkpoint_dir, state.best_epoch, best_weights, progress)
+    return FitResult(
+        best_metric=state.best_metric,
+        best_epoch=state.best_epoch,
+        history=state.history,
+        best_checkpoint=checkpoint_dir / BEST_CHECKPOINT if checkpoint_dir is not None else None,
+        last_checkpoint=checkpoint_dir / LAST_CHECKPOINT if checkpoint_dir is not None else None,
+        thresholds=thresholds,
+        stopped_early=state.stopped_early,
+    )
+
+
+def _set_up(model: nn.Module, config: EmoNetConfig, steps_per_epoch: int, fresh: bool) -> _Setup:
+    """Seed a fresh run, put ``model`` on this process's device (wrapped for a process
+    group), and build the loss, optimizer, schedule and scaler."""
+    tc = config.train
     if tc.deterministic:
         use_deterministic_algorithms()
-    if resume_from is None:
+    if fresh:  # a resumed run restores its random states instead
         # Offset by rank so that processes draw different augmentations (rank 0: train.seed).
-        seed_everything(tc.seed + rank)
-
+        seed_everything(tc.seed + parallel.rank())
+    device = parallel.process_device(resolve_device(tc.device))
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     trained = _distribute(model, config, device)
-    criterion = EmoNetLoss.from_config(config.loss).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    scheduler, per_step = build_scheduler(optimizer, tc, len(train_loader))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch, best_metric, best_epoch, bad_epochs, stopped_early = 0, -math.inf, 0, 0, False
-    history: list[dict[str, float]] = []
-    best_state: dict[str, torch.Tensor] | None = None  # only when no checkpoint_dir
-    if resume_from is not None:
-        resume_from = Path(resume_from)
-        checkpoint = read_checkpoint(resume_from)
-        _check_resume(checkpoint, config, resume_from)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch = int(checkpoint["epoch"])
-        best_metric = float(checkpoint["best_metric"])
-        best_epoch = int(checkpoint["best_epoch"])
-        bad_epochs = int(checkpoint["bad_epochs"])
-        stopped_early = bool(checkpoint["stopped_early"])
-        history = [dict(row) for row in checkpoint["history"]]
-        restore_rng(_rng_of_this_rank(checkpoint, rank, world), loaders)
-        if checkpoint_dir is None:
-            checkpoint_dir = resume_from.parent
-        if main_process:
-            source_best = resume_from.parent / BEST_CHECKPOINT
-            target_best = Path(checkpoint_dir) / BEST_CHECKPOINT
-            if source_best.resolve() != target_best.resolve() and source_best.is_file():
-                save_checkpoint(read_checkpoint(source_best), target_best)
-            _repair_best(checkpoint, resume_from, target_best)
-        logger.info("resumed from %s after epoch %d (best val mAP %.4f at epoch %d)",
-                    resume_from, start_epoch, best_metric, best_epoch)
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    last_path = checkpoint_dir / LAST_CHECKPOINT if checkpoint_dir is not None else None
-    best_path = checkpoint_dir / BEST_CHECKPOINT if checkpoint_dir is not None else None
-    if world > 1:
+    scheduler, per_step = build_scheduler(optimizer, tc, steps_per_epoch)
+    amp = tc.amp and device.type == "cuda"
+    if parallel.world_size() > 1:
+        world = parallel.world_size()
         logger.info("%d processes x batch %d = effective batch %d", world, tc.batch_size, world * tc.batch_size)
-
-    patience = tc.early_stopping_patience
-    epochs = range(start_epoch, tc.epochs) if not stopped_early else range(0)
-    for epoch_index in tqdm(epochs, desc="fit", disable=not progress, dynamic_ncols=True):
-        epoch = epoch_index + 1
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch_index)  # a new shared permutation every epoch
-        lr = float(optimizer.param_groups[0]["lr"])
-        train_metrics = train_one_epoch(
-            trained, train_loader, criterion, optimizer, device,
-            scaler=scaler, grad_clip_norm=tc.grad_clip_norm, epoch=epoch, progress=progress,
-            scheduler=scheduler if per_step else None,
-        )
-        # Every rank computes the same gathered metrics, so they take the same LR and stopping decisions.
-        val_metrics = evaluate(
-            model, val_loader, criterion, device, amp=use_amp, progress=progress, affect_bounds=affect_bounds
-        )
-        monitored = val_metrics[MONITOR]
-        if not per_step:
-            scheduler.step(monitored)
-        improved = _is_better(monitored, best_metric, best_epoch)
-        if improved:
-            best_metric, best_epoch, bad_epochs = monitored, epoch, 0
-        else:
-            bad_epochs += 1
-        stopped_early = patience is not None and bad_epochs >= patience
-        metrics: dict[str, float] = {"epoch": epoch, **train_metrics, **val_metrics, "lr": lr}
-        history.append(metrics)
-        logger.info(
-            "epoch %d/%d: train_loss %.4f, val_loss %.4f, val_mAP %.4f%s, lr %.2g",
-            epoch, tc.epochs, metrics["train_loss"], metrics["val_loss"], monitored,
-            " (best)" if improved else "", lr,
-        )
-
-        if checkpoint_dir is not None:
-            rng_ranks = parallel.all_gather_objects(capture_rng(loaders))
-            if main_process:
-                payload = {
-                    "format": CHECKPOINT_FORMAT,
-                    "format_version": CHECKPOINT_VERSION,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "epoch": epoch,
-                    "best_metric": best_metric,
-                    "best_epoch": best_epoch,
-                    "history": history,
-                    "bad_epochs": bad_epochs,
-                    "stopped_early": stopped_early,
-                    "rng": rng_ranks[0],
-                    "rng_ranks": rng_ranks,
-                    "world_size": world,
-                    "config": config_to_dict(config),
-                    "thresholds": None,
-                }
-                # last.pt first: it names best_epoch, and when that is this epoch it holds the
-                # same weights, so a kill before best.pt is written is repaired on resume
-                # (see _repair_best).
-                save_checkpoint(payload, last_path)
-                if improved:
-                    save_checkpoint(payload, best_path)
-        elif improved:
-            best_state = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
-
-        for callback in callbacks:
-            callback(dict(metrics))
-        if stopped_early:
-            logger.info("early stopping after epoch %d: no val mAP gain for %d epochs", epoch, patience)
-            break
-
-    # Restore the best epoch's weights (rank 0 reads them; the others receive them), then
-    # tune the decision thresholds on them.
-    best_payload: dict[str, Any] | None = None
-    if main_process and best_path is not None:
-        if not best_path.is_file():
-            raise FileNotFoundError(f"{best_path} is missing; it should hold epoch {best_epoch}, the best one")
-        best_payload = read_checkpoint(best_path)
-        model.load_state_dict(best_payload["model"])
-    elif best_state is not None:
-        model.load_state_dict(best_state)
-    parallel.broadcast_module(model)
-    predictions = _predict_gathered(model, val_loader, device=device, amp=use_amp, progress=progress, desc="thresholds")
-    thresholds = tune_thresholds(predictions.emotions_true, predictions.emotion_prob)
-    if best_payload is not None:
-        best_payload["thresholds"] = [float(t) for t in thresholds]
-        save_checkpoint(best_payload, best_path)
-
-    return FitResult(
-        best_metric=best_metric,
-        best_epoch=best_epoch,
-        history=history,
-        best_checkpoint=best_path,
-        last_checkpoint=last_path,
-        thresholds=thresholds,
-        stopped_early=stopped_early,
+    return _Setup(
+        device=device,
+        trained=trained,
+        criterion=EmoNetLoss.from_config(config.loss).to(device),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        per_step=per_step,
+        scaler=torch.amp.GradScaler("cuda", enabled=amp),
+        amp=amp,
+        grad_clip_norm=tc.grad_clip_norm,
     )
 
 
@@ -781,73 +610,112 @@ def _distribute(model: nn.Module, config: EmoNetConfig, device: torch.device) ->
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def _rng_of_this_rank(checkpoint: Mapping[str, Any], rank: int, world: int) -> Mapping[str, Any]:
-    """This rank's saved RNG states; rank 0's (with a warning) if the process count changed."""
-    per_rank = checkpoint.get("rng_ranks") or [checkpoint["rng"]]
-    if len(per_rank) == world:
-        return per_rank[rank]
-    logger.warning(
-        "resuming on %d processes a run checkpointed on %d: augmentation draws will differ from an "
-        "uninterrupted run", world, len(per_rank),
+def _train_and_validate(
+    model: nn.Module,
+    setup: _Setup,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    epoch_index: int,
+    progress: bool,
+    affect_bounds: tuple[Sequence[float], Sequence[float]] | None,
+) -> dict[str, float]:
+    """One epoch of training, then validation and a per-epoch schedule step: the
+    epoch's metrics dict (the keys :func:`fit` documents)."""
+    if isinstance(train_loader.sampler, DistributedSampler):
+        train_loader.sampler.set_epoch(epoch_index)  # a new shared permutation every epoch
+    epoch, lr = epoch_index + 1, float(setup.optimizer.param_groups[0]["lr"])
+    train_metrics = train_one_epoch(
+        setup.trained, train_loader, setup.criterion, setup.optimizer, setup.device,
+        scaler=setup.scaler, grad_clip_norm=setup.grad_clip_norm, epoch=epoch, progress=progress,
+        scheduler=setup.scheduler if setup.per_step else None,
     )
-    return checkpoint["rng"]
+    # Every rank computes the same gathered metrics, so they take the same LR and stopping decisions.
+    val_metrics = evaluate(
+        model, val_loader, setup.criterion, setup.device, amp=setup.amp, progress=progress, affect_bounds=affect_bounds
+    )
+    if not setup.per_step:
+        setup.scheduler.step(val_metrics[MONITOR])
+    return {"epoch": epoch, **train_metrics, **val_metrics, "lr": lr}
 
 
-def _repair_best(last: Mapping[str, Any], last_path: Path, best_path: Path) -> None:
-    """Make ``best.pt`` hold the epoch ``last.pt`` names as the best.
+def _record_epoch(state: FitState, metrics: dict[str, float], config: EmoNetConfig) -> bool:
+    """Add the epoch to ``state`` (history, best epoch, early-stopping count) and log it.
 
-    ``last.pt`` is written before ``best.pt``, so a kill between the two leaves best.pt
-    missing or one best epoch behind; last.pt then names itself as the best epoch and
-    holds exactly the weights best.pt should, and is copied over.
-
-    Raises
-    ------
-    ValueError
-        ``best.pt`` holds another epoch and last.pt cannot replace it (the files come
-        from different runs, or best.pt was replaced by hand).
+    Returns whether the epoch is a new best.
     """
-    best_epoch, last_epoch = int(last["best_epoch"]), int(last["epoch"])
-    held = int(read_checkpoint(best_path)["epoch"]) if best_path.is_file() else None
-    if held == best_epoch:
-        return
-    if best_epoch == last_epoch:
-        logger.warning(
-            "%s holds epoch %s but %s names epoch %d, its own, as the best (training was stopped between the "
-            "two writes): re-saving best.pt from last.pt", best_path, held, last_path, best_epoch,
+    epoch, monitored = int(metrics["epoch"]), metrics[MONITOR]
+    # The first epoch always counts, so best.pt exists even if mAP is NaN.
+    improved = state.best_epoch == 0 or (math.isfinite(monitored) and monitored > state.best_metric)
+    if improved:
+        state.best_metric, state.best_epoch, state.bad_epochs = monitored, epoch, 0
+    else:
+        state.bad_epochs += 1
+    patience = config.train.early_stopping_patience
+    state.stopped_early = patience is not None and state.bad_epochs >= patience
+    state.epoch = epoch
+    state.history.append(metrics)
+    logger.info(
+        "epoch %d/%d: train_loss %.4f, val_loss %.4f, val_mAP %.4f%s, lr %.2g",
+        epoch, config.train.epochs, metrics["train_loss"], metrics["val_loss"], monitored,
+        " (best)" if improved else "", metrics["lr"],
+    )
+    if state.stopped_early:
+        logger.info("early stopping after epoch %d: no val mAP gain for %d epochs", epoch, patience)
+    return improved
+
+
+def _save_checkpoints(
+    model: nn.Module,
+    setup: _Setup,
+    state: FitState,
+    config: EmoNetConfig,
+    loaders: Mapping[str, DataLoader],
+    checkpoint_dir: Path,
+    improved: bool,
+) -> None:
+    """Rank 0 writes the epoch's ``last.pt`` (and ``best.pt`` if ``improved``) with
+    every rank's random states, which all ranks take part in gathering."""
+    rng_ranks = parallel.all_gather_objects(capture_rng(loaders))
+    if parallel.rank() == 0:
+        checkpoint = build_checkpoint(
+            model=model, optimizer=setup.optimizer, scheduler=setup.scheduler, scaler=setup.scaler,
+            state=state, config=config, rng_ranks=rng_ranks,
         )
-        save_checkpoint(last, best_path)
-        return
-    raise ValueError(
-        f"{best_path} holds epoch {held}, but {last_path} (epoch {last_epoch}) says the best epoch is {best_epoch}; "
-        "those weights are in neither file. Resume with the best.pt of the same run beside last.pt."
-    )
+        save_epoch(checkpoint, checkpoint_dir, improved)
 
 
-def read_fit_result(checkpoint_dir: str | Path) -> FitResult:
-    """The :class:`FitResult` of a finished run, read from its ``last.pt`` and ``best.pt``
-    (e.g. after a torchrun job, whose processes cannot return one).
+def _tune_on_best(
+    model: nn.Module,
+    setup: _Setup,
+    val_loader: DataLoader,
+    checkpoint_dir: Path | None,
+    best_epoch: int,
+    best_weights: Mapping[str, torch.Tensor] | None,
+    progress: bool,
+) -> np.ndarray:
+    """Load the best epoch's weights into ``model`` and tune the decision thresholds on
+    them; with ``checkpoint_dir``, rank 0 reads them from ``best.pt`` (the other ranks
+    receive them) and stores the thresholds there.
 
-    Raises
-    ------
-    FileNotFoundError
-        A checkpoint is missing.
-    ValueError
-        ``best.pt`` has no tuned thresholds (the run did not finish).
+    Returns
+    -------
+    numpy.ndarray
+        (26,) thresholds (max F1 on validation).
     """
-    checkpoint_dir = Path(checkpoint_dir)
-    last_path, best_path = checkpoint_dir / LAST_CHECKPOINT, checkpoint_dir / BEST_CHECKPOINT
-    last, best = read_checkpoint(last_path), read_checkpoint(best_path)
-    if best.get("thresholds") is None:
-        raise ValueError(f"{best_path} has no tuned thresholds: the run did not finish")
-    return FitResult(
-        best_metric=float(last["best_metric"]),
-        best_epoch=int(last["best_epoch"]),
-        history=[dict(row) for row in last["history"]],
-        best_checkpoint=best_path,
-        last_checkpoint=last_path,
-        thresholds=np.asarray(best["thresholds"], dtype=np.float64),
-        stopped_early=bool(last["stopped_early"]),
+    best: dict[str, Any] | None = None
+    if parallel.rank() == 0 and checkpoint_dir is not None:
+        best = read_best(checkpoint_dir / BEST_CHECKPOINT, best_epoch)
+        model.load_state_dict(best["model"])
+    elif best_weights is not None:
+        model.load_state_dict(best_weights)
+    parallel.broadcast_module(model)
+    predictions = _predict_gathered(
+        model, val_loader, device=setup.device, amp=setup.amp, progress=progress, desc="thresholds"
     )
+    thresholds = tune_thresholds(predictions.emotions_true, predictions.emotion_prob)
+    if best is not None:
+        save_thresholds(best, thresholds, checkpoint_dir / BEST_CHECKPOINT)
+    return thresholds
 
 
 def train_from_csvs(

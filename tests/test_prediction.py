@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader
 from emonet.annotations import affect_targets
 from emonet.config import load_config
 from emonet.data import EmoticDataset
+from emonet.loaders import make_loader
 from emonet.losses import EmoNetLoss
 from emonet.models import build_model
-from emonet.prediction import ImageInputs, eval_transform, inference_loader, predict_split
+from emonet.prediction import ImageInputs, eval_transform, predict_split
 from emonet.schema import EMOTIONS, NUM_EMOTIONS, annotations_path, arrays_dir
 
 CONFIG = load_config(model={"backbone": "resnet18"}, train={"image_size": 32, "context_size": 32, "device": "cpu"})
@@ -78,7 +79,7 @@ def test_criterion_gives_sample_weighted_losses(model, val_set):
 
 def test_a_sampler_predicts_its_shard_only(model, val_set):
     everything = predict_split(model, val_set, batch_size=4)
-    loader = inference_loader(val_set, batch_size=2, sampler=[4, 1, 3])
+    loader = make_loader(val_set, batch_size=2, sampler=[4, 1, 3])
     shard = predict_split(model, loader)
     np.testing.assert_array_equal(shard.indices, [4, 1, 3])
     np.testing.assert_allclose(shard.emotion_prob, everything.emotion_prob[[4, 1, 3]], atol=1e-6)

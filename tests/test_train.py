@@ -17,10 +17,18 @@ import torch
 import yaml
 
 import emonet.train as train_module
-from emonet.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, resolve_device
+from emonet.checkpoint import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    LAST_CHECKPOINT,
+    load_checkpoint,
+    resolve_device,
+)
 from emonet.config import EmoNetConfig, config_to_dict, load_config
 from emonet.data import EmoticDataset
 from emonet.demo_data import make_demo_data
+from emonet.loaders import make_loader
 from emonet.losses import EmoNetLoss, LossOutput
 from emonet.metrics import EVALUATION_KEYS, mean_average_precision_score
 from emonet.models import EmoNet, build_model
@@ -31,7 +39,6 @@ from emonet.train import (
     build_scheduler,
     evaluate,
     fit,
-    make_loader,
     make_loaders,
     train_from_csvs,
     train_one_epoch,
@@ -145,9 +152,15 @@ def test_fit_result_and_best_checkpoint(straight_run: dict[str, Any]) -> None:
     assert not result.stopped_early
 
     checkpoint = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
-    for key in ("model", "optimizer", "scheduler", "scaler", "epoch", "best_metric", "best_epoch",
-                "history", "bad_epochs", "rng", "config", "thresholds"):
-        assert key in checkpoint, key
+    # Exactly the keys emonet.checkpoint's docstring lists.
+    assert set(checkpoint) == {
+        "format", "format_version", "model", "optimizer", "scheduler", "scaler", "epoch", "best_metric",
+        "best_epoch", "history", "bad_epochs", "stopped_early", "rng", "rng_ranks", "world_size", "config",
+        "thresholds",
+    }
+    assert checkpoint["format"] == CHECKPOINT_FORMAT and checkpoint["format_version"] == CHECKPOINT_VERSION
+    assert checkpoint["world_size"] == 1 and len(checkpoint["rng_ranks"]) == 1
+    assert torch.equal(checkpoint["rng_ranks"][0]["torch"], checkpoint["rng"]["torch"])
     assert checkpoint["epoch"] == result.best_epoch
     assert checkpoint["config"] == config_to_dict(straight_run["config"])
     np.testing.assert_allclose(checkpoint["thresholds"], result.thresholds)
@@ -406,14 +419,9 @@ def test_non_finite_loss_raises(fake_archive: Path) -> None:
         train_one_epoch(model, train_loader, nan_loss, optimizer, torch.device("cpu"), epoch=5, progress=False)
 
 
-def test_make_loader_is_reproducible_with_workers(fake_archive: Path) -> None:
-    config = _config(batch_size=3, num_workers=2)
-    dataset, _ = build_datasets(
-        annotations_path(fake_archive, "train"), annotations_path(fake_archive, "val"), arrays_dir(fake_archive), config
-    )
-
+def test_make_loaders_are_reproducible_with_workers(fake_archive: Path) -> None:
     def first_epoch(seed: int) -> list[dict[str, torch.Tensor]]:
-        loader = make_loader(dataset, 3, shuffle=True, num_workers=2, seed=seed)
+        loader, _ = _loaders(fake_archive, _config(batch_size=3, num_workers=2, seed=seed))
         assert loader.persistent_workers and not loader.pin_memory
         return list(loader)
 
@@ -451,6 +459,8 @@ def test_make_loader_rejects_bad_arguments(fake_archive: Path) -> None:
         make_loader(dataset, 0, shuffle=False)
     with pytest.raises(ValueError, match="num_workers"):
         make_loader(dataset, 2, shuffle=False, num_workers=-1)
+    with pytest.raises(ValueError, match="shuffle=False with a sampler"):
+        make_loader(dataset, 2, shuffle=True, sampler=[0, 1])
 
 
 @pytest.mark.slow
@@ -537,11 +547,12 @@ def test_resume_refuses_a_best_checkpoint_it_cannot_repair(straight_run: dict[st
 KILLED_TRAINING = """
 import os, signal, sys
 from pathlib import Path
+import emonet.checkpoint as checkpoint
 import emonet.train as train
 from emonet.cli import main
 
 kill_at = os.environ.get("EMONET_TEST_KILL_AT", "")
-real_save = train.save_checkpoint
+real_save = checkpoint.save_checkpoint
 
 def save(payload, path):
     if kill_at == "before-thresholds" and payload.get("thresholds") is not None:
@@ -557,7 +568,7 @@ real_evaluate = train.evaluate
 def rising(*args, **kwargs):
     return {**real_evaluate(*args, **kwargs), "val_mAP": 0.1 * next(epochs)}
 
-train.save_checkpoint, train.evaluate = save, rising
+checkpoint.save_checkpoint, train.evaluate = save, rising
 sys.exit(main(sys.argv[1:]))
 """
 
