@@ -96,7 +96,7 @@ class Predictor:
     @property
     def needs_context(self) -> bool:
         """Whether the model also takes the full image (the ``body_context`` variant)."""
-        return self.variant == "body_context"
+        return self.config.model.uses_context
 
     @classmethod
     def from_checkpoint(

@@ -177,7 +177,7 @@ class EmoNet(nn.Module):
         self.variant = config.variant
         self.body_trunk, trunk_features = create_trunk(config.backbone)
         self.context_trunk: nn.Module | None = None
-        if self.variant == "body_context":
+        if config.uses_context:
             self.context_trunk, _ = create_trunk(config.backbone)
         self.num_features = trunk_features * (2 if self.context_trunk is not None else 1)
         self.head_drop = nn.Dropout(config.dropout)

@@ -63,7 +63,7 @@ def eval_transform(config: EmoNetConfig) -> Any:
     Body crops are resized to ``train.image_size``; the ``body_context`` variant also
     takes the full image at ``train.context_size``.
     """
-    with_context = config.model.variant == "body_context"
+    with_context = config.model.uses_context
     return build_transforms(
         config.train.image_size, train=False, context_size=config.train.context_size if with_context else None
     )
@@ -175,7 +175,7 @@ def predict_split(
     model.eval()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    with_context = getattr(model, "variant", "body") == "body_context"
+    with_context = model.config.uses_context
     n_rows = len(loader.sampler)
     emotion_prob = np.empty((n_rows, NUM_EMOTIONS), dtype=np.float32)
     affect_pred = np.empty((n_rows, len(AFFECT_COLUMNS)), dtype=np.float32)

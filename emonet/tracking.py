@@ -185,14 +185,14 @@ def pip_requirements() -> list[str]:
     return requirements
 
 
-def model_signature(variant: str = "body") -> ModelSignature:
+def model_signature(uses_context: bool = False) -> ModelSignature:
     """The pyfunc's signature: image path or base64 in, the predict_frame columns out.
 
     All input columns are optional to MLflow's schema check, since a row needs only one
     of ``image_path``/``image_b64``; the model itself rejects a row with neither.
     """
     inputs = [ColSpec("string", "image_path", required=False), ColSpec("string", "image_b64", required=False)]
-    if variant == "body_context":
+    if uses_context:
         inputs += [ColSpec("string", "context_path", required=False), ColSpec("string", "context_b64", required=False)]
     outputs = [ColSpec("string" if c == EMOTIONS_COLUMN else "double", c) for c in OUTPUT_COLUMNS]
     return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
@@ -207,7 +207,7 @@ def _example_png_b64(size: int = 32) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _input_example(variant: str, paths: Sequence[str | Path] | None) -> pd.DataFrame:
+def _input_example(uses_context: bool, paths: Sequence[str | Path] | None) -> pd.DataFrame:
     if paths:
         missing = [str(p) for p in paths if not Path(p).is_file()]
         if missing:
@@ -215,7 +215,7 @@ def _input_example(variant: str, paths: Sequence[str | Path] | None) -> pd.DataF
         example = pd.DataFrame({"image_path": [str(Path(p).resolve()) for p in paths]})
     else:
         example = pd.DataFrame({"image_b64": [_example_png_b64()]})
-    if variant == "body_context":
+    if uses_context:
         example["context_b64"] = _example_png_b64(48)
     return example
 
@@ -304,8 +304,7 @@ def log_emonet_model(
         _, config, _ = load_checkpoint(checkpoint_path)  # fails early on a bad file
     elif not checkpoint_path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
-    variant = config.model.variant
-    example = _input_example(variant, input_example_paths)
+    example = _input_example(config.model.uses_context, input_example_paths)
     client = MlflowClient()
 
     with tempfile.TemporaryDirectory(prefix="emonet_model_") as tmp:
@@ -324,7 +323,7 @@ def log_emonet_model(
                 artifacts={"checkpoint": str(checkpoint_path), "normalization": str(normalization_path)},
                 code_paths=[str(PACKAGE_DIR)],
                 pip_requirements=pip_requirements(),
-                signature=model_signature(variant),
+                signature=model_signature(config.model.uses_context),
                 input_example=example,
                 model_config={
                     "inference_batch_size": int(batch_size),
@@ -337,7 +336,7 @@ def log_emonet_model(
                 registered_model_name=registered_model_name,
             )
     version = client.get_model_version(registered_model_name, str(info.registered_model_version))
-    for key, value in (("variant", variant), ("backbone", config.model.backbone)):
+    for key, value in (("variant", config.model.variant), ("backbone", config.model.backbone)):
         client.set_model_version_tag(registered_model_name, version.version, key, value)
     logger.info(
         "logged %s to run %s and registered %s version %s",

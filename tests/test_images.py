@@ -297,7 +297,7 @@ def test_scoring_server_app_answers_400_to_file_paths_and_bombs(checkpoint, tmp_
         model_dir,
         python_model=str(PYFUNC_MODEL_FILE),
         artifacts={"checkpoint": str(checkpoint), "normalization": str(normalization)},
-        signature=model_signature("body"),
+        signature=model_signature(uses_context=False),
         pip_requirements=[],
         model_config={"inference_batch_size": 2, "inference_device": "cpu"},
     )
