@@ -65,7 +65,7 @@ with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, re
         best = float("inf")
         for _ in range(job["repeats"]):
             scores, per_crop = [], []
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             for name in names[:n]:
                 tick = time.perf_counter()
                 crop = np.ascontiguousarray(np.load(job["folder"] + "/" + name))
@@ -77,6 +77,7 @@ with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, re
                     scores.append(100.0 * np.count_nonzero(np.all((xy >= 0) & (xy <= 1), axis=1)) / len(xy))
                 per_crop.append(time.perf_counter() - tick)
             best = min(best, time.perf_counter() - start)
+            result["cpu_per_crop"] = (time.process_time() - cpu) / n
         result["seconds"][str(n)] = best
     result["scores"], result["per_crop"] = scores, per_crop
 print(json.dumps(result))
@@ -102,7 +103,8 @@ def write_crops(folder: Path, n: int, size: int, seed: int = 0) -> tuple[list[st
 
 def time_tasks_loop(folder: Path, names: list[str], counts: tuple[int, ...], repeats: int) -> dict:
     """The Tasks landmarker's own loop, as LEGACY_LOOP does it: best seconds per count, and
-    the scores and per-crop seconds of the last run of the largest count."""
+    the scores, per-crop seconds and CPU seconds per crop (all of the process's threads)
+    of the last run of the largest count."""
     result: dict = {"seconds": {}}
     with FaceVisibilityScorer() as scorer:
         scorer(np.zeros((64, 64, 3), np.uint8))  # the first call sets the graph up
@@ -110,12 +112,13 @@ def time_tasks_loop(folder: Path, names: list[str], counts: tuple[int, ...], rep
             best = float("inf")
             for _ in range(repeats):
                 scores, per_crop = [], []
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 for name in names[:n]:
                     tick = time.perf_counter()
                     scores.append(scorer(load_array(folder, name)))
                     per_crop.append(time.perf_counter() - tick)
                 best = min(best, time.perf_counter() - start)
+                result["cpu_per_crop"] = (time.process_time() - cpu) / n
             result["seconds"][str(n)] = best
     result["scores"], result["per_crop"] = scores, per_crop
     return result
@@ -219,7 +222,8 @@ def fit(t1: float, t2: float, n1: int, n2: int) -> tuple[float, float]:
     """Per-crop seconds (the slope between N1 and N2) and start-up seconds (intercept)."""
     slope = (t2 - t1) / (n2 - n1)
     if slope <= 0:
-        sys.exit("noise exceeds the difference between the two sizes: raise --n2 (or --repeats)")
+        print("note: noise exceeds the difference between the two sizes (raise --n2 or --repeats); shown as nan")
+        return float("nan"), float("nan")
     return slope, t1 - slope * n1
 
 
@@ -255,17 +259,25 @@ def bench_size(args: argparse.Namespace, size: int, workers: int, client: Client
             sys.exit(f"{size} px: scores differ between {label} and workers=1 at {len(diff)} crops, first {diff[:5]}")
 
     print(f"\n{size} px crops: {np.mean(reference > 0):.0%} with a face, {np.mean(reference == 100):.0%} whole")
-    print(f"{'one model, one crop after another':44}{'ms/crop':>9}   by kind (mean ms)")
+    print(f"{'one model, one crop after another':40}{'ms/crop':>9}{'CPU ms':>8}   by kind (mean ms)")
     tasks_slope, _ = fit(tasks["seconds"][str(n1)], tasks["seconds"][str(n2)], n1, n2)
-    print(f"{'Tasks FaceLandmarker (mediapipe 1.2.3)':44}{1e3 * tasks_slope:9.2f}   {by_kind(tasks['per_crop'], kinds)}")
+    print(
+        f"{'Tasks FaceLandmarker (mediapipe 1.2.3)':40}{1e3 * tasks_slope:9.2f}{1e3 * tasks['cpu_per_crop']:8.2f}   "
+        f"{by_kind(tasks['per_crop'], kinds)}"
+    )
     legacy_ratio = float("nan")
     if legacy is None:
         print("legacy Face Mesh: skipped (give --legacy-python, e.g. a venv with mediapipe==0.10.21 'numpy<2')")
     else:
         legacy_slope, _ = fit(legacy["seconds"][str(n1)], legacy["seconds"][str(n2)], n1, n2)
         legacy_ratio = tasks_slope / legacy_slope
-        print(f"{'legacy Face Mesh (mediapipe 0.10.21)':44}{1e3 * legacy_slope:9.2f}   {by_kind(legacy['per_crop'], kinds)}")
-        print(f"Tasks / legacy time per crop: {legacy_ratio:.2f}; {compare(np.asarray(legacy['scores']), reference, kinds)}")
+        print(
+            f"{'legacy Face Mesh (mediapipe 0.10.21)':40}{1e3 * legacy_slope:9.2f}{1e3 * legacy['cpu_per_crop']:8.2f}   "
+            f"{by_kind(legacy['per_crop'], kinds)}"
+        )
+        cpu_ratio = tasks["cpu_per_crop"] / legacy["cpu_per_crop"]
+        print(f"Tasks / legacy time per crop: {legacy_ratio:.2f} (CPU time {cpu_ratio:.2f})")
+        print(f"scores: {compare(np.asarray(legacy['scores']), reference, kinds)}")
 
     seq_slope, seq_start = fit(sequential[n1][0], sequential[n2][0], n1, n2)
     rows = [("score_crops, workers=1", seq_slope, seq_start, sequential[n2][0], 1.0)]
@@ -293,9 +305,14 @@ def compare(legacy: np.ndarray, tasks: np.ndarray, kinds: list[str]) -> str:
         diff = np.abs(tasks[mask] - legacy[mask])
         same_class = np.mean(_face_class(tasks[mask]) == _face_class(legacy[mask]))
         expected = labels.get(kind)
+        lost = np.count_nonzero((tasks[mask] == 0) & (legacy[mask] > 0))
+        found = np.count_nonzero((tasks[mask] > 0) & (legacy[mask] == 0))
+        found_scores = tasks[mask][tasks[mask] > 0]
         parts.append(
             f"{kind} ({mask.sum()}): same class {same_class:.1%}, |diff| mean {diff.mean():.2f} max {diff.max():.2f}"
             + ("" if expected is None else f", Tasks at {expected:g}: {np.mean(tasks[mask] == expected):.1%}")
+            + (f", a face only for legacy {lost} / only for Tasks {found}" if lost or found else "")
+            + (f", Tasks scores {found_scores.min():.1f}-{found_scores.max():.1f}" if expected is None and found_scores.size else "")
         )
     return "; ".join(parts)
 

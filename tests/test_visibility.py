@@ -21,6 +21,7 @@ import pytest
 import emonet.visibility as visibility
 from emonet.annotations import load_annotations
 from emonet.arrays import load_array
+from emonet.cli import main
 from emonet.demo_data import example_crop
 from emonet.schema import FACE_VISIBILITY_COLUMN, annotations_path, arrays_dir, crop_name
 from emonet.visibility import (
@@ -472,6 +473,19 @@ def test_a_spawned_worker_finds_the_default_asset_without_a_setting(crop_dir, mo
     assert found == default_face_landmarker_path()
     np.testing.assert_array_equal(scores, score_crops(folder, names, workers=1, progress=False))
     assert sorted(failures) == [6, 7]
+
+
+def test_the_cli_takes_the_asset_path(fake_archive, tmp_path, capsys):
+    args = ["visibility", "--annotations", str(annotations_path(fake_archive, "val")),
+            "--img-dir", str(arrays_dir(fake_archive)), "--out", str(tmp_path / "out.csv"), "--workers", "1"]
+    assert main([*args, "--face-landmarker", str(tmp_path / "none.task")]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and f"{tmp_path / 'none.task'} (the path given)" in error
+    assert not (tmp_path / "out.csv").exists()
+    copy = tmp_path / "copy.task"
+    shutil.copyfile(default_face_landmarker_path(), copy)
+    assert main([*args, "--face-landmarker", str(copy)]) == 0
+    assert len(pd.read_csv(tmp_path / "out.csv")) == 6
 
 
 _THREAD_PROBE = """
