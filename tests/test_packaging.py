@@ -139,3 +139,11 @@ def test_only_the_library_is_installed():
     assert '"tasks": true, "flows": true' in inside.stdout
     top_level = importlib.metadata.distribution("emonet").read_text("top_level.txt")
     assert top_level is None or set(top_level.split()) == {"emonet"}
+
+
+def test_make_puts_the_asset_where_the_library_looks_for_the_hash_it_checks():
+    from emonet import visibility
+
+    assert landmarker_asset.SHA256 == visibility.FACE_LANDMARKER_SHA256
+    assert landmarker_asset.URL == visibility.FACE_LANDMARKER_URL
+    assert landmarker_asset.default_path() == visibility.default_face_landmarker_path()
