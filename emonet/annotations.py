@@ -84,9 +84,11 @@ def load_annotations(csv_path: str | Path, *, strict: bool = False, invalid_affe
     bad_emotion = ~emotions.isin([0, 1])
     if bad_emotion.to_numpy().any():
         row, col = np.argwhere(bad_emotion.to_numpy())[0]
+        # The cell as a Python value: NumPy 2's repr of a scalar reads np.float64(0.5).
+        value = np.asarray(emotions.iat[row, col]).tolist()
         raise ValueError(
             f"{csv_path.name}: emotion columns must hold 0 or 1; row {row} has "
-            f"{EMOTIONS[col]}={emotions.iat[row, col]!r} ({int(bad_emotion.to_numpy().sum())} such cells)"
+            f"{EMOTIONS[col]}={value!r} ({int(bad_emotion.to_numpy().sum())} such cells)"
         )
     df[list(EMOTIONS)] = emotions.astype(np.float32)
 

@@ -32,12 +32,19 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> None:
 
 
 def _cmd_visibility(args: argparse.Namespace) -> None:
-    from emonet.visibility import add_face_visibility
+    from emonet.visibility_split import add_face_visibility
 
     for output in (args.out, args.plot):
         if output is not None:
             ensure_writable_dir(output.parent)
-    result = add_face_visibility(args.annotations, args.img_dir, args.out, workers=args.workers, plot_path=args.plot)
+    result = add_face_visibility(
+        args.annotations,
+        args.img_dir,
+        args.out,
+        workers=args.workers,
+        plot_path=args.plot,
+        face_landmarker=args.face_landmarker,
+    )
     for key, value in result.as_dict().items():
         print(f"{key:>14}: {value}")
 
@@ -165,12 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=_positive_int, default=112, help="side of the square body crops, in pixels")
     demo.set_defaults(func=_cmd_make_demo_data)
 
-    vis = commands.add_parser("visibility", help="score face visibility of every body crop with MediaPipe Face Mesh")
+    vis = commands.add_parser(
+        "visibility", help="score face visibility of every body crop with MediaPipe's face landmarker"
+    )
     vis.add_argument("--annotations", type=Path, required=True, help="a split's annotation CSV")
     vis.add_argument("--img-dir", type=Path, required=True, help="the archive's img_arrs folder")
     vis.add_argument("--out", type=Path, required=True, help="output CSV (a copy with Face_Visibility)")
     vis.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
     vis.add_argument("--plot", type=Path, default=None, help="write a histogram PNG of the scores here")
+    vis.add_argument(
+        "--face-landmarker",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="the landmarker's model asset face_landmarker.task (default: $EMONET_FACE_LANDMARKER, "
+        "else <venv>/share/emonet/face_landmarker.task)",
+    )
     vis.set_defaults(func=_cmd_visibility)
 
     norm = commands.add_parser("normalize", help="add Valence_norm and Arousal_norm in [-1, 1]")

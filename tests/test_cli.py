@@ -60,10 +60,10 @@ def test_output_folder_under_a_file_fails_in_one_line(fake_archive, tmp_path, ca
 def test_unwritable_output_is_found_before_the_work(fake_archive, tmp_path, capsys, monkeypatch):
     import emonet.evaluation
     import emonet.io
-    import emonet.visibility
+    import emonet.visibility_split
 
     calls = []
-    monkeypatch.setattr(emonet.visibility, "add_face_visibility", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(emonet.visibility_split, "add_face_visibility", lambda *args, **kwargs: calls.append(args))
     monkeypatch.setattr(emonet.evaluation, "evaluate_checkpoint", lambda *args, **kwargs: calls.append(args))
     csv_path = annotations_path(fake_archive, "test")
     a_file = tmp_path / "file"

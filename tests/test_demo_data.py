@@ -12,7 +12,7 @@ from PIL import Image
 
 from emonet.annotations import load_annotations, scaled_box
 from emonet.arrays import load_array
-from emonet.demo_data import GLYPHS, MANIFEST_NAME, _sample_emotions, make_demo_data
+from emonet.demo_data import GLYPHS, MANIFEST_NAME, _sample_emotions, example_crop, make_demo_data
 from emonet.schema import (
     AGES,
     CSV_COLUMNS,
@@ -24,9 +24,10 @@ from emonet.schema import (
     crop_name,
     image_name,
 )
+from emonet.visibility import FaceVisibilityScorer
 
 ROWS = {"train": 40, "val": 12, "test": 12}
-SIZE = 112  # the default: Face Mesh needs faces of this size
+SIZE = 112  # the default: the face landmarker needs faces of this size
 
 
 @pytest.fixture(scope="module")
@@ -189,24 +190,16 @@ def test_clothing_hue_follows_valence(demo_root: Path, tables: dict[str, pd.Data
     assert rho < -0.6  # PIL hue grows from orange to blue: high valence, low hue
 
 
-def test_faces_are_full_partial_or_absent_for_face_mesh(demo_root: Path, manifest: dict) -> None:
-    mp = pytest.importorskip("mediapipe")
+def test_faces_are_full_partial_or_absent_for_the_face_landmarker(demo_root: Path, manifest: dict) -> None:
     img_dir = arrays_dir(demo_root)
     modes = manifest["face_modes"]["train"]
     picked = {mode: [i for i, m in enumerate(modes) if m == mode][:3] for mode in ("full", "partial", "absent")}
     assert all(len(rows) == 3 for rows in picked.values()), picked
     scores: dict[str, list[float]] = {}
-    with mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=True) as mesh:
+    with FaceVisibilityScorer() as scorer:
         for mode, rows in picked.items():
             for i in rows:
-                crop = np.ascontiguousarray(load_array(img_dir, crop_name("train", i)))
-                result = mesh.process(crop)
-                if not result.multi_face_landmarks:
-                    scores.setdefault(mode, []).append(0.0)
-                    continue
-                marks = result.multi_face_landmarks[0].landmark
-                inside = sum(0.0 <= m.x <= 1.0 and 0.0 <= m.y <= 1.0 for m in marks)
-                scores.setdefault(mode, []).append(100.0 * inside / len(marks))
+                scores.setdefault(mode, []).append(scorer(load_array(img_dir, crop_name("train", i))))
     assert all(score == 100.0 for score in scores["full"]), scores
     assert all(0.0 < score < 100.0 for score in scores["partial"]), scores
     assert all(score == 0.0 for score in scores["absent"]), scores
@@ -261,3 +254,10 @@ def test_bad_arguments_raise_naming_the_value(tmp_path: Path, kwargs: dict, mess
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         make_demo_data(tmp_path / "demo", **kwargs)
     assert not (tmp_path / "demo").exists()
+
+
+def test_example_crop_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind"):
+        example_crop("profile")
+    with pytest.raises(ValueError, match="size"):
+        example_crop("whole", 0)

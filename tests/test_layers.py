@@ -16,7 +16,9 @@ SERVING = [
 ]
 # What the logged MLflow model loads and predicts with (the registry also re-scores champions with it).
 SERVED_MODEL = ["emonet.inference", "emonet.batch", "emonet.pyfunc_model", "emonet.prediction"]
-TORCH_FREE = ["emonet.annotations", "emonet.normalize", "emonet.visibility", "emonet.arrays", "emonet.affect"]
+TORCH_FREE = [
+    "emonet.annotations", "emonet.normalize", "emonet.visibility", "emonet.visibility_split", "emonet.arrays", "emonet.affect",
+]
 
 
 def _loaded_after_importing(module: str) -> set[str]:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,19 +21,23 @@ import pytest
 import emonet.visibility as visibility
 from emonet.annotations import load_annotations
 from emonet.arrays import load_array
+from emonet.cli import main
+from emonet.demo_data import example_crop
 from emonet.schema import FACE_VISIBILITY_COLUMN, annotations_path, arrays_dir, crop_name
 from emonet.visibility import (
+    FACE_LANDMARKER_ENV,
+    FACE_LANDMARKER_SHA256,
+    FACE_LANDMARKER_URL,
     MAX_CROP_PIXELS,
     FaceVisibilityScorer,
-    VisibilityResult,
-    add_face_visibility,
+    default_face_landmarker_path,
     default_workers,
-    example_crop,
+    face_landmarker_path,
     face_visibility_score,
     score_crops,
     score_names,
-    write_visibility_csv,
 )
+from emonet.visibility_split import VisibilityResult, add_face_visibility, write_visibility_csv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -60,10 +68,10 @@ def crop_dir(tmp_path_factory) -> tuple[Path, list[str]]:
     return folder, names + ["missing.npy", "corrupt.npy"]
 
 
-def fake_mesh(points: list[tuple[float, float]] | None) -> SimpleNamespace:
-    """An object with Face Mesh's ``process`` that returns the given landmarks."""
-    faces = None if points is None else [SimpleNamespace(landmark=[SimpleNamespace(x=x, y=y) for x, y in points])]
-    return SimpleNamespace(process=lambda image: SimpleNamespace(multi_face_landmarks=faces))
+def fake_landmarker(points: list[tuple[float, float]] | None) -> SimpleNamespace:
+    """An object with the face landmarker's ``detect`` that returns the given landmarks."""
+    faces = [] if points is None else [[SimpleNamespace(x=x, y=y) for x, y in points]]
+    return SimpleNamespace(detect=lambda image: SimpleNamespace(face_landmarks=faces))
 
 
 # --- the score of one crop ---------------------------------------------------------
@@ -77,7 +85,7 @@ def test_whole_face_is_fully_visible(scorer, size):
 
 @pytest.mark.parametrize("size", [None, 224, 112])
 def test_face_cut_by_the_border_is_partly_visible(scorer, size):
-    # Face Mesh extrapolates the landmarks of the cut-off part past the border.
+    # The landmarker extrapolates the landmarks of the cut-off part past the border.
     score = scorer(example_crop("partial", size))
     assert 0.0 < score < 100.0
 
@@ -92,13 +100,13 @@ def test_no_face_scores_zero(scorer, crop):
 
 
 def test_score_divides_by_the_landmarks_returned():
-    # With refine_landmarks the mesh returns 478 points; dividing by 468 would exceed 100.
+    # The landmarker returns 478 points (the mesh and the irises); dividing by 468 would exceed 100.
     inside = [(0.5, 0.5)] * 470 + [(0.0, 1.0)] * 8  # the borders 0 and 1 count as inside
-    assert face_visibility_score(np.zeros((8, 8, 3), np.uint8), fake_mesh(inside)) == 100.0
+    assert face_visibility_score(np.zeros((8, 8, 3), np.uint8), fake_landmarker(inside)) == 100.0
     cut = inside[:400] + [(-0.1, 0.5)] * 40 + [(0.5, 1.2)] * 38
-    assert face_visibility_score(np.zeros((8, 8, 3), np.uint8), fake_mesh(cut)) == pytest.approx(100.0 * 400 / 478)
-    assert face_visibility_score(np.zeros((8, 8, 3), np.uint8), fake_mesh(None)) == 0.0
-    assert face_visibility_score(np.zeros((8, 8, 3), np.uint8), fake_mesh([])) == 0.0
+    assert face_visibility_score(np.zeros((8, 8, 3), np.uint8), fake_landmarker(cut)) == pytest.approx(100.0 * 400 / 478)
+    assert face_visibility_score(np.zeros((8, 8, 3), np.uint8), fake_landmarker(None)) == 0.0
+    assert face_visibility_score(np.zeros((8, 8, 3), np.uint8), fake_landmarker([])) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -108,7 +116,7 @@ def test_score_divides_by_the_landmarks_returned():
 )
 def test_bad_crop_is_rejected(crop):
     with pytest.raises(ValueError, match="RGB uint8"):
-        face_visibility_score(crop, fake_mesh(None))
+        face_visibility_score(crop, fake_landmarker(None))
 
 
 def test_closed_scorer_refuses_to_score():
@@ -164,8 +172,12 @@ def test_score_crops_of_nothing(crop_dir):
 
 
 def test_worker_module_does_not_import_torch():
-    # Every pool worker imports emonet.visibility; torch would add seconds to start-up.
-    code = "import sys, emonet.visibility; print(sorted({'torch', 'pandas', 'mediapipe'} & set(sys.modules)))"
+    # Every pool worker imports emonet.visibility; torch would add seconds to start-up,
+    # and the split step (pandas, the CSV, the histogram) runs in the parent only.
+    code = (
+        "import sys, emonet.visibility; "
+        "print(sorted({'torch', 'pandas', 'emonet.visibility_split'} & set(sys.modules)))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
@@ -237,13 +249,6 @@ def test_add_face_visibility_with_no_readable_crop(fake_archive, tmp_path):
 # --- helpers ------------------------------------------------------------------------
 
 
-def test_example_crop_rejects_unknown_kind():
-    with pytest.raises(ValueError, match="kind"):
-        example_crop("profile")
-    with pytest.raises(ValueError, match="size"):
-        example_crop("whole", 0)
-
-
 def test_strided_and_memory_mapped_crops_score_like_copies(scorer, tmp_path):
     crop = example_crop("partial", 160)
     np.save(tmp_path / "c.npy", crop)
@@ -254,9 +259,9 @@ def test_strided_and_memory_mapped_crops_score_like_copies(scorer, tmp_path):
     assert scorer(mapped) == scorer(wide) == scorer(crop)
 
 
-def test_a_face_mesh_that_cannot_be_created_fails_the_chunk(monkeypatch):
+def test_a_landmarker_that_cannot_be_created_fails_the_chunk(monkeypatch):
     # The error must reach the parent through the chunk's result, not kill the worker.
-    def broken() -> None:
+    def broken(face_landmarker: Path) -> None:
         raise ImportError("no mediapipe here")
 
     monkeypatch.setattr(visibility, "FaceVisibilityScorer", broken)
@@ -265,13 +270,13 @@ def test_a_face_mesh_that_cannot_be_created_fails_the_chunk(monkeypatch):
         score_names("/nowhere", ["crop.npy"])
 
 
-def test_one_face_mesh_per_thread_is_reused(monkeypatch, crop_dir):
+def test_one_landmarker_per_thread_is_reused(monkeypatch, crop_dir):
     created = []
 
     class CountingScorer(FaceVisibilityScorer):
-        def __init__(self) -> None:
+        def __init__(self, face_landmarker: Path) -> None:
             created.append(threading.get_ident())
-            super().__init__()
+            super().__init__(face_landmarker)
 
     monkeypatch.setattr(visibility, "FaceVisibilityScorer", CountingScorer)
     monkeypatch.setattr(visibility, "_thread_state", threading.local())
@@ -291,8 +296,9 @@ def test_one_face_mesh_per_thread_is_reused(monkeypatch, crop_dir):
 
 
 def test_fortran_order_crop_scores_like_c_order(tmp_path):
-    # A valid .npy in Fortran order maps as a read-only, non-C-contiguous array,
-    # which MediaPipe refused ("not c_contiguous"): it scored NaN.
+    # A valid .npy in Fortran order maps as a read-only, non-C-contiguous array, which
+    # MediaPipe refused ("not c_contiguous", legacy API) or would read as other pixels
+    # (mediapipe.Image takes the data pointer as packed rows).
     crop = example_crop("partial", 160)
     np.save(tmp_path / "c.npy", crop)
     np.save(tmp_path / "f.npy", np.asfortranarray(crop))
@@ -314,7 +320,7 @@ def write_sparse_crop(path: Path, height: int, width: int) -> None:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_oversize_crop_scores_nan_with_a_reason(tmp_path, caplog, workers):
-    # MediaPipe aborted the process on it (rc 134) with workers=1, and the pool hung.
+    # MediaPipe aborted the process on it (rc 134, legacy API) with workers=1, and the pool hung.
     write_sparse_crop(tmp_path / "huge.npy", 100_000, 100_000)
     np.save(tmp_path / "face.npy", example_crop("whole", 128))
     with caplog.at_level(logging.WARNING, logger="emonet.visibility"):
@@ -328,8 +334,8 @@ def test_oversize_crop_scores_nan_with_a_reason(tmp_path, caplog, workers):
 
 def test_large_crop_is_subsampled_before_scoring(monkeypatch):
     shapes: list[tuple[int, ...]] = []
-    landmarks = fake_mesh([(0.5, 0.5)] * 10)
-    recording = SimpleNamespace(process=lambda image: shapes.append(image.shape) or landmarks.process(image))
+    landmarks = fake_landmarker([(0.5, 0.5)] * 10)
+    recording = SimpleNamespace(detect=lambda image: shapes.append(image.numpy_view().shape) or landmarks.detect(image))
     monkeypatch.setattr(visibility, "MAX_SCORED_SIDE", 100)
     assert face_visibility_score(np.zeros((450, 230, 3), np.uint8), recording) == 100.0
     assert face_visibility_score(np.zeros((100, 60, 3), np.uint8), recording) == 100.0
@@ -345,7 +351,7 @@ def test_subsampling_keeps_the_score(scorer, monkeypatch):
     assert 0.0 < scorer(partial) < 100.0
 
 
-def _worker_pid(img_dir: str, names: list[str]):
+def _worker_pid(img_dir: str, names: list[str], face_landmarker: str):
     """Stands in for ``score_names`` in pool workers: each crop's score is the worker's process id."""
     return np.full(len(names), float(os.getpid())), {}
 
@@ -364,12 +370,12 @@ def test_the_pool_is_kept_for_the_next_call(crop_dir, monkeypatch):
     assert not visibility._idle_pools
 
 
-def _exit_on_poison(img_dir: str, names: list[str]):
+def _exit_on_poison(img_dir: str, names: list[str], face_landmarker: str):
     """Stands in for ``score_names`` in pool workers: a worker sent the crop named
     "poison.npy" dies at once, as on a SIGKILL or an abort in native code."""
     if "poison.npy" in names:
         os._exit(70)
-    return visibility.score_names(img_dir, names)
+    return visibility.score_names(img_dir, names, face_landmarker)
 
 
 def test_a_dead_worker_fails_the_call_instead_of_hanging(crop_dir, monkeypatch):
@@ -408,6 +414,112 @@ def test_link_out_of_the_image_folder_scores_nan(tmp_path, caplog):
         scores = score_crops(img_dir, ["escape.npy", "face.npy"], workers=1, progress=False)
     assert np.isnan(scores[0]) and scores[1] == 100.0
     assert "escape.npy" in caplog.text and "outside the image folder" in caplog.text
+
+
+# --- the model asset ----------------------------------------------------------------
+
+
+def test_the_default_asset_is_in_the_environment_and_checked(monkeypatch):
+    monkeypatch.delenv(FACE_LANDMARKER_ENV, raising=False)
+    assert default_face_landmarker_path() == Path(sys.prefix) / "share" / "emonet" / "face_landmarker.task"
+    assert face_landmarker_path() == default_face_landmarker_path()
+
+
+def test_a_missing_asset_names_the_path_the_hash_and_both_remedies(tmp_path, crop_dir):
+    missing = tmp_path / "nowhere" / "face_landmarker.task"
+    for call in (
+        lambda: face_landmarker_path(missing),
+        lambda: FaceVisibilityScorer(missing),
+        lambda: score_crops(crop_dir[0], crop_dir[1], workers=2, progress=False, face_landmarker=missing),
+    ):
+        with pytest.raises(FileNotFoundError) as error:
+            call()
+        message = str(error.value)
+        assert str(missing) in message and FACE_LANDMARKER_SHA256 in message
+        assert "make venv" in message and FACE_LANDMARKER_URL in message and FACE_LANDMARKER_ENV in message
+
+
+def test_an_asset_with_another_hash_is_refused(tmp_path, crop_dir):
+    other = tmp_path / "face_landmarker.task"
+    other.write_bytes(b"not the model")
+    with pytest.raises(ValueError, match="refusing it") as error:
+        face_landmarker_path(other)
+    assert str(other) in str(error.value) and FACE_LANDMARKER_SHA256 in str(error.value)
+    with pytest.raises(ValueError, match="refusing it"):
+        score_crops(crop_dir[0], crop_dir[1], workers=1, progress=False, face_landmarker=other)
+
+
+def test_the_environment_variable_points_at_another_copy(tmp_path, monkeypatch):
+    copy = tmp_path / "copy.task"
+    shutil.copyfile(default_face_landmarker_path(), copy)
+    monkeypatch.setenv(FACE_LANDMARKER_ENV, str(copy))
+    assert face_landmarker_path() == copy
+    with FaceVisibilityScorer() as scorer:
+        assert scorer.asset == copy and scorer(example_crop("whole", 128)) == 100.0
+    # An explicit path wins over the variable.
+    assert face_landmarker_path(default_face_landmarker_path()) == default_face_landmarker_path()
+    monkeypatch.setenv(FACE_LANDMARKER_ENV, str(tmp_path / "gone.task"))
+    with pytest.raises(FileNotFoundError, match=f"gone.task \\(\\${FACE_LANDMARKER_ENV}\\)"):
+        face_landmarker_path()
+
+
+def test_a_spawned_worker_finds_the_default_asset_without_a_setting(crop_dir, monkeypatch):
+    # A fresh interpreter (as a Dask or Prefect worker is) with no setting at all.
+    monkeypatch.delenv(FACE_LANDMARKER_ENV, raising=False)
+    folder, names = crop_dir
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        found = pool.submit(face_landmarker_path).result()
+        scores, failures = pool.submit(score_names, str(folder), names).result()
+    assert found == default_face_landmarker_path()
+    np.testing.assert_array_equal(scores, score_crops(folder, names, workers=1, progress=False))
+    assert sorted(failures) == [6, 7]
+
+
+def test_the_cli_takes_the_asset_path(fake_archive, tmp_path, capsys):
+    args = ["visibility", "--annotations", str(annotations_path(fake_archive, "val")),
+            "--img-dir", str(arrays_dir(fake_archive)), "--out", str(tmp_path / "out.csv"), "--workers", "1"]
+    assert main([*args, "--face-landmarker", str(tmp_path / "none.task")]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error and f"{tmp_path / 'none.task'} (the path given)" in error
+    assert not (tmp_path / "out.csv").exists()
+    copy = tmp_path / "copy.task"
+    shutil.copyfile(default_face_landmarker_path(), copy)
+    assert main([*args, "--face-landmarker", str(copy)]) == 0
+    assert len(pd.read_csv(tmp_path / "out.csv")) == 6
+
+
+_THREAD_PROBE = """
+import json, time
+import psutil
+from emonet.demo_data import example_crop
+from emonet.visibility import FaceVisibilityScorer
+
+process = psutil.Process()
+crops = [example_crop(kind, 160) for kind in ("whole", "partial", "none")] * 10
+before = len(process.threads())
+with FaceVisibilityScorer() as scorer:
+    scorer(crops[0])
+    created = len(process.threads())
+    cpu, start = sum(process.cpu_times()[:2]), time.perf_counter()
+    for crop in crops:
+        scorer(crop)
+    cpu_per_wall = (sum(process.cpu_times()[:2]) - cpu) / (time.perf_counter() - start)
+    after = len(process.threads())
+print(json.dumps({"before": before, "created": created, "after": after, "cpu_per_wall": cpu_per_wall}))
+"""
+
+
+def test_the_landmarker_computes_on_one_core_and_starts_no_thread_per_crop():
+    # A pool worker is given one core: its landmarker must not spread over more.
+    # Creating it starts the graph's executor (one thread per core of the machine,
+    # taken in turns for one image) and four service threads (measured: 6 on 2 cores);
+    # scoring must start none, and the process's CPU time must stay within one core's
+    # worth of the wall time (XNNPACK single-threaded, one calculator at a time).
+    result = subprocess.run([sys.executable, "-c", _THREAD_PROBE], capture_output=True, text=True, check=True)
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    assert counts["after"] == counts["created"], counts
+    assert counts["created"] - counts["before"] <= (os.cpu_count() or 1) + 4, counts
+    assert counts["cpu_per_wall"] <= 1.25, counts
 
 
 # --- the column the flow writes ----------------------------------------------------
