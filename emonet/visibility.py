@@ -289,7 +289,9 @@ def score_names(
     """Score crops in this process with :func:`thread_scorer`, without a progress bar.
 
     The unit of work sent to a pool worker: names go in, one float64 array and the
-    failures come back, so the parent handles a chunk, not each crop.
+    failures come back, so the parent handles a chunk, not each crop. The parent
+    sends the asset path it checked as ``face_landmarker``; None looks for it as
+    :func:`face_landmarker_path` says.
 
     Returns
     -------
