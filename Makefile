@@ -17,9 +17,12 @@ MLFLOW_PORT ?= 5000
 PREFECT_PORT ?= 4200
 PREFECT_API := http://127.0.0.1:$(PREFECT_PORT)/api
 MLFLOW_DB ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
-# `make serve`: the registered model to serve and the port.
+# `make serve`: the registered model to serve, the port, and the scoring worker processes.
 MODEL ?= models:/emonet@champion
 PORT ?= 5001
+WORKERS ?= 1
+# Each worker's share of the cores, as its torch threads: N workers never oversubscribe them.
+SERVE_THREADS = $(shell n=$$(nproc 2>/dev/null || echo 1); t=$$(expr $$n / "$(WORKERS)" 2>/dev/null); [ "$${t:-0}" -ge 1 ] && echo $$t || echo 1)
 
 .PHONY: demo test venv ui deploy serve servers servers-stop postgresql clean-outputs
 
@@ -68,11 +71,15 @@ servers: $(STAMP) $(if $(EMONET_DATABASE_URL),,postgresql)
 servers-stop:
 	$(PY) -m scripts.servers stop
 
-# MODEL over REST on 127.0.0.1:$(PORT), from $$MLFLOW_TRACKING_URI (default: the SQLite
-# store under mlruns/). The scoring server starts uvicorn by name: the venv goes on PATH.
+# MODEL over REST on 127.0.0.1:$(PORT) with $(WORKERS) scoring workers, from
+# $$MLFLOW_TRACKING_URI (default: the SQLite store under mlruns/). The scoring server
+# starts uvicorn by name: the venv goes on PATH.
 serve: $(STAMP)
+	@case '$(WORKERS)' in ''|*[!0-9]*|0) echo "WORKERS must be a positive integer, got '$(WORKERS)'" >&2; exit 2;; esac
 	PATH='$(CURDIR)/$(VENV)/bin':"$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-$(MLFLOW_DB)}" \
-	    $(VENV)/bin/mlflow models serve -m '$(MODEL)' --env-manager local --host 127.0.0.1 --port $(PORT)
+	    OMP_NUM_THREADS=$(SERVE_THREADS) MKL_NUM_THREADS=$(SERVE_THREADS) \
+	    $(VENV)/bin/mlflow models serve -m '$(MODEL)' --env-manager local --host 127.0.0.1 --port $(PORT) \
+	    --workers $(WORKERS)
 
 clean-outputs:
 	rm -rf $(OUT_DIR)

@@ -32,8 +32,9 @@ from emonet.demo_data import make_demo_data
 from emonet.images import read_image
 from emonet.inference import Predictor
 from emonet.models import build_model
+from emonet.registry import promote_model
 from emonet.schema import annotations_path, arrays_dir
-from emonet.tracking import configure_mlflow, log_emonet_model, promote_model
+from emonet.tracking import configure_mlflow, log_emonet_model
 from emonet.train import fit, make_loaders
 
 TARGET_RATIO = 0.8

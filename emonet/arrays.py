@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,8 +60,8 @@ def load_array(img_dir: str | Path, name: str, mmap_min_bytes: int = 0) -> np.nd
     Raises
     ------
     ValueError : ``name`` is not a plain file name, is a symbolic link whose target
-        lies outside ``img_dir``, or is not an H x W x 3 uint8 ``.npy`` array. The
-        message names the file; callers add the row.
+        lies outside ``img_dir``, or is not an H x W x 3 uint8 ``.npy`` array (see
+        :func:`open_image_array`). The message names the file; callers add the row.
     FileNotFoundError : no such file in ``img_dir``.
     """
     path = Path(img_dir) / check_file_name(name)
@@ -68,34 +69,75 @@ def load_array(img_dir: str | Path, name: str, mmap_min_bytes: int = 0) -> np.nd
         _check_link_stays_inside(path, Path(img_dir))
     if not path.is_file():
         raise FileNotFoundError(f"image array not found: {path}")
+    return open_image_array(path, mmap_min_bytes)
+
+
+def open_image_array(path: Path, mmap_min_bytes: int = 0) -> np.ndarray:
+    """An H x W x 3 uint8 ``.npy`` file, memory-mapped (or read, under ``mmap_min_bytes``).
+
+    The header is parsed and checked before any pixel is touched or any memory is
+    allocated: exactly three positive integer dimensions, the last 3, dtype uint8, and
+    a file long enough for what the header declares. Any malformed file (bad magic,
+    a garbled or truncated header, booleans or negative numbers in the shape, pickled
+    objects, missing pixels) raises ``ValueError`` naming the file, never another
+    exception type.
+
+    Raises
+    ------
+    ValueError : the file is not such an array.
+    """
     try:
         size = path.stat().st_size
-        if size < mmap_min_bytes:
-            array = _read_small(path, size)
-        else:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
+        with open(path, "rb") as handle:
+            shape, fortran_order, dtype, offset = _read_header(handle)
+            _check_image_header(path, shape, dtype, size - offset)
+            if size < mmap_min_bytes:
+                values = np.fromfile(handle, dtype=dtype, count=math.prod(shape))
+                return values.reshape(shape, order="F" if fortran_order else "C")
+        order = "F" if fortran_order else "C"
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+    except _NotAnImage as err:
+        raise ValueError(str(err)) from None
+    except OSError as err:
         raise ValueError(f"cannot read {path} as a .npy array: {err}") from None
-    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"{path.name}: expected an H x W x 3 image, got shape {array.shape}")
-    if array.dtype != np.uint8:
-        raise ValueError(f"{path.name}: expected dtype uint8, got {array.dtype}")
-    return array
+
+
+class _NotAnImage(Exception):
+    """A readable .npy header that does not describe an H x W x 3 uint8 image."""
 
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
-def _read_small(path: Path, size: int) -> np.ndarray:
-    """Read a .npy file of ``size`` bytes at once. The size its header declares is
-    checked against the file's first: ``np.load`` would allocate whatever a header declares."""
-    with open(path, "rb") as handle:
+def _read_header(handle: Any) -> tuple[tuple[Any, ...], bool, np.dtype, int]:
+    """``(shape, fortran_order, dtype, data offset)`` of an open .npy file."""
+    try:
         version = np.lib.format.read_magic(handle)
         if version not in _HEADER_READERS:
             raise ValueError(f"unsupported .npy format version {version}")
         shape, fortran_order, dtype = _HEADER_READERS[version](handle)
-        count = math.prod(shape)
-        if count * dtype.itemsize > size - handle.tell():
-            raise ValueError(f"the header declares shape {shape} {dtype}, more than the file holds")
-        values = np.fromfile(handle, dtype=dtype, count=count)
-    return values.reshape(shape, order="F" if fortran_order else "C")
+    # NumPy parses the header with ast.literal_eval and tokenize, so a garbled header
+    # raises whatever those raise (TypeError, SyntaxError, tokenize.TokenError,
+    # RecursionError, ...): every failure here means "not a .npy file we can read".
+    except Exception as err:  # noqa: BLE001
+        raise _NotAnImage(f"cannot read {getattr(handle, 'name', 'the file')} as a .npy array: {err}") from None
+    return shape, fortran_order, dtype, handle.tell()
+
+
+def _check_image_header(path: Path, shape: tuple[Any, ...], dtype: np.dtype, data_bytes: int) -> None:
+    if dtype.hasobject:
+        raise _NotAnImage(f"cannot read {path} as a .npy array: it holds Python objects (pickles are refused)")
+    # bool is an int subclass: a header may say (True, 64, 3).
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) != 3
+        or any(type(side) is not int or side <= 0 for side in shape)
+        or shape[2] != 3
+    ):
+        raise _NotAnImage(f"{path.name}: expected an H x W x 3 image, got shape {shape}")
+    if dtype != np.uint8:
+        raise _NotAnImage(f"{path.name}: expected dtype uint8, got {dtype}")
+    if math.prod(shape) > data_bytes:
+        raise _NotAnImage(
+            f"{path.name}: the header declares shape {shape} {dtype}, more than the file holds ({data_bytes} bytes of pixels)"
+        )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
@@ -153,7 +153,7 @@ def _is_missing(value: object) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
-class _RowReader:
+class _CsvImageReader:
     """Reads the crop (and full image) of one input row, in either input layout."""
 
     def __init__(
@@ -165,6 +165,7 @@ class _RowReader:
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.img_dir = img_dir
+        self.columns = list(columns)
         self.needs_context = needs_context
         self.max_pixels = max_pixels
         if IMAGE_PATH in columns:
@@ -199,8 +200,21 @@ class _RowReader:
             array = load_array(self.base, value)  # memory-mapped: only the header is read so far
             check_pixel_limit(array.shape[0], array.shape[1], self.max_pixels, value)
             return array
+        return read_image(self._path(value), max_pixels=self.max_pixels)
+
+    def _path(self, value: str) -> Path:
         path = Path(value).expanduser()
-        return read_image(path if path.is_absolute() else self.base / path, max_pixels=self.max_pixels)
+        return path if path.is_absolute() else self.base / path
+
+    def listed_files(self, csv_path: Path) -> Iterator[Path]:
+        """Every image file the CSV names by path (none in the archive layout), read lazily."""
+        if self.layout == "archive":
+            return
+        columns = [self.image_column] + ([self.context_column] if self.context_column in self.columns else [])
+        for chunk in read_csv(csv_path, usecols=columns, dtype=str, chunksize=65536):
+            for value in chunk.to_numpy().ravel():
+                if isinstance(value, str) and value.strip():
+                    yield self._path(value)
 
     def read(self, record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
         crop = self._read(record.get(self.image_column), self.image_column)
@@ -310,7 +324,6 @@ def predict_csv(
     if not csv_path.is_file():
         raise FileNotFoundError(f"input CSV not found: {csv_path}")
     skipped_csv = skipped_path(out_csv) if on_error == "skip" else None
-    check_not_inputs({"out_csv": out_csv, "skipped_csv": skipped_csv}, {"input CSV": csv_path, "model": model})
     if out_csv.is_dir():
         raise ValueError(f"out_csv is a folder, expected a file path: {out_csv}")
     img_dir = Path(img_dir) if img_dir is not None else None
@@ -320,17 +333,23 @@ def predict_csv(
         columns = list(read_csv(csv_path, nrows=0).columns)
     except pd.errors.EmptyDataError:
         raise ValueError(f"input CSV is empty (no header): {csv_path}") from None
+    # Fail on the layout before loading a model, which can take a while.
+    layout = _CsvImageReader(columns, csv_path, img_dir, needs_context=False)
+    check_not_inputs(
+        {"out_csv": out_csv, "skipped_csv": skipped_csv},
+        {"input CSV": csv_path, "model": model},
+        image_dir=img_dir,
+        image_files=layout.listed_files(csv_path),
+    )
     missing = [column for column in keep_columns if column not in columns]
     if missing:
         raise ValueError(f"keep_columns not in {csv_path.name}: {missing}")
     clashing = [column for column in keep_columns if column in OUTPUT_COLUMNS or column == ROW_COLUMN]
     if clashing:
         raise ValueError(f"keep_columns would clash with prediction columns: {clashing}")
-    # Fail on the layout before loading a model, which can take a while.
-    _RowReader(columns, csv_path, img_dir, needs_context=False)
 
     predictor = load_predictor(model, device=device, batch_size=batch_size, normalizer=normalizer)
-    reader = _RowReader(columns, csv_path, img_dir, predictor.needs_context, max_pixels)
+    reader = _CsvImageReader(columns, csv_path, img_dir, predictor.needs_context, max_pixels)
     id_columns = [c for c in ID_COLUMNS if c in columns] + [c for c in keep_columns if c not in ID_COLUMNS]
     out_columns = [ROW_COLUMN, *id_columns, *OUTPUT_COLUMNS]
     # Identifying columns are text: without this, pandas would turn "007" into 7.

@@ -137,6 +137,27 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(summary)
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> None:
+    from emonet.benchmark import benchmark_model, write_benchmark
+
+    ensure_writable_dir(args.out_dir)
+    table = benchmark_model(
+        args.model,
+        args.annotations,
+        args.img_dir,
+        normalizer=args.normalization,
+        batch_size=args.batch_size,
+        n_resamples=args.n_resamples,
+        confidence=args.confidence,
+        seed=args.seed,
+    )
+    paths = write_benchmark(table, args.out_dir)
+    for key in ("mAP", "mAP_voc11", "mae_valence_1_10", "mae_arousal_1_10"):
+        interval = table.intervals[key]
+        print(f"{key:>17}: {interval.estimate:.4f} [{interval.low:.4f}, {interval.high:.4f}]")
+    print(f"benchmark table in {paths['markdown']} and {paths['csv']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emonet", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -222,7 +243,32 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
                          help="refuse images of more pixels, from their header (default: %(default)s)")
     predict.set_defaults(func=_cmd_predict)
+
+    bench = commands.add_parser(
+        "benchmark", help="the EMOTIC benchmark table: AP under both protocols, intervals, published results"
+    )
+    bench.add_argument("--model", required=True, help="a checkpoint path or an MLflow URI (models:/emonet@champion)")
+    bench.add_argument("--annotations", type=Path, required=True, help="a labelled split CSV (the test split)")
+    bench.add_argument("--img-dir", type=Path, required=True)
+    bench.add_argument("--out-dir", type=Path, required=True, help="benchmark.md and benchmark.csv go here")
+    bench.add_argument("--normalization", type=Path, default=None, help="normalization.json of a checkpoint")
+    bench.add_argument("--batch-size", type=_positive_int, default=None)
+    bench.add_argument("--n-resamples", type=_positive_int, default=1000, help="bootstrap resamples")
+    bench.add_argument("--confidence", type=float, default=0.95, help="coverage of the intervals, in (0, 1)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    bench.set_defaults(func=_cmd_benchmark)
     return parser
+
+
+def _original_message(error: BaseException) -> str:
+    """The error's own message. An error raised in a DataLoader worker (a malformed crop,
+    say) is re-raised by torch with the worker's traceback in its message, whose last
+    line is ``ValueError: <the original message>``."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def _describe_os_error(error: OSError) -> str:
@@ -242,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:
         # A user's mistake: one clear line, no traceback.
-        print(f"emonet {args.command}: error: {err}", file=sys.stderr)
+        print(f"emonet {args.command}: error: {_original_message(err)}", file=sys.stderr)
         return 2
     except OSError as err:
         # The system refused a file operation (permissions, a full disk, a read-only

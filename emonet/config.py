@@ -25,11 +25,16 @@ class _Frozen(BaseModel):
 
 
 class ModelConfig(_Frozen):
-    backbone: Backbone = "resnet50"  # the seed's backbone; resnet18 for CPU runs
+    backbone: Backbone = "resnet50"  # the original project's backbone; resnet18 for CPU runs
     variant: Variant = "body"  # body: one stream on the crop; body_context: crop + full image
     pretrained: bool = False  # ImageNet weights; needs internet or weights_path
     weights_path: Path | None = None  # local torchvision state_dict for the backbone(s)
     dropout: float = Field(0.5, ge=0.0, lt=1.0)  # before both heads
+
+    @property
+    def uses_context(self) -> bool:
+        """Whether the model reads the full image beside the body crop (``body_context``)."""
+        return self.variant == "body_context"
 
 
 class LossConfig(_Frozen):
@@ -69,11 +74,11 @@ class DistributedConfig(_Frozen):
 class TrainConfig(_Frozen):
     image_size: int = Field(224, ge=32)  # side of the square network input
     context_size: int = Field(224, ge=32)  # side of the full-image input (body_context)
-    batch_size: int = Field(32, ge=1)  # the seed's batch size
-    epochs: int = Field(50, ge=1)  # the seed's epoch count; early stopping may end sooner
+    batch_size: int = Field(32, ge=1)  # the original project's batch size
+    epochs: int = Field(50, ge=1)  # the original project's epoch count; early stopping may end sooner
     lr: float = Field(1e-4, gt=0.0)  # AdamW learning rate
     weight_decay: float = Field(1e-4, ge=0.0)  # AdamW decoupled weight decay
-    # plateau: ReduceLROnPlateau on val mAP, per epoch (the seed's); cosine: per-step decay to 0 after warm-up
+    # plateau: ReduceLROnPlateau on val mAP, per epoch (the original project's); cosine: per-step decay to 0 after warm-up
     scheduler: Scheduler = "plateau"
     warmup_epochs: float = Field(0.0, ge=0.0)  # cosine only: linear rise from 0 to lr; spares AdamW's first noisy steps
     scheduler_factor: float = Field(0.1, gt=0.0, lt=1.0)  # ReduceLROnPlateau factor

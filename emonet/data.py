@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from emonet.annotations import affect_targets, load_annotations, scaled_box
+from emonet.annotations import affect_targets, load_annotations
 from emonet.arrays import load_array
 from emonet.schema import EMOTIONS
 from emonet.transforms import prepare_item
@@ -25,10 +25,7 @@ class EmoticDataset(Dataset):
 
     - ``"body"``: the body crop, ``uint8`` tensor ``(3, H, W)``, or the output of
       ``transform`` (a float tensor ``(3, S, S)`` with the presets in ``emonet.transforms``);
-    - ``"context"`` and ``"box"`` (only with ``with_context=True``): the full image
-      ``Arr_name``, and the body box in it as float32 ``(4,)`` ``x0, y0, x1, y1``
-      normalized to [0, 1] (rescaled to the array's real shape and clamped; before
-      augmentation);
+    - ``"context"`` (only with ``with_context=True``): the full image ``Arr_name``;
     - ``"emotions"``: float32 multi-hot ``(26,)`` in paper order;
     - ``"affect"``: float32 ``(2,)``, valence and arousal in [-1, 1], or NaN for a
       row whose affect annotation is invalid (see :func:`load_annotations`); the
@@ -45,8 +42,7 @@ class EmoticDataset(Dataset):
     annotations : a validated DataFrame (see :func:`load_annotations`) or a CSV path.
     img_dir : folder with the ``.npy`` arrays.
     transform : optional callable as above.
-    with_context : also return the full image and the body box (for the two-stream
-        ``body_context`` model).
+    with_context : also return the full image (for the two-stream ``body_context`` model).
     """
 
     def __init__(
@@ -71,11 +67,6 @@ class EmoticDataset(Dataset):
     def __len__(self) -> int:
         return len(self.annotations)
 
-    def body_box(self, index: int) -> tuple[int, int, int, int]:
-        """The row's body box in the pixels of its full-image array."""
-        image = load_array(self.img_dir, self._image_names[index])
-        return scaled_box(self.annotations.iloc[index], image.shape)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         crop = load_array(self.img_dir, self._crop_names[index])
         image = load_array(self.img_dir, self._image_names[index]) if self.with_context else None
@@ -83,8 +74,4 @@ class EmoticDataset(Dataset):
         item["emotions"] = torch.from_numpy(self._emotions[index])
         item["affect"] = torch.from_numpy(self._affect[index])
         item["index"] = index
-        if image is not None:
-            left, top, right, bottom = scaled_box(self.annotations.iloc[index], image.shape)
-            height, width = image.shape[:2]
-            item["box"] = torch.tensor([left / width, top / height, right / width, bottom / height])
         return item

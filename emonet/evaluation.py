@@ -22,7 +22,7 @@ from emonet.metrics import (
     per_emotion_report,
     true_vs_predicted_matrix,
 )
-from emonet.normalize import AffectNormalizer
+from emonet.normalize import AffectNormalizer, load_normalizer
 from emonet.plots import (
     plot_affect_scatter,
     plot_cooccurrence,
@@ -32,6 +32,7 @@ from emonet.plots import (
 )
 from emonet.schema import EMOTIONS, FACE_VISIBILITY_COLUMN
 from emonet.checkpoint import load_checkpoint, resolve_device
+from emonet.config import EmoNetConfig
 from emonet.prediction import Predictions, eval_transform, predict_split
 
 logger = logging.getLogger(__name__)
@@ -48,15 +49,23 @@ SPLIT_REPORT_FILES: dict[str, str] = {
 }
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class EvaluationReport:
-    """Everything :func:`evaluate_checkpoint` computed and where it wrote it."""
+    """Everything :func:`evaluate_checkpoint` computed and where it wrote it.
+
+    It carries what the review and the registration of the same checkpoint need (the
+    predictions, thresholds, normalizer and the checkpoint's config), so that neither
+    loads the checkpoint again.
+    """
 
     metrics: dict[str, float]  # with the per-emotion thresholds tuned on validation
     metrics_at_half: dict[str, float]  # with a fixed 0.5 threshold
     per_emotion: pd.DataFrame  # AP, precision, recall, F1, support, threshold per emotion
     thresholds: np.ndarray  # (26,)
     predictions: Predictions
+    config: EmoNetConfig  # the checkpoint's own config (variant, backbone, ...)
+    normalizer: AffectNormalizer  # maps valence/arousal to the 1..10 scale
+    split_id: str  # split_fingerprint of the rows evaluated
     # mAP, macro F1 and 1..10 errors per face-visibility group (emonet.metrics.metrics_by_visibility);
     # empty when the split has no Face_Visibility column
     by_visibility: dict[str, float] = field(default_factory=dict)
@@ -92,8 +101,7 @@ def evaluate_checkpoint(
         [out_dir / name for name in (*SPLIT_REPORT_FILES.values(), "metrics.json", "learning_curves.png")],
         {"checkpoint": checkpoint, "annotations": annotations, "normalizer": normalizer},
     )
-    if not isinstance(normalizer, AffectNormalizer):
-        normalizer = AffectNormalizer.load(normalizer) if normalizer is not None else AffectNormalizer()
+    normalizer = load_normalizer(normalizer)
     device_ = resolve_device(device)
     model, config, state = load_checkpoint(checkpoint, map_location=device_)
     thresholds = np.asarray(state.get("thresholds") if state.get("thresholds") is not None else [0.5] * len(EMOTIONS))
@@ -128,6 +136,8 @@ def evaluate_checkpoint(
     report, files = write_split_report(
         y_true, y_prob, thresholds, predictions.affect_true, predictions.affect_pred, out_dir
     )
+    if state.get("history"):
+        files["learning_curves"] = plot_learning_curves(state["history"], out_dir / "learning_curves.png")
     files["metrics"] = write_json_atomic(
         {
             "metrics": metrics,
@@ -138,8 +148,6 @@ def evaluate_checkpoint(
         },
         out_dir / "metrics.json",
     )
-    if state.get("history"):
-        files["learning_curves"] = plot_learning_curves(state["history"], out_dir / "learning_curves.png")
     logger.info(
         "evaluated %s: mAP %.4f on %d rows, affect errors on %d", checkpoint, metrics["mAP"],
         int(metrics["n_emotion"]), int(metrics["n_affect"]),
@@ -150,6 +158,9 @@ def evaluate_checkpoint(
         per_emotion=report,
         thresholds=thresholds,
         predictions=predictions,
+        config=config,
+        normalizer=normalizer,
+        split_id=split_fingerprint(dataset.annotations),
         by_visibility=by_visibility,
         files=files,
     )
@@ -169,24 +180,24 @@ def write_split_report(
     """
     out_dir = Path(out_dir)
     names = SPLIT_REPORT_FILES
+    # Every number first, then the figures, then the table.
     report = per_emotion_report(y_true, y_prob, thresholds=thresholds)
     y_pred = binarize(y_prob, thresholds)
+    true_cooccurrence, pred_cooccurrence = cooccurrence_matrix(y_true), cooccurrence_matrix(y_pred)
+    true_vs_predicted = true_vs_predicted_matrix(y_true, y_pred)
     files = {
-        "per_emotion_csv": write_csv_atomic(report.reset_index(), out_dir / names["per_emotion_csv"]),
         "cooccurrence_true": plot_cooccurrence(
-            cooccurrence_matrix(y_true), out_dir / names["cooccurrence_true"], title="Ground-truth co-occurrence"
+            true_cooccurrence, out_dir / names["cooccurrence_true"], title="Ground-truth co-occurrence"
         ),
         "cooccurrence_pred": plot_cooccurrence(
-            cooccurrence_matrix(y_pred), out_dir / names["cooccurrence_pred"], title="Predicted co-occurrence"
+            pred_cooccurrence, out_dir / names["cooccurrence_pred"], title="Predicted co-occurrence"
         ),
         "true_vs_predicted": plot_true_vs_predicted(
-            true_vs_predicted_matrix(y_true, y_pred),
-            out_dir / names["true_vs_predicted"],
-            normalize=True,
-            support=y_true.sum(axis=0),
+            true_vs_predicted, out_dir / names["true_vs_predicted"], normalize=True, support=y_true.sum(axis=0)
         ),
         "per_emotion_metrics": plot_per_emotion_metrics(report, out_dir / names["per_emotion_metrics"]),
         "affect_scatter": plot_affect_scatter(affect_true, affect_pred, out_dir / names["affect_scatter"]),
+        "per_emotion_csv": write_csv_atomic(report.reset_index(), out_dir / names["per_emotion_csv"]),
     }
     return report, files
 

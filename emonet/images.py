@@ -11,19 +11,28 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from emonet.arrays import open_image_array
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_REQUEST_PIXELS",
+    "DEFAULT_MAX_ROWS",
     "IMAGE_SUFFIXES",
     "ImageTooLargeError",
     "check_image",
     "check_max_pixels",
     "check_pixel_limit",
+    "confined_image_size",
     "decode_image_b64",
+    "image_b64_size",
+    "image_file_size",
     "read_confined_image",
     "read_image",
     "resolve_image_root",
@@ -33,6 +42,11 @@ IMAGE_SUFFIXES: tuple[str, ...] = (".npy", ".png", ".jpg", ".jpeg")
 # 40 million pixels: an 8000 x 5000 photo (120 MB as RGB uint8), far above any EMOTIC
 # image, while a batch of 32 such images still fits in a server's memory.
 DEFAULT_MAX_PIXELS = 40_000_000
+# Limits of one REST request, so that a few requests cannot keep the scoring workers busy
+# for long: rows, and pixels of all its images together (each image also stays under
+# DEFAULT_MAX_PIXELS). 256 rows of 224 px crops with 640 x 480 scenes are 92 Mpx.
+DEFAULT_MAX_ROWS = 256
+DEFAULT_MAX_REQUEST_PIXELS = 200_000_000
 
 
 class ImageTooLargeError(ValueError):
@@ -69,12 +83,15 @@ def check_image(image: object, name: str = "image") -> np.ndarray:
     return image
 
 
-def _decode_pil(data: bytes | Path, name: str, max_pixels: int | None) -> np.ndarray:
+def _decode_pil(data: bytes | Path, name: str, max_pixels: int | None, *, header_only: bool = False) -> Any:
+    """The RGB pixels of a PNG/JPEG, or with ``header_only`` its ``(height, width)``."""
     try:
         # Only the two documented formats: every other Pillow decoder (TIFF, PSD, ...) stays
         # out of reach of a REST client.
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=("PNG", "JPEG")) as image:
             # Image.open reads only the header: the size is known, no pixel is decoded yet.
+            if header_only:
+                return image.height, image.width
             check_pixel_limit(image.height, image.width, max_pixels, name)
             # convert("RGB") also drops alpha and expands grayscale/palette images.
             return np.asarray(image.convert("RGB"))
@@ -85,6 +102,32 @@ def _decode_pil(data: bytes | Path, name: str, max_pixels: int | None) -> np.nda
         raise ImageTooLargeError(f"{name}: {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"{name}: cannot decode as a PNG/JPEG image: {error}") from None
+
+
+def image_file_size(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of an image file (as :func:`read_image` reads it), from its header alone.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As :func:`read_image`.
+    """
+    path = _checked_image_file(path)
+    if path.suffix.lower() == ".npy":
+        return open_image_array(path).shape[:2]
+    return _decode_pil(path, str(path), None, header_only=True)
+
+
+def _checked_image_file(path: str | Path) -> Path:
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise ValueError(
+            f"unsupported image file type {suffix or '(none)'!r} for {path}; expected one of {IMAGE_SUFFIXES}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    return path
 
 
 def read_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -108,21 +151,10 @@ def read_image(path: str | Path, *, max_pixels: int | None = DEFAULT_MAX_PIXELS)
         An unsupported suffix, an undecodable file, or a ``.npy`` that is not H x W x 3 uint8.
     """
     max_pixels = check_max_pixels(max_pixels)
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in IMAGE_SUFFIXES:
-        raise ValueError(
-            f"unsupported image file type {suffix or '(none)'!r} for {path}; expected one of {IMAGE_SUFFIXES}"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    if suffix == ".npy":
-        try:
-            # A memory map reads the header only: the shape is checked before any pixel is read.
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as error:
-            raise ValueError(f"cannot read {path} as a .npy array: {error}") from None
-        check_image(array, str(path))
+    path = _checked_image_file(path)
+    if path.suffix.lower() == ".npy":
+        # A memory map reads the header only: the shape is checked before any pixel is read.
+        array = open_image_array(path)
         check_pixel_limit(array.shape[0], array.shape[1], max_pixels, str(path))
         return array
     return _decode_pil(path, str(path), max_pixels)
@@ -139,16 +171,30 @@ def decode_image_b64(text: str, *, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
         Not a string, not valid base64, or bytes that are not a PNG/JPEG image.
     """
     max_pixels = check_max_pixels(max_pixels)
+    return _decode_pil(_b64_bytes(text), "base64 image", max_pixels)
+
+
+def image_b64_size(text: str) -> tuple[int, int]:
+    """``(height, width)`` of a base64 PNG/JPEG (as :func:`decode_image_b64` takes it), from its header alone.
+
+    Raises
+    ------
+    ValueError
+        As :func:`decode_image_b64`.
+    """
+    return _decode_pil(_b64_bytes(text), "base64 image", None, header_only=True)
+
+
+def _b64_bytes(text: str) -> bytes:
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"expected a non-empty base64 string, got {type(text).__name__}")
     text = text.strip()
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
-        data = base64.b64decode(text, validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as error:
         raise ValueError(f"invalid base64 image data: {error}") from None
-    return _decode_pil(data, "base64 image", max_pixels)
 
 
 # --------------------------------------------------------------------------- confinement
@@ -191,6 +237,16 @@ def read_confined_image(path: str, root: Path, *, max_pixels: int | None = DEFAU
     ValueError
         Anything else: missing, outside ``root``, not a readable image.
     """
+    return _confined(path, root, lambda resolved: read_image(resolved, max_pixels=max_pixels))
+
+
+def confined_image_size(path: str, root: Path) -> tuple[int, int]:
+    """``(height, width)`` of an image file under ``root``, from its header alone; refused as
+    :func:`read_confined_image` refuses."""
+    return _confined(path, root, image_file_size)
+
+
+def _confined(path: str, root: Path, read: Callable[[Path], Any]) -> Any:
     refused = ValueError(f"{path!r} is not a readable image file under the image root")
     try:
         resolved = (root / path).resolve()
@@ -200,7 +256,7 @@ def read_confined_image(path: str, root: Path, *, max_pixels: int | None = DEFAU
         raise refused
     try:
         # The resolved path, not the given one: it holds no symlink a client could aim elsewhere.
-        return read_image(resolved, max_pixels=max_pixels)
+        return read(resolved)
     except ImageTooLargeError:
         raise
     except (ValueError, OSError):

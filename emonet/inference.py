@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from emonet.checkpoint import load_checkpoint
 from emonet.config import EmoNetConfig
 from emonet.models import EmoNet
-from emonet.normalize import AffectNormalizer
+from emonet.normalize import AffectNormalizer, load_normalizer
 from emonet.prediction import ImageInputs, Predictions, RowReader, eval_transform, predict_split
 from emonet.schema import EMOTIONS, NUM_EMOTIONS
 
@@ -128,14 +128,7 @@ class Predictor:
         thresholds = checkpoint.get("thresholds")
         if thresholds is None:
             logger.warning("%s holds no tuned thresholds; using %.1f for every emotion", path, DEFAULT_THRESHOLD)
-        if normalizer is None:
-            logger.info("no normalization given; mapping valence/arousal back with the 1..10 scale bounds")
-        elif not isinstance(normalizer, AffectNormalizer):
-            normalizer_path = Path(normalizer)
-            if not normalizer_path.is_file():
-                raise FileNotFoundError(f"normalization file not found: {normalizer_path}")
-            normalizer = AffectNormalizer.load(normalizer_path)
-        return cls(model, config, thresholds, normalizer, device=device, batch_size=batch_size)
+        return cls(model, config, thresholds, load_normalizer(normalizer), device=device, batch_size=batch_size)
 
     # ------------------------------------------------------------------ prediction
 

@@ -44,9 +44,12 @@ def same_file(a: PathLike, b: PathLike) -> bool:
 def check_not_inputs(
     outputs: Mapping[str, PathLike | None] | Iterable[PathLike | None],
     inputs: Mapping[str, object] | Iterable[object],
+    *,
+    image_dir: PathLike | None = None,
+    image_files: Iterable[PathLike] = (),
 ) -> None:
     """Refuse to write over an input: raise ``ValueError`` if an output is the same file
-    as an input, or as another output (see :func:`same_file`).
+    as an input, or as another output (see :func:`same_file`), or one of the images read.
 
     Every command calls this before any work, so an input is never overwritten, however
     the output is spelled (the same path, a symlink, ``..``, a hard link).
@@ -56,6 +59,11 @@ def check_not_inputs(
     outputs, inputs : paths, or mappings of a name for the message (``"out_csv"``) to a
         path. ``None`` and entries that are not paths (an in-memory object, e.g. a
         :class:`~emonet.inference.Predictor` given instead of a checkpoint) are skipped.
+    image_dir : the folder the command reads images from (the archive's ``img_arrs``).
+        No output may lie inside it, nor be a hard link to a file in it.
+    image_files : images the command reads from elsewhere (an ``image_path`` column),
+        iterated only when an output already exists (only an existing file can be
+        overwritten). No output may be one of them.
 
     Raises
     ------
@@ -73,6 +81,41 @@ def check_not_inputs(
         for other_name, other_path in outputs_[index + 1 :]:
             if same_file(out_path, other_path):
                 raise ValueError(f"{out_name} {out_path} and {other_name} {other_path} are the same file")
+    if image_dir is not None:
+        _check_outside_image_dir(outputs_, Path(image_dir))
+    existing = [(name, path, path.stat()) for name, path in outputs_ if path.is_file()]
+    if existing:
+        listed = {_identity(path) for path in image_files} - {None}
+        for name, path, stat in existing:
+            if (stat.st_dev, stat.st_ino) in listed:
+                raise ValueError(f"{name} {path} is one of the images this command reads (inputs are never overwritten)")
+
+
+def _check_outside_image_dir(outputs: list[tuple[str, Path]], image_dir: Path) -> None:
+    folder = image_dir.resolve()
+    linked: set[tuple[int, int]] | None = None
+    for name, path in outputs:
+        if path.resolve().is_relative_to(folder):
+            raise ValueError(
+                f"{name} {path} lies inside the image folder {image_dir}: outputs never go among the images read"
+            )
+        try:
+            stat = path.stat()
+        except OSError:
+            continue  # not there yet: it cannot be a hard link to an image
+        if stat.st_nlink > 1:
+            if linked is None:  # a scan of the folder's inodes, needed only for a hard-linked output
+                linked = {(stat.st_dev, entry.inode()) for entry in os.scandir(folder)}
+            if (stat.st_dev, stat.st_ino) in linked:
+                raise ValueError(f"{name} {path} is a hard link to an image in {image_dir} (inputs are never overwritten)")
+
+
+def _identity(path: PathLike) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):  # missing, or not a valid path (a NUL byte): not overwritable
+        return None
+    return stat.st_dev, stat.st_ino
 
 
 def ensure_writable_dir(folder: PathLike) -> Path:

@@ -45,11 +45,6 @@ class EmoNetOutput(NamedTuple):
     emotion_logits: Tensor  # (B, 26) raw scores, in schema.EMOTIONS order
     affect: Tensor  # (B, 2) valence, arousal in [-1, 1] after tanh
 
-    @property
-    def emotion_probs(self) -> Tensor:
-        """Per-emotion probabilities, ``sigmoid(emotion_logits)``, shape (B, 26)."""
-        return torch.sigmoid(self.emotion_logits)
-
 
 def _classifier_features(trunk: nn.Module, head_attr: str) -> int:
     """Width of the pooled features that a torchvision classifier receives."""

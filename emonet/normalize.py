@@ -99,6 +99,28 @@ class AffectNormalizer:
             return cls.from_dict(json.load(handle))
 
 
+def load_normalizer(normalizer: AffectNormalizer | str | Path | None) -> AffectNormalizer:
+    """An :class:`AffectNormalizer` as given, read from a ``normalization.json``, or, for
+    None, the 1..10 scale's own bounds.
+
+    Raises
+    ------
+    FileNotFoundError
+        No file at the given path.
+    ValueError
+        The file holds unknown or invalid parameters.
+    """
+    if isinstance(normalizer, AffectNormalizer):
+        return normalizer
+    if normalizer is None:
+        logger.info("no normalization given; mapping valence/arousal with the 1..10 scale bounds")
+        return AffectNormalizer()
+    path = Path(normalizer)
+    if not path.is_file():
+        raise FileNotFoundError(f"normalization file not found: {path}")
+    return AffectNormalizer.load(path)
+
+
 def _check_pairs(values: np.ndarray) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 2 or values.shape[1] != 2:

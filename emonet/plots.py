@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 from numpy.typing import ArrayLike
 
 from emonet.io import save_figure_atomic
+from emonet.metrics import divide_rows
 from emonet.schema import EMOTIONS
 
 logger = logging.getLogger(__name__)
@@ -96,14 +97,6 @@ def _heatmap(
     return save_figure_atomic(fig, path)
 
 
-def _divide_rows(matrix: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    """Row ``i`` divided by ``denominator[i]``; rows with a zero denominator become NaN (blank)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        matrix = matrix / denominator[:, None]
-    matrix[denominator == 0] = np.nan
-    return matrix
-
-
 def plot_cooccurrence(
     matrix: ArrayLike,
     path: str | Path,
@@ -138,7 +131,7 @@ def plot_cooccurrence(
     """
     matrix, labels = _check_square(matrix, labels, "matrix")
     if normalize:
-        matrix = _divide_rows(matrix, np.diag(matrix).copy())
+        matrix = divide_rows(matrix, np.diag(matrix).copy())
     return _heatmap(
         matrix,
         labels,
@@ -198,7 +191,7 @@ def plot_true_vs_predicted(
             if denominator.shape != (len(labels),):
                 raise ValueError(f"support must have shape ({len(labels)},), got {denominator.shape}")
             colorbar_label = "P(predicted | true)"
-        matrix = _divide_rows(matrix, denominator)
+        matrix = divide_rows(matrix, denominator)
     else:
         colorbar_label = "samples"
     return _heatmap(

@@ -19,8 +19,14 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from emonet.checkpoint import resolve_device
 from emonet.images import (
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_REQUEST_PIXELS,
+    DEFAULT_MAX_ROWS,
     check_max_pixels,
+    check_pixel_limit,
+    confined_image_size,
     decode_image_b64,
+    image_b64_size,
+    image_file_size,
     read_confined_image,
     read_image,
     resolve_image_root,
@@ -89,10 +95,11 @@ def _decode_cell(
     b64_col: str | None,
     row: int,
     what: str,
-    read_path: Callable[[str], np.ndarray],
-    max_pixels: int | None,
-) -> np.ndarray:
-    """Decode one row's image; its path wins over its base64 when both are set."""
+    read_path: Callable[[str], Any],
+    read_b64: Callable[[str], Any],
+) -> Any:
+    """Read one row's image with ``read_path`` or ``read_b64`` (the pixels, or only the
+    header's size); its path wins over its base64 when both are set."""
     path = frame[path_col].iat[row] if path_col is not None else None
     blob = frame[b64_col].iat[row] if b64_col is not None else None
     try:
@@ -101,11 +108,19 @@ def _decode_cell(
                 raise ValueError(f"{path_col} must be a string, got {type(path).__name__}")
             return read_path(path)
         if not _is_missing(blob):
-            return decode_image_b64(blob, max_pixels=max_pixels)
+            return read_b64(blob)
         given = " or ".join(c for c in (path_col, b64_col) if c is not None)
         raise ValueError(f"no {what} given: {given} is empty")
     except (ValueError, FileNotFoundError) as error:
         raise InvalidModelInput(f"row {row}: {error}") from None
+
+
+def _positive_or_none(value: Any, key: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit() or int(value) < 1:
+        raise ValueError(f"model_config {key} must be a positive int or None, got {value!r}")
+    return int(value)
 
 
 class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
@@ -124,7 +139,10 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
     overridable at load time): ``inference_batch_size`` (default 32),
     ``inference_device`` (default ``"auto"``: CUDA when available),
     ``inference_max_pixels`` (default 40 million: larger images are refused from their
-    header, before decoding) and ``inference_image_root`` (default: the
+    header, before decoding), ``inference_max_rows`` (default 256 rows per call) and
+    ``inference_max_request_pixels`` (default 200 million: the pixels of all the images
+    of one call together, read from their headers before any is decoded), and
+    ``inference_image_root`` (default: the
     ``EMONET_IMAGE_ROOT`` environment variable, else none). The prefix keeps them apart
     from the training parameters of the same run, which MLflow would otherwise refuse to
     overwrite.
@@ -138,6 +156,8 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
 
     predictor: Predictor
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    max_rows: int | None = DEFAULT_MAX_ROWS
+    max_request_pixels: int | None = DEFAULT_MAX_REQUEST_PIXELS
     image_root: Path | None = None
 
     def load_context(self, context: Any) -> None:
@@ -147,6 +167,10 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
         device = resolve_device(str(config.get("inference_device", "auto")))
         batch_size = int(config.get("inference_batch_size", 32))
         self.max_pixels = check_max_pixels(config.get("inference_max_pixels", DEFAULT_MAX_PIXELS))
+        self.max_rows = _positive_or_none(config.get("inference_max_rows", DEFAULT_MAX_ROWS), "inference_max_rows")
+        self.max_request_pixels = _positive_or_none(
+            config.get("inference_max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS), "inference_max_request_pixels"
+        )
         root = config.get("inference_image_root") or os.environ.get(IMAGE_ROOT_ENV)
         self.image_root = resolve_image_root(root) if root else None
         self.predictor = Predictor.from_checkpoint(
@@ -155,18 +179,61 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
             device=device,
             batch_size=batch_size,
         )
-        logger.info("loaded EmoNet (%s) on %s; image root %s, at most %s pixels per image", self.predictor.variant,
-                    device, self.image_root, self.max_pixels)
+        logger.info(
+            "loaded EmoNet (%s) on %s; image root %s; at most %s pixels per image, %s rows and %s pixels per call",
+            self.predictor.variant, device, self.image_root, self.max_pixels, self.max_rows, self.max_request_pixels,
+        )
 
     def _read_path(self, path: str) -> np.ndarray:
         if self.image_root is not None:
             return read_confined_image(path, self.image_root, max_pixels=self.max_pixels)
+        self._read_path_allowed()
+        return read_image(path, max_pixels=self.max_pixels)
+
+    def _decode_b64(self, text: str) -> np.ndarray:
+        return decode_image_b64(text, max_pixels=self.max_pixels)
+
+    def _path_size(self, path: str) -> tuple[int, int]:
+        if self.image_root is not None:
+            size = confined_image_size(path, self.image_root)
+        else:
+            self._read_path_allowed()
+            size = image_file_size(path)
+        check_pixel_limit(*size, self.max_pixels, path)
+        return size
+
+    def _b64_size(self, text: str) -> tuple[int, int]:
+        size = image_b64_size(text)
+        check_pixel_limit(*size, self.max_pixels, "base64 image")
+        return size
+
+    def _read_path_allowed(self) -> None:
         if _in_scoring_server():
             raise ValueError(
                 f"file paths are refused by the scoring server (no image root is set): send the image as base64 "
                 f"in {IMAGE_B64!r}/{CONTEXT_B64!r}, or start the server with {IMAGE_ROOT_ENV} set to a folder"
             )
-        return read_image(path, max_pixels=self.max_pixels)
+
+    def _check_request_size(self, frame: pd.DataFrame, cells: list[tuple[tuple[str | None, str | None], str]]) -> None:
+        """Refuse a call over ``max_rows`` rows or ``max_request_pixels`` pixels in all,
+        from the headers alone, before any image is decoded."""
+        if self.max_rows is not None and len(frame) > self.max_rows:
+            raise InvalidModelInput(
+                f"{len(frame)} rows in one request is over the limit of {self.max_rows} rows per request "
+                "(inference_max_rows): split it"
+            )
+        if self.max_request_pixels is None:
+            return
+        total = 0
+        for row in range(len(frame)):
+            for columns, what in cells:
+                height, width = _decode_cell(frame, *columns, row, what, self._path_size, self._b64_size)
+                total += height * width
+                if total > self.max_request_pixels:
+                    raise InvalidModelInput(
+                        f"the images of rows 0-{row} hold {total:,} pixels, over the limit of "
+                        f"{self.max_request_pixels:,} pixels per request (inference_max_request_pixels): split it"
+                    )
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """One output row per input row (see the class docstring); ``params`` are unused."""
@@ -180,12 +247,16 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
         )
         if frame.empty:
             return predictor.to_frame(np.empty((0, NUM_EMOTIONS)), np.empty((0, 2)))
-
-        decode = {"read_path": self._read_path, "max_pixels": self.max_pixels}
+        cells = [(image_cols, "image")] + ([(context_cols, "context image")] if context_cols else [])
+        self._check_request_size(frame, cells)
 
         def read(row: int) -> tuple[np.ndarray, np.ndarray | None]:
-            crop = _decode_cell(frame, *image_cols, row, "image", **decode)
-            scene = _decode_cell(frame, *context_cols, row, "context image", **decode) if context_cols else None
+            crop = _decode_cell(frame, *image_cols, row, "image", self._read_path, self._decode_b64)
+            scene = (
+                _decode_cell(frame, *context_cols, row, "context image", self._read_path, self._decode_b64)
+                if context_cols
+                else None
+            )
             return crop, scene
 
         # Rows are decoded inside the loader one batch at a time, so memory does not grow

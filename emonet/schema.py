@@ -60,7 +60,7 @@ SCALE_MAX = 10.0
 FACE_VISIBILITY_COLUMN = "Face_Visibility"
 VALENCE_NORM_COLUMN = "Valence_norm"
 AROUSAL_NORM_COLUMN = "Arousal_norm"
-# The model predicts valence and arousal (not dominance), as the seed did.
+# The model predicts valence and arousal (not dominance), as the original project did.
 AFFECT_COLUMNS: tuple[str, ...] = ("Valence", "Arousal")
 AFFECT_NORM_COLUMNS: tuple[str, ...] = (VALENCE_NORM_COLUMN, AROUSAL_NORM_COLUMN)
 

@@ -14,13 +14,13 @@ from emonet.schema import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["PairedTransform", "SingleTransform", "build_transforms"]
 
-# Augmentation strengths of the seed's training recipe.
+# Augmentation strengths of the original project's training recipe.
 JITTER = 0.2  # brightness, contrast and saturation factors drawn from [0.8, 1.2]
 ROTATION_DEGREES = 10.0
 
 
 def _resize(size: int) -> v2.Resize:
-    # Square output regardless of the crop's aspect ratio, as the seed did; antialias
+    # Square output regardless of the crop's aspect ratio, as the original project did; antialias
     # keeps large full images from aliasing when shrunk to the network size.
     return v2.Resize((size, size), antialias=True)
 

@@ -59,8 +59,8 @@ def emonet_batch_predict(
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return batch_predict(
-        model_uri, input_csv, output_csv, img_dir=img_dir, batch_size=batch_size, on_error=on_error,
-        max_pixels=max_pixels,
+        model_uri=model_uri, input_csv=input_csv, output_csv=output_csv, img_dir=img_dir, batch_size=batch_size,
+        on_error=on_error, max_pixels=max_pixels,
     )
 
 

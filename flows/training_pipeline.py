@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,16 +22,12 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from emonet.config import EmoNetConfig, config_to_dict, load_config
+from emonet.registry import DEMO_MODEL_NAME, MODEL_NAME
+from emonet.runs import end_open_runs
 from emonet.schema import SPLITS, annotations_path, arrays_dir
-from emonet.tracking import DEMO_MODEL_NAME, MODEL_NAME, configure_mlflow, default_tracking_uri, end_open_runs
-from tasks.data import (
-    ensure_demo_data,
-    normalize_splits,
-    score_visibility_shard,
-    shard_bounds,
-    write_normalized_splits,
-    write_visibility,
-)
+from emonet.tracking import configure_mlflow, default_tracking_uri
+from flows.visibility import score_visibility
+from tasks.data import ensure_demo_data, normalize_splits, write_normalized_splits, write_visibility
 from tasks.model import (
     evaluate_model,
     finish_mlflow_run,
@@ -48,6 +45,18 @@ PositiveInt = Annotated[int, Field(ge=1)]
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 
+@dataclass(frozen=True)
+class PreparedData:
+    """What :func:`prepare_data` hands the training pipeline."""
+
+    frames: dict[str, pd.DataFrame]  # split -> its normalized rows, as written to `normalized`
+    counts: dict[str, dict[str, int]]  # split -> rows read, rejected, filtered, written...
+    visibility: dict[str, dict[str, Any]]  # split -> face-visibility counts
+    visibility_dir: Path  # CSV copies with Face_Visibility and the histogram
+    normalized: dict[str, Path]  # split -> normalized_dataset_<split>.csv
+    normalization_json: Path  # the affect normalizer's parameters
+
+
 @flow(name="emonet-prepare-data")
 def prepare_data(
     data_root: Path,
@@ -59,7 +68,7 @@ def prepare_data(
     visibility_parallel_shards: PositiveInt = 1,
     filter_test_by_visibility: bool = False,
     dask_address: str = "",
-) -> dict[str, Any]:
+) -> PreparedData:
     """Face visibility (cached per shard) and affect normalization (cached) of every split.
 
     With ``dask_address`` set (``local``, or a scheduler such as ``tcp://host:8786``)
@@ -70,48 +79,33 @@ def prepare_data(
     histograms) and ``<output_dir>/normalized/`` (``normalized_dataset_<split>.csv``,
     ``normalization.json``); returns their paths, the normalized frames and row counts.
     """
-    img_dir = arrays_dir(data_root)
-    shards = []
-    for split in SPLITS:
-        csv_path = annotations_path(data_root, split)
-        n_rows = len(pd.read_csv(csv_path, usecols=["Crop_name"]))
-        shards += [(split, csv_path, start, stop) for start, stop in shard_bounds(n_rows, visibility_shard_size)]
-    # Each shard already uses `visibility_workers` processes: run `parallel_shards` at a
-    # time so the machine is not oversubscribed (on a cluster runner, raise it).
-    scores: dict[str, list[float]] = {split: [] for split in SPLITS}
-    if dask_address:
-        # Imported only here: dask and distributed add half a second to every import
-        # of this module, forkserver workers' included.
-        from flows.visibility import score_visibility_on_dask
-
-        shard_scores = score_visibility_on_dask([shard[1:] for shard in shards], img_dir, dask_address)
-        for (split, *_), values in zip(shards, shard_scores):
-            scores[split] += values
-    else:
-        for wave_start in range(0, len(shards), visibility_parallel_shards):
-            wave = shards[wave_start : wave_start + visibility_parallel_shards]
-            futures = [
-                score_visibility_shard.submit(csv_path, img_dir, start, stop, visibility_workers)
-                for _, csv_path, start, stop in wave
-            ]
-            for (split, *_), future in zip(wave, futures):
-                scores[split] += future.result()
-
-    visibility_dir = output_dir / "visibility"
-    visibility = write_visibility({split: annotations_path(data_root, split) for split in SPLITS}, scores, visibility_dir)
-    csv_paths = {split: visibility_dir / annotations_path(data_root, split).name for split in SPLITS}
-    frames, normalizer, counts = normalize_splits(
-        csv_paths, min_face_visibility, fit_normalization_on_train, filter_test_by_visibility
+    scores = score_visibility(
+        data_root,
+        shard_size=visibility_shard_size,
+        workers=visibility_workers,
+        parallel_shards=visibility_parallel_shards,
+        dask_address=dask_address,
     )
-    normalized, normalization_json = write_normalized_splits(frames, normalizer, output_dir / "normalized")
-    return {
-        "frames": frames,
-        "counts": counts,
-        "visibility": visibility,
-        "visibility_dir": visibility_dir,
-        "normalized": normalized,
-        "normalization_json": normalization_json,
-    }
+    annotation_csvs = {split: annotations_path(data_root, split) for split in SPLITS}
+    visibility_dir = output_dir / "visibility"
+    visibility = write_visibility(annotation_csvs=annotation_csvs, scores=scores, out_dir=visibility_dir)
+    frames, normalizer, counts = normalize_splits(
+        csv_paths={split: visibility_dir / csv_path.name for split, csv_path in annotation_csvs.items()},
+        min_visibility=min_face_visibility,
+        fit_on_train=fit_normalization_on_train,
+        filter_test_by_visibility=filter_test_by_visibility,
+    )
+    normalized, normalization_json = write_normalized_splits(
+        frames=frames, normalizer=normalizer, out_dir=output_dir / "normalized"
+    )
+    return PreparedData(
+        frames=frames,
+        counts=counts,
+        visibility=visibility,
+        visibility_dir=visibility_dir,
+        normalized=normalized,
+        normalization_json=normalization_json,
+    )
 
 
 def end_mlflow_run_of_flow_run(flow: Any, flow_run: Any, state: Any) -> None:
@@ -185,7 +179,7 @@ def emonet_training_pipeline(
     # Demo models never replace a real one: they go to their own registered model.
     registered_model_name = registered_model_name or (MODEL_NAME if data_root is not None else DEMO_MODEL_NAME)
     output_dir = output_dir.resolve()
-    root = (data_root or ensure_demo_data(demo_dir)).resolve()
+    root = (data_root or ensure_demo_data(demo_dir=demo_dir)).resolve()
     img_dir = arrays_dir(root)
     for split in SPLITS:
         if not annotations_path(root, split).is_file():
@@ -194,82 +188,89 @@ def emonet_training_pipeline(
     experiment_id = configure_mlflow(tracking_uri=tracking_uri, experiment_name=experiment_name)
     params = {**flow_run.parameters, "data_root": root, **_flat_config(resolved)}
     params.pop("config", None)
-    run_id = start_mlflow_run(experiment_id, flow_run.id, flow_run.name, params)
+    run_id = start_mlflow_run(
+        experiment_id=experiment_id, flow_run_id=flow_run.id, flow_run_name=flow_run.name, params=params
+    )
     try:
         data = prepare_data(
-            root,
-            output_dir,
-            min_face_visibility,
-            fit_normalization_on_train,
-            visibility_shard_size,
-            visibility_workers,
-            visibility_parallel_shards,
+            data_root=root,
+            output_dir=output_dir,
+            min_face_visibility=min_face_visibility,
+            fit_normalization_on_train=fit_normalization_on_train,
+            visibility_shard_size=visibility_shard_size,
+            visibility_workers=visibility_workers,
+            visibility_parallel_shards=visibility_parallel_shards,
             filter_test_by_visibility=filter_test_by_visibility,
             dask_address=dask_address,
         )
-        normalized, normalization_json = data["normalized"], data["normalization_json"]
-        log_dataset_summary(run_id, data["frames"], data["counts"], data["visibility"], data["visibility_dir"])
-        log_split_inputs(run_id, data["frames"], normalized)
+        test_csv = data.normalized["test"]
+        log_dataset_summary(
+            run_id=run_id, frames=data.frames, counts=data.counts, visibility=data.visibility,
+            visibility_dir=data.visibility_dir,
+        )
+        log_split_inputs(run_id=run_id, frames=data.frames, csv_paths=data.normalized)
 
         run_dir = output_dir / "runs" / run_id
         training = train_model(
-            run_id,
-            normalized["train"],
-            normalized["val"],
-            img_dir,
-            run_dir / "checkpoints",
-            normalization_json,
-            model=resolved.model.model_dump(mode="json"),
-            loss=resolved.loss.model_dump(mode="json"),
-            train=resolved.train.model_dump(mode="json"),
+            run_id=run_id,
+            config=resolved,
+            train_csv=data.normalized["train"],
+            val_csv=data.normalized["val"],
+            img_dir=img_dir,
+            checkpoint_dir=run_dir / "checkpoints",
+            normalization_json=data.normalization_json,
         )
         evaluation = evaluate_model(
-            run_id, training["best_checkpoint"], normalized["test"], img_dir, normalization_json, run_dir / "evaluation"
+            run_id=run_id,
+            checkpoint=training.best_checkpoint,
+            test_csv=test_csv,
+            img_dir=img_dir,
+            normalization_json=data.normalization_json,
+            out_dir=run_dir / "evaluation",
         )
         review_index = review_model(
-            run_id,
-            training["best_checkpoint"],
-            normalized["test"],
-            img_dir,
-            normalization_json,
-            run_dir / "review",
-            evaluation["report"],
+            run_id=run_id,
+            checkpoint=training.best_checkpoint,
+            evaluation=evaluation,
+            test_csv=test_csv,
+            img_dir=img_dir,
+            out_dir=run_dir / "review",
         )
         registration = register_model(
-            run_id,
-            training["best_checkpoint"],
-            normalization_json,
-            evaluation["metrics"],
-            evaluation["test_split"],
-            registered_model_name,
-            normalized["test"],
-            img_dir,
-            min_improvement,
+            run_id=run_id,
+            checkpoint=training.best_checkpoint,
+            normalization_json=data.normalization_json,
+            evaluation=evaluation,
+            registered_model_name=registered_model_name,
+            test_csv=test_csv,
+            img_dir=img_dir,
+            min_improvement=min_improvement,
         )
     except BaseException:
-        finish_mlflow_run(run_id, "FAILED")
+        finish_mlflow_run(run_id=run_id, status="FAILED")
         raise
-    finish_mlflow_run(run_id, "FINISHED")
+    finish_mlflow_run(run_id=run_id, status="FINISHED")
     summary = {
         "mlflow_run_id": run_id,
-        "test_mAP": evaluation["metrics"]["mAP"],
-        "test_metrics": evaluation["metrics"],
+        "test_mAP": evaluation.metrics["mAP"],
+        "test_metrics": evaluation.metrics,
         "registered_model": registered_model_name,
-        "version": registration["version"],
-        "alias": registration["alias"],
-        "decision": registration["decision"],
+        "version": registration.version,
+        "alias": registration.alias,
+        "decision": registration.decision,
         "output_dir": str(output_dir),
         "review": str(review_index),
         "tracking_uri": mlflow.get_tracking_uri(),
         "mlflow_run_link": mlflow_run_link(mlflow.get_tracking_uri(), experiment_id, run_id),
     }
-    publish_run_summary(summary, evaluation["report"].per_emotion, registration)
+    publish_run_summary(summary=summary, per_emotion=evaluation.per_emotion, registration=registration)
     logger.info("Test mAP %.4f; %s version %s is %s", summary["test_mAP"], registered_model_name, summary["version"], summary["alias"])
     return summary
 
 
 def _flat_config(config: EmoNetConfig) -> dict[str, Any]:
-    """The resolved config as flat MLflow params (``train.lr`` -> ``lr``, as before)."""
+    """The resolved config as flat MLflow params (``train.lr`` -> ``lr``): the sections'
+    field names do not collide, and short names read better in MLflow's run table."""
     return {key: value for section in config_to_dict(config).values() for key, value in section.items()}
 
 

@@ -1,5 +1,6 @@
-"""Face visibility shards on a Dask cluster: a subflow whose task runner is prefect-dask's
-``DaskTaskRunner``, started by ``prepare_data`` when its ``dask_address`` is set.
+"""Face visibility of every split, shard by shard: :func:`score_visibility` batches the
+cached shard tasks on this machine's process pool, or hands them to a Dask cluster (a
+subflow whose task runner is prefect-dask's ``DaskTaskRunner``) when ``dask_address`` is set.
 
 Each Dask worker process scores whole shards with one Face Mesh that it keeps for every
 shard it is sent (``emonet.visibility.thread_scorer``); shards are cached exactly as on
@@ -9,12 +10,17 @@ the local path, so a rerun on either path reuses them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pandas as pd
 from prefect import flow
-from prefect_dask import DaskTaskRunner
 
+from emonet.schema import SPLITS, annotations_path, arrays_dir
 from emonet.visibility import default_workers
-from tasks.data import score_visibility_shard
+from tasks.data import score_visibility_shard, shard_bounds
+
+if TYPE_CHECKING:
+    from prefect_dask import DaskTaskRunner
 
 # Schemes of the distributed scheduler's own protocols that a worker on another
 # machine can reach.
@@ -35,6 +41,10 @@ def dask_task_runner(dask_address: str) -> DaskTaskRunner:
     ------
     ValueError : the address is not ``local`` nor ``[tcp|tls://]host:port``.
     """
+    # Imported here: prefect_dask (with dask and distributed) takes about 0.6 s to
+    # import, which every run of the training flow would pay without using Dask.
+    from prefect_dask import DaskTaskRunner
+
     if dask_address == "local":
         return DaskTaskRunner(
             cluster_class="distributed.LocalCluster",
@@ -79,3 +89,52 @@ def score_visibility_on_dask(
 ) -> list[list[float]]:
     """Run :func:`score_shards_on_dask` on the cluster that ``dask_address`` names."""
     return score_shards_on_dask.with_options(task_runner=dask_task_runner(dask_address))(shards, img_dir)
+
+
+def score_visibility(
+    data_root: Path,
+    *,
+    shard_size: int,
+    workers: int | None,
+    parallel_shards: int,
+    dask_address: str = "",
+) -> dict[str, list[float]]:
+    """Face visibility of every row of every split of the archive at ``data_root``.
+
+    Parameters
+    ----------
+    data_root : the archive root (``annots_arrs/`` and ``img_arrs/``).
+    shard_size : rows per cached shard (:func:`tasks.data.score_visibility_shard`).
+    workers : Face Mesh processes per shard on this machine (None: all cores).
+    parallel_shards : shards scored at the same time on this machine; each already
+        uses ``workers`` processes, so the product is what the machine must hold.
+    dask_address : empty for this machine; else ``local`` or a scheduler address
+        (:func:`dask_task_runner`), where ``workers`` and ``parallel_shards`` do not apply.
+
+    Returns
+    -------
+    dict
+        Split -> the scores of its rows, in row order.
+    """
+    img_dir = arrays_dir(data_root)
+    shards = []
+    for split in SPLITS:
+        csv_path = annotations_path(data_root, split)
+        n_rows = len(pd.read_csv(csv_path, usecols=["Crop_name"]))
+        shards += [(split, csv_path, start, stop) for start, stop in shard_bounds(n_rows, shard_size)]
+    scores: dict[str, list[float]] = {split: [] for split in SPLITS}
+    if dask_address:
+        shard_scores = score_visibility_on_dask([shard[1:] for shard in shards], img_dir, dask_address)
+        for (split, *_), values in zip(shards, shard_scores):
+            scores[split] += values
+        return scores
+    # Each shard already uses `workers` processes: `parallel_shards` at a time keep the
+    # machine from being oversubscribed (on a cluster runner, raise it).
+    for wave_start in range(0, len(shards), parallel_shards):
+        wave = shards[wave_start : wave_start + parallel_shards]
+        futures = [
+            score_visibility_shard.submit(csv_path, img_dir, start, stop, workers) for _, csv_path, start, stop in wave
+        ]
+        for (split, *_), future in zip(wave, futures):
+            scores[split] += future.result()
+    return scores

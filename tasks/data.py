@@ -81,22 +81,22 @@ def normalize_splits(
     min_visibility: float | None,
     fit_on_train: bool,
     filter_test_by_visibility: bool = False,
-) -> tuple[dict[str, pd.DataFrame], dict[str, Any], dict[str, dict[str, int]]]:
-    """Validated, filtered and normalized splits (cached on the CSVs' contents)."""
+) -> tuple[dict[str, pd.DataFrame], AffectNormalizer, dict[str, dict[str, int]]]:
+    """Validated, filtered and normalized splits, their normalizer and row counts (cached
+    on the CSVs' contents; Prefect pickles the result, frames and normalizer as they are)."""
     frames = {split: load_annotations(path) for split, path in csv_paths.items()}
-    frames, normalizer, counts = normalize_frames(
+    return normalize_frames(
         frames,
         min_visibility=min_visibility,
         fit_on_train=fit_on_train,
         filter_test_by_visibility=filter_test_by_visibility,
     )
-    return frames, normalizer.to_dict(), counts
 
 
 @task(name="write-normalized", cache_policy=NO_CACHE, **IO_RETRIES)
 def write_normalized_splits(
-    frames: dict[str, pd.DataFrame], normalizer: dict[str, Any], out_dir: Path
+    frames: dict[str, pd.DataFrame], normalizer: AffectNormalizer, out_dir: Path
 ) -> tuple[dict[str, Path], Path]:
     """``normalized_dataset_<split>.csv`` and ``normalization.json``; never cached, so
     the files exist even when the computation above came from the cache."""
-    return write_normalized(frames, AffectNormalizer.from_dict(normalizer), out_dir)
+    return write_normalized(frames, normalizer, out_dir)

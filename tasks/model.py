@@ -2,7 +2,10 @@
 evaluation and registration.
 
 MLflow's active run is thread-local and Prefect runs tasks in worker threads, so every
-task takes the ``run_id`` and logs through an explicit ``MlflowClient``.
+task takes the ``run_id`` and logs through an explicit ``MlflowClient``. The model tasks
+take and return the library's own types (:class:`~emonet.config.EmoNetConfig`,
+:class:`~emonet.train.FitResult`, :class:`~emonet.evaluation.EvaluationReport`,
+:class:`~emonet.registry.PromotionDecision`), by keyword.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import mlflow.data
+import pandas as pd
 from mlflow.entities import DatasetInput, InputTag, Param
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.tracking import MlflowClient
@@ -25,18 +28,12 @@ from emonet.config import EmoNetConfig, config_to_dict
 from emonet.distributed import launch_training
 from emonet.evaluation import EvaluationReport, evaluate_checkpoint, split_fingerprint
 from emonet.normalize import AffectNormalizer
-from emonet.review import review_predictions_with_visualization
+from emonet.registry import PromotionDecision, find_run_version, promote_model
+from emonet.review import review_predictions
+from emonet.runs import FLOW_RUN_TAG, close_stale_runs, process_tags
 from emonet.schema import EMOTIONS
-from emonet.tracking import (
-    FLOW_RUN_TAG,
-    close_stale_runs,
-    find_run_version,
-    log_emonet_model,
-    log_metrics,
-    process_tags,
-    promote_model,
-)
-from emonet.train import train_from_csvs
+from emonet.tracking import log_emonet_model, log_metrics
+from emonet.train import FitResult, train_from_csvs
 from tasks.report import EpochProgress
 
 # The tracking server (or its SQLite file) can be briefly unavailable or locked.
@@ -120,16 +117,15 @@ def log_split_inputs(run_id: str, frames: dict[str, pd.DataFrame], csv_paths: di
 
 @task(name="train-model", retries=1, retry_delay_seconds=5, **NOT_CACHED)
 def train_model(
+    *,
     run_id: str,
+    config: EmoNetConfig,
     train_csv: Path,
     val_csv: Path,
     img_dir: Path,
     checkpoint_dir: Path,
     normalization_json: Path,
-    model: dict[str, Any],
-    loss: dict[str, Any],
-    train: dict[str, Any],
-) -> dict[str, Any]:
+) -> FitResult:
     """Train with per-epoch MLflow logging; a retry resumes from the last checkpoint.
 
     With ``train.distributed`` above one process, ``torchrun`` runs the training as a
@@ -137,7 +133,6 @@ def train_model(
     MLflow run itself, and a failed rank fails the task.
     """
     logger = get_run_logger()
-    config = EmoNetConfig.model_validate({"model": model, "loss": loss, "train": train})
     client = MlflowClient()
     client.log_dict(run_id, config_to_dict(config), "config/emonet_config.yaml")
 
@@ -175,21 +170,19 @@ def train_model(
     client.log_artifact(run_id, str(result.best_checkpoint), "checkpoints")
     client.log_metric(run_id, "best_val_mAP", result.best_metric)
     client.log_metric(run_id, "best_epoch", result.best_epoch)
-    return {
-        "best_checkpoint": result.best_checkpoint,
-        "best_val_mAP": result.best_metric,
-        "best_epoch": result.best_epoch,
-        "stopped_early": result.stopped_early,
-    }
+    return result
 
 
 @task(name="evaluate-model", **TRACKING_RETRIES, **NOT_CACHED)
 def evaluate_model(
-    run_id: str, checkpoint: Path, test_csv: Path, img_dir: Path, normalization_json: Path, out_dir: Path
-) -> dict[str, Any]:
-    """Test metrics, the per-emotion table and the figures, logged to the run."""
-    test = pd.read_csv(test_csv)
-    report = evaluate_checkpoint(checkpoint, test, img_dir, out_dir, normalizer=AffectNormalizer.load(normalization_json))
+    *, run_id: str, checkpoint: Path, test_csv: Path, img_dir: Path, normalization_json: Path, out_dir: Path
+) -> EvaluationReport:
+    """Test metrics, the per-emotion table and the figures, logged to the run.
+
+    The report's predictions, thresholds and config serve the review and the
+    registration, so the checkpoint is loaded here only.
+    """
+    report = evaluate_checkpoint(checkpoint, test_csv, img_dir, out_dir, normalizer=normalization_json)
     client = MlflowClient()
     log_metrics(client, run_id, report.metrics, prefix="test_")
     log_metrics(client, run_id, report.metrics_at_half, prefix="test_at_0.5_")
@@ -197,35 +190,37 @@ def evaluate_model(
     client.log_table(run_id, data=report.per_emotion.reset_index(), artifact_file="evaluation/per_emotion.json")
     for path in report.files.values():
         client.log_artifact(run_id, str(path), "evaluation")
-    return {"metrics": report.metrics, "test_split": split_fingerprint(test), "report": report}
+    return report
 
 
 @task(name="review-predictions", **TRACKING_RETRIES, **NOT_CACHED)
 def review_model(
+    *,
     run_id: str,
     checkpoint: Path,
+    evaluation: EvaluationReport,
     test_csv: Path,
     img_dir: Path,
-    normalization_json: Path,
     out_dir: Path,
-    evaluation: EvaluationReport,
     num_samples: int = 24,
     detailed_samples: int = 6,
 ) -> Path:
     """The visual review of the test split (worst predictions first), from the evaluation's
-    predictions and linking its report; it goes to the run's ``review/`` artifacts, beside
+    predictions and linking its report, without loading ``checkpoint`` again (it names the
+    model on the page); it goes to the run's ``review/`` artifacts, beside
     ``evaluation/``, so the page's links resolve in MLflow too."""
-    review_predictions_with_visualization(
-        checkpoint,
+    review_predictions(
+        evaluation.predictions,
         test_csv,
         img_dir,
         out_dir,
+        thresholds=evaluation.thresholds,
+        normalizer=evaluation.normalizer,
+        model_name=str(checkpoint),
         num_samples=num_samples,
         detailed_samples=detailed_samples,
         sort_by="worst",
-        normalizer=normalization_json,
         progress=False,
-        predictions=evaluation.predictions,
         split_report=evaluation.files,
     )
     MlflowClient().log_artifacts(run_id, str(out_dir), "review")
@@ -234,25 +229,29 @@ def review_model(
 
 @task(name="register-model", **TRACKING_RETRIES, **NOT_CACHED)
 def register_model(
+    *,
     run_id: str,
     checkpoint: Path,
     normalization_json: Path,
-    test_metrics: dict[str, float],
-    test_split: str,
+    evaluation: EvaluationReport,
     registered_model_name: str,
     test_csv: Path,
     img_dir: Path,
     min_improvement: float = 0.0,
-) -> dict[str, Any]:
+) -> PromotionDecision:
     """Log the pyfunc model and register it once per run (a retry reuses the version),
-    then move `champion` only when its test mAP (``test_metrics["mAP"]``) beats the
-    champion's on this test split. The version's description summarizes its test
-    metrics and the decision."""
+    then move `champion` only when its test mAP (``evaluation.metrics["mAP"]``) beats the
+    champion's on this test split (``evaluation.split_id``). The checkpoint is logged
+    with the evaluation's config, not loaded again. The version's description
+    summarizes its test metrics and the decision."""
     logger = get_run_logger()
     client = MlflowClient()
     version = find_run_version(client, registered_model_name, run_id)
     if version is None:
-        version = log_emonet_model(run_id, checkpoint, normalization_json, registered_model_name=registered_model_name)
+        version = log_emonet_model(
+            run_id, checkpoint, normalization_json, registered_model_name=registered_model_name,
+            config=evaluation.config,
+        )
     else:
         logger.info(
             "run %s already registered %s version %s: reusing it", run_id, registered_model_name, version.version
@@ -261,22 +260,24 @@ def register_model(
         client,
         registered_model_name,
         version.version,
-        test_metrics["mAP"],
-        test_split,
+        evaluation.metrics["mAP"],
+        evaluation.split_id,
         run_id,
         test_csv=test_csv,
         img_dir=img_dir,
         min_improvement=min_improvement,
     )
-    logger.info("%s version %s: %s", registered_model_name, version.version, decision["decision"])
+    logger.info("%s version %s: %s", registered_model_name, decision.version, decision.decision)
     client.update_model_version(
-        registered_model_name, version.version,
-        description=version_description(test_metrics, test_split, run_id, decision),
+        registered_model_name, decision.version,
+        description=version_description(evaluation.metrics, evaluation.split_id, run_id, decision),
     )
-    return {"version": str(version.version), **decision}
+    return decision
 
 
-def version_description(metrics: dict[str, float], test_split: str, run_id: str, decision: dict[str, Any]) -> str:
+def version_description(
+    metrics: dict[str, float], test_split: str, run_id: str, decision: PromotionDecision
+) -> str:
     """The registered version's description: its test metrics and the promotion decision."""
     shown = [
         ("test mAP", "mAP", ".4f"), ("macro F1", "f1_macro", ".4f"), ("samples F1", "f1_samples", ".4f"),
@@ -285,5 +286,5 @@ def version_description(metrics: dict[str, float], test_split: str, run_id: str,
     parts = [f"{label} {metrics[key]:{spec}}" for label, key, spec in shown if key in metrics]
     return (
         f"{', '.join(parts)} on test split {test_split[:12]} (MLflow run {run_id}). "
-        f"Promotion: {decision['decision']}: {decision['reason']}"
+        f"Promotion: {decision.decision}: {decision.reason}"
     )

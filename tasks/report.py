@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from emonet.metrics import EVALUATION_KEYS
+from emonet.registry import PromotionDecision
 
 SUMMARY_ARTIFACT_KEY = "emonet-training-summary"
 
@@ -54,24 +55,24 @@ def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str |
     return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def summary_markdown(summary: dict[str, Any], per_emotion: pd.DataFrame, registration: dict[str, Any]) -> str:
+def summary_markdown(summary: dict[str, Any], per_emotion: pd.DataFrame, registration: PromotionDecision) -> str:
     """The run summary as markdown (tables render in the Prefect UI's Artifacts tab)."""
     metrics = summary["test_metrics"]
     lines = ["# EmoNet training run", "", "## Test metrics", "", "| metric | value |", "| --- | --- |"]
     keys = [key for key in EVALUATION_KEYS if key in metrics] + [key for key in metrics if key not in EVALUATION_KEYS]
     # Row counts (n_emotion, n_affect) are whole numbers.
     lines += [f"| {key} | {_fmt(metrics[key], '.0f' if key.startswith('n_') else '.4f')} |" for key in keys]
-    previous = registration.get("previous_version")
+    previous = registration.previous_version
     lines += [
         "",
         "## Model registry",
         "",
-        f"- Registered model: `{summary['registered_model']}`, version **{summary['version']}**, "
-        f"alias **{summary['alias']}**",
-        f"- Promotion decision: **{summary['decision']}**: {registration.get('reason', '')}",
-        f"- Test mAP: candidate {_fmt(registration.get('new_map'))}, champion before "
-        + (f"(version {previous}) {_fmt(registration.get('previous_map'))}" if previous else "none"),
-        f"- Load it: `mlflow.pyfunc.load_model(\"models:/{summary['registered_model']}@{summary['alias']}\")`",
+        f"- Registered model: `{summary['registered_model']}`, version **{registration.version}**, "
+        f"alias **{registration.alias}**",
+        f"- Promotion decision: **{registration.decision}**: {registration.reason}",
+        f"- Test mAP: candidate {_fmt(registration.new_map)}, champion before "
+        + (f"(version {previous}) {_fmt(registration.previous_map)}" if previous else "none"),
+        f"- Load it: `mlflow.pyfunc.load_model(\"models:/{summary['registered_model']}@{registration.alias}\")`",
         "",
         "## MLflow",
         "",
@@ -91,12 +92,12 @@ def summary_markdown(summary: dict[str, Any], per_emotion: pd.DataFrame, registr
 
 
 @task(name="publish-run-summary", cache_policy=NO_CACHE)
-def publish_run_summary(summary: dict[str, Any], per_emotion: pd.DataFrame, registration: dict[str, Any]) -> str:
+def publish_run_summary(*, summary: dict[str, Any], per_emotion: pd.DataFrame, registration: PromotionDecision) -> str:
     """Create the run's markdown artifact; returns its id."""
     artifact_id = create_markdown_artifact(
         markdown=summary_markdown(summary, per_emotion, registration),
         key=SUMMARY_ARTIFACT_KEY,
         description=f"test mAP {_fmt(summary['test_mAP'])}; {summary['registered_model']} "
-        f"v{summary['version']} ({summary['decision']})",
+        f"v{registration.version} ({registration.decision})",
     )
     return str(artifact_id)

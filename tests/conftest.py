@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from prefect import Flow
+
+import emonet.train
 
 from emonet.schema import (
     CSV_COLUMNS,
@@ -131,16 +138,61 @@ def tiny_checkpoint(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "checkpoint": train_tiny_checkpoint(root, base / "run")}
 
 
-# Fixtures that train a model or run a flow: every test that uses one (directly or
-# through another fixture) is `slow`, like the tests that train themselves, so
-# `pytest -m "not slow"` is the quick suite.
-TRAINING_FIXTURES = frozenset({"tiny_checkpoint", "trained", "straight_run", "prefect_env"})
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """``(root, best.pt)``: a tiny demo archive (16/8/11 rows, 40 px crops with real faces
+    and learnable cues) and a ResNet-18 trained on it for one epoch without augmentation."""
+    from emonet.demo_data import make_demo_data
+
+    base = tmp_path_factory.mktemp("demo-run")
+    root = make_demo_data(base / "demo", seed=2, n_train=16, n_val=8, n_test=11, size=40)
+    return root, train_tiny_checkpoint(root, base / "ckpt", batch_size=8, augment=False)
+
+
+# `pytest -m "not slow"` is the quick suite. A test is `slow` when it trains a model or
+# runs a Prefect flow: marked by hand, or automatically when it uses one of these fixtures
+# (directly or through another fixture). A test that trains or runs a flow without the
+# mark fails, naming the mark, so the quick suite cannot silently grow a slow test.
+TRAINING_FIXTURES = frozenset({"tiny_checkpoint", "demo_checkpoint", "straight_run", "prefect_env"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+_running: dict[str, pytest.Item | None] = {"item": None}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    # Session fixtures are set up inside the protocol of the first test that uses them.
+    _running["item"] = item
+    try:
+        return (yield)
+    finally:
+        _running["item"] = None
+
+
+def _only_in_slow_tests(what: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        item = _running["item"]
+        if item is not None and item.get_closest_marker("slow") is None:
+            raise RuntimeError(
+                f"{item.nodeid} {what} but is not marked slow: add @pytest.mark.slow, "
+                "or get the model from a fixture in conftest.TRAINING_FIXTURES"
+            )
+        return function(*args, **kwargs)
+
+    return guarded
+
+
+# Every training path (CLI, Prefect task, torchrun worker, tests) calls emonet.train.fit
+# through the module, and every flow run goes through Flow.__call__.
+emonet.train.fit = _only_in_slow_tests("trains a model (emonet.train.fit)", emonet.train.fit)
+Flow.__call__ = _only_in_slow_tests("runs a Prefect flow", Flow.__call__)
 
 
 @contextlib.contextmanager
@@ -167,3 +219,70 @@ def _isolated_mlflow_uris() -> Iterator[None]:
     """Every test starts from the environment's store, whatever an earlier test set."""
     with restored_mlflow_uris():
         yield
+
+
+# --------------------------------------------------------------------------- MLflow stores
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory):
+    """A temporary SQLite tracking + registry store for the module."""
+    from emonet.tracking import configure_mlflow
+
+    base = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    with restored_mlflow_uris():
+        experiment_id = configure_mlflow(uri, "emonet-test", base / "artifacts")
+        yield {"uri": uri, "experiment_id": experiment_id, "base": base}
+
+
+@pytest.fixture(scope="module")
+def logged_model(mlflow_store, tiny_checkpoint):
+    """One pyfunc of ``tiny_checkpoint`` logged and registered as ``emonet`` from a worker
+    thread, to a run left RUNNING."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow import MlflowClient
+
+    from emonet.tracking import log_emonet_model
+
+    client = MlflowClient()
+    run_id = client.create_run(mlflow_store["experiment_id"]).info.run_id
+    client.log_param(run_id, "batch_size", 16)  # the training batch size, as the flow logs it
+    # Another thread than the one that created the run: nothing may rely on an active run.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        version = pool.submit(log_emonet_model, run_id, tiny_checkpoint["checkpoint"], None, None, "emonet").result()
+    return {"run_id": run_id, "version": version, "client": client}
+
+
+# Defines `me` (this child's index), `n` and `barrier(name)`: every child waits there
+# until all have arrived, so their next steps really overlap.
+CHILD_PROLOGUE = """
+import sys, time
+from pathlib import Path
+me, n = int(sys.argv[1]), int(sys.argv[2])
+
+def barrier(name):
+    Path(f"{name}-{me}.arrived").touch()
+    deadline = time.monotonic() + 240
+    while len(list(Path().glob(f"{name}-*.arrived"))) < n:
+        assert time.monotonic() < deadline, f"barrier {name}: the other processes never arrived"
+        time.sleep(0.01)
+"""
+
+
+def run_together(script: str, n: int, cwd: Path) -> list[subprocess.CompletedProcess]:
+    """Run ``script`` (after :data:`CHILD_PROLOGUE`) in ``n`` processes at once, in ``cwd``."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD_PROLOGUE + script, str(i), str(n)],
+            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(n)
+    ]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=400)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return results

@@ -12,11 +12,9 @@ import pytest
 from PIL import Image
 
 from emonet.batch import ID_COLUMNS, is_mlflow_uri, load_predictor, predict_csv, skipped_path
-from conftest import train_tiny_checkpoint
 from test_images import sparse_npy
 from emonet.config import load_config
 from emonet.arrays import load_array
-from emonet.demo_data import make_demo_data
 from emonet.inference import OUTPUT_COLUMNS, PROB_COLUMNS, Predictor
 from emonet.models import build_model
 from emonet.schema import EMOTIONS, annotations_path, arrays_dir
@@ -25,16 +23,8 @@ TINY = {"image_size": 32, "epochs": 1, "batch_size": 8, "num_workers": 0, "devic
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny demo archive and a resnet18 checkpoint trained on it for one epoch."""
-    base = tmp_path_factory.mktemp("batch")
-    root = make_demo_data(base / "demo", seed=2, n_train=16, n_val=8, n_test=11, size=40)
-    return root, train_tiny_checkpoint(root, base / "ckpt", batch_size=8, augment=False)
-
-
-@pytest.fixture(scope="module")
-def predictor(trained):
-    return Predictor.from_checkpoint(trained[1])
+def predictor(demo_checkpoint):
+    return Predictor.from_checkpoint(demo_checkpoint[1])
 
 
 def _reference(predictor, root, names):
@@ -42,8 +32,8 @@ def _reference(predictor, root, names):
     return predictor.predict_frame([load_array(arrays_dir(root), name) for name in names])
 
 
-def test_archive_layout_writes_one_row_per_input(trained, predictor, tmp_path):
-    root, checkpoint = trained
+def test_archive_layout_writes_one_row_per_input(demo_checkpoint, predictor, tmp_path):
+    root, checkpoint = demo_checkpoint
     csv_path = annotations_path(root, "test")
     before = csv_path.read_bytes()
     out = tmp_path / "pred" / "test_predictions.csv"
@@ -70,8 +60,8 @@ def test_archive_layout_writes_one_row_per_input(trained, predictor, tmp_path):
     assert not list(out.parent.glob("*.tmp"))
 
 
-def test_image_path_layout_reads_npy_png_and_relative_paths(trained, predictor, tmp_path):
-    root, _ = trained
+def test_image_path_layout_reads_npy_png_and_relative_paths(demo_checkpoint, predictor, tmp_path):
+    root, _ = demo_checkpoint
     names = pd.read_csv(annotations_path(root, "test"))["Crop_name"].tolist()[:5]
     (tmp_path / "crops").mkdir()
     paths = []
@@ -98,8 +88,8 @@ def test_image_path_layout_reads_npy_png_and_relative_paths(trained, predictor, 
     assert summary["layout"] == "paths" and summary["rows_written"] == 5
 
 
-def test_output_never_overwrites_the_input(trained, predictor, tmp_path):
-    root, _ = trained
+def test_output_never_overwrites_the_input(demo_checkpoint, predictor, tmp_path):
+    root, _ = demo_checkpoint
     csv_path = tmp_path / "copy.csv"
     csv_path.write_bytes(annotations_path(root, "test").read_bytes())
     before = csv_path.read_bytes()
@@ -115,8 +105,8 @@ def test_output_never_overwrites_the_input(trained, predictor, tmp_path):
     assert csv_path.read_bytes() == before
 
 
-def test_bad_row_is_named_and_nothing_is_written(trained, predictor, tmp_path):
-    root, _ = trained
+def test_bad_row_is_named_and_nothing_is_written(demo_checkpoint, predictor, tmp_path):
+    root, _ = demo_checkpoint
     frame = pd.read_csv(annotations_path(root, "test"))
     frame.loc[6, "Crop_name"] = "crop_arr_test_missing.npy"
     csv_path = tmp_path / "broken.csv"
@@ -127,8 +117,8 @@ def test_bad_row_is_named_and_nothing_is_written(trained, predictor, tmp_path):
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 
-def test_skip_option_records_skipped_rows(trained, predictor, tmp_path):
-    root, _ = trained
+def test_skip_option_records_skipped_rows(demo_checkpoint, predictor, tmp_path):
+    root, _ = demo_checkpoint
     frame = pd.read_csv(annotations_path(root, "test"))
     frame.loc[2, "Crop_name"] = "crop_arr_test_missing.npy"
     frame.loc[9, "Crop_name"] = "../escape.npy"
@@ -148,8 +138,8 @@ def test_skip_option_records_skipped_rows(trained, predictor, tmp_path):
     assert [entry["row"] for entry in summary["skipped"]] == [2, 9]
 
 
-def test_input_errors_are_clear(trained, predictor, tmp_path):
-    root, _ = trained
+def test_input_errors_are_clear(demo_checkpoint, predictor, tmp_path):
+    root, _ = demo_checkpoint
     csv_path = annotations_path(root, "test")
     with pytest.raises(ValueError, match="pass img_dir"):
         predict_csv(predictor, csv_path, tmp_path / "a.csv", progress=False)
@@ -167,10 +157,10 @@ def test_input_errors_are_clear(trained, predictor, tmp_path):
         load_predictor(tmp_path / "missing.pt")
 
 
-def test_oversize_crop_is_skipped_or_named_before_its_pixels_are_read(trained, predictor, tmp_path):
+def test_oversize_crop_is_skipped_or_named_before_its_pixels_are_read(demo_checkpoint, predictor, tmp_path):
     # A crop whose header declares 100000 x 100000 x 3 (30 GB; a sparse file here): reading
     # it raised MemoryError, even with on_error="skip".
-    root, _ = trained
+    root, _ = demo_checkpoint
     img_dir = tmp_path / "img_arrs"
     img_dir.mkdir()
     frame = pd.read_csv(annotations_path(root, "test"))
@@ -216,8 +206,8 @@ def test_header_only_csv_gives_header_only_output(predictor, tmp_path):
     assert summary["rows_read"] == summary["rows_written"] == 0
 
 
-def test_body_context_model_reads_the_full_image(trained, tmp_path):
-    root, _ = trained
+def test_body_context_model_reads_the_full_image(demo_checkpoint, tmp_path):
+    root, _ = demo_checkpoint
     config = load_config(model={"backbone": "resnet18", "variant": "body_context"}, train=TINY)
     context_predictor = Predictor(build_model(config.model), config)  # untrained: shapes and wiring only
     csv_path = annotations_path(root, "test")
@@ -254,12 +244,12 @@ def test_retry_condition_skips_user_errors():
 
 
 @pytest.mark.slow
-def test_registered_mlflow_model_scores_like_its_checkpoint(trained, predictor, tmp_path):
+def test_registered_mlflow_model_scores_like_its_checkpoint(demo_checkpoint, predictor, tmp_path):
     import mlflow
 
     from emonet.tracking import configure_mlflow, log_emonet_model
 
-    root, checkpoint = trained
+    root, checkpoint = demo_checkpoint
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     try:
         experiment_id = configure_mlflow(f"sqlite:///{tmp_path / 'mlflow.db'}", "batch-tests")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from emonet.cli import main
-from emonet.schema import ANNOTATIONS_DIRNAME, FACE_VISIBILITY_COLUMN, annotations_path, arrays_dir
+from emonet.schema import ANNOTATIONS_DIRNAME, EMOTIONS, FACE_VISIBILITY_COLUMN, annotations_path, arrays_dir
 
 
 def test_make_demo_data_visibility_and_normalize(tmp_path, capsys):
@@ -132,3 +132,29 @@ def test_predict_max_pixels_skips_or_names_the_row(tiny_checkpoint, tmp_path, ca
     assert main([*base, "--out", str(tmp_path / "skip.csv"), "--max-pixels", "1599", "--on-error", "skip"]) == 0
     skipped = pd.read_csv(tmp_path / "skip.skipped.csv")
     assert skipped["row"].tolist() == [0, 1] and skipped["reason"].str.contains("over the limit of 1,599").all()
+
+
+def test_benchmark_writes_the_table(demo_checkpoint, tmp_path, capsys):
+    root, checkpoint = demo_checkpoint
+    out = tmp_path / "bench"
+    args = ["benchmark", "--model", str(checkpoint), "--annotations", str(annotations_path(root, "test")),
+            "--img-dir", str(arrays_dir(root)), "--out-dir", str(out), "--n-resamples", "50", "--seed", "1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "mAP_voc11" in printed and "benchmark.md" in printed
+    table = pd.read_csv(out / "benchmark.csv")
+    assert table[(table.section == "emotion") & (table.metric == "support")].name.tolist() == list(EMOTIONS)
+    assert "50 resamples, seed 1" in (out / "benchmark.md").read_text(encoding="utf-8")
+
+
+def test_benchmark_errors_are_one_line(fake_archive, tmp_path, capsys):
+    base = ["benchmark", "--model", str(tmp_path / "missing.pt"), "--img-dir", str(arrays_dir(fake_archive)),
+            "--out-dir", str(tmp_path / "out")]
+    assert main([*base, "--annotations", str(tmp_path / "missing.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("emonet benchmark: error: annotation CSV not found") and "Traceback" not in err
+    test_csv = str(annotations_path(fake_archive, "test"))
+    assert main([*base, "--annotations", test_csv, "--confidence", "1.5"]) == 2
+    assert "confidence must lie strictly between 0 and 1, got 1.5" in capsys.readouterr().err  # before the model
+    assert main([*base, "--annotations", test_csv]) == 2
+    assert "missing.pt" in capsys.readouterr().err

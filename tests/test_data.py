@@ -228,10 +228,12 @@ def test_dataset_items_on_quirky_rows(fake_archive):
     assert item["affect"].shape == (2,) and item["affect"].abs().max() <= 1
     expected = 2 * (df.loc[0, "Valence"] - 1) / 9 - 1
     assert item["affect"][0].item() == pytest.approx(expected, abs=1e-6)
-    x0, y0, x1, y1 = item["box"].tolist()
-    assert 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1
-    # The swapped row's box, rescaled to the half-size array, matches the unswapped one.
-    assert item["box"].tolist() == pytest.approx([0.05, 5 / 120, 0.45, 115 / 120], abs=0.02)
+    # The swapped row's box, rescaled to its half-size full image, matches the unswapped one.
+    image = load_array(arrays_dir(fake_archive), df.loc[0, "Arr_name"])
+    height, width = image.shape[:2]
+    x0, y0, x1, y1 = scaled_box(df.loc[0], image.shape)
+    assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+    assert [x0 / width, y0 / height, x1 / width, y1 / height] == pytest.approx([0.05, 5 / 120, 0.45, 115 / 120], abs=0.02)
 
 
 def test_dataset_applies_transform_to_both_streams(fake_archive):

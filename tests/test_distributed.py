@@ -212,16 +212,18 @@ def test_prefect_task_trains_with_torchrun_and_the_checkpoint_serves(prefect_env
     client = MlflowClient(tracking_uri=prefect_env["tracking_uri"])
     run_id = client.create_run(client.create_experiment(f"ddp-{tmp_path.name}")).info.run_id
 
-    state = train_model(
-        run_id, train_csv, val_csv, img_dir, tmp_path / "checkpoints", normalization_json,
-        model={"backbone": "resnet18"}, loss={},
+    config = load_config(
+        model={"backbone": "resnet18"},
         train={"image_size": 32, "batch_size": 4, "epochs": 1, "num_workers": 0, "device": "cpu",
                "distributed": {"nproc_per_node": 2}},
-        return_state=True,
+    )
+    state = train_model(
+        run_id=run_id, config=config, train_csv=train_csv, val_csv=val_csv, img_dir=img_dir,
+        checkpoint_dir=tmp_path / "checkpoints", normalization_json=normalization_json, return_state=True,
     )
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["best_epoch"] == 1 and result["best_checkpoint"] == tmp_path / "checkpoints" / "best.pt"
+    assert result.best_epoch == 1 and result.best_checkpoint == tmp_path / "checkpoints" / "best.pt"
 
     # Rank 0 logged the epoch to the MLflow run; the task logged the effective batch.
     assert [metric.step for metric in client.get_metric_history(run_id, "val_mAP")] == [1]
@@ -235,7 +237,7 @@ def test_prefect_task_trains_with_torchrun_and_the_checkpoint_serves(prefect_env
     assert "rank 0 INFO emonet.train: epoch 1/1" in messages
 
     # The distributed checkpoint serves in a single process.
-    predictor = Predictor.from_checkpoint(result["best_checkpoint"], normalizer=normalization_json)
+    predictor = Predictor.from_checkpoint(result.best_checkpoint, normalizer=normalization_json)
     predictions = predictor.predict(EmoticDataset(val_csv, img_dir, transform=predictor.transform))
     assert predictions.emotion_prob.shape == (N_VAL, NUM_EMOTIONS)
     assert np.isfinite(predictions.emotion_prob).all()

@@ -16,6 +16,8 @@ from PIL import Image, ImageFile
 
 from emonet.images import (
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_REQUEST_PIXELS,
+    DEFAULT_MAX_ROWS,
     ImageTooLargeError,
     decode_image_b64,
     read_confined_image,
@@ -198,6 +200,25 @@ def test_pyfunc_refuses_rows_over_the_pixel_limit_naming_the_row(checkpoint, tmp
                                           "image_b64": [_b64(_png_bytes(small)), None]}))
     # The default, when the logged model_config has no such key: 40 Mpx.
     assert _load_pyfunc(checkpoint, tmp_path).max_pixels == DEFAULT_MAX_PIXELS
+
+
+def test_pyfunc_bounds_a_request_by_rows_and_total_pixels_before_decoding(checkpoint, tmp_path, monkeypatch):
+    from emonet.pyfunc_model import InvalidModelInput
+
+    image = _b64(_png_bytes(np.zeros((20, 30, 3), dtype=np.uint8)))  # 600 pixels
+    np.save(tmp_path / "a.npy", np.zeros((20, 30, 3), dtype=np.uint8))
+    model = _load_pyfunc(checkpoint, tmp_path, inference_max_rows=3, inference_max_request_pixels=1500)
+    assert len(model.predict(None, pd.DataFrame({"image_b64": [image] * 2}))) == 2
+    forbid_decoding(monkeypatch)
+    with pytest.raises(InvalidModelInput, match="4 rows in one request is over the limit of 3 rows per request"):
+        model.predict(None, pd.DataFrame({"image_b64": [image] * 4}))
+    with pytest.raises(InvalidModelInput, match=r"rows 0-2 hold 1,800 pixels, over the limit of 1,500 pixels per request"):
+        model.predict(None, pd.DataFrame({"image_path": [None, None, str(tmp_path / "a.npy")], "image_b64": [image, image, None]}))
+    # The defaults, when the logged model_config has no such keys.
+    default = _load_pyfunc(checkpoint, tmp_path)
+    assert (default.max_rows, default.max_request_pixels) == (DEFAULT_MAX_ROWS, DEFAULT_MAX_REQUEST_PIXELS) == (256, 200_000_000)
+    with pytest.raises(ValueError, match="inference_max_rows must be a positive int"):
+        _load_pyfunc(checkpoint, tmp_path, inference_max_rows=0)
 
 
 def test_pyfunc_confines_paths_to_the_image_root(checkpoint, tree, tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from emonet.io import (
     write_csv_atomic,
     write_json_atomic,
 )
+from emonet.cli import main
 from emonet.schema import annotations_path, arrays_dir
 
 
@@ -103,6 +104,71 @@ def test_check_not_inputs_refuses_any_alias_and_names_both(aliases, tmp_path):
     # Distinct files, None and in-memory objects pass.
     check_not_inputs({"out_csv": tmp_path / "o.csv", "plot": None}, {"in": source, "model": object(), "n": None})
     assert source.read_text() == "a\n1\n"
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """An image folder with one crop, and a folder beside it."""
+    img_dir = tmp_path / "img_arrs"
+    img_dir.mkdir()
+    np.save(img_dir / "crop_arr_test_3.npy", np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / "elsewhere").mkdir()
+    return img_dir
+
+
+def test_outputs_inside_the_image_folder_are_refused_however_spelled(image_folder, tmp_path):
+    crop = image_folder / "crop_arr_test_3.npy"
+    (tmp_path / "elsewhere" / "link_to_img").symlink_to(image_folder)
+    os.link(crop, tmp_path / "elsewhere" / "hard.npy")
+    for out in (
+        crop,  # an image
+        image_folder / "new_predictions.csv",  # a new file among the images
+        tmp_path / "elsewhere" / ".." / "img_arrs" / "crop_arr_test_3.npy",
+        tmp_path / "elsewhere" / "link_to_img" / "crop_arr_test_3.npy",
+    ):
+        with pytest.raises(ValueError, match="lies inside the image folder"):
+            check_not_inputs({"out_csv": out}, {}, image_dir=image_folder)
+    with pytest.raises(ValueError, match="hard link to an image"):
+        check_not_inputs({"plot": tmp_path / "elsewhere" / "hard.npy"}, {}, image_dir=image_folder)
+    check_not_inputs({"out_csv": tmp_path / "elsewhere" / "fine.csv"}, {}, image_dir=image_folder)
+    assert np.load(crop).shape == (4, 4, 3)
+
+
+def test_an_output_that_is_a_listed_image_is_refused(tmp_path):
+    picture = tmp_path / "photos" / "a.png"
+    picture.parent.mkdir()
+    picture.write_bytes(b"not really a png")
+    (tmp_path / "photos" / "alias.png").symlink_to(picture)
+    listed = [tmp_path / "photos" / "missing.png", tmp_path / "photos" / "alias.png"]
+    with pytest.raises(ValueError, match="is one of the images this command reads"):
+        check_not_inputs({"out_csv": picture}, {}, image_files=listed)
+    # The listed files are read only when an output exists.
+    check_not_inputs({"out_csv": tmp_path / "new.csv"}, {}, image_files=iter_that_fails())
+
+
+def iter_that_fails():
+    raise AssertionError("the image list was read although no output exists")
+    yield  # pragma: no cover
+
+
+def test_predict_refuses_outputs_among_its_images(tiny_checkpoint, tmp_path, capsys):
+    root = tiny_checkpoint["root"]
+    img_dir = arrays_dir(root)
+    crop = img_dir / pd.read_csv(annotations_path(root, "test"))["Crop_name"][0]
+    before = crop.read_bytes()
+    args = ["predict", "--model", str(tiny_checkpoint["checkpoint"]), "--input", str(annotations_path(root, "test"))]
+    assert main([*args, "--img-dir", str(img_dir), "--out", str(crop)]) == 2
+    assert "lies inside the image folder" in capsys.readouterr().err
+    # An image named in an image_path column, given as the output.
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    np.save(pictures / "one.npy", np.load(crop))
+    listed = tmp_path / "listed.csv"
+    pd.DataFrame({"image_path": ["pictures/one.npy"]}).to_csv(listed, index=False)
+    code = main(["predict", "--model", str(tiny_checkpoint["checkpoint"]), "--input", str(listed),
+                 "--out", str(pictures / "one.npy")])
+    assert code == 2 and "is one of the images this command reads" in capsys.readouterr().err
+    assert crop.read_bytes() == before and np.load(pictures / "one.npy").shape == np.load(crop).shape
 
 
 # --------------------------------------------------------------------------- commands use the guard

@@ -10,8 +10,11 @@ import sys
 
 import pytest
 
-SERVING = ["emonet.inference", "emonet.batch", "emonet.pyfunc_model", "emonet.tracking", "emonet.prediction"]
-# What the logged MLflow model loads and predicts with (tracking also re-scores champions).
+SERVING = [
+    "emonet.inference", "emonet.batch", "emonet.pyfunc_model", "emonet.tracking", "emonet.registry", "emonet.runs",
+    "emonet.prediction",
+]
+# What the logged MLflow model loads and predicts with (the registry also re-scores champions with it).
 SERVED_MODEL = ["emonet.inference", "emonet.batch", "emonet.pyfunc_model", "emonet.prediction"]
 TORCH_FREE = [
     "emonet.annotations", "emonet.normalize", "emonet.visibility", "emonet.visibility_split", "emonet.arrays", "emonet.affect",

@@ -14,24 +14,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import train_tiny_checkpoint
-from emonet.demo_data import make_demo_data
-from emonet.inference import PROB_COLUMNS, Predictor
+from emonet.inference import PROB_COLUMNS
+from emonet.normalize import AffectNormalizer
 from emonet.evaluation import SPLIT_REPORT_FILES
 from emonet.prediction import Predictions
 from emonet.metrics import affect_sample_error, confidence_score, sample_f1_score
-from emonet.review import SORT_OPTIONS, rank_samples, review_predictions_with_visualization
+from emonet.review import SORT_OPTIONS, rank_samples, review_predictions, review_predictions_with_visualization
 from emonet.schema import EMOTIONS, FACE_VISIBILITY_COLUMN, annotations_path, arrays_dir
 
 TINY = {"image_size": 32, "epochs": 1, "batch_size": 8, "num_workers": 0, "device": "cpu", "augment": False}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny demo archive and a resnet18 checkpoint trained on it for one epoch."""
-    base = tmp_path_factory.mktemp("review")
-    root = make_demo_data(base / "demo", seed=1, n_train=16, n_val=8, n_test=10, size=40)
-    return root, train_tiny_checkpoint(root, base / "ckpt", batch_size=8, augment=False)
 
 
 # --------------------------------------------------------------------------- per-sample scores
@@ -114,9 +105,9 @@ EXPECTED_ORDER = {
 
 
 @pytest.fixture
-def constructed(trained, tmp_path):
-    """A 6-row split with chosen labels and a predictor whose outputs are chosen too."""
-    root, checkpoint = trained
+def constructed(demo_checkpoint, tmp_path):
+    """A 6-row split with chosen labels, and chosen predictions of it at 0.5 thresholds."""
+    root, _ = demo_checkpoint
     frame = pd.read_csv(annotations_path(root, "test")).head(len(CASES)).copy()
     probs = np.empty((len(CASES), len(EMOTIONS)), dtype=np.float32)
     affect = np.empty((len(CASES), 2), dtype=np.float32)
@@ -129,10 +120,8 @@ def constructed(trained, tmp_path):
     csv_path = tmp_path / "constructed.csv"
     frame.to_csv(csv_path, index=False)
 
-    predictor = Predictor.from_checkpoint(checkpoint)
-    predictor.thresholds = np.full(len(EMOTIONS), 0.5)
     predictions = Predictions(emotion_prob=probs, affect_pred=affect, indices=np.arange(len(CASES)))
-    return predictor, csv_path, arrays_dir(root), frame, predictions
+    return csv_path, arrays_dir(root), frame, predictions
 
 
 @pytest.fixture
@@ -151,11 +140,11 @@ def no_split_figures(monkeypatch):
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
 @pytest.mark.parametrize("sort_by", SORT_OPTIONS)
 def test_each_sort_by_orders_the_review(constructed, no_split_figures, tmp_path, sort_by):
-    predictor, csv_path, img_dir, frame, predictions = constructed
+    csv_path, img_dir, frame, predictions = constructed
     out = tmp_path / f"review_{sort_by}"
-    table = review_predictions_with_visualization(
-        predictor, csv_path, img_dir, out, num_samples=3, detailed_samples=1, sort_by=sort_by, seed=5, progress=False,
-        predictions=predictions,
+    table = review_predictions(
+        predictions, csv_path, img_dir, out, thresholds=np.full(len(EMOTIONS), 0.5), normalizer=AffectNormalizer(),
+        model_name="chosen outputs", num_samples=3, detailed_samples=1, sort_by=sort_by, seed=5, progress=False,
     )
     assert table["rank"].tolist() == list(range(1, len(CASES) + 1))
     by_row = table.sort_values("csv_row")
@@ -183,6 +172,19 @@ def test_each_sort_by_orders_the_review(constructed, no_split_figures, tmp_path,
     assert summary["mean_sample_f1"] == pytest.approx(np.mean([1, 1, 2 / 3, 0, 0, 1]))
 
 
+def test_review_refuses_predictions_of_another_split(constructed, tmp_path):
+    csv_path, img_dir, _, predictions = constructed
+    fewer = Predictions(
+        emotion_prob=predictions.emotion_prob[:3], affect_pred=predictions.affect_pred[:3], indices=np.arange(3)
+    )
+    with pytest.raises(ValueError, match="predictions cover 3 rows, not the 6 rows of constructed.csv"):
+        review_predictions(
+            fewer, csv_path, img_dir, tmp_path / "out", thresholds=np.full(len(EMOTIONS), 0.5),
+            normalizer=AffectNormalizer(), model_name="chosen outputs",
+        )
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- files of a real review
 
 
@@ -195,8 +197,8 @@ class _Links(HTMLParser):
         self.links += [value for key, value in attrs if key in ("src", "href") and value]
 
 
-def test_review_writes_every_promised_file(trained, tmp_path, caplog):
-    root, checkpoint = trained
+def test_review_writes_every_promised_file(demo_checkpoint, tmp_path, caplog):
+    root, checkpoint = demo_checkpoint
     frame = pd.read_csv(annotations_path(root, "test"))
     frame[FACE_VISIBILITY_COLUMN] = np.linspace(0.0, 100.0, len(frame))
     csv_path = tmp_path / "test_with_visibility.csv"
@@ -211,7 +213,7 @@ def test_review_writes_every_promised_file(trained, tmp_path, caplog):
             str(checkpoint), csv_path, arrays_dir(root), out, num_samples=50, detailed_samples=2, sort_by="worst",
             progress=False,
         )
-    assert "num_samples=50 exceeds the 10 samples" in caplog.text
+    assert f"num_samples=50 exceeds the {len(frame)} samples" in caplog.text
     assert len(table) == len(frame) and table["selected"].all()
     assert set(table["crop_name"]) == set(frame["Crop_name"])
     assert list(PROB_COLUMNS) == [c for c in table.columns if c.startswith("prob_")]
@@ -222,7 +224,7 @@ def test_review_writes_every_promised_file(trained, tmp_path, caplog):
     assert table["f1"].is_monotonic_increasing  # worst first
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_samples"] == 10 and summary["n_selected"] == 10 and summary["n_detailed"] == 2
+    assert summary["n_samples"] == summary["n_selected"] == len(frame) and summary["n_detailed"] == 2
     assert 0.0 <= summary["mAP"] <= 1.0 and 0.0 <= summary["f1_macro"] <= 1.0
     assert summary["mean_sample_f1"] == pytest.approx(table["f1"].mean())
     assert summary["sort_by"] == "worst" and summary["seed"] == 0

@@ -69,7 +69,8 @@ def test_make_serve_answers_an_image_b64_row(champion_store, tmp_path):
     with open(log_path, "wb") as log:
         # -o: the venv running this test is never reinstalled from here.
         server = subprocess.Popen(
-            ["make", "-o", ".venv/.installed-stamp", "serve", f"MODEL=models:/{MODEL_NAME}@champion", f"PORT={port}"],
+            ["make", "-o", ".venv/.installed-stamp", "serve", f"MODEL=models:/{MODEL_NAME}@champion", f"PORT={port}",
+             "WORKERS=2"],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
@@ -97,6 +98,14 @@ def test_make_serve_answers_an_image_b64_row(champion_store, tmp_path):
         bad = {"dataframe_split": {"columns": ["image_b64"], "data": [[_png_b64(image)], ["not-an-image"]]}}
         response = requests.post(f"{url}/invocations", json=bad, timeout=60)
         assert response.status_code == 400 and "row 1" in response.text, response.text
+
+        # Bounded requests: too many rows, or too many pixels in all (each image under its own limit).
+        tiny = _png_b64(image[:8, :8])
+        response = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image_b64": tiny}] * 257}, timeout=60)
+        assert response.status_code == 400 and "inference_max_rows" in response.text, response.text
+        large = _png_b64(np.zeros((6300, 6300, 3), dtype=np.uint8))  # 39.7 Mpx, a few KB as PNG
+        response = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image_b64": large}] * 6}, timeout=60)
+        assert response.status_code == 400 and "inference_max_request_pixels" in response.text, response.text
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # make's own session: make, mlflow and uvicorn
         try:
@@ -104,3 +113,18 @@ def test_make_serve_answers_an_image_b64_row(champion_store, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=10)
+
+
+def test_make_serve_gives_each_worker_its_share_of_the_cores():
+    def dry_run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["make", "-n", "-o", ".venv/.installed-stamp", "serve", *args],
+                              cwd=REPO, capture_output=True, text=True)
+
+    cores = len(os.sched_getaffinity(0))
+    for workers in (1, 2, 64):
+        command = dry_run(f"WORKERS={workers}").stdout
+        assert f"--workers {workers}" in command
+        assert f"OMP_NUM_THREADS={max(1, cores // workers)} " in command
+    refused = subprocess.run(["make", "-o", ".venv/.installed-stamp", "serve", "WORKERS=0"],
+                             cwd=REPO, capture_output=True, text=True)
+    assert refused.returncode != 0 and "WORKERS must be a positive integer, got '0'" in refused.stderr

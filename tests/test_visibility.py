@@ -595,7 +595,7 @@ def test_dask_cluster_scores_like_the_local_path_and_reuses_cached_shards(prefec
         written = pd.read_csv(tmp_path / "out" / "visibility" / csv_path.name)[FACE_VISIBILITY_COLUMN].to_numpy()
         names = pd.read_csv(csv_path)["Crop_name"].tolist()
         np.testing.assert_array_equal(written, score_crops(img_dir, names, workers=1, progress=False))
-    assert first.result()["visibility"]["val"]["full"] == 2
+    assert first.result().visibility["val"]["full"] == 2
     assert _shard_states(first.state_details.flow_run_id) == ["Completed"] * n_shards
     assert _shard_states(second.state_details.flow_run_id) == ["Cached"] * n_shards
 

@@ -33,7 +33,7 @@ from emonet.schema import FACE_VISIBILITY_COLUMN, SCALE_MAX, SCALE_MIN
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SORT_OPTIONS", "rank_samples", "review_predictions_with_visualization"]
+__all__ = ["SORT_OPTIONS", "rank_samples", "review_predictions", "review_predictions_with_visualization"]
 
 GRID_FILE = "grid.png"
 SAMPLES_DIR = "samples"
@@ -45,6 +45,19 @@ AFFECT_KEYS: tuple[str, ...] = ("mae_valence", "mae_arousal", "mae_valence_1_10"
 
 def _finite_or_none(value: float) -> float | None:
     return float(value) if value is not None and np.isfinite(value) else None
+
+
+def _check_options(sort_by: str, num_samples: int, detailed_samples: int, seed: int) -> None:
+    check_sort_by(sort_by)
+    for name, value, minimum in (("num_samples", num_samples, 1), ("detailed_samples", detailed_samples, 0)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+
+
+def _output_files(output_dir: Path) -> list[Path]:
+    return [output_dir / name for name in (GRID_FILE, SUMMARY_FILE, INDEX_FILE, REVIEW_CSV, *SPLIT_REPORT_FILES.values())]
 
 
 def review_predictions_with_visualization(
@@ -61,10 +74,8 @@ def review_predictions_with_visualization(
     batch_size: int = 64,
     normalizer: AffectNormalizer | str | Path | None = None,
     progress: bool = True,
-    predictions: Predictions | None = None,
-    split_report: Mapping[str, Path] | None = None,
 ) -> pd.DataFrame:
-    """Predict a labelled split and write a visual review of the model into ``output_dir``.
+    """Load a model once, predict a labelled split and write its visual review (:func:`review_predictions`).
 
     Parameters
     ----------
@@ -72,15 +83,90 @@ def review_predictions_with_visualization(
         ``runs:/<run_id>/model``) or a :class:`~emonet.inference.Predictor` (see
         :func:`emonet.batch.load_predictor`). Its per-emotion thresholds decide the
         predicted sets, and its normalizer maps valence/arousal to the 1..10 scale.
+    device, batch_size, normalizer : for loading ``model`` (ignored for a Predictor).
+    test_csv_path, img_arrays_dir, output_dir, num_samples, detailed_samples, sort_by, seed, progress :
+        as for :func:`review_predictions`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table of :func:`review_predictions`.
+
+    Raises
+    ------
+    ValueError
+        As :func:`review_predictions`, or a bad model file.
+    FileNotFoundError
+        As :func:`review_predictions`, or the checkpoint is missing.
+
+    Examples
+    --------
+    >>> table = review_predictions_with_visualization(  # doctest: +SKIP
+    ...     "models:/emonet@champion", "data/emotic/annots_arrs/annot_arrs_test.csv",
+    ...     "data/emotic/img_arrs", "outputs/review", sort_by="worst")
+    >>> table.loc[table["selected"], ["crop_name", "f1", "pred_emotions"]]  # doctest: +SKIP
+    """
+    _check_options(sort_by, num_samples, detailed_samples, seed)
+    test_csv_path, img_dir, output_dir = Path(test_csv_path), Path(img_arrays_dir), Path(output_dir)
+    check_not_inputs(_output_files(output_dir), {"test_csv_path": test_csv_path, "model": model, "normalizer": normalizer})
+    if not img_dir.is_dir():
+        raise FileNotFoundError(f"image array folder not found: {img_dir}")
+    annotations = load_annotations(test_csv_path)
+    predictor = load_predictor(model, device=device, batch_size=batch_size, normalizer=normalizer)
+    dataset = EmoticDataset(annotations, img_dir, predictor.transform, with_context=predictor.needs_context)
+    return review_predictions(
+        predictor.predict(dataset, progress=progress, desc="review: predict"),
+        test_csv_path,
+        img_dir,
+        output_dir,
+        thresholds=predictor.thresholds,
+        normalizer=predictor.normalizer,
+        model_name=describe_model(model),
+        num_samples=num_samples,
+        detailed_samples=detailed_samples,
+        sort_by=sort_by,
+        seed=seed,
+        progress=progress,
+    )
+
+
+def review_predictions(
+    predictions: Predictions,
+    test_csv_path: str | Path,
+    img_arrays_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    thresholds: np.ndarray,
+    normalizer: AffectNormalizer,
+    model_name: str,
+    num_samples: int = 20,
+    detailed_samples: int = 20,
+    sort_by: str = "random",
+    seed: int = 0,
+    progress: bool = True,
+    split_report: Mapping[str, Path] | None = None,
+) -> pd.DataFrame:
+    """Write a visual review of a model's predictions of a labelled split into ``output_dir``.
+
+    No model is loaded: the predictions come from whoever predicted the split (e.g.
+    :attr:`emonet.evaluation.EvaluationReport.predictions`, or
+    :func:`review_predictions_with_visualization`).
+
+    Parameters
+    ----------
+    predictions : the model's predictions of the split, in row order.
     test_csv_path : a split CSV in the archive's format, raw (``annot_arrs_test.csv``)
         or normalized; read with :func:`emonet.data.load_annotations` (rows with
         invalid VAD are dropped and counted). True valence/arousal on [-1, 1] come
         from ``Valence_norm``/``Arousal_norm`` when present, else from the 1..10
-        ``Valence``/``Arousal`` through the model's normalizer.
+        ``Valence``/``Arousal`` through ``normalizer``.
     img_arrays_dir : the archive's ``img_arrs`` folder (crops, and full images for the
         detailed pages; a missing full image only leaves its panel empty).
     output_dir : created if needed and never wiped: files of the same name are
         replaced, others (e.g. pages of an earlier review) stay.
+    thresholds : the model's per-emotion thresholds ``(26,)``; they decide the predicted sets.
+    normalizer : maps valence/arousal between [-1, 1] and the 1..10 scale.
+    model_name : names the model in the page's title and ``summary.json``.
     num_samples : samples selected for the grid and the HTML table, the first of the
         ordering. Larger than the split: capped to the split's size with a logged
         warning. The grid image draws at most the first ``MAX_GRID_SAMPLES`` (100) of
@@ -92,11 +178,7 @@ def review_predictions_with_visualization(
         :func:`sample_f1_score`; ties by valence/arousal error, lower ranks better) or
         ``"confidence"`` (mean ``|prob - threshold|``, most confident first).
     seed : seeds the ``"random"`` order.
-    device, batch_size, normalizer : for loading ``model`` (ignored for a Predictor).
-    progress : tqdm bars over prediction batches and pages.
-    predictions : this model's predictions of the split, in row order (e.g.
-        :attr:`emonet.evaluation.EvaluationReport.predictions`), so a split evaluated
-        already is not predicted again; None predicts it here.
+    progress : a tqdm bar over the detailed pages.
     split_report : the files of :func:`emonet.evaluation.write_split_report` for these
         predictions (e.g. ``EvaluationReport.files``), which the page then links instead
         of writing them again; None writes them into ``output_dir``.
@@ -128,32 +210,23 @@ def review_predictions_with_visualization(
     ------
     ValueError
         An unknown ``sort_by`` (options listed), ``num_samples < 1``,
-        ``detailed_samples < 0``, a malformed CSV or image, or a bad model file.
+        ``detailed_samples < 0``, a malformed CSV or image, or predictions that do
+        not cover the split's rows in order.
     FileNotFoundError
-        The CSV, the image folder, a crop or the checkpoint is missing.
-
-    Examples
-    --------
-    >>> table = review_predictions_with_visualization(  # doctest: +SKIP
-    ...     "models:/emonet@champion", "data/emotic/annots_arrs/annot_arrs_test.csv",
-    ...     "data/emotic/img_arrs", "outputs/review", sort_by="worst")
-    >>> table.loc[table["selected"], ["crop_name", "f1", "pred_emotions"]]  # doctest: +SKIP
+        The CSV, the image folder or a crop is missing.
     """
-    check_sort_by(sort_by)
-    for name, value, minimum in (("num_samples", num_samples, 1), ("detailed_samples", detailed_samples, 0)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    _check_options(sort_by, num_samples, detailed_samples, seed)
     test_csv_path, img_dir, output_dir = Path(test_csv_path), Path(img_arrays_dir), Path(output_dir)
-    check_not_inputs(
-        [output_dir / name for name in (GRID_FILE, SUMMARY_FILE, INDEX_FILE, REVIEW_CSV, *SPLIT_REPORT_FILES.values())],
-        {"test_csv_path": test_csv_path, "model": model, "normalizer": normalizer},
-    )
+    check_not_inputs(_output_files(output_dir), {"test_csv_path": test_csv_path})
     if not img_dir.is_dir():
         raise FileNotFoundError(f"image array folder not found: {img_dir}")
     annotations = load_annotations(test_csv_path)
     n = len(annotations)
+    if len(predictions) != n or not np.array_equal(predictions.indices, np.arange(n)):
+        raise ValueError(
+            f"predictions cover {len(predictions)} rows, not the {n} rows of {test_csv_path.name} in order; "
+            "pass the predictions of this split (e.g. EvaluationReport.predictions)"
+        )
     if num_samples > n:
         logger.warning("num_samples=%d exceeds the %d samples of %s; showing all %d", num_samples, n,
                        test_csv_path.name, n)
@@ -163,30 +236,21 @@ def review_predictions_with_visualization(
         logger.warning("grid.png shows the first %d of the %d selected samples; index.html lists all",
                        MAX_GRID_SAMPLES, num_samples)
 
-    predictor = load_predictor(model, device=device, batch_size=batch_size, normalizer=normalizer)
-    if predictions is None:
-        dataset = EmoticDataset(annotations, img_dir, predictor.transform, with_context=predictor.needs_context)
-        predictions = predictor.predict(dataset, progress=progress, desc="review: predict")
-    elif len(predictions) != n or not np.array_equal(predictions.indices, np.arange(n)):
-        raise ValueError(
-            f"predictions cover {len(predictions)} rows, not the {n} rows of {test_csv_path.name} in order; "
-            "pass the predictions of this split (e.g. EvaluationReport.predictions)"
-        )
     probs, affect_pred = predictions.emotion_prob, predictions.affect_pred
     table, y_true = build_table(
-        annotations, probs, affect_pred, predictor, sort_by, int(seed), int(num_samples), detailed
+        annotations, probs, affect_pred, thresholds, normalizer, sort_by, int(seed), int(num_samples), detailed
     )
     has_visibility = FACE_VISIBILITY_COLUMN in table.columns
 
     output_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
-    title = (f"{describe_model(model)} on {test_csv_path.name}: {min(num_samples, MAX_GRID_SAMPLES)} of {n} samples, "
+    title = (f"{model_name} on {test_csv_path.name}: {min(num_samples, MAX_GRID_SAMPLES)} of {n} samples, "
              f"sorted by {sort_by}" + (f" (seed {seed})" if sort_by == "random" else ""))
     plot_grid(table, img_dir, output_dir / GRID_FILE, title)
     files["grid"] = GRID_FILE
 
     # Detailed pages, in rank order; only these rows' images are ever read for display.
-    low, high = float(min(predictor.normalizer.low)), float(max(predictor.normalizer.high))
+    low, high = float(min(normalizer.low)), float(max(normalizer.high))
     bounds = (min(low, SCALE_MIN), max(high, SCALE_MAX))
     digits = max(3, len(str(detailed)))
     pages = []
@@ -194,7 +258,7 @@ def review_predictions_with_visualization(
     for position, row in tqdm(list(by_rank.head(detailed).iterrows()), desc="review: pages", unit="page",
                               disable=not progress, dynamic_ncols=True):
         relative = f"{SAMPLES_DIR}/{page_name(int(row['rank']), row['crop_name'], digits)}"
-        plot_sample(row, img_dir, annotations.loc[position], predictor.thresholds, bounds, n, sort_by,
+        plot_sample(row, img_dir, annotations.loc[position], thresholds, bounds, n, sort_by,
                      has_visibility, output_dir / relative)
         table.at[position, "sample_page"] = relative
         pages.append(relative)
@@ -203,12 +267,12 @@ def review_predictions_with_visualization(
     # The whole split's table and figures: an evaluation's, linked, or written here.
     true_norm = table.sort_index()[["valence_true", "arousal_true"]].to_numpy()
     if split_report is None:
-        _, split_report = write_split_report(y_true, probs, predictor.thresholds, true_norm, affect_pred, output_dir)
+        _, split_report = write_split_report(y_true, probs, thresholds, true_norm, affect_pred, output_dir)
     files.update({key: Path(os.path.relpath(path, output_dir)).as_posix() for key, path in split_report.items()})
 
     common = {
-        "affect_true": true_norm, "affect_pred": affect_pred, "thresholds": predictor.thresholds,
-        "low": predictor.normalizer.low, "high": predictor.normalizer.high, "raw_true": raw_affect(annotations),
+        "affect_true": true_norm, "affect_pred": affect_pred, "thresholds": thresholds,
+        "low": normalizer.low, "high": normalizer.high, "raw_true": raw_affect(annotations),
     }
     try:
         scores = evaluate_predictions(y_true, probs, **common)
@@ -223,7 +287,7 @@ def review_predictions_with_visualization(
     mean_ap = scores["mAP"]
     ordered = table.sort_values("rank")
     summary: dict[str, Any] = {
-        "model": describe_model(model),
+        "model": model_name,
         "test_csv": str(test_csv_path),
         "img_arrays_dir": str(img_dir),
         "n_samples": n,

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from emonet.annotations import raw_affect
-from emonet.inference import PROB_COLUMNS, Predictor
+from emonet.inference import PROB_COLUMNS
 from emonet.metrics import affect_sample_error, binarize, confidence_score, sample_f1_score
 from emonet.normalize import AffectNormalizer
 from emonet.schema import AFFECT_NORM_COLUMNS, EMOTIONS, FACE_VISIBILITY_COLUMN
@@ -105,19 +105,20 @@ def build_table(
     annotations: pd.DataFrame,
     probs: np.ndarray,
     affect_pred: np.ndarray,
-    predictor: Predictor,
+    thresholds: np.ndarray,
+    normalizer: AffectNormalizer,
     sort_by: str,
     seed: int,
     num_samples: int,
     detailed: int,
 ) -> tuple[pd.DataFrame, np.ndarray]:
     y_true = annotations[list(EMOTIONS)].to_numpy(dtype=np.int64)  # (N, 26)
-    y_pred = binarize(probs, predictor.thresholds)  # (N, 26)
-    true_norm, true_raw = _affect_truth(annotations, predictor.normalizer)
-    pred_raw = predictor.normalizer.inverse_transform(affect_pred)
+    y_pred = binarize(probs, thresholds)  # (N, 26)
+    true_norm, true_raw = _affect_truth(annotations, normalizer)
+    pred_raw = normalizer.inverse_transform(affect_pred)
     f1 = sample_f1_score(y_true, y_pred)
     va_error = affect_sample_error(true_norm, affect_pred)
-    confidence = confidence_score(probs, predictor.thresholds)
+    confidence = confidence_score(probs, thresholds)
     order = rank_samples(sort_by, f1, va_error, confidence, seed)
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(1, len(order) + 1)
