@@ -508,7 +508,7 @@ def plot_visibility_histogram(scores: ArrayLike, path: str | Path, title: str | 
     ax.hist(valid, bins=np.linspace(0.0, 100.0, 21), color="tab:blue", edgecolor="white")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlim(0, 100)
-    ax.set_xlabel("Face visibility (% of Face Mesh landmarks inside the crop)")
+    ax.set_xlabel("Face visibility (% of face landmarks inside the crop)")
     ax.set_ylabel("Crops")
     ax.set_title(title if title is not None else "Face visibility of body crops")
     ax.grid(axis="y", alpha=0.3)

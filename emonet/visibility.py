@@ -61,8 +61,9 @@ FACE_LANDMARKER_OPTIONS: dict[str, Any] = {
 # column) to at most that side before scoring: the score, a ratio of landmarks inside
 # the crop, is kept, and only the rows used are read from a memory-mapped file. A crop
 # of more than MAX_CROP_PIXELS is scored NaN without reading it: no body crop of a
-# photo comes near (EMOTIC's largest photos have about 24 Mpx), and MediaPipe's image
-# code works in 32-bit sizes that such images overflow.
+# photo comes near (EMOTIC's largest photos have about 24 Mpx), and MediaPipe (the legacy
+# API at least) aborted the whole process on images whose byte count overflows OpenCV's
+# 32-bit sizes.
 MAX_SCORED_SIDE = 2048
 MAX_CROP_PIXELS = 100_000_000
 
@@ -289,7 +290,9 @@ def score_names(
     """Score crops in this process with :func:`thread_scorer`, without a progress bar.
 
     The unit of work sent to a pool worker: names go in, one float64 array and the
-    failures come back, so the parent handles a chunk, not each crop.
+    failures come back, so the parent handles a chunk, not each crop. The parent
+    sends the asset path it checked as ``face_landmarker``; None looks for it as
+    :func:`face_landmarker_path` says.
 
     Returns
     -------
