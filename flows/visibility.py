@@ -2,7 +2,7 @@
 cached shard tasks on this machine's process pool, or hands them to a Dask cluster (a
 subflow whose task runner is prefect-dask's ``DaskTaskRunner``) when ``dask_address`` is set.
 
-Each Dask worker process scores whole shards with one Face Mesh that it keeps for every
+Each Dask worker process scores whole shards with one face landmarker that it keeps for every
 shard it is sent (``emonet.visibility.thread_scorer``); shards are cached exactly as on
 the local path, so a rerun on either path reuses them.
 """
@@ -50,8 +50,8 @@ def dask_task_runner(dask_address: str) -> DaskTaskRunner:
             cluster_class="distributed.LocalCluster",
             cluster_kwargs={
                 "n_workers": default_workers(),
-                # Face Mesh runs single-threaded: one process per core uses every core
-                # without two Face Mesh graphs sharing a process.
+                # The landmarker computes on one core: one process per core uses every core
+                # without two landmarker graphs sharing a process.
                 "threads_per_worker": 1,
                 "processes": True,
                 "host": "127.0.0.1",
@@ -105,7 +105,7 @@ def score_visibility(
     ----------
     data_root : the archive root (``annots_arrs/`` and ``img_arrs/``).
     shard_size : rows per cached shard (:func:`tasks.data.score_visibility_shard`).
-    workers : Face Mesh processes per shard on this machine (None: all cores).
+    workers : face-landmarker processes per shard on this machine (None: all cores).
     parallel_shards : shards scored at the same time on this machine; each already
         uses ``workers`` processes, so the product is what the machine must hold.
     dask_address : empty for this machine; else ``local`` or a scheduler address
