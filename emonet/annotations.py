@@ -106,7 +106,7 @@ def load_annotations(csv_path: str | Path, *, strict: bool = False, invalid_affe
     bad_vad = vad.isna() | (vad < SCALE_MIN) | (vad > SCALE_MAX)
     invalid = []
     for row in np.flatnonzero(bad_vad.any(axis=1).to_numpy()):
-        values = {c: vad.at[row, c] for c in VAD_COLUMNS if bad_vad.at[row, c]}
+        values = {c: float(vad.at[row, c]) for c in VAD_COLUMNS if bad_vad.at[row, c]}
         invalid.append({"row": int(row), "reason": f"VAD outside [{SCALE_MIN:g}, {SCALE_MAX:g}] or NaN: {values}"})
     if invalid and strict:
         raise ValueError(f"{csv_path.name}: {len(invalid)} rows with invalid VAD, first: {invalid[0]}")

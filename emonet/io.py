@@ -8,7 +8,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import mmap
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -158,6 +160,7 @@ def read_csv(path: PathLike, **kwargs: Any) -> Any:
     CSV file: ...")``, also when they happen in a later chunk (``chunksize``).
     ``EmptyDataError`` passes through for the caller's own message.
     """
+    _check_parseable(path)
     try:
         result = pd.read_csv(path, **kwargs)
     except (UnicodeDecodeError, pd.errors.ParserError) as error:
@@ -165,6 +168,29 @@ def read_csv(path: PathLike, **kwargs: Any) -> Any:
     if kwargs.get("chunksize") is not None or kwargs.get("iterator"):
         return _named_chunks(result, path)
     return result
+
+
+# Two inputs crash pandas 2.3's C parser (a segmentation fault, no exception), so they are
+# refused before it sees them: NUL bytes (with quotes about, they corrupt its tokenizer;
+# a text CSV holds none, a binary file does), and a field that starts as a number whose
+# exponent has 10 or more digits (possibly quoted, whatever follows): an exponent of 2**31
+# or more, e.g. "3E2147483648", crashes its number parser, and no real value needs one.
+_EXPONENT_OVERFLOW = re.compile(rb'(?:^|[,\n"])\s*[+-]?(?:\d+\.?\d*|\.\d+)[eE][+-]?\d{10,}')
+
+
+def _check_parseable(path: PathLike) -> None:
+    """Refuse, before pandas parses it, a CSV holding what would crash pandas (see above)."""
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            nul_at = data.find(b"\x00")
+            match = _EXPONENT_OVERFLOW.search(data) if nul_at < 0 else None
+            number = match.group().strip(b',\n" ').decode("ascii", "replace") if match is not None else None
+    except (OSError, ValueError):  # missing, a folder, or empty (mmap refuses 0 bytes): pandas says
+        return
+    if nul_at >= 0:
+        raise ValueError(f"{path}: not a CSV file: a NUL byte at offset {nul_at} (binary data)")
+    if number is not None:
+        raise ValueError(f"{path}: not a valid CSV number: {number[:40]!r} (an exponent of 10 or more digits)")
 
 
 def _named_chunks(reader: Any, path: PathLike) -> Iterator[pd.DataFrame]:

@@ -282,7 +282,7 @@ def test_ensure_writable_dir_on_a_read_only_folder(tmp_path):
 def test_read_csv_names_a_file_that_is_not_a_csv(tmp_path):
     binary = tmp_path / "image.csv"
     binary.write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(ValueError, match=f"{binary}: not a CSV file: 'utf-8' codec can't decode"):
+    with pytest.raises(ValueError, match=f"{binary}: not a CSV file: a NUL byte at offset 0"):
         read_csv(binary)
     late = tmp_path / "late.csv"
     late.write_bytes(b"a,b\n" + b"1,2\n" * 5000 + b"\x89\xff,3\n")  # fails in a later chunk
@@ -299,3 +299,23 @@ def test_read_csv_names_a_file_that_is_not_a_csv(tmp_path):
     good = tmp_path / "good.csv"
     good.write_text("a,b\n1,007\n")
     assert read_csv(good, dtype={"b": str}).to_dict("records") == [{"a": 1, "b": "007"}]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"a,b\n1,\"x\x00\"\n", r"not a CSV file: a NUL byte at offset 8"),
+        (b"a,b\n1,3E2147483648\n", r"not a valid CSV number: '3E2147483648'"),
+        (b"a,b\n1,\"3.e4114422366x7\"\n", r"not a valid CSV number: '3.e4114422366"),
+    ],
+    ids=["nul-byte", "exponent-overflow", "exponent-overflow-prefix"],
+)
+def test_read_csv_refuses_what_crashes_pandas(tmp_path, content, message):
+    # Each of these crashed the process (a segmentation fault in pandas' C parser).
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        read_csv(path)
+    # Ordinary exponents, and names that merely contain digits after an e, still read.
+    path.write_bytes(b"name,x\nphoto_1e1234567890.jpg,1e5\n")
+    assert read_csv(path)["x"].tolist() == [100000.0]
