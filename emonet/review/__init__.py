@@ -23,7 +23,12 @@ from emonet.batch import ModelSource, describe_model, load_predictor
 from emonet.data import EmoticDataset
 from emonet.evaluation import SPLIT_REPORT_FILES, write_split_report
 from emonet.io import check_not_inputs, write_csv_atomic, write_json_atomic
-from emonet.metrics import EVALUATION_KEYS, evaluate_predictions, metrics_by_visibility
+from emonet.metrics import (
+    EVALUATION_KEYS,
+    evaluate_predictions,
+    mean_voc11_average_precision_score,
+    metrics_by_visibility,
+)
 from emonet.normalize import AffectNormalizer
 from emonet.prediction import Predictions
 from emonet.review.drawing import MAX_GRID_SAMPLES, fmt, page_name, plot_grid, plot_sample
@@ -202,7 +207,8 @@ def review_predictions(
     ``true_vs_predicted.png``, ``cooccurrence_true.png``, ``cooccurrence_pred.png``,
     ``per_emotion_metrics.png``, ``affect_scatter.png`` and ``per_emotion.csv`` for
     the whole split; ``review.csv`` (the returned table); ``summary.json`` (counts,
-    mAP, F1 scores, mean per-sample F1, affect errors, ``sort_by``, ``seed``, files);
+    ``mAP`` and ``mAP_voc11``, F1 scores, mean per-sample F1, affect errors,
+    ``sort_by``, ``seed``, files);
     ``index.html``, which shows everything through relative links and opens from
     disk without a server.
 
@@ -276,9 +282,10 @@ def review_predictions(
     }
     try:
         scores = evaluate_predictions(y_true, probs, **common)
+        scores["mAP_voc11"] = mean_voc11_average_precision_score(y_true, probs)
     except ValueError as error:  # no emotion has a positive sample in this split
         logger.warning("metrics undefined on %s: %s", test_csv_path.name, error)
-        scores = dict.fromkeys(EVALUATION_KEYS, float("nan"))
+        scores = dict.fromkeys((*EVALUATION_KEYS, "mAP_voc11"), float("nan"))
     by_visibility = (
         metrics_by_visibility(y_true, probs, visibility=table.sort_index()[FACE_VISIBILITY_COLUMN], **common)
         if has_visibility
@@ -300,6 +307,7 @@ def review_predictions(
         "sort_by": sort_by,
         "seed": int(seed),
         "mAP": _finite_or_none(mean_ap),
+        "mAP_voc11": _finite_or_none(scores["mAP_voc11"]),
         "f1_macro": scores["f1_macro"],
         "f1_micro": scores["f1_micro"],
         "f1_samples": scores["f1_samples"],
