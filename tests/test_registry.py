@@ -420,9 +420,11 @@ def test_evaluation_review_and_registration_load_the_checkpoint_once(
     )
     assert len(loads) == 1, f"best.pt was loaded {len(loads)} times"
     assert index.is_file() and decision.version == "1" and decision.decision == "first_version"
-    assert json.loads((tmp_path / "review" / "summary.json").read_text())["mAP"] == pytest.approx(
-        evaluation.metrics["mAP"]
-    )
+    review = json.loads((tmp_path / "review" / "summary.json").read_text())
+    assert review["mAP"] == pytest.approx(evaluation.metrics["mAP"])
+    # The review shows the evaluation's intervals beside the mAPs.
+    assert review["intervals"]["mAP"]["low"] == pytest.approx(evaluation.intervals["mAP"].low)
+    assert f"[{evaluation.intervals['mAP'].low:.4f}, " in index.read_text(encoding="utf-8")
 
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from emonet.batch import ModelSource, describe_model, load_predictor
 from emonet.data import EmoticDataset
 from emonet.evaluation import SPLIT_REPORT_FILES, write_split_report
 from emonet.io import check_not_inputs, write_csv_atomic, write_json_atomic
+from emonet.bootstrap import BootstrapInterval
 from emonet.metrics import (
     EVALUATION_KEYS,
     evaluate_predictions,
@@ -150,6 +152,7 @@ def review_predictions(
     seed: int = 0,
     progress: bool = True,
     split_report: Mapping[str, Path] | None = None,
+    intervals: Mapping[str, BootstrapInterval] | None = None,
 ) -> pd.DataFrame:
     """Write a visual review of a model's predictions of a labelled split into ``output_dir``.
 
@@ -187,6 +190,9 @@ def review_predictions(
     split_report : the files of :func:`emonet.evaluation.write_split_report` for these
         predictions (e.g. ``EvaluationReport.files``), which the page then links instead
         of writing them again; None writes them into ``output_dir``.
+    intervals : bootstrap intervals of these predictions' metrics (e.g.
+        ``EvaluationReport.intervals``: ``mAP``, ``mAP_voc11``, ...), shown beside them on
+        the page and kept in ``summary.json``; None shows none.
 
     Returns
     -------
@@ -315,6 +321,7 @@ def review_predictions(
         "selected_mean_sample_f1": float(ordered["f1"].head(num_samples).mean()),
         **{key: _finite_or_none(scores[key]) for key in AFFECT_KEYS},
         "by_face_visibility": {key: _finite_or_none(value) for key, value in by_visibility.items()},
+        "intervals": {key: asdict(interval) for key, interval in (intervals or {}).items()},
         "selected": ordered["crop_name"].head(num_samples).tolist(),
         "files": {**files, "review_csv": REVIEW_CSV, "summary": SUMMARY_FILE, "index": INDEX_FILE},
     }

@@ -27,6 +27,14 @@ FIGURE_KEYS: tuple[str, ...] = (
 )
 
 
+def _interval(interval: dict[str, Any] | None) -> str:
+    """`` [low, high] (95% bootstrap)`` of a ``summary.json`` interval; empty without one."""
+    if not interval:
+        return ""
+    return (f" [{fmt(interval['low'], '.4f')}, {fmt(interval['high'], '.4f')}] "
+            f"({100 * interval['confidence']:g}% bootstrap)")
+
+
 def _href(relative: str) -> str:
     return html.escape(quote(relative), quote=True)
 
@@ -52,8 +60,9 @@ def write_index(path: Path, summary: dict[str, Any], table: pd.DataFrame, has_vi
              f"{fmt(summary['n_emotion'], '.0f')} / {fmt(summary['n_affect'], '.0f')}"),
             ("shown in grid", f"{summary['n_selected']} (sorted by {summary['sort_by']}, seed {summary['seed']})"),
             ("detailed pages", str(summary["n_detailed"])),
-            ("mAP (scikit-learn AP)", fmt(summary["mAP"], ".4f")),
-            ("mAP_voc11 (the EMOTIC authors' 11-point AP)", fmt(summary["mAP_voc11"], ".4f")),
+            ("mAP (scikit-learn AP)", fmt(summary["mAP"], ".4f") + _interval(summary["intervals"].get("mAP"))),
+            ("mAP_voc11 (the EMOTIC authors' 11-point AP)",
+             fmt(summary["mAP_voc11"], ".4f") + _interval(summary["intervals"].get("mAP_voc11"))),
             ("macro F1 / micro F1", f"{fmt(summary['f1_macro'], '.4f')} / {fmt(summary['f1_micro'], '.4f')}"),
             ("mean per-sample F1", fmt(summary["mean_sample_f1"], ".4f")),
             ("valence / arousal MAE (1-10)",
