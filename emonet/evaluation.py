@@ -13,7 +13,7 @@ import pandas as pd
 
 from emonet.annotations import raw_affect
 from emonet.benchmark import BENCHMARK_FILES, BenchmarkTable, benchmark_table, write_benchmark
-from emonet.bootstrap import DEFAULT_RESAMPLES, BootstrapInterval
+from emonet.bootstrap import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, BootstrapInterval, check_bootstrap_settings
 from emonet.data import EmoticDataset
 from emonet.io import check_not_inputs, write_csv_atomic, write_json_atomic
 from emonet.metrics import (
@@ -145,6 +145,7 @@ def evaluate_checkpoint(
         [out_dir / name for name in written],
         {"checkpoint": checkpoint, "annotations": annotations, "normalizer": normalizer, "validation": validation},
     )
+    check_bootstrap_settings(n_resamples, DEFAULT_CONFIDENCE)  # before any work, not after predicting
     normalizer = load_normalizer(normalizer)
     device_ = resolve_device(device)
     model, config, state = load_checkpoint(checkpoint, map_location=device_)
