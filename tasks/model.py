@@ -34,7 +34,6 @@ from emonet.normalize import AffectNormalizer
 from emonet.registry import (
     PromotionDecision,
     code_version,
-    describe_difference,
     find_run_version,
     promote_model,
     recipe_tags,
@@ -405,12 +404,9 @@ def version_description(evaluation: EvaluationReport, run_id: str, decision: Pro
         f" Validation mAP {evaluation.validation.metrics['mAP']:.4f} on split {evaluation.validation.split_id[:12]}."
         if evaluation.validation is not None else ""
     )
-    difference = (
-        f"; candidate - champion mAP {describe_difference(decision.difference)}" if decision.difference else ""
-    )
+    # The reason states the mAP difference and its interval when versions were compared.
     return (
         f"{', '.join(parts)} on test split {evaluation.split_id[:12]} ({100 * confidence:g}% bootstrap intervals; "
         f"MLflow run {run_id}).{validation} "
-        f"Promotion on the {decision.split} split {decision.split_id[:12]}: {decision.decision}{difference}: "
-        f"{decision.reason}"
+        f"Promotion on the {decision.split} split {decision.split_id[:12]}: {decision.decision}: {decision.reason}"
     )
