@@ -55,7 +55,10 @@ __all__ = [
 ]
 
 # Columns of ``per_emotion_report``, in order.
-REPORT_COLUMNS: tuple[str, ...] = ("average_precision", "precision", "recall", "f1", "support", "threshold")
+# ``average_precision`` is scikit-learn's AP, ``average_precision_voc11`` the EMOTIC authors' 11-point AP.
+REPORT_COLUMNS: tuple[str, ...] = (
+    "average_precision", "average_precision_voc11", "precision", "recall", "f1", "support", "threshold",
+)
 
 # Keys of ``evaluate_predictions``, in order; the training loop and MLflow log these.
 EVALUATION_KEYS: tuple[str, ...] = (
@@ -77,7 +80,7 @@ EVALUATION_KEYS: tuple[str, ...] = (
 # face (0 < score < 100), the whole face (100), and crops that could not be scored (NaN).
 VISIBILITY_GROUPS: tuple[str, ...] = ("none", "partial", "whole", "unreadable")
 # Metrics reported per group, as ``<metric>_face_<group>``.
-VISIBILITY_METRICS: tuple[str, ...] = ("n", "mAP", "f1_macro", "mae_valence_1_10", "mae_arousal_1_10")
+VISIBILITY_METRICS: tuple[str, ...] = ("n", "mAP", "mAP_voc11", "f1_macro", "mae_valence_1_10", "mae_arousal_1_10")
 
 
 def _check_numeric_2d(y: ArrayLike, name: str, expected: str) -> np.ndarray:
@@ -229,7 +232,7 @@ def per_emotion_report(
     thresholds: ArrayLike = 0.5,
     labels: Sequence[str] = EMOTIONS,
 ) -> pd.DataFrame:
-    """Average precision, precision, recall, F1 and support for every emotion.
+    """Average precision (both protocols), precision, recall, F1 and support for every emotion.
 
     Parameters
     ----------
@@ -245,8 +248,9 @@ def per_emotion_report(
     Returns
     -------
     pandas.DataFrame
-        Indexed by label name, columns ``average_precision, precision, recall, f1,
-        support, threshold``. ``support`` is the number of positive samples. AP is NaN
+        Indexed by label name, columns ``average_precision`` (scikit-learn's),
+        ``average_precision_voc11`` (:func:`voc11_average_precision_score`), ``precision,
+        recall, f1, support, threshold``. ``support`` is the number of positive samples. AP is NaN
         for labels with no positive sample (it is undefined there), and an
         ``UndefinedMetricWarning`` names them; precision/recall/F1 use
         ``zero_division=0``.
@@ -264,8 +268,10 @@ def per_emotion_report(
     defined = _warn_undefined_ap(y_true, labels)
 
     ap = np.full(y_true.shape[1], np.nan)
+    ap_voc11 = np.full(y_true.shape[1], np.nan)
     for j in np.flatnonzero(defined):
         ap[j] = average_precision_score(y_true[:, j], y_prob[:, j])
+        ap_voc11[j] = voc11_average_precision_score(y_true[:, j], y_prob[:, j])
     y_pred = binarize(y_prob, thresholds)
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, average=None, labels=range(y_true.shape[1]), zero_division=0
@@ -273,6 +279,7 @@ def per_emotion_report(
     report = pd.DataFrame(
         {
             "average_precision": ap,
+            "average_precision_voc11": ap_voc11,
             "precision": precision.astype(np.float64),
             "recall": recall.astype(np.float64),
             "f1": f1.astype(np.float64),
@@ -921,15 +928,18 @@ def face_visibility_groups(visibility: ArrayLike) -> np.ndarray:
     return groups.astype(str)
 
 
-def _group_emotion_scores(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.ndarray) -> tuple[float, float]:
-    """mAP and macro F1 of one group, over the labels with a positive in the group."""
+def _group_emotion_scores(
+    y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.ndarray
+) -> tuple[float, float, float]:
+    """mAP (both protocols) and macro F1 of one group, over the labels with a positive in the group."""
     present = np.flatnonzero(y_true.sum(axis=0) > 0)
     if len(present) == 0:
-        return float("nan"), float("nan")
+        return float("nan"), float("nan"), float("nan")
     mean_ap = mean_average_precision_score(y_true[:, present], y_prob[:, present])
+    mean_ap_voc11 = mean_voc11_average_precision_score(y_true[:, present], y_prob[:, present])
     y_pred = binarize(y_prob, thresholds)
     f1_macro = float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
-    return mean_ap, f1_macro
+    return mean_ap, mean_ap_voc11, f1_macro
 
 
 def metrics_by_visibility(
@@ -944,7 +954,7 @@ def metrics_by_visibility(
     *,
     raw_true: ArrayLike | None = None,
 ) -> dict[str, float]:
-    """mAP, macro F1 and 1..10 affect errors per face-visibility group.
+    """mAP (scikit-learn's and the 11-point one), macro F1 and 1..10 affect errors per face-visibility group.
 
     Rows are grouped by :func:`face_visibility_groups`. Within a group, mAP and macro
     F1 average over the labels that have a positive there (a label absent from a small
@@ -991,7 +1001,9 @@ def metrics_by_visibility(
         values = dict.fromkeys(VISIBILITY_METRICS, float("nan"))
         values["n"] = float(rows.sum())
         if rows.any():
-            values["mAP"], values["f1_macro"] = _group_emotion_scores(y_true[rows], y_prob[rows], thresholds)
+            values["mAP"], values["mAP_voc11"], values["f1_macro"] = _group_emotion_scores(
+                y_true[rows], y_prob[rows], thresholds
+            )
             errors = affect_errors(
                 affect_true[rows], affect_pred[rows], low, high, raw_true=raw[rows] if raw is not None else None
             )

@@ -1,20 +1,26 @@
-"""The EmoNet model registry: a new version takes the ``champion`` alias only when it beats
-the champion on the same test split (the champion is re-scored on a split it was never
+"""The EmoNet model registry: a new version takes the ``champion`` alias only when the
+evidence says it beats the champion on the same validation split (a paired bootstrap of
+the mAP difference over the same rows; the champion is re-scored on a split it was never
 scored on), under a lock so that concurrent registrations leave the better one champion."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
 import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -22,8 +28,16 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from emonet.annotations import load_annotations
 from emonet.batch import load_predictor
+from emonet.bootstrap import (
+    DEFAULT_CONFIDENCE,
+    DEFAULT_RESAMPLES,
+    BootstrapInterval,
+    check_bootstrap_settings,
+    paired_bootstrap_map_difference,
+)
 from emonet.data import EmoticDataset
 from emonet.metrics import mean_average_precision_score
+from emonet.prediction import Predictions
 from emonet.store import sqlite_lock, sqlite_path
 
 logger = logging.getLogger(__name__)
@@ -33,10 +47,17 @@ __all__ = [
     "CHAMPION",
     "DEMO_MODEL_NAME",
     "MODEL_NAME",
+    "PROMOTION_SPLITS",
+    "RECIPE_TAGS",
     "PromotionDecision",
+    "code_version",
+    "describe_difference",
     "find_run_version",
+    "predict_model_on_split",
     "promote_model",
-    "score_model_on_split",
+    "recipe_tags",
+    "recorded_maps",
+    "retraining_unneeded",
     "split_score_tag",
 ]
 
@@ -44,13 +65,20 @@ MODEL_NAME = "emonet"  # models trained on a real archive
 DEMO_MODEL_NAME = "emonet-demo"  # models trained on the generated demo data, kept apart
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-TEST_MAP_TAG = "test_mAP"  # version tag: the version's test mAP
-TEST_SPLIT_TAG = "test_split"  # version tag: fingerprint of the test split it was scored on
-TEST_MAP_METRIC = "test_mAP"  # run metric read when a champion predates the version tag
-# Version tag prefix: "test_mAP.<first 16 hex digits of a split fingerprint>" holds the
-# version's test mAP on that split (its own, or one it was re-scored on as champion).
-SPLIT_SCORE_TAG_PREFIX = "test_mAP."
+# The splits a promotion may be decided on: validation (the default; the test split then
+# never chooses) or test (the rule before validation decided).
+PROMOTION_SPLITS: tuple[str, ...] = ("val", "test")
+# Version tags "<split>_mAP" and "<split>_split": the version's own mAP on that split and
+# the split's fingerprint. A champion registered by hand may carry only its run's metric
+# "test_mAP", which is read in place of the tag for the test split.
+TEST_MAP_METRIC = "test_mAP"
+# Version tag prefix: "mAP.<first 16 hex digits of a split fingerprint>" holds the
+# version's mAP on that split (its own, or one it was re-scored on as champion).
+SPLIT_SCORE_TAG_PREFIX = "mAP."
 SPLIT_SCORE_TAG_DIGITS = 16
+# The predictions behind that score, kept in the version's run (artifact folder), so a
+# champion is re-scored on a split once, and a paired bootstrap can resample them.
+PREDICTIONS_ARTIFACT_DIR = "promotion"
 
 # How long a registration waits for another one's decide-and-alias step; the step
 # itself takes well under a second (re-scoring a champion happens outside the lock).
@@ -60,7 +88,10 @@ STALE_REGISTRY_LOCK_S = 3600.0
 # Attempts at the decision when other registrations keep moving the champion meanwhile.
 PROMOTION_ATTEMPTS = 5
 
-Decision = Literal["first_version", "promoted", "not_better", "champion_unavailable", "already_champion"]
+Decision = Literal[
+    "first_version", "promoted", "clearly_worse", "not_significantly_better", "champion_unavailable",
+    "already_champion",
+]
 
 
 @dataclass(frozen=True)
@@ -71,9 +102,25 @@ class PromotionDecision:
     alias: str  # CHAMPION or CHALLENGER
     decision: Decision
     reason: str  # one sentence, also the run's ``promotion_reason`` tag
-    new_map: float  # the version's test mAP
-    previous_map: float | None  # the champion's test mAP on the same split; None without one
+    new_map: float  # the version's mAP on the split that decided
+    previous_map: float | None  # the champion's mAP on the same split; None without one
     previous_version: str | None  # the champion before; None when there was none
+    split: str  # the split that decided: "val" or "test"
+    split_id: str  # its fingerprint
+    # mAP(candidate) - mAP(champion) on the split with its paired-bootstrap interval
+    # (low == high == estimate at confidence 0); None when nothing was compared
+    difference: BootstrapInterval | None = None
+    # The champion's recorded mAP on each of the run's splits by name ("val", "test"),
+    # None where it was never scored (see recorded_maps); filled by the caller that knows them
+    previous_maps: dict[str, float | None] = field(default_factory=dict)
+
+
+class _Rows(NamedTuple):
+    """A model's scored rows of one split: positions in the split's CSV, labels, probabilities."""
+
+    indices: np.ndarray  # (N,) int64
+    y_true: np.ndarray  # (N, 26)
+    y_prob: np.ndarray  # (N, 26)
 
 
 def find_run_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
@@ -85,34 +132,40 @@ def find_run_version(client: MlflowClient, name: str, run_id: str) -> ModelVersi
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
-def split_score_tag(test_split_id: str) -> str:
-    """The version tag holding a test mAP on the split ``test_split_id`` (a fingerprint)."""
-    return f"{SPLIT_SCORE_TAG_PREFIX}{test_split_id.removeprefix('sha256:')[:SPLIT_SCORE_TAG_DIGITS]}"
+def split_score_tag(split_id: str) -> str:
+    """The version tag holding an mAP on the split ``split_id`` (a fingerprint)."""
+    return f"{SPLIT_SCORE_TAG_PREFIX}{_short(split_id)}"
 
 
-def score_model_on_split(model_uri: str, test_csv: str | Path, img_dir: str | Path) -> float:
-    """Test mAP of a model on a labelled split: how a champion is re-scored on a new split.
+def _short(split_id: str) -> str:
+    return split_id.removeprefix("sha256:")[:SPLIT_SCORE_TAG_DIGITS]
+
+
+def predict_model_on_split(model_uri: str, split_csv: str | Path, img_dir: str | Path) -> Predictions:
+    """A model's predictions on a labelled split: how a champion is re-scored on a new split.
 
     Parameters
     ----------
     model_uri : an MLflow model URI (``models:/emonet/3``) or a checkpoint path,
         loaded with :func:`emonet.batch.load_predictor`.
-    test_csv : the split in the archive's layout: ``Crop_name`` (and ``Arr_name`` for
+    split_csv : the split in the archive's layout: ``Crop_name`` (and ``Arr_name`` for
         ``body_context`` models) and the 26 emotion columns.
     img_dir : the archive's ``img_arrs`` folder.
 
     Returns
     -------
-    float
-        :func:`emonet.metrics.mean_average_precision_score` of the model's probabilities.
+    Predictions
+        With ``emotions_true``; ``indices`` are row positions in ``split_csv``.
     """
     predictor = load_predictor(model_uri)
-    annotations = load_annotations(test_csv)
+    annotations = load_annotations(split_csv)
     dataset = EmoticDataset(annotations, img_dir, predictor.transform, with_context=predictor.needs_context)
     predictions = predictor.predict(dataset, desc="re-score")
-    score = mean_average_precision_score(predictions.emotions_true, predictions.emotion_prob)
-    logger.info("%s scores test mAP %.4f on %s (%d rows)", model_uri, score, test_csv, len(annotations))
-    return float(score)
+    logger.info(
+        "%s scores mAP %.4f on %s (%d rows)", model_uri,
+        mean_average_precision_score(predictions.emotions_true, predictions.emotion_prob), split_csv, len(annotations),
+    )
+    return predictions
 
 
 def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
@@ -131,55 +184,133 @@ def _finite(value: Any) -> float | None:
     return result if result is not None and math.isfinite(result) else None
 
 
-def _recorded_map(client: MlflowClient, version: ModelVersion, test_split_id: str) -> float | None:
-    """A version's recorded test mAP on ``test_split_id``, or None if it was never scored there.
+def _recorded_map(client: MlflowClient, version: ModelVersion, split: str, split_id: str) -> float | None:
+    """A version's recorded mAP on ``split_id``, or None if it was never scored there.
 
-    Its own split: the ``test_mAP`` tag, else its run's ``test_mAP`` metric (a version
-    registered by hand); another split: the ``test_mAP.<split>`` tag of a re-scoring.
+    Its own split: the ``<split>_mAP`` tag, else (test split) its run's ``test_mAP``
+    metric (a version registered by hand); another split: the ``mAP.<split>`` tag of a
+    re-scoring.
     """
     tags = version.tags
-    if tags.get(TEST_SPLIT_TAG) == test_split_id:
-        value: Any = tags.get(TEST_MAP_TAG)
-        if value is None and version.run_id:
+    if tags.get(f"{split}_split") == split_id:
+        value: Any = tags.get(f"{split}_mAP")
+        if value is None and split == "test" and version.run_id:
             try:
                 value = client.get_run(version.run_id).data.metrics.get(TEST_MAP_METRIC)
             except MlflowException:
                 value = None
         if _finite(value) is not None:
             return _finite(value)
-    return _finite(tags.get(split_score_tag(test_split_id)))
+    return _finite(tags.get(split_score_tag(split_id)))
 
 
-def _champion_map_on_split(
+def recorded_maps(
+    client: MlflowClient, name: str, version: str | None, split_ids: dict[str, str]
+) -> dict[str, float | None]:
+    """A version's recorded mAP on each split of ``split_ids`` (name -> fingerprint), None where never scored.
+
+    Its own score on its own split, or the one kept when it was re-scored there as
+    champion; nothing is re-scored here. An empty dict when ``version`` is None.
+    """
+    if version is None:
+        return {}
+    model_version = client.get_model_version(name, str(version))
+    return {split: _recorded_map(client, model_version, split, split_id) for split, split_id in split_ids.items()}
+
+
+def _predictions_artifact(split_id: str) -> str:
+    return f"{PREDICTIONS_ARTIFACT_DIR}/predictions-{_short(split_id)}.npz"
+
+
+def _save_rows(client: MlflowClient, run_id: str, split_id: str, rows: _Rows) -> None:
+    """Keep a version's scored rows of a split in its run, for later comparisons."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(_predictions_artifact(split_id)).name
+        np.savez_compressed(path, indices=rows.indices, y_true=rows.y_true, y_prob=rows.y_prob)
+        client.log_artifact(run_id, str(path), PREDICTIONS_ARTIFACT_DIR)
+
+
+def _load_rows(client: MlflowClient, version: ModelVersion, split_id: str) -> _Rows | None:
+    """A version's kept rows of a split (see :func:`_save_rows`), or None if it has none."""
+    artifact = _predictions_artifact(split_id)
+    if not version.run_id:
+        return None
+    try:
+        kept = {info.path for info in client.list_artifacts(version.run_id, PREDICTIONS_ARTIFACT_DIR)}
+        if artifact not in kept:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            with np.load(client.download_artifacts(version.run_id, artifact, tmp)) as data:
+                return _Rows(data["indices"], data["y_true"], data["y_prob"])
+    except (MlflowException, OSError, KeyError, ValueError):
+        logger.warning("the kept predictions of version %s on %s cannot be read; re-scoring it",
+                       version.version, split_id, exc_info=True)
+        return None
+
+
+def _rows_of(predictions: Predictions) -> _Rows:
+    if predictions.emotions_true is None:
+        raise ValueError("the candidate's predictions carry no emotions_true: predict a labelled split")
+    return _Rows(np.asarray(predictions.indices), np.asarray(predictions.emotions_true),
+                 np.asarray(predictions.emotion_prob))
+
+
+def _champion_on_split(
     client: MlflowClient,
     name: str,
     champion: ModelVersion,
-    test_split_id: str,
-    test_csv: str | Path | None,
+    split: str,
+    split_id: str,
+    split_csv: str | Path | None,
     img_dir: str | Path | None,
-) -> tuple[float | None, str | None]:
-    """The champion's test mAP on the candidate's split, recorded or re-scored now.
+    need_rows: bool,
+) -> tuple[float | None, _Rows | None, str | None]:
+    """The champion's mAP on the candidate's split and, when ``need_rows``, its scored rows.
 
-    Returns ``(score, None)``, or ``(None, why)`` when the champion cannot be scored
-    (it does not load or predict: deleted artifacts, incompatible code).
+    Recorded (a score tag; rows kept in its run) or re-scored now and then recorded.
+    Returns ``(score, rows, None)``, or ``(None, None, why)`` when the champion cannot
+    be scored (it does not load or predict: deleted artifacts, incompatible code).
     """
-    recorded = _recorded_map(client, champion, test_split_id)
-    if recorded is not None:
-        return recorded, None
-    if test_csv is None or img_dir is None:
+    if need_rows:
+        rows = _load_rows(client, champion, split_id)
+        if rows is not None:  # its score from the same rows the bootstrap resamples
+            return mean_average_precision_score(rows.y_true, rows.y_prob), rows, None
+    recorded = _recorded_map(client, champion, split, split_id)
+    if recorded is not None and not need_rows:
+        return recorded, None, None
+    if split_csv is None or img_dir is None:
         raise ValueError(
-            f"champion version {champion.version} of {name!r} was never scored on test split {test_split_id}: "
-            "pass test_csv and img_dir so that it can be re-scored"
+            f"champion version {champion.version} of {name!r} was never scored on {split} split {split_id}"
+            + (" (its predictions there are not kept)" if recorded is not None else "")
+            + ": pass split_csv and img_dir so that it can be re-scored"
         )
     uri = f"models:/{name}/{champion.version}"
-    logger.info("re-scoring champion %s on the candidate's test split %s", uri, test_split_id)
+    logger.info("re-scoring champion %s on the candidate's %s split %s", uri, split, split_id)
     try:
-        score = score_model_on_split(uri, test_csv, img_dir)
+        rows = _rows_of(predict_model_on_split(uri, split_csv, img_dir))
+        score = mean_average_precision_score(rows.y_true, rows.y_prob)
     except Exception as error:  # any failure to load or run the old model: it cannot defend its title
-        logger.warning("champion %s cannot be scored on %s", uri, test_csv, exc_info=True)
-        return None, f"{type(error).__name__}: {error}"
-    client.set_model_version_tag(name, champion.version, split_score_tag(test_split_id), repr(score))
-    return score, None
+        logger.warning("champion %s cannot be scored on %s", uri, split_csv, exc_info=True)
+        return None, None, f"{type(error).__name__}: {error}"
+    client.set_model_version_tag(name, champion.version, split_score_tag(split_id), repr(score))
+    if champion.run_id:
+        try:
+            _save_rows(client, champion.run_id, split_id, rows)
+        except (MlflowException, OSError):  # the comparison goes on; the next one re-scores again
+            logger.warning("could not keep champion %s's predictions on %s", uri, split_id, exc_info=True)
+    return score, rows, None
+
+
+def _paired_rows(candidate: _Rows, champion: _Rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels and both models' probabilities on the rows both scored, in one order."""
+    common, in_candidate, in_champion = np.intersect1d(candidate.indices, champion.indices, return_indices=True)
+    if len(common) < max(len(candidate.indices), len(champion.indices)):
+        logger.warning("the candidate scored %d rows and the champion %d; comparing on the %d both scored",
+                       len(candidate.indices), len(champion.indices), len(common))
+    y_true = candidate.y_true[in_candidate]
+    if not np.array_equal(y_true, champion.y_true[in_champion]):
+        raise ValueError("the candidate's and the champion's rows carry different labels: not the same split")
+    return y_true, candidate.y_prob[in_candidate], champion.y_prob[in_champion]
 
 
 @contextlib.contextmanager
@@ -237,109 +368,149 @@ def promote_model(
     client: MlflowClient,
     name: str,
     version: str | int,
-    test_map: float,
-    test_split_id: str,
+    candidate: Predictions | float,
+    split_id: str,
     run_id: str,
     *,
-    test_csv: str | Path | None = None,
+    split: str = "val",
+    split_csv: str | Path | None = None,
     img_dir: str | Path | None = None,
     min_improvement: float = 0.0,
+    confidence: float = DEFAULT_CONFIDENCE,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
 ) -> PromotionDecision:
-    """Give a new version the ``champion`` alias if it beats the champion, else ``challenger``.
+    """Give a new version the ``champion`` alias if the evidence says it beats the champion, else ``challenger``.
 
-    Like is compared with like: the champion's score on the candidate's test split is
-    its recorded one when it was scored on that split, else the champion is loaded from
-    the registry and re-scored on ``test_csv`` now (:func:`score_model_on_split`), and
-    the score is kept on the champion version as the tag ``test_mAP.<split>``. The
-    candidate becomes champion when its test mAP exceeds that score by more than
-    ``min_improvement``; a champion that cannot be loaded or scored is replaced.
+    Like is compared with like, on one split (``split``: validation by default, so the
+    test split never chooses and each version's test mAP stays an honest estimate): the
+    champion's predictions on the candidate's split are the ones kept in its run when it
+    was scored on that split, else the champion is loaded from the registry and
+    re-scored on ``split_csv`` now (:func:`predict_model_on_split`), and its score (tag
+    ``mAP.<split>``) and predictions (artifact ``promotion/predictions-<split>.npz`` of its
+    run) are kept. The rows are then resampled together
+    (:func:`~emonet.bootstrap.paired_bootstrap_map_difference`): the candidate becomes
+    champion when the lower end of the ``confidence`` interval of mAP(candidate) -
+    mAP(champion) exceeds ``min_improvement``. Otherwise it becomes challenger,
+    ``clearly_worse`` when the upper end is below 0, else ``not_significantly_better``.
+    ``confidence=0`` compares the point mAPs (any higher mAP by more than
+    ``min_improvement`` wins), for which a recorded score is enough. A champion that
+    cannot be loaded or scored is replaced.
 
     Concurrent registrations are safe: the decision and the alias move happen under a
     lock (a file beside a SQLite store, a lock entry in the registry otherwise), and a
     decision is remade if another registration moved the champion while this one was
     scoring it. So the better version ends as champion, whichever finishes first.
 
-    The version gets the tags ``test_mAP``, ``test_split`` and ``test_mAP.<split>``; the
-    run the tags ``promotion_decision``, ``promotion_reason``, ``promotion_alias``,
-    ``champion_previous_version`` and the metrics ``candidate_test_mAP`` and (when
-    known) ``champion_previous_test_mAP``, the champion's score on this split.
+    The version gets the tags ``<split>_mAP``, ``<split>_split`` and ``mAP.<split>`` (and
+    its predictions are kept in its run); the run the tags ``promotion_decision``,
+    ``promotion_reason``, ``promotion_alias``, ``promotion_split``,
+    ``promotion_split_id``, ``promotion_confidence``, ``champion_previous_version`` and
+    the metrics ``candidate_<split>_mAP`` and, when known,
+    ``champion_previous_<split>_mAP`` and ``promotion_difference_mAP`` with
+    ``promotion_difference_low`` and ``promotion_difference_high``.
 
     Parameters
     ----------
     client : an ``MlflowClient`` on the registry.
     name, version : the registered model version to place.
-    test_map : its test mAP (on the scale :func:`score_model_on_split` gives).
-    test_split_id : fingerprint of the test split, e.g. :func:`emonet.evaluation.split_fingerprint` of the test split.
+    candidate : the version's :class:`~emonet.prediction.Predictions` on the split
+        (with ``emotions_true``; ``indices`` are row positions in ``split_csv``), or only
+        its mAP there, which can be compared at ``confidence=0`` only.
+    split_id : fingerprint of the split, :func:`emonet.evaluation.split_fingerprint`.
     run_id : the run that produced the version; the decision is logged there.
-    test_csv, img_dir : the test split (archive layout) and its ``img_arrs`` folder, to
-        re-score a champion that was scored on another split (required then).
-    min_improvement : how much higher than the champion's the test mAP must be; 0.0
-        means strictly higher.
+    split : ``"val"`` or ``"test"``, the split's name (tags and metrics carry it).
+    split_csv, img_dir : the split (archive layout) and its ``img_arrs`` folder, to
+        re-score a champion that was not scored on it (required then).
+    min_improvement : the margin (mAP, 0-1 scale) the interval's lower end must exceed.
+    confidence : of the paired-bootstrap interval, in [0, 1); 0 compares point mAPs.
+    n_resamples, seed : of the bootstrap.
 
     Returns
     -------
     PromotionDecision
         The ``version``, its ``alias`` (``"champion"`` or ``"challenger"``), the
-        ``decision`` (``first_version``, ``promoted``, ``not_better``,
-        ``champion_unavailable`` or ``already_champion``), the ``reason`` (a sentence),
-        ``new_map``, ``previous_map`` (the champion's score on this split) and
-        ``previous_version`` (None when there was no champion).
+        ``decision`` (``first_version``, ``promoted``, ``clearly_worse``,
+        ``not_significantly_better``, ``champion_unavailable`` or ``already_champion``),
+        the ``reason`` (a sentence), ``new_map``, ``previous_map`` (the champion's mAP on
+        this split), ``previous_version`` (None when there was no champion), ``split``,
+        ``split_id`` and ``difference`` (the interval; None when nothing was compared).
 
     Raises
     ------
     ValueError
-        ``test_map`` or ``min_improvement`` is not a finite number (the latter >= 0),
-        ``test_split_id`` is empty, or a champion needs re-scoring without ``test_csv``.
+        A bad ``split``, ``min_improvement``, ``confidence`` or ``n_resamples``; an
+        empty ``split_id``; a candidate score that is not finite, or one without
+        predictions when a champion must be compared at ``confidence > 0``; a champion
+        that needs re-scoring without ``split_csv``.
     """
-    test_map = float(test_map)
-    if not math.isfinite(test_map):
-        raise ValueError(f"test_map must be a finite number, got {test_map}")
+    if split not in PROMOTION_SPLITS:
+        raise ValueError(f"split must be one of {list(PROMOTION_SPLITS)}, got {split!r}")
     min_improvement = float(min_improvement)
     if not (math.isfinite(min_improvement) and min_improvement >= 0):
         raise ValueError(f"min_improvement must be a finite number >= 0, got {min_improvement}")
-    if not isinstance(test_split_id, str) or not test_split_id.strip():
-        raise ValueError(f"test_split_id must be a non-empty string, got {test_split_id!r}")
+    confidence = float(confidence)
+    if confidence != 0.0:
+        check_bootstrap_settings(n_resamples, confidence)
+    if not isinstance(split_id, str) or not split_id.strip():
+        raise ValueError(f"split_id must be a non-empty string, got {split_id!r}")
+    rows = None if isinstance(candidate, (int, float)) else _rows_of(candidate)
+    new_map = float(candidate) if rows is None else mean_average_precision_score(rows.y_true, rows.y_prob)
+    if not math.isfinite(new_map):
+        raise ValueError(f"the candidate's mAP must be a finite number, got {new_map}")
     version = str(version)
     client.get_model_version(name, version)  # fails clearly on an unknown version
-    for key, value in (
-        (TEST_MAP_TAG, repr(test_map)),
-        (TEST_SPLIT_TAG, test_split_id),
-        (split_score_tag(test_split_id), repr(test_map)),
-    ):
+    for key, value in ((f"{split}_mAP", repr(new_map)), (f"{split}_split", split_id),
+                       (split_score_tag(split_id), repr(new_map))):
         client.set_model_version_tag(name, version, key, value)
+    if rows is not None:
+        _save_rows(client, run_id, split_id, rows)
 
     for _ in range(PROMOTION_ATTEMPTS):
         # Scoring the champion can take minutes (a re-scoring predicts the whole split),
         # so it happens outside the lock; under the lock, the champion must be unchanged.
         champion = _champion(client, name)
         previous_version = str(champion.version) if champion is not None else None
-        previous_map, unavailable = None, None
+        previous_map, difference, unavailable = None, None, None
         if champion is not None and previous_version != version:
-            previous_map, unavailable = _champion_map_on_split(
-                client, name, champion, test_split_id, test_csv, img_dir
+            if confidence > 0 and rows is None:
+                raise ValueError(
+                    f"comparing with champion version {previous_version} at confidence {confidence:g} needs the "
+                    "candidate's predictions, not only its mAP (or pass confidence=0)"
+                )
+            previous_map, champion_rows, unavailable = _champion_on_split(
+                client, name, champion, split, split_id, split_csv, img_dir, need_rows=confidence > 0
             )
+            if previous_map is not None:
+                difference = _difference(new_map, previous_map, rows, champion_rows, confidence, n_resamples, seed)
         elif champion is not None:
-            previous_map = test_map
+            previous_map = new_map
         with _promotion_lock(client, name):
             current = _champion(client, name)
             if (str(current.version) if current is not None else None) != previous_version:
                 logger.info("another registration moved the champion of %r meanwhile: deciding again", name)
                 continue
             alias, decision, reason = _decide(
-                version, test_map, previous_version, previous_map, unavailable, min_improvement
+                version, new_map, previous_version, previous_map, difference, unavailable, min_improvement, split
             )
             client.set_registered_model_alias(name, alias, version)
         break
     else:
         raise RuntimeError(f"the champion of {name!r} kept moving during {PROMOTION_ATTEMPTS} attempts; retry later")
 
-    client.set_tag(run_id, "promotion_decision", decision)
-    client.set_tag(run_id, "promotion_reason", reason)
-    client.set_tag(run_id, "promotion_alias", alias)
-    client.set_tag(run_id, "champion_previous_version", previous_version or "none")
-    client.log_metric(run_id, "candidate_test_mAP", test_map)
+    for key, value in (
+        ("promotion_decision", decision), ("promotion_reason", reason), ("promotion_alias", alias),
+        ("promotion_split", split), ("promotion_split_id", split_id), ("promotion_confidence", repr(confidence)),
+        ("champion_previous_version", previous_version or "none"),
+    ):
+        client.set_tag(run_id, key, value)
+    client.log_metric(run_id, f"candidate_{split}_mAP", new_map)
     if previous_map is not None:
-        client.log_metric(run_id, "champion_previous_test_mAP", previous_map)
+        client.log_metric(run_id, f"champion_previous_{split}_mAP", previous_map)
+    if difference is not None:
+        client.log_metric(run_id, "promotion_difference_mAP", difference.estimate)
+        client.log_metric(run_id, "promotion_difference_low", difference.low)
+        client.log_metric(run_id, "promotion_difference_high", difference.high)
     log = logger.warning if decision == "champion_unavailable" else logger.info
     log("%s version %s -> %s (%s): %s", name, version, alias, decision, reason)
     return PromotionDecision(
@@ -347,19 +518,53 @@ def promote_model(
         alias=alias,
         decision=decision,
         reason=reason,
-        new_map=test_map,
+        new_map=new_map,
         previous_map=previous_map,
         previous_version=previous_version,
+        split=split,
+        split_id=split_id,
+        difference=difference,
     )
+
+
+def _difference(
+    new_map: float,
+    champion_map: float,
+    rows: _Rows | None,
+    champion_rows: _Rows | None,
+    confidence: float,
+    n_resamples: int,
+    seed: int,
+) -> BootstrapInterval:
+    """mAP(candidate) - mAP(champion): paired-bootstrap interval, or the point difference at confidence 0."""
+    if confidence == 0.0 or rows is None or champion_rows is None:
+        estimate = new_map - champion_map
+        return BootstrapInterval(estimate=estimate, low=estimate, high=estimate, confidence=0.0, n_resamples=0,
+                                 seed=seed)
+    y_true, candidate_prob, champion_prob = _paired_rows(rows, champion_rows)
+    return paired_bootstrap_map_difference(
+        y_true, candidate_prob, champion_prob, n_resamples=n_resamples, confidence=confidence, seed=seed
+    )
+
+
+def describe_difference(difference: BootstrapInterval) -> str:
+    """A mAP difference as text: ``+0.0312 [+0.0104, +0.0527] (95% paired bootstrap, 1000 resamples)``,
+    or the point difference at confidence 0."""
+    if difference.confidence == 0.0:
+        return f"{difference.estimate:+.4f} (point estimates, confidence 0)"
+    return (f"{difference.estimate:+.4f} [{difference.low:+.4f}, {difference.high:+.4f}] "
+            f"({100 * difference.confidence:g}% paired bootstrap, {difference.n_resamples} resamples)")
 
 
 def _decide(
     version: str,
-    test_map: float,
+    new_map: float,
     champion: str | None,
     champion_map: float | None,
+    difference: BootstrapInterval | None,
     unavailable: str | None,
     min_improvement: float,
+    split: str,
 ) -> tuple[str, Decision, str]:
     """``(alias, decision, reason)`` of the rule in :func:`promote_model`."""
     if champion is None:
@@ -368,15 +573,91 @@ def _decide(
         return CHAMPION, "already_champion", f"version {version} already is the champion"
     if unavailable is not None:
         return CHAMPION, "champion_unavailable", (
-            f"champion version {champion} cannot be scored on this test split ({unavailable}); "
+            f"champion version {champion} cannot be scored on this {split} split ({unavailable}); "
             f"version {version} replaces it"
         )
-    margin = f" + min_improvement {min_improvement:g}" if min_improvement else ""
-    if test_map > champion_map + min_improvement:
-        return CHAMPION, "promoted", (
-            f"test mAP {test_map:.4f} beats champion version {champion}'s {champion_map:.4f}{margin} on the same split"
-        )
-    return CHALLENGER, "not_better", (
-        f"test mAP {test_map:.4f} does not beat champion version {champion}'s {champion_map:.4f}{margin} "
-        "on the same split; the champion stays"
+    compared = (
+        f"{split} mAP {new_map:.4f} vs champion version {champion}'s {champion_map:.4f} on the same {split} split, "
+        f"difference {describe_difference(difference)}"
+    )
+    if difference.low > min_improvement:
+        return CHAMPION, "promoted", f"{compared}: its lower end exceeds min_improvement {min_improvement:g}"
+    if difference.high < 0:
+        return CHALLENGER, "clearly_worse", f"{compared}: its upper end is below 0; the champion stays"
+    return CHALLENGER, "not_significantly_better", (
+        f"{compared}: its lower end does not exceed min_improvement {min_improvement:g}; the champion stays"
+    )
+
+
+# Run tags that say what a run trained from: the splits (their fingerprints and the affect
+# normalization), the resolved config, and the code (the checkout's git commit).
+DATA_FINGERPRINT_TAG = "emonet.data_fingerprint"
+CONFIG_FINGERPRINT_TAG = "emonet.config_fingerprint"
+CODE_VERSION_TAG = "emonet.code_version"
+RECIPE_TAGS: tuple[str, ...] = (DATA_FINGERPRINT_TAG, CONFIG_FINGERPRINT_TAG, CODE_VERSION_TAG)
+UNKNOWN_CODE_VERSION = "unknown"
+DIRTY_SUFFIX = "+dirty"  # the commit, with uncommitted changes to tracked files on top
+
+
+def code_version(checkout: str | Path | None = None) -> str:
+    """The git commit of the checkout the code runs from (``git rev-parse HEAD``).
+
+    ``<commit>+dirty`` when tracked files differ from it (the commit does not say what
+    ran), ``unknown`` outside a git checkout or without git.
+    """
+    checkout = Path(checkout) if checkout is not None else Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(checkout), "diff", "--quiet", "HEAD", "--"], capture_output=True,
+                               timeout=30).returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return UNKNOWN_CODE_VERSION
+    return f"{commit}{DIRTY_SUFFIX}" if dirty else commit or UNKNOWN_CODE_VERSION
+
+
+def recipe_tags(
+    split_ids: dict[str, str], normalization: dict[str, Any], config: dict[str, Any], code: str
+) -> dict[str, str]:
+    """The run tags :func:`retraining_unneeded` compares: SHA-256 digests of the data and the config, and the code.
+
+    Parameters
+    ----------
+    split_ids : split name -> :func:`emonet.evaluation.split_fingerprint` of its rows.
+    normalization : the affect normalizer's parameters (``normalization.json``): the
+        training targets depend on them, and the split fingerprints do not.
+    config : the resolved config as a dict (``config_to_dict``).
+    code : :func:`code_version`.
+    """
+    def digest(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+    return {
+        DATA_FINGERPRINT_TAG: digest({"splits": split_ids, "normalization": normalization}),
+        CONFIG_FINGERPRINT_TAG: digest(config),
+        CODE_VERSION_TAG: code,
+    }
+
+
+def retraining_unneeded(client: MlflowClient, name: str, tags: dict[str, str]) -> str | None:
+    """Why training again would reproduce the champion of ``name``, or None when it would not.
+
+    Training is unneeded when the champion's run recorded the same :func:`recipe_tags`
+    (the same data, config and code) and the code version is a clean commit (an
+    ``unknown`` or ``+dirty`` version does not say which code ran).
+    """
+    if name not in {model.name for model in client.search_registered_models(f"name = '{name}'")}:
+        return None
+    champion = _champion(client, name)
+    if champion is None or not champion.run_id:
+        return None
+    code = tags.get(CODE_VERSION_TAG, UNKNOWN_CODE_VERSION)
+    if code == UNKNOWN_CODE_VERSION or code.endswith(DIRTY_SUFFIX):
+        return None
+    recorded = client.get_run(champion.run_id).data.tags
+    if any(recorded.get(key) != tags.get(key) for key in RECIPE_TAGS):
+        return None
+    return (
+        f"the data, the resolved config and the code (commit {code[:12]}) are those of champion version "
+        f"{champion.version} of {name!r} (MLflow run {champion.run_id}): training again would reproduce it"
     )

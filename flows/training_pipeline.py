@@ -12,7 +12,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import mlflow
 import pandas as pd
@@ -22,7 +22,8 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from emonet.config import EmoNetConfig, config_to_dict, load_config
-from emonet.registry import DEMO_MODEL_NAME, MODEL_NAME
+from emonet.evaluation import EvaluationReport
+from emonet.registry import DEMO_MODEL_NAME, MODEL_NAME, PromotionDecision
 from emonet.runs import end_open_runs
 from emonet.schema import SPLITS, annotations_path, arrays_dir
 from emonet.store import default_tracking_uri
@@ -30,6 +31,7 @@ from emonet.tracking import configure_mlflow
 from flows.visibility import score_visibility
 from tasks.data import ensure_demo_data, normalize_splits, write_normalized_splits, write_visibility
 from tasks.model import (
+    check_retraining,
     evaluate_model,
     finish_mlflow_run,
     log_dataset_summary,
@@ -39,7 +41,7 @@ from tasks.model import (
     start_mlflow_run,
     train_model,
 )
-from tasks.report import mlflow_run_link, publish_run_summary
+from tasks.report import mlflow_run_link, publish_run_summary, publish_skip_summary
 
 PositiveInt = Annotated[int, Field(ge=1)]
 # The demo's recipe, which `make demo` and `python -m flows.training_pipeline` use on the demo data.
@@ -141,6 +143,9 @@ def emonet_training_pipeline(
     experiment_name: str = "emonet",
     registered_model_name: str | None = None,
     min_improvement: Annotated[float, Field(ge=0)] = 0.0,
+    promotion_confidence: Annotated[float, Field(ge=0, lt=1)] = 0.95,
+    promotion_split: Literal["val", "test"] = "val",
+    force_retrain: bool = False,
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Train EmoNet on an EMOTIC archive (or the bundled demo data) and register it.
@@ -170,8 +175,15 @@ def emonet_training_pipeline(
         experiment_name: MLflow experiment.
         registered_model_name: MLflow registered model that receives the new version;
             default `emonet` with `data_root`, `emonet-demo` on the demo data.
-        min_improvement: How much the test mAP must exceed the champion's (on this
-            test split) for the new version to become champion; 0 = strictly higher.
+        min_improvement: How much higher than the champion's (re-scored on the same
+            split) the new version's mAP must be to take the `champion` alias: the lower
+            end of the difference's interval must exceed it; 0 = higher beyond doubt.
+        promotion_confidence: Confidence of the paired-bootstrap interval of that mAP
+            difference (default 0.95); 0 compares the point mAPs (any higher mAP wins).
+        promotion_split: The split the promotion compares on: `val` (default; the test
+            split then never chooses a model) or `test` (the rule before validation decided).
+        force_retrain: Train even when the data, the resolved config and the code are
+            those of the current champion's run (which otherwise skips training).
         tracking_uri: MLflow tracking URI; default `MLFLOW_TRACKING_URI` or SQLite under `mlruns/`.
     """
     logger = get_run_logger()
@@ -204,75 +216,153 @@ def emonet_training_pipeline(
             filter_test_by_visibility=filter_test_by_visibility,
             dask_address=dask_address,
         )
-        test_csv = data.normalized["test"]
         log_dataset_summary(
             run_id=run_id, frames=data.frames, counts=data.counts, visibility=data.visibility,
             visibility_dir=data.visibility_dir,
         )
         log_split_inputs(run_id=run_id, frames=data.frames, csv_paths=data.normalized)
-
-        run_dir = output_dir / "runs" / run_id
-        training = train_model(
-            run_id=run_id,
-            config=resolved,
-            train_csv=data.normalized["train"],
-            val_csv=data.normalized["val"],
-            img_dir=img_dir,
-            checkpoint_dir=run_dir / "checkpoints",
-            normalization_json=data.normalization_json,
+        skip_reason = check_retraining(
+            run_id=run_id, registered_model_name=registered_model_name, frames=data.frames,
+            normalization_json=data.normalization_json, config=resolved, force_retrain=force_retrain,
         )
-        evaluation = evaluate_model(
-            run_id=run_id,
-            checkpoint=training.best_checkpoint,
-            test_csv=test_csv,
-            img_dir=img_dir,
-            normalization_json=data.normalization_json,
-            out_dir=run_dir / "evaluation",
-        )
-        review_index = review_model(
-            run_id=run_id,
-            checkpoint=training.best_checkpoint,
-            evaluation=evaluation,
-            test_csv=test_csv,
-            img_dir=img_dir,
-            out_dir=run_dir / "review",
-        )
-        registration = register_model(
-            run_id=run_id,
-            checkpoint=training.best_checkpoint,
-            normalization_json=data.normalization_json,
-            evaluation=evaluation,
-            registered_model_name=registered_model_name,
-            test_csv=test_csv,
-            img_dir=img_dir,
-            min_improvement=min_improvement,
-        )
+        if skip_reason is None:
+            result = _train_evaluate_register(
+                run_id=run_id, data=data, config=resolved, img_dir=img_dir, output_dir=output_dir,
+                registered_model_name=registered_model_name, min_improvement=min_improvement,
+                promotion_split=promotion_split, promotion_confidence=promotion_confidence,
+            )
     except BaseException:
         finish_mlflow_run(run_id=run_id, status="FAILED")
         raise
     finish_mlflow_run(run_id=run_id, status="FINISHED")
     summary = {
         "mlflow_run_id": run_id,
-        "test_mAP": evaluation.metrics["mAP"],
-        "test_metrics": evaluation.metrics,
         "registered_model": registered_model_name,
+        "output_dir": str(output_dir),
+        "tracking_uri": mlflow.get_tracking_uri(),
+        "mlflow_run_link": mlflow_run_link(mlflow.get_tracking_uri(), experiment_id, run_id),
+        "skipped": skip_reason is not None,
+        "skip_reason": skip_reason,
+    }
+    if skip_reason is not None:
+        publish_skip_summary(summary=summary)
+        logger.info("Training skipped: %s", skip_reason)
+        return summary
+    evaluation, registration, review_index = result
+    interval = evaluation.intervals["mAP"]
+    summary.update({
+        "test_mAP": evaluation.metrics["mAP"],
+        "test_mAP_ci": (interval.low, interval.high),
+        "test_mAP_voc11": evaluation.metrics["mAP_voc11"],
+        "test_metrics": evaluation.metrics,
+        "val_mAP": evaluation.validation.metrics["mAP"],
         "version": registration.version,
         "alias": registration.alias,
         "decision": registration.decision,
-        "output_dir": str(output_dir),
         "review": str(review_index),
-        "tracking_uri": mlflow.get_tracking_uri(),
-        "mlflow_run_link": mlflow_run_link(mlflow.get_tracking_uri(), experiment_id, run_id),
-    }
-    publish_run_summary(summary=summary, per_emotion=evaluation.per_emotion, registration=registration)
-    logger.info("Test mAP %.4f; %s version %s is %s", summary["test_mAP"], registered_model_name, summary["version"], summary["alias"])
+    })
+    publish_run_summary(summary=summary, evaluation=evaluation, registration=registration)
+    logger.info(
+        "Test mAP %.4f [%.4f, %.4f] (%g%% bootstrap), mAP_voc11 %.4f; %s version %s is %s (%s on %s)",
+        summary["test_mAP"], interval.low, interval.high, 100 * interval.confidence, summary["test_mAP_voc11"],
+        registered_model_name, summary["version"], summary["alias"], registration.decision, registration.split,
+    )
     return summary
+
+
+def _train_evaluate_register(
+    *,
+    run_id: str,
+    data: PreparedData,
+    config: EmoNetConfig,
+    img_dir: Path,
+    output_dir: Path,
+    registered_model_name: str,
+    min_improvement: float,
+    promotion_split: str,
+    promotion_confidence: float,
+) -> tuple[EvaluationReport, PromotionDecision, Path]:
+    """Train, evaluate on test (and predict validation with the same loaded model), review
+    and register: the flow's steps when training is not skipped."""
+    test_csv, val_csv = data.normalized["test"], data.normalized["val"]
+    run_dir = output_dir / "runs" / run_id
+    training = train_model(
+        run_id=run_id,
+        config=config,
+        train_csv=data.normalized["train"],
+        val_csv=val_csv,
+        img_dir=img_dir,
+        checkpoint_dir=run_dir / "checkpoints",
+        normalization_json=data.normalization_json,
+    )
+    evaluation = evaluate_model(
+        run_id=run_id,
+        checkpoint=training.best_checkpoint,
+        test_csv=test_csv,
+        val_csv=val_csv,
+        img_dir=img_dir,
+        normalization_json=data.normalization_json,
+        out_dir=run_dir / "evaluation",
+        model_name=f"{registered_model_name}, MLflow run {run_id[:8]}",
+    )
+    review_index = review_model(
+        run_id=run_id,
+        checkpoint=training.best_checkpoint,
+        evaluation=evaluation,
+        test_csv=test_csv,
+        img_dir=img_dir,
+        out_dir=run_dir / "review",
+    )
+    registration = register_model(
+        run_id=run_id,
+        checkpoint=training.best_checkpoint,
+        normalization_json=data.normalization_json,
+        evaluation=evaluation,
+        registered_model_name=registered_model_name,
+        test_csv=test_csv,
+        val_csv=val_csv,
+        img_dir=img_dir,
+        min_improvement=min_improvement,
+        promotion_split=promotion_split,
+        promotion_confidence=promotion_confidence,
+    )
+    return evaluation, registration, review_index
 
 
 def _flat_config(config: EmoNetConfig) -> dict[str, Any]:
     """The resolved config as flat MLflow params (``train.lr`` -> ``lr``): the sections'
     field names do not collide, and short names read better in MLflow's run table."""
     return {key: value for section in config_to_dict(config).values() for key, value in section.items()}
+
+
+def run_report(summary: dict[str, Any]) -> str:
+    """What :func:`main` prints after a run: the test metrics with their interval, the
+    registration (or why training was skipped), and where to look."""
+    name = summary["registered_model"]
+    if summary["skipped"]:
+        outcome = f"\nTraining skipped: {summary['skip_reason']}\n(force_retrain trains anyway)\n"
+    else:
+        metrics = summary["test_metrics"]
+        low, high = summary["test_mAP_ci"]
+        outcome = (
+            f"\nTest mAP: {summary['test_mAP']:.4f} [{low:.4f}, {high:.4f}] (scikit-learn AP, 95% bootstrap interval); "
+            f"mAP_voc11 {summary['test_mAP_voc11']:.4f} (the EMOTIC authors' 11-point AP)\n"
+            f"(macro F1 {metrics['f1_macro']:.4f}, MAE valence {metrics['mae_valence_1_10']:.3f} / arousal "
+            f"{metrics['mae_arousal_1_10']:.3f} on the 1..10 scale; validation mAP {summary['val_mAP']:.4f})\n"
+            f"Registered: models:/{name} version {summary['version']} -> alias '{summary['alias']}' "
+            f"({summary['decision']})\n"
+            f"Prediction review (open in a browser): {summary['review']}\n"
+        )
+    return (
+        f"{outcome}"
+        f"Outputs: {summary['output_dir']}\n"
+        f"MLflow UI: make ui  (or: mlflow ui --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db), then open http://127.0.0.1:5000\n"
+        f"Load the model:\n"
+        f"    import mlflow, pandas as pd\n"
+        f"    mlflow.set_tracking_uri('{summary['tracking_uri']}')\n"
+        f"    model = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
+        f"    model.predict(pd.DataFrame({{'image_path': ['crop.npy']}}))"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -287,27 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--force-retrain", action="store_true", help="train even when the champion has this recipe")
     args = parser.parse_args(argv)
     config = args.config or (DEMO_CONFIG if args.data_root is None else EmoNetConfig())
     summary = emonet_training_pipeline(
         config=config, data_root=args.data_root, demo_dir=args.demo_dir, output_dir=args.output_dir,
-        epochs=args.epochs, seed=args.seed,
+        epochs=args.epochs, seed=args.seed, force_retrain=args.force_retrain,
     )
-    name = summary["registered_model"]
-    print(
-        f"\nTest mAP: {summary['test_mAP']:.4f}  (macro F1 {summary['test_metrics']['f1_macro']:.4f}, "
-        f"MAE valence {summary['test_metrics']['mae_valence_1_10']:.3f} / arousal "
-        f"{summary['test_metrics']['mae_arousal_1_10']:.3f} on the 1..10 scale)\n"
-        f"Registered: models:/{name} version {summary['version']} -> alias '{summary['alias']}' ({summary['decision']})\n"
-        f"Outputs: {summary['output_dir']}\n"
-        f"Prediction review (open in a browser): {summary['review']}\n"
-        f"MLflow UI: make ui  (or: mlflow ui --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db), then open http://127.0.0.1:5000\n"
-        f"Load the model:\n"
-        f"    import mlflow, pandas as pd\n"
-        f"    mlflow.set_tracking_uri('{summary['tracking_uri']}')\n"
-        f"    model = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
-        f"    model.predict(pd.DataFrame({{'image_path': ['crop.npy']}}))"
-    )
+    print(run_report(summary))
     return 0
 
 

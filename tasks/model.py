@@ -10,6 +10,8 @@ take and return the library's own types (:class:`~emonet.config.EmoNetConfig`,
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,11 +26,20 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import ObjectNotFound
 from prefect.tasks import exponential_backoff
 
+from emonet.bootstrap import DEFAULT_CONFIDENCE
 from emonet.config import EmoNetConfig, config_to_dict
 from emonet.distributed import launch_training
 from emonet.evaluation import EvaluationReport, evaluate_checkpoint, split_fingerprint
 from emonet.normalize import AffectNormalizer
-from emonet.registry import PromotionDecision, find_run_version, promote_model
+from emonet.registry import (
+    PromotionDecision,
+    code_version,
+    find_run_version,
+    promote_model,
+    recipe_tags,
+    recorded_maps,
+    retraining_unneeded,
+)
 from emonet.review import review_predictions
 from emonet.runs import FLOW_RUN_TAG, close_stale_runs, process_tags
 from emonet.schema import EMOTIONS
@@ -115,6 +126,49 @@ def log_split_inputs(run_id: str, frames: dict[str, pd.DataFrame], csv_paths: di
     MlflowClient().log_inputs(run_id, datasets=inputs)
 
 
+# Run tags of a flow run that did not train (see check_retraining).
+TRAINING_SKIPPED_TAG = "emonet.training_skipped"
+SKIP_REASON_TAG = "emonet.skip_reason"
+
+
+@task(name="check-retraining", **TRACKING_RETRIES, **NOT_CACHED)
+def check_retraining(
+    *,
+    run_id: str,
+    registered_model_name: str,
+    frames: dict[str, pd.DataFrame],
+    normalization_json: Path,
+    config: EmoNetConfig,
+    force_retrain: bool = False,
+) -> str | None:
+    """Tag the run with what it trains from (the split fingerprints with the affect
+    normalization, the resolved config, the code's git commit), and say why training can
+    be skipped: the champion's run recorded the same (:func:`emonet.registry.retraining_unneeded`).
+
+    Returns the reason to skip, already logged and tagged on the run
+    (``emonet.training_skipped``, ``emonet.skip_reason``), or None to train.
+    """
+    logger = get_run_logger()
+    client = MlflowClient()
+    tags = recipe_tags(
+        {split: split_fingerprint(frame) for split, frame in sorted(frames.items())},
+        json.loads(Path(normalization_json).read_text()),
+        config_to_dict(config),
+        code_version(),
+    )
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    reason = retraining_unneeded(client, registered_model_name, tags)
+    if reason is not None and force_retrain:
+        logger.info("force_retrain: training although %s", reason)
+        reason = None
+    client.set_tag(run_id, TRAINING_SKIPPED_TAG, str(reason is not None).lower())
+    if reason is not None:
+        client.set_tag(run_id, SKIP_REASON_TAG, reason)
+        logger.info("skipping training: %s (force_retrain=True trains anyway)", reason)
+    return reason
+
+
 @task(name="train-model", retries=1, retry_delay_seconds=5, **NOT_CACHED)
 def train_model(
     *,
@@ -175,22 +229,46 @@ def train_model(
 
 @task(name="evaluate-model", **TRACKING_RETRIES, **NOT_CACHED)
 def evaluate_model(
-    *, run_id: str, checkpoint: Path, test_csv: Path, img_dir: Path, normalization_json: Path, out_dir: Path
+    *,
+    run_id: str,
+    checkpoint: Path,
+    test_csv: Path,
+    img_dir: Path,
+    normalization_json: Path,
+    out_dir: Path,
+    val_csv: Path | None = None,
+    model_name: str | None = None,
 ) -> EvaluationReport:
-    """Test metrics, the per-emotion table and the figures, logged to the run.
+    """Test metrics (both APs, with bootstrap intervals), the per-emotion table, the
+    benchmark table and the figures, logged to the run; with ``val_csv``, the same model's
+    validation predictions too, for the promotion.
 
     The report's predictions, thresholds and config serve the review and the
     registration, so the checkpoint is loaded here only.
     """
-    report = evaluate_checkpoint(checkpoint, test_csv, img_dir, out_dir, normalizer=normalization_json)
+    report = evaluate_checkpoint(
+        checkpoint, test_csv, img_dir, out_dir, normalizer=normalization_json, validation=val_csv,
+        model_name=model_name,
+    )
     client = MlflowClient()
     log_metrics(client, run_id, report.metrics, prefix="test_")
     log_metrics(client, run_id, report.metrics_at_half, prefix="test_at_0.5_")
     log_metrics(client, run_id, report.by_visibility, prefix="test_")  # e.g. test_mAP_face_whole
+    # e.g. test_mAP_ci_low, test_mAP_voc11_ci_high, test_mae_valence_1_10_ci_low
+    log_metrics(client, run_id, interval_metrics(report), prefix="test_")
     client.log_table(run_id, data=report.per_emotion.reset_index(), artifact_file="evaluation/per_emotion.json")
     for path in report.files.values():
         client.log_artifact(run_id, str(path), "evaluation")
     return report
+
+
+def interval_metrics(report: EvaluationReport) -> dict[str, float]:
+    """The bootstrap intervals as flat metrics: ``<metric>_ci_low`` and ``<metric>_ci_high``."""
+    return {
+        f"{key}_ci_{end}": getattr(interval, end)
+        for key, interval in report.intervals.items()
+        for end in ("low", "high")
+    }
 
 
 @task(name="review-predictions", **TRACKING_RETRIES, **NOT_CACHED)
@@ -222,6 +300,7 @@ def review_model(
         sort_by="worst",
         progress=False,
         split_report=evaluation.files,
+        intervals=evaluation.intervals,
     )
     MlflowClient().log_artifacts(run_id, str(out_dir), "review")
     return Path(out_dir) / "index.html"
@@ -237,15 +316,30 @@ def register_model(
     registered_model_name: str,
     test_csv: Path,
     img_dir: Path,
+    val_csv: Path | None = None,
     min_improvement: float = 0.0,
+    promotion_split: str = "val",
+    promotion_confidence: float = DEFAULT_CONFIDENCE,
 ) -> PromotionDecision:
     """Log the pyfunc model and register it once per run (a retry reuses the version),
-    then move `champion` only when its test mAP (``evaluation.metrics["mAP"]``) beats the
-    champion's on this test split (``evaluation.split_id``). The checkpoint is logged
-    with the evaluation's config, not loaded again. The version's description
-    summarizes its test metrics and the decision."""
+    then move `champion` only when the evidence says it beats the champion on
+    ``promotion_split`` (:func:`emonet.registry.promote_model`): on validation
+    (``evaluation.validation``, the rows of ``val_csv``) by default, on the test split
+    (``evaluation.predictions``, ``test_csv``) when asked. The checkpoint is logged with
+    the evaluation's config, not loaded again. The version is tagged with its test and
+    validation mAP; its description summarizes its test metrics with their intervals,
+    the validation mAP and the decision with its interval and split. The returned
+    decision carries the previous champion's recorded mAP on both splits."""
     logger = get_run_logger()
     client = MlflowClient()
+    splits = {"test": (evaluation.predictions, evaluation.split_id, test_csv)}
+    if evaluation.validation is not None:
+        splits["val"] = (evaluation.validation.predictions, evaluation.validation.split_id, val_csv)
+    if promotion_split not in splits:
+        raise ValueError(
+            f"promotion_split {promotion_split!r} needs the evaluation's predictions on that split "
+            f"(the evaluation has {sorted(splits)}): evaluate with val_csv"
+        )
     version = find_run_version(client, registered_model_name, run_id)
     if version is None:
         version = log_emonet_model(
@@ -256,35 +350,63 @@ def register_model(
         logger.info(
             "run %s already registered %s version %s: reusing it", run_id, registered_model_name, version.version
         )
+    own_maps = {"test": evaluation.metrics["mAP"]}
+    if evaluation.validation is not None:
+        own_maps["val"] = evaluation.validation.metrics["mAP"]
+    for split, value in own_maps.items():  # the deciding split's tags are set by promote_model too
+        client.set_model_version_tag(registered_model_name, version.version, f"{split}_mAP", repr(value))
+        client.set_model_version_tag(registered_model_name, version.version, f"{split}_split", splits[split][1])
+    predictions, split_id, split_csv = splits[promotion_split]
     decision = promote_model(
         client,
         registered_model_name,
         version.version,
-        evaluation.metrics["mAP"],
-        evaluation.split_id,
+        predictions,
+        split_id,
         run_id,
-        test_csv=test_csv,
+        split=promotion_split,
+        split_csv=split_csv,
         img_dir=img_dir,
         min_improvement=min_improvement,
+        confidence=promotion_confidence,
+    )
+    decision = dataclasses.replace(
+        decision,
+        previous_maps=recorded_maps(
+            client, registered_model_name, decision.previous_version,
+            {split: split_id for split, (_, split_id, _) in splits.items()},
+        ),
     )
     logger.info("%s version %s: %s", registered_model_name, decision.version, decision.decision)
     client.update_model_version(
-        registered_model_name, decision.version,
-        description=version_description(evaluation.metrics, evaluation.split_id, run_id, decision),
+        registered_model_name, decision.version, description=version_description(evaluation, run_id, decision)
     )
     return decision
 
 
-def version_description(
-    metrics: dict[str, float], test_split: str, run_id: str, decision: PromotionDecision
-) -> str:
-    """The registered version's description: its test metrics and the promotion decision."""
+def version_description(evaluation: EvaluationReport, run_id: str, decision: PromotionDecision) -> str:
+    """The registered version's description: its test metrics with their intervals, its
+    validation mAP and the promotion decision with its split and interval."""
+    metrics, intervals = evaluation.metrics, evaluation.intervals
     shown = [
-        ("test mAP", "mAP", ".4f"), ("macro F1", "f1_macro", ".4f"), ("samples F1", "f1_samples", ".4f"),
-        ("valence MAE (1-10)", "mae_valence_1_10", ".3f"), ("arousal MAE (1-10)", "mae_arousal_1_10", ".3f"),
+        ("test mAP", "mAP", ".4f"), ("test mAP_voc11", "mAP_voc11", ".4f"), ("macro F1", "f1_macro", ".4f"),
+        ("samples F1", "f1_samples", ".4f"), ("valence MAE (1-10)", "mae_valence_1_10", ".3f"),
+        ("arousal MAE (1-10)", "mae_arousal_1_10", ".3f"),
     ]
-    parts = [f"{label} {metrics[key]:{spec}}" for label, key, spec in shown if key in metrics]
+    parts = []
+    for label, key, spec in shown:
+        if key in metrics:
+            interval = intervals.get(key)
+            ci = (f" [{interval.low:{spec}}, {interval.high:{spec}}]" if interval is not None else "")
+            parts.append(f"{label} {metrics[key]:{spec}}{ci}")
+    confidence = next(iter(intervals.values())).confidence
+    validation = (
+        f" Validation mAP {evaluation.validation.metrics['mAP']:.4f} on split {evaluation.validation.split_id[:12]}."
+        if evaluation.validation is not None else ""
+    )
+    # The reason states the mAP difference and its interval when versions were compared.
     return (
-        f"{', '.join(parts)} on test split {test_split[:12]} (MLflow run {run_id}). "
-        f"Promotion: {decision.decision}: {decision.reason}"
+        f"{', '.join(parts)} on test split {evaluation.split_id[:12]} ({100 * confidence:g}% bootstrap intervals; "
+        f"MLflow run {run_id}).{validation} "
+        f"Promotion on the {decision.split} split {decision.split_id[:12]}: {decision.decision}: {decision.reason}"
     )

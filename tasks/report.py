@@ -1,6 +1,7 @@
 """What a Prefect UI user sees of a training run: a progress artifact updated every epoch,
-and a markdown artifact with the test metrics, the per-emotion table, the promotion
-decision and where the model and its MLflow run are."""
+and a markdown artifact with the test metrics and their intervals, the benchmark's
+headline row, the per-emotion table, the promotion decision and where the model and its
+MLflow run are (or, when training was skipped, why)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from emonet.benchmark import PROTOCOL_SKLEARN, PROTOCOL_VOC11
+from emonet.bootstrap import BootstrapInterval
+from emonet.evaluation import EvaluationReport
 from emonet.metrics import EVALUATION_KEYS
-from emonet.registry import PromotionDecision
+from emonet.registry import PromotionDecision, describe_difference
 
 SUMMARY_ARTIFACT_KEY = "emonet-training-summary"
 
@@ -55,49 +59,145 @@ def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str |
     return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def summary_markdown(summary: dict[str, Any], per_emotion: pd.DataFrame, registration: PromotionDecision) -> str:
+def _interval(interval: BootstrapInterval | None, spec: str = ".4f") -> str:
+    return f"[{_fmt(interval.low, spec)}, {_fmt(interval.high, spec)}]" if interval is not None else ""
+
+
+def summary_markdown(summary: dict[str, Any], evaluation: EvaluationReport, registration: PromotionDecision) -> str:
     """The run summary as markdown (tables render in the Prefect UI's Artifacts tab)."""
-    metrics = summary["test_metrics"]
-    lines = ["# EmoNet training run", "", "## Test metrics", "", "| metric | value |", "| --- | --- |"]
+    metrics, intervals = summary["test_metrics"], evaluation.intervals
+    confidence = intervals["mAP"].confidence
+    lines = [
+        "# EmoNet training run", "", "## Test metrics", "",
+        f"`mAP` is scikit-learn's AP ({PROTOCOL_SKLEARN}); `mAP_voc11` the EMOTIC authors' "
+        f"({PROTOCOL_VOC11}). Intervals: {100 * confidence:g}% bootstrap over the test rows "
+        f"({intervals['mAP'].n_resamples} resamples).", "",
+        f"| metric | value | {100 * confidence:g}% interval |", "| --- | --- | --- |",
+    ]
     keys = [key for key in EVALUATION_KEYS if key in metrics] + [key for key in metrics if key not in EVALUATION_KEYS]
     # Row counts (n_emotion, n_affect) are whole numbers.
-    lines += [f"| {key} | {_fmt(metrics[key], '.0f' if key.startswith('n_') else '.4f')} |" for key in keys]
-    previous = registration.previous_version
     lines += [
-        "",
-        "## Model registry",
-        "",
-        f"- Registered model: `{summary['registered_model']}`, version **{registration.version}**, "
-        f"alias **{registration.alias}**",
-        f"- Promotion decision: **{registration.decision}**: {registration.reason}",
-        f"- Test mAP: candidate {_fmt(registration.new_map)}, champion before "
-        + (f"(version {previous}) {_fmt(registration.previous_map)}" if previous else "none"),
-        f"- Load it: `mlflow.pyfunc.load_model(\"models:/{summary['registered_model']}@{registration.alias}\")`",
-        "",
-        "## MLflow",
-        "",
+        f"| {key} | {_fmt(metrics[key], '.0f' if key.startswith('n_') else '.4f')} | {_interval(intervals.get(key))} |"
+        for key in keys
     ]
+    lines += ["", "## Benchmark (test split)", "", *_benchmark_headline(evaluation), ""]
+    lines += _registry_lines(summary, evaluation, registration)
+    lines += ["## MLflow", ""]
     link = summary.get("mlflow_run_link")
     run = f"[{summary['mlflow_run_id']}]({link})" if link else f"`{summary['mlflow_run_id']}`"
     lines += [f"- Run: {run}", f"- Tracking URI: `{summary['tracking_uri']}`", f"- Review: `{summary['review']}`", ""]
-    lines += ["## Per emotion (test)", "", "| emotion | AP | precision | recall | F1 | support | threshold |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for emotion, row in per_emotion.iterrows():
+    lines += ["## Per emotion (test)", "",
+              "| emotion | AP (scikit-learn) | AP (11-point) | precision | recall | F1 | support | threshold |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for emotion, row in evaluation.per_emotion.iterrows():
         lines.append(
-            f"| {emotion} | {_fmt(row['average_precision'], '.3f')} | {_fmt(row['precision'], '.3f')} | "
-            f"{_fmt(row['recall'], '.3f')} | {_fmt(row['f1'], '.3f')} | {int(row['support'])} | "
-            f"{_fmt(row['threshold'], '.2f')} |"
+            f"| {emotion} | {_fmt(row['average_precision'], '.3f')} | {_fmt(row['average_precision_voc11'], '.3f')} | "
+            f"{_fmt(row['precision'], '.3f')} | {_fmt(row['recall'], '.3f')} | {_fmt(row['f1'], '.3f')} | "
+            f"{int(row['support'])} | {_fmt(row['threshold'], '.2f')} |"
         )
     return "\n".join(lines) + "\n"
 
 
+def _benchmark_headline(evaluation: EvaluationReport) -> list[str]:
+    """The benchmark table's headline row (this model), and where the whole table is."""
+    intervals = evaluation.intervals
+    affect = [
+        f"{_fmt(intervals[key].estimate, '.3f')} {_interval(intervals[key], '.3f')}" if key in intervals else "n/a"
+        for key in ("mae_valence_1_10", "mae_arousal_1_10")
+    ]
+    return [
+        "| model | mAP, scikit-learn AP (%) | mAP, 11-point AP (%) | valence MAE (1-10) | arousal MAE (1-10) |",
+        "| --- | --- | --- | --- | --- |",
+        f"| {evaluation.benchmark.model} | {_percent(intervals['mAP'])} | {_percent(intervals['mAP_voc11'])} | "
+        f"{affect[0]} | {affect[1]} |",
+        "",
+        "The whole table (per emotion under both protocols, and the published results, each with its AP "
+        "protocol) is the run's `evaluation/benchmark.md` artifact. Set a published mAP only beside the "
+        "mAP of the same protocol.",
+    ]
+
+
+def _percent(interval: BootstrapInterval) -> str:
+    low, high = _fmt(100 * interval.low, ".2f"), _fmt(100 * interval.high, ".2f")
+    return f"{_fmt(100 * interval.estimate, '.2f')} [{low}, {high}]"
+
+
+def _registry_lines(
+    summary: dict[str, Any], evaluation: EvaluationReport, registration: PromotionDecision
+) -> list[str]:
+    """The promotion: the decision, its split and interval, and both versions' validation and test mAP."""
+    previous = registration.previous_version
+    lines = [
+        "## Model registry",
+        "",
+        f"- Registered model: `{summary['registered_model']}`, version **{registration.version}**, "
+        f"alias **{registration.alias}**",
+        f"- Promotion decision: **{registration.decision}**, on the **{registration.split}** split: "
+        f"{registration.reason}",
+    ]
+    if registration.difference is not None:
+        lines.append(f"- mAP difference (candidate - champion): {describe_difference(registration.difference)}")
+    validation = evaluation.validation
+    lines += [
+        "",
+        "| version | validation mAP | test mAP |",
+        "| --- | --- | --- |",
+        f"| this run (v{registration.version}) | {_fmt(validation.metrics['mAP']) if validation else 'n/a'} | "
+        f"{_fmt(evaluation.metrics['mAP'])} {_interval(evaluation.intervals['mAP'])} |",
+    ]
+    if previous:
+        lines.append(
+            f"| champion before (v{previous}) | {_fmt(registration.previous_maps.get('val'))} | "
+            f"{_fmt(registration.previous_maps.get('test'))} |"
+        )
+    lines += [
+        "",
+        "Both rows are on this run's splits; n/a: the champion was never scored there (the promotion "
+        "re-scores it on the deciding split only).",
+        f"- Load it: `mlflow.pyfunc.load_model(\"models:/{summary['registered_model']}@{registration.alias}\")`",
+        "",
+    ]
+    return lines
+
+
+def skip_markdown(summary: dict[str, Any]) -> str:
+    """The summary of a run that skipped training: why, and where the champion is."""
+    link = summary.get("mlflow_run_link")
+    run = f"[{summary['mlflow_run_id']}]({link})" if link else f"`{summary['mlflow_run_id']}`"
+    return "\n".join([
+        "# EmoNet training run: training skipped",
+        "",
+        f"**Training skipped**: {summary['skip_reason']}.",
+        "",
+        "No new version was registered; the champion stays. Run the flow with `force_retrain: true` to train anyway.",
+        "",
+        f"- Champion: `mlflow.pyfunc.load_model(\"models:/{summary['registered_model']}@champion\")`",
+        f"- Run: {run} (tag `emonet.training_skipped`: `true`)",
+        f"- Tracking URI: `{summary['tracking_uri']}`",
+        "",
+    ])
+
+
 @task(name="publish-run-summary", cache_policy=NO_CACHE)
-def publish_run_summary(*, summary: dict[str, Any], per_emotion: pd.DataFrame, registration: PromotionDecision) -> str:
+def publish_run_summary(
+    *, summary: dict[str, Any], evaluation: EvaluationReport, registration: PromotionDecision
+) -> str:
     """Create the run's markdown artifact; returns its id."""
+    interval = evaluation.intervals["mAP"]
     artifact_id = create_markdown_artifact(
-        markdown=summary_markdown(summary, per_emotion, registration),
+        markdown=summary_markdown(summary, evaluation, registration),
         key=SUMMARY_ARTIFACT_KEY,
-        description=f"test mAP {_fmt(summary['test_mAP'])}; {summary['registered_model']} "
-        f"v{registration.version} ({registration.decision})",
+        description=f"test mAP {_fmt(summary['test_mAP'])} {_interval(interval)}; {summary['registered_model']} "
+        f"v{registration.version} ({registration.decision} on {registration.split})",
+    )
+    return str(artifact_id)
+
+
+@task(name="publish-skip-summary", cache_policy=NO_CACHE)
+def publish_skip_summary(*, summary: dict[str, Any]) -> str:
+    """Create the markdown artifact of a run that skipped training; returns its id."""
+    artifact_id = create_markdown_artifact(
+        markdown=skip_markdown(summary), key=SUMMARY_ARTIFACT_KEY,
+        description=f"training skipped; {summary['registered_model']}@champion stays",
     )
     return str(artifact_id)

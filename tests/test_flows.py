@@ -111,9 +111,19 @@ def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_roo
     assert run.data.params["dropout"] == "0.5", "fields the YAML leaves out take the library defaults"
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"emotic-train", "emotic-val", "emotic-test"}
     assert run.data.metrics["test_mAP"] == pytest.approx(first["test_mAP"])
+    # Both APs, the bootstrap intervals, and what the run trained from.
+    assert run.data.metrics["test_mAP_voc11"] == pytest.approx(first["test_mAP_voc11"])
+    assert run.data.metrics["test_mAP_ci_low"] <= first["test_mAP"] <= run.data.metrics["test_mAP_ci_high"]
+    assert (run.data.metrics["test_mAP_ci_low"], run.data.metrics["test_mAP_ci_high"]) == pytest.approx(
+        first["test_mAP_ci"])
+    assert {"test_mAP_voc11_ci_low", "test_mae_valence_1_10_ci_high"} <= set(run.data.metrics)
+    assert run.data.tags["emonet.training_skipped"] == "false" and run.data.tags["emonet.code_version"]
+    assert run.data.tags["promotion_split"] == "val" and run.data.tags["promotion_decision"] == "first_version"
+    assert run.data.metrics["candidate_val_mAP"] == pytest.approx(first["val_mAP"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mAP")] == [1]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    for name in ("true_vs_predicted.png", "cooccurrence_true.png", "per_emotion_metrics.png", "affect_scatter.png"):
+    for name in ("true_vs_predicted.png", "cooccurrence_true.png", "per_emotion_metrics.png", "affect_scatter.png",
+                 "benchmark.md", "benchmark.csv"):
         assert f"evaluation/{name}" in logged
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {"checkpoints/best.pt"}
     review = {a.path for a in client.list_artifacts(run.info.run_id, "review")}
@@ -126,18 +136,27 @@ def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_roo
     artifacts = _artifacts(run.data.tags["prefect.flow_run_id"])
     summary = artifacts["emonet-training-summary"].data
     assert f"| mAP | {first['test_mAP']:.4f} |" in summary
+    assert f"| mAP_voc11 | {first['test_mAP_voc11']:.4f} |" in summary
+    assert "## Benchmark (test split)" in summary and "11-point AP (%)" in summary
+    assert f"| this run (v1) | {first['val_mAP']:.4f} | {first['test_mAP']:.4f} [" in summary
+    assert "on the **val** split" in summary
     assert "| Peace |" in summary and "| Suffering |" in summary
     assert "version **1**, alias **champion**" in summary and first["mlflow_run_id"] in summary
     assert artifacts["emonet-training-progress"].data == pytest.approx(100.0)
 
-    # Unchanged inputs: the data steps come from the cache.
-    second = _run_pipeline(prefect_env, demo_root, TINY_CONFIG)
+    # Unchanged inputs: the data steps come from the cache (force_retrain: the recipe is
+    # the champion's, which would otherwise skip training).
+    second = _run_pipeline(prefect_env, demo_root, TINY_CONFIG, force_retrain=True)
     assert score.calls == n_shards and normalize.calls == 1
     # The seed covers initialization, data order and augmentation: a second run with the
     # same data and seed (from a mapping this time, not the YAML) gives the same test mAP,
     # which is no improvement.
     assert second["test_mAP"] == first["test_mAP"]
     assert second["version"] == "2" and second["alias"] == "challenger"
+    assert second["decision"] == "not_significantly_better"
+    second_summary = _artifacts(client.get_run(second["mlflow_run_id"]).data.tags["prefect.flow_run_id"])[
+        "emonet-training-summary"].data
+    assert "| champion before (v1) |" in second_summary and "+0.0000 [+0.0000, +0.0000]" in second_summary
     assert str(client.get_model_version_by_alias("emonet-test", "champion").version) == "1"
 
     # One changed crop array re-runs its shard only, and normalization when the scores change.
@@ -148,6 +167,47 @@ def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_roo
     _run_pipeline(prefect_env, demo_root, TINY_CONFIG)
     assert score.calls == n_shards + 1
     assert normalize.calls == 2
+
+
+def test_unchanged_data_skips_training_and_force_retrain_retrains(prefect_env, demo_root, tiny_yaml, monkeypatch):
+    """A second run on the champion's data, config and code skips training and says so in
+    the log, the summary artifact and the MLflow run; ``force_retrain`` trains anyway."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    import tasks.model
+
+    # A clean commit: a checkout with uncommitted changes never skips (its commit does not say what ran).
+    monkeypatch.setattr(tasks.model, "code_version", lambda: "0123456789abcdef0123456789abcdef01234567")
+    train = CallCounter(tasks.model.train_from_csvs)
+    monkeypatch.setattr(tasks.model, "train_from_csvs", train)
+    run = {"registered_model_name": "emonet-skip", "experiment_name": "flow-skip"}
+    client = MlflowClient()
+
+    first = _run_pipeline(prefect_env, demo_root, tiny_yaml, **run)
+    assert train.calls == 1 and not first["skipped"] and first["alias"] == "champion"
+
+    second = _run_pipeline(prefect_env, demo_root, TINY_CONFIG, **run)  # the same recipe as a mapping
+    assert train.calls == 1, "training was skipped"
+    assert second["skipped"] and f"champion version 1 of 'emonet-skip'" in second["skip_reason"]
+    mlflow_run = client.get_run(second["mlflow_run_id"])
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.tags["emonet.training_skipped"] == "true"
+    assert mlflow_run.data.tags["emonet.skip_reason"] == second["skip_reason"]
+    assert [str(v.version) for v in client.search_model_versions("name='emonet-skip'")] == ["1"]
+    flow_run_id = mlflow_run.data.tags["prefect.flow_run_id"]
+    summary = _artifacts(flow_run_id)["emonet-training-summary"].data
+    assert "Training skipped" in summary and second["skip_reason"] in summary
+    APILogHandler().flush()  # the flow run's logs reach the API in the background
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(flow_run_id).state.is_completed()
+        logs = prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    assert any("skipping training" in log.message for log in logs)
+
+    third = _run_pipeline(prefect_env, demo_root, TINY_CONFIG, force_retrain=True, **run)
+    assert train.calls == 2 and not third["skipped"] and third["version"] == "2"
+    assert client.get_run(third["mlflow_run_id"]).data.tags["emonet.training_skipped"] == "false"
 
 
 def test_registered_model_loads_by_alias_in_a_fresh_process(prefect_env, demo_root, tmp_path):
@@ -207,6 +267,7 @@ def test_prefect_yaml_entrypoints_import_and_parameters_validate():
             assert (REPO / deployment["parameters"]["config"]).is_file(), deployment["name"]
     weekly = next(d for d in config["deployments"] if d["name"] == "weekly-retrain")
     assert weekly["schedules"][0]["cron"] == "0 3 * * 1"
+    assert {"force_retrain", "promotion_confidence", "promotion_split"} <= set(weekly["parameters"])
 
 
 def test_flow_parameters_reject_bad_values():
@@ -220,5 +281,27 @@ def test_flow_parameters_reject_bad_values():
         emonet_training_pipeline.validate_parameters({"config": {"model": {"backbone": "vgg16"}}})
     with pytest.raises(ParameterTypeError):
         emonet_training_pipeline.validate_parameters({"config": {"train": {"epochs": 3, "epoch": 4}}})
+    with pytest.raises(ParameterTypeError):
+        emonet_training_pipeline.validate_parameters({"promotion_confidence": 1.0})
+    with pytest.raises(ParameterTypeError):
+        emonet_training_pipeline.validate_parameters({"promotion_split": "train"})
     defaults = emonet_training_pipeline.validate_parameters({})
     assert defaults["config"] == EmoNetConfig(), "the flow's config defaults are the library's"
+    assert (defaults["promotion_confidence"], defaults["promotion_split"], defaults["force_retrain"]) == (
+        0.95, "val", False)
+
+
+def test_run_report_shows_the_interval_or_why_training_was_skipped():
+    from flows.training_pipeline import run_report
+
+    common = {"registered_model": "emonet-demo", "output_dir": "outputs", "tracking_uri": "sqlite:///m.db"}
+    skipped = run_report({**common, "skipped": True, "skip_reason": "the recipe of champion version 3"})
+    assert "Training skipped: the recipe of champion version 3" in skipped and "Test mAP" not in skipped
+    metrics = {"f1_macro": 0.5, "mae_valence_1_10": 1.0, "mae_arousal_1_10": 1.5}
+    trained = run_report({
+        **common, "skipped": False, "test_mAP": 0.4123, "test_mAP_ci": (0.39, 0.43), "test_mAP_voc11": 0.44,
+        "test_metrics": metrics, "val_mAP": 0.41, "version": "4", "alias": "challenger",
+        "decision": "not_significantly_better", "review": "outputs/review/index.html",
+    })
+    assert "Test mAP: 0.4123 [0.3900, 0.4300]" in trained and "mAP_voc11 0.4400" in trained
+    assert "alias 'challenger' (not_significantly_better)" in trained

@@ -1,6 +1,8 @@
-"""The model registry: champion/challenger promotion on a temporary SQLite store, re-scoring
-a champion on a new split, concurrent registrations and their locks, and the register task
-(a retry reuses the run's version; the checkpoint is loaded once from evaluation to registration)."""
+"""The model registry: champion/challenger promotion on a temporary SQLite store (the
+paired-bootstrap rule on validation, and the point rule of ``confidence=0``), re-scoring a
+champion on a new split, concurrent registrations and their locks, skipping a retraining
+that would reproduce the champion, and the register task (a retry reuses the run's
+version; the checkpoint is loaded once from evaluation to registration)."""
 
 from __future__ import annotations
 
@@ -10,23 +12,38 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
 from conftest import restored_mlflow_uris, run_together
 from emonet.evaluation import split_fingerprint
+from emonet.metrics import mean_average_precision_score
+from emonet.prediction import Predictions
 from emonet.registry import (
     CHALLENGER,
     CHAMPION,
     PromotionDecision,
+    code_version,
     find_run_version,
+    predict_model_on_split,
     promote_model,
-    score_model_on_split,
+    recipe_tags,
+    retraining_unneeded,
     split_score_tag,
 )
-from emonet.schema import annotations_path, arrays_dir
+from emonet.schema import NUM_EMOTIONS, annotations_path, arrays_dir
 from emonet.tracking import configure_mlflow, log_emonet_model
+
+# The rule before validation decided: point test mAPs, any higher one wins.
+OLD_RULE = {"split": "test", "confidence": 0.0}
+
+
+def score_model_on_split(model_uri, split_csv, img_dir) -> float:
+    """The mAP of a model's re-scoring predictions (what a point comparison reads)."""
+    predictions = predict_model_on_split(model_uri, split_csv, img_dir)
+    return mean_average_precision_score(predictions.emotions_true, predictions.emotion_prob)
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +73,10 @@ def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
 def test_first_version_becomes_champion(registry):
     client, name, new_version = registry
     version, run_id = new_version()
-    result = promote_model(client, name, version, 0.31, "split-a", run_id)
+    result = promote_model(client, name, version, 0.31, "split-a", run_id, **OLD_RULE)
     assert result == PromotionDecision(
         version=version, alias=CHAMPION, decision="first_version", reason=result.reason,
-        new_map=0.31, previous_map=None, previous_version=None,
+        new_map=0.31, previous_map=None, previous_version=None, split="test", split_id="split-a", difference=None,
     )
     assert _aliases(client, name) == {CHAMPION: version}
     tags = client.get_model_version(name, version).tags
@@ -73,28 +90,32 @@ def test_first_version_becomes_champion(registry):
 def test_worse_then_better_version(registry):
     client, name, new_version = registry
     v1, r1 = new_version()
-    promote_model(client, name, v1, 0.30, "split-a", r1)
+    promote_model(client, name, v1, 0.30, "split-a", r1, **OLD_RULE)
 
     v2, r2 = new_version()
-    worse = promote_model(client, name, v2, 0.28, "split-a", r2)
+    worse = promote_model(client, name, v2, 0.28, "split-a", r2, **OLD_RULE)
     assert (worse.alias, worse.decision, worse.previous_map, worse.previous_version) == (
-        CHALLENGER, "not_better", 0.30, v1)
+        CHALLENGER, "clearly_worse", 0.30, v1)
+    assert worse.difference.estimate == pytest.approx(-0.02) and worse.difference.low == worse.difference.high
     assert _aliases(client, name) == {CHAMPION: v1, CHALLENGER: v2}
     run = client.get_run(r2)
     assert run.data.metrics["champion_previous_test_mAP"] == 0.30 and run.data.metrics["candidate_test_mAP"] == 0.28
-    assert run.data.tags["promotion_decision"] == "not_better" and run.data.tags["champion_previous_version"] == v1
+    assert run.data.tags["promotion_decision"] == "clearly_worse" and run.data.tags["champion_previous_version"] == v1
+    assert run.data.tags["promotion_split"] == "test" and run.data.metrics["promotion_difference_mAP"] == pytest.approx(
+        -0.02)
 
     v3, r3 = new_version()
-    tie = promote_model(client, name, v3, 0.30, "split-a", r3)
+    tie = promote_model(client, name, v3, 0.30, "split-a", r3, **OLD_RULE)
     assert tie.alias == CHALLENGER and _aliases(client, name)[CHAMPION] == v1  # a tie does not win
+    assert tie.decision == "not_significantly_better"
 
     v4, r4 = new_version()
-    better = promote_model(client, name, v4, 0.35, "split-a", r4)
+    better = promote_model(client, name, v4, 0.35, "split-a", r4, **OLD_RULE)
     assert (better.alias, better.decision, better.previous_map) == (CHAMPION, "promoted", 0.30)
     assert _aliases(client, name)[CHAMPION] == v4
     assert client.get_run(r4).data.tags["promotion_alias"] == CHAMPION
 
-    again = promote_model(client, name, int(v4), 0.35, "split-a", r4)  # re-run of the same step
+    again = promote_model(client, name, int(v4), 0.35, "split-a", r4, **OLD_RULE)  # re-run of the same step
     assert (again.alias, again.decision) == (CHAMPION, "already_champion")
     assert _aliases(client, name) == {CHAMPION: v4, CHALLENGER: v3}
 
@@ -103,15 +124,21 @@ def test_worse_then_better_version(registry):
 def split(tiny_checkpoint):
     """A real labelled test split (the tiny archive's) and its fingerprint."""
     root = tiny_checkpoint["root"]
-    test_csv = annotations_path(root, "test")
-    return {"csv": test_csv, "img_dir": arrays_dir(root), "id": split_fingerprint(pd.read_csv(test_csv))}
+    test_csv, val_csv = annotations_path(root, "test"), annotations_path(root, "val")
+    return {
+        "csv": test_csv, "img_dir": arrays_dir(root), "id": split_fingerprint(pd.read_csv(test_csv)),
+        "val_csv": val_csv, "val_id": split_fingerprint(pd.read_csv(val_csv)),
+    }
 
 
-def test_score_model_on_split_matches_the_evaluation(logged_model, checkpoint, split, tmp_path):
+def test_predict_model_on_split_matches_the_evaluation(logged_model, checkpoint, split, tmp_path):
     from emonet.evaluation import evaluate_checkpoint
 
-    score = score_model_on_split(logged_model["version"].source, split["csv"], split["img_dir"])
+    predictions = predict_model_on_split(logged_model["version"].source, split["csv"], split["img_dir"])
     report = evaluate_checkpoint(checkpoint, split["csv"], split["img_dir"], tmp_path, device="cpu", progress=False)
+    np.testing.assert_array_equal(predictions.indices, report.predictions.indices)
+    np.testing.assert_allclose(predictions.emotion_prob, report.predictions.emotion_prob, atol=1e-6)
+    score = mean_average_precision_score(predictions.emotions_true, predictions.emotion_prob)
     assert score == pytest.approx(report.metrics["mAP"], abs=1e-6)
 
 
@@ -124,16 +151,16 @@ def test_champion_of_another_split_is_rescored_on_the_candidates(registry, split
 
     def counting_score(*args):
         rescored.append(args)
-        return score_model_on_split(*args)
+        return predict_model_on_split(*args)
 
-    monkeypatch.setattr(emonet.registry, "score_model_on_split", counting_score)
+    monkeypatch.setattr(emonet.registry, "predict_model_on_split", counting_score)
     v1, r1 = new_version()
-    promote_model(client, name, v1, 0.99, "sha256:aaa", r1)  # a high score, but on another split
+    promote_model(client, name, v1, 0.99, "sha256:aaa", r1, **OLD_RULE)  # a high score, but on another split
     truth = score_model_on_split(f"models:/{name}/{v1}", split["csv"], split["img_dir"])
 
     v2, r2 = new_version()
     better = promote_model(
-        client, name, v2, truth + 0.01, split["id"], r2, test_csv=split["csv"], img_dir=split["img_dir"]
+        client, name, v2, truth + 0.01, split["id"], r2, split_csv=split["csv"], img_dir=split["img_dir"], **OLD_RULE
     )
     assert [args[0] for args in rescored] == [f"models:/{name}/{v1}"]
     assert (better.alias, better.decision, better.previous_version) == (CHAMPION, "promoted", v1)
@@ -148,19 +175,19 @@ def test_champion_of_another_split_is_rescored_on_the_candidates(registry, split
 
     v3, r3 = new_version()
     worse = promote_model(
-        client, name, v3, truth, split["id"], r3, test_csv=split["csv"], img_dir=split["img_dir"]
+        client, name, v3, truth, split["id"], r3, split_csv=split["csv"], img_dir=split["img_dir"], **OLD_RULE
     )
-    assert (worse.alias, worse.decision, worse.previous_map) == (CHALLENGER, "not_better", truth + 0.01)
+    assert (worse.alias, worse.decision, worse.previous_map) == (CHALLENGER, "clearly_worse", truth + 0.01)
     assert len(rescored) == 1, "the champion was scored on this split: its own score is used"
 
 
 def test_rescoring_needs_the_split(registry):
     client, name, new_version = registry
     v1, r1 = new_version()
-    promote_model(client, name, v1, 0.30, "sha256:aaa", r1)
+    promote_model(client, name, v1, 0.30, "sha256:aaa", r1, **OLD_RULE)
     v2, r2 = new_version()
-    with pytest.raises(ValueError, match="never scored on test split sha256:bbb: pass test_csv"):
-        promote_model(client, name, v2, 0.40, "sha256:bbb", r2)
+    with pytest.raises(ValueError, match="never scored on test split sha256:bbb: pass split_csv"):
+        promote_model(client, name, v2, 0.40, "sha256:bbb", r2, **OLD_RULE)
     assert _aliases(client, name) == {CHAMPION: v1}
 
 
@@ -170,11 +197,13 @@ def test_a_champion_that_cannot_be_loaded_is_replaced(registry, logged_model, sp
     shutil.copytree(mlflow.artifacts.download_artifacts(logged_model["version"].source), copy)
     run_id = client.create_run(client.get_run(logged_model["run_id"]).info.experiment_id).info.run_id
     v1 = str(client.create_model_version(name, copy.as_uri(), run_id=run_id).version)
-    promote_model(client, name, v1, 0.30, "sha256:aaa", run_id)
+    promote_model(client, name, v1, 0.30, "sha256:aaa", run_id, **OLD_RULE)
     shutil.rmtree(copy)  # its artifacts are gone
 
     v2, r2 = new_version()
-    result = promote_model(client, name, v2, 0.10, split["id"], r2, test_csv=split["csv"], img_dir=split["img_dir"])
+    result = promote_model(
+        client, name, v2, 0.10, split["id"], r2, split_csv=split["csv"], img_dir=split["img_dir"], **OLD_RULE
+    )
     assert (result.alias, result.decision, result.previous_version) == (CHAMPION, "champion_unavailable", v1)
     assert f"champion version {v1} cannot be scored" in result.reason and result.previous_map is None
     assert _aliases(client, name) == {CHAMPION: v2}
@@ -185,26 +214,26 @@ def test_a_champion_that_cannot_be_loaded_is_replaced(registry, logged_model, sp
 def test_min_improvement(registry):
     client, name, new_version = registry
     v1, r1 = new_version()
-    promote_model(client, name, v1, 0.30, "split-a", r1, min_improvement=0.05)
+    promote_model(client, name, v1, 0.30, "split-a", r1, min_improvement=0.05, **OLD_RULE)
     v2, r2 = new_version()
-    small = promote_model(client, name, v2, 0.34, "split-a", r2, min_improvement=0.05)
-    assert (small.alias, small.decision) == (CHALLENGER, "not_better")
+    small = promote_model(client, name, v2, 0.34, "split-a", r2, min_improvement=0.05, **OLD_RULE)
+    assert (small.alias, small.decision) == (CHALLENGER, "not_significantly_better")
     assert "min_improvement 0.05" in small.reason
     v3, r3 = new_version()
-    large = promote_model(client, name, v3, 0.36, "split-a", r3, min_improvement=0.05)
+    large = promote_model(client, name, v3, 0.36, "split-a", r3, min_improvement=0.05, **OLD_RULE)
     assert (large.alias, large.decision) == (CHAMPION, "promoted")
     with pytest.raises(ValueError, match="min_improvement"):
-        promote_model(client, name, v3, 0.36, "split-a", r3, min_improvement=-0.01)
+        promote_model(client, name, v3, 0.36, "split-a", r3, min_improvement=-0.01, **OLD_RULE)
 
 
 def test_champion_score_falls_back_to_its_run_metric(registry):
     client, name, new_version = registry
     v1, r1 = new_version()
-    promote_model(client, name, v1, 0.30, "split-a", r1)
+    promote_model(client, name, v1, 0.30, "split-a", r1, **OLD_RULE)
     client.delete_model_version_tag(name, v1, "test_mAP")  # e.g. a champion registered by hand
     client.log_metric(r1, "test_mAP", 0.40)
     v2, r2 = new_version()
-    result = promote_model(client, name, v2, 0.35, "split-a", r2)
+    result = promote_model(client, name, v2, 0.35, "split-a", r2, **OLD_RULE)
     assert (result.alias, result.previous_map) == (CHALLENGER, 0.40)
 
 
@@ -213,8 +242,12 @@ def test_promote_model_validates_inputs(registry, tmp_path):
     version, run_id = new_version()
     with pytest.raises(ValueError, match="finite"):
         promote_model(client, name, version, float("nan"), "split-a", run_id)
-    with pytest.raises(ValueError, match="test_split_id"):
+    with pytest.raises(ValueError, match="split_id"):
         promote_model(client, name, version, 0.3, "", run_id)
+    with pytest.raises(ValueError, match="split must be one of"):
+        promote_model(client, name, version, 0.3, "split-a", run_id, split="train")
+    with pytest.raises(ValueError, match="confidence"):
+        promote_model(client, name, version, 0.3, "split-a", run_id, confidence=1.0)
 
 
 # --------------------------------------------------------------------------- concurrency and retries
@@ -235,7 +268,7 @@ def test_concurrent_registrations_leave_the_better_version_champion(tmp_path):
             client.create_registered_model(name)
             run_id = client.create_run(experiment_id).info.run_id
             version = client.create_model_version(name, "file:///nowhere/model", run_id=run_id).version
-            promote_model(client, name, version, 0.30, "split-a", run_id)
+            promote_model(client, name, version, 0.30, "split-a", run_id, split="test", confidence=0.0)
     script = f"""
 import json
 from dataclasses import asdict
@@ -261,7 +294,8 @@ for name in ("file-locked", "registry-locked"):
     barrier(name + "-register")
     version = client.create_model_version(name, "file:///nowhere/model", run_id=run_id).version
     barrier(name + "-promote")
-    results[name] = asdict(promote_model(client, name, version, scores[me], "split-a", run_id))
+    results[name] = asdict(promote_model(client, name, version, scores[me], "split-a", run_id, split="test",
+                                         confidence=0.0))
 print(json.dumps(results))
 """
     runs = run_together(script, 2, tmp_path)
@@ -272,7 +306,7 @@ print(json.dumps(results))
         for name in ("file-locked", "registry-locked"):
             assert _aliases(client, name)[CHAMPION] == better[name]["version"], (better[name], worse[name])
             # Whoever decided second saw the first one's result.
-            assert {better[name]["decision"], worse[name]["decision"]} in ({"promoted"}, {"promoted", "not_better"})
+            assert {better[name]["decision"], worse[name]["decision"]} in ({"promoted"}, {"promoted", "clearly_worse"})
             assert not client.search_registered_models(f"name = '{name}.promotion-lock'")  # released
 
 
@@ -295,7 +329,9 @@ def evaluation(checkpoint, split, tmp_path_factory):
     from emonet.evaluation import evaluate_checkpoint
 
     out_dir = tmp_path_factory.mktemp("evaluation")
-    return evaluate_checkpoint(checkpoint, split["csv"], split["img_dir"], out_dir, device="cpu", progress=False)
+    return evaluate_checkpoint(
+        checkpoint, split["csv"], split["img_dir"], out_dir, device="cpu", progress=False, validation=split["val_csv"]
+    )
 
 
 def test_the_evaluation_carries_what_registration_needs(evaluation, split, checkpoint):
@@ -326,6 +362,7 @@ def test_a_retried_registration_reuses_the_runs_version(logged_model, checkpoint
     arguments = {
         "run_id": run_id, "checkpoint": checkpoint, "normalization_json": None, "evaluation": evaluation,
         "registered_model_name": name, "test_csv": split["csv"], "img_dir": split["img_dir"],
+        "val_csv": split["val_csv"],
     }
     first = tasks.model.register_model.fn(**arguments)
     again = tasks.model.register_model.fn(**arguments)  # as a task retry after a later failure
@@ -338,6 +375,11 @@ def test_a_retried_registration_reuses_the_runs_version(logged_model, checkpoint
     version = client.get_model_version(name, "1")
     assert (version.tags["variant"], version.tags["backbone"]) == ("body", "resnet18")  # from evaluation.config
     assert version.tags["test_split"] == split["id"]
+    # Decided on validation by default; the version carries both splits' mAP.
+    assert first.split == "val" and version.tags["val_split"] == split["val_id"]
+    assert float(version.tags["val_mAP"]) == pytest.approx(evaluation.validation.metrics["mAP"])
+    assert float(version.tags["test_mAP"]) == pytest.approx(evaluation.metrics["mAP"])
+    assert "Promotion on the val split" in version.description and "[" in version.description
 
 
 def test_evaluation_review_and_registration_load_the_checkpoint_once(
@@ -367,15 +409,214 @@ def test_evaluation_review_and_registration_load_the_checkpoint_once(
     run_id = client.create_run(mlflow_store["experiment_id"]).info.run_id
     common = {"run_id": run_id, "checkpoint": checkpoint, "test_csv": split["csv"], "img_dir": split["img_dir"]}
 
-    evaluation = tasks.model.evaluate_model.fn(**common, normalization_json=None, out_dir=tmp_path / "evaluation")
-    assert len(loads) == 1
+    evaluation = tasks.model.evaluate_model.fn(
+        **common, normalization_json=None, out_dir=tmp_path / "evaluation", val_csv=split["val_csv"]
+    )
+    assert len(loads) == 1 and evaluation.validation is not None, "validation is predicted by the same load"
     index = tasks.model.review_model.fn(**common, evaluation=evaluation, out_dir=tmp_path / "review")
     decision = tasks.model.register_model.fn(
-        **common, normalization_json=None, evaluation=evaluation, registered_model_name="load-once"
+        **common, normalization_json=None, evaluation=evaluation, registered_model_name="load-once",
+        val_csv=split["val_csv"],
     )
     assert len(loads) == 1, f"best.pt was loaded {len(loads)} times"
     assert index.is_file() and decision.version == "1" and decision.decision == "first_version"
-    assert json.loads((tmp_path / "review" / "summary.json").read_text())["mAP"] == pytest.approx(
-        evaluation.metrics["mAP"]
+    review = json.loads((tmp_path / "review" / "summary.json").read_text())
+    assert review["mAP"] == pytest.approx(evaluation.metrics["mAP"])
+    # The review shows the evaluation's intervals beside the mAPs.
+    assert review["intervals"]["mAP"]["low"] == pytest.approx(evaluation.intervals["mAP"].low)
+    assert f"[{evaluation.intervals['mAP'].low:.4f}, " in index.read_text(encoding="utf-8")
+
+
+
+# --------------------------------------------------------------------------- the evidence rule
+
+
+def _predictions(y_true: np.ndarray, y_prob: np.ndarray) -> Predictions:
+    n = len(y_true)
+    return Predictions(
+        emotion_prob=np.asarray(y_prob, dtype=np.float32), affect_pred=np.zeros((n, 2), dtype=np.float32),
+        indices=np.arange(n), emotions_true=np.asarray(y_true, dtype=np.float32),
     )
 
+
+def _labels(n: int = 400, seed: int = 0) -> np.ndarray:
+    """Multi-hot labels shaped like EMOTIC's: 26 labels, prevalence 5-40%."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((n, NUM_EMOTIONS)) < rng.uniform(0.05, 0.4, NUM_EMOTIONS)).astype(np.float32)
+    labels[0] = 1.0  # every label has a positive
+    return labels
+
+
+def _recipe(labels: np.ndarray, seed: int, skill: float = 1.0) -> np.ndarray:
+    """Probabilities of one recipe trained with ``seed``: the same skill, seed-dependent errors."""
+    noise = np.random.default_rng(seed).normal(0.0, 1.5, labels.shape)
+    return 1.0 / (1.0 + np.exp(-(skill * (2.0 * labels - 1.0) + noise)))
+
+
+def _map(labels: np.ndarray, probs: np.ndarray) -> float:
+    return mean_average_precision_score(labels, probs)
+
+
+@pytest.fixture
+def no_rescoring(monkeypatch):
+    """The champion's predictions must come from its run: a re-scoring fails the test."""
+    import emonet.registry
+
+    def fail(*args):
+        raise AssertionError(f"the champion was re-scored: {args}")
+
+    monkeypatch.setattr(emonet.registry, "predict_model_on_split", fail)
+
+
+def test_seed_noise_does_not_flip_the_champion(registry, no_rescoring):
+    """Two seeds of one recipe: the better-looking one is promoted by the point rule
+    (confidence 0) but not by the paired bootstrap, whose interval holds 0."""
+    client, name, new_version = registry
+    labels = _labels()
+    seeds = sorted((0, 1), key=lambda seed: _map(labels, _recipe(labels, seed)))  # worse seed first
+    low_seed, high_seed = (_predictions(labels, _recipe(labels, seed)) for seed in seeds)
+    assert _map(labels, high_seed.emotion_prob) > _map(labels, low_seed.emotion_prob)
+
+    v1, r1 = new_version()
+    first = promote_model(client, name, v1, low_seed, "sha256:val", r1)
+    assert (first.decision, first.split) == ("first_version", "val")
+    assert {a.path for a in client.list_artifacts(r1, "promotion")} == {"promotion/predictions-val.npz"}
+
+    v2, r2 = new_version()
+    result = promote_model(client, name, v2, high_seed, "sha256:val", r2)
+    assert (result.alias, result.decision) == (CHALLENGER, "not_significantly_better")
+    assert result.difference.estimate == pytest.approx(
+        _map(labels, high_seed.emotion_prob) - _map(labels, low_seed.emotion_prob), abs=1e-6
+    )
+    assert result.difference.low <= 0.0 <= result.difference.high and result.difference.confidence == 0.95
+    assert result.previous_map == pytest.approx(_map(labels, low_seed.emotion_prob), abs=1e-6)
+    assert _aliases(client, name) == {CHAMPION: v1, CHALLENGER: v2}
+    assert f"[{result.difference.low:+.4f}, {result.difference.high:+.4f}]" in result.reason
+    run = client.get_run(r2).data
+    assert run.tags["promotion_split"] == "val" and run.tags["promotion_split_id"] == "sha256:val"
+    assert run.tags["promotion_decision"] == "not_significantly_better"
+    assert run.metrics["promotion_difference_low"] == pytest.approx(result.difference.low)
+    assert run.metrics["promotion_difference_high"] == pytest.approx(result.difference.high)
+    assert run.metrics["candidate_val_mAP"] == pytest.approx(result.new_map)
+
+    # confidence 0 restores the point rule, under which the same seed would have flipped the champion.
+    v3, r3 = new_version()
+    point = promote_model(client, name, v3, high_seed, "sha256:val", r3, confidence=0.0)
+    assert (point.alias, point.decision) == (CHAMPION, "promoted")
+    assert point.difference.low == point.difference.high == pytest.approx(result.difference.estimate)
+
+
+def test_a_clearly_better_model_is_promoted_and_a_clearly_worse_one_is_not(registry, no_rescoring):
+    client, name, new_version = registry
+    labels = _labels()
+    guess = _predictions(labels, np.random.default_rng(5).random(labels.shape))  # no skill
+    skilled = _predictions(labels, _recipe(labels, seed=6, skill=2.0))
+
+    v1, r1 = new_version()
+    promote_model(client, name, v1, guess, "sha256:val", r1)
+    v2, r2 = new_version()
+    better = promote_model(client, name, v2, skilled, "sha256:val", r2, min_improvement=0.05)
+    assert (better.alias, better.decision, better.previous_version) == (CHAMPION, "promoted", v1)
+    assert better.difference.low > 0.05 and "lower end exceeds min_improvement 0.05" in better.reason
+
+    v3, r3 = new_version()  # the guess again, now against the skilled champion
+    worse = promote_model(client, name, v3, guess, "sha256:val", r3)
+    assert (worse.alias, worse.decision) == (CHALLENGER, "clearly_worse")
+    assert worse.difference.high < 0.0 and "upper end is below 0" in worse.reason
+    assert _aliases(client, name) == {CHAMPION: v2, CHALLENGER: v3}
+
+
+def test_the_same_predictions_give_a_zero_interval_and_keep_the_champion(registry, no_rescoring):
+    """Hand-checked: a model compared with itself differs by exactly 0, interval [0, 0]."""
+    client, name, new_version = registry
+    labels = np.array([[1, 0], [0, 1], [1, 1], [0, 0]] * 5, dtype=np.float32)
+    probs = np.array([[0.9, 0.2], [0.3, 0.8], [0.7, 0.6], [0.1, 0.3]] * 5)
+    v1, r1 = new_version()
+    promote_model(client, name, v1, _predictions(labels, probs), "sha256:val", r1)
+    v2, r2 = new_version()
+    tie = promote_model(client, name, v2, _predictions(labels, probs), "sha256:val", r2, n_resamples=50)
+    assert (tie.decision, tie.new_map, tie.previous_map) == ("not_significantly_better", 1.0, 1.0)
+    assert (tie.difference.estimate, tie.difference.low, tie.difference.high) == (0.0, 0.0, 0.0)
+    assert "+0.0000 [+0.0000, +0.0000] (95% paired bootstrap, 50 resamples)" in tie.reason
+
+
+def test_a_point_score_cannot_be_compared_with_confidence(registry):
+    client, name, new_version = registry
+    v1, r1 = new_version()
+    promote_model(client, name, v1, 0.30, "sha256:val", r1)  # a first version needs no comparison
+    v2, r2 = new_version()
+    with pytest.raises(ValueError, match="needs the candidate's predictions"):
+        promote_model(client, name, v2, 0.40, "sha256:val", r2)
+    assert _aliases(client, name) == {CHAMPION: v1}
+
+
+def test_a_champion_is_rescored_for_its_predictions_once(registry, split, monkeypatch):
+    """A champion with no kept predictions on the candidate's validation split is
+    re-scored from the registry; its predictions are kept in its run for the next one."""
+    import emonet.registry
+
+    client, name, new_version = registry
+    rescored = []
+
+    def counting_predict(*args):
+        rescored.append(args)
+        return predict_model_on_split(*args)
+
+    monkeypatch.setattr(emonet.registry, "predict_model_on_split", counting_predict)
+    v1, r1 = new_version()
+    promote_model(client, name, v1, 0.5, "sha256:other", r1)
+    same = predict_model_on_split(f"models:/{name}/{v1}", split["val_csv"], split["img_dir"])  # the same model
+
+    v2, r2 = new_version()
+    arguments = {"split_csv": split["val_csv"], "img_dir": split["img_dir"], "n_resamples": 100}
+    result = promote_model(client, name, v2, same, split["val_id"], r2, **arguments)
+    assert len(rescored) == 1 and result.decision == "not_significantly_better"
+    assert result.difference.estimate == pytest.approx(0.0, abs=1e-6)
+    kept = {a.path for a in client.list_artifacts(r1, "promotion")}
+    assert f"promotion/predictions-{split['val_id'][:16]}.npz" in kept
+    assert float(client.get_model_version(name, v1).tags[split_score_tag(split["val_id"])]) == pytest.approx(
+        result.previous_map
+    )
+    v3, r3 = new_version()
+    promote_model(client, name, v3, same, split["val_id"], r3, **arguments)
+    assert len(rescored) == 1, "the champion's kept predictions were used"
+
+
+# --------------------------------------------------------------------------- skipping a retraining
+
+
+def test_code_version_is_the_commit_or_unknown(tmp_path):
+    import re
+
+    assert code_version(tmp_path) == "unknown"  # not a git checkout
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", code_version())
+
+
+def test_retraining_is_unneeded_only_for_the_champions_data_config_and_clean_code(registry):
+    client, name, new_version = registry
+    splits = {"train": "sha256:t", "val": "sha256:v", "test": "sha256:s"}
+    normalization = {"low": [1.0, 1.0], "high": [10.0, 10.0]}
+    config = {"train": {"seed": 0, "epochs": 5}}
+    tags = recipe_tags(splits, normalization, config, "a" * 40)
+    assert retraining_unneeded(client, name, tags) is None  # no champion yet
+    assert retraining_unneeded(client, "no-such-model", tags) is None
+
+    v1, r1 = new_version()
+    for key, value in tags.items():
+        client.set_tag(r1, key, value)
+    promote_model(client, name, v1, 0.3, "sha256:v", r1)
+    reason = retraining_unneeded(client, name, tags)
+    assert reason is not None and f"champion version {v1}" in reason and r1 in reason
+
+    changed = [
+        recipe_tags({**splits, "val": "sha256:other"}, normalization, config, "a" * 40),
+        recipe_tags(splits, {"low": [2.0, 1.0], "high": [10.0, 10.0]}, config, "a" * 40),
+        recipe_tags(splits, normalization, {"train": {"seed": 1, "epochs": 5}}, "a" * 40),
+        recipe_tags(splits, normalization, config, "b" * 40),
+    ]
+    assert all(retraining_unneeded(client, name, other) is None for other in changed)
+    for code in ("unknown", "a" * 40 + "+dirty"):  # code that no commit names
+        unnamed = recipe_tags(splits, normalization, config, code)
+        for key, value in unnamed.items():
+            client.set_tag(r1, key, value)
+        assert retraining_unneeded(client, name, unnamed) is None

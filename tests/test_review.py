@@ -18,7 +18,12 @@ from emonet.inference import PROB_COLUMNS
 from emonet.normalize import AffectNormalizer
 from emonet.evaluation import SPLIT_REPORT_FILES
 from emonet.prediction import Predictions
-from emonet.metrics import affect_sample_error, confidence_score, sample_f1_score
+from emonet.metrics import (
+    affect_sample_error,
+    confidence_score,
+    mean_voc11_average_precision_score,
+    sample_f1_score,
+)
 from emonet.review import SORT_OPTIONS, rank_samples, review_predictions, review_predictions_with_visualization
 from emonet.schema import EMOTIONS, FACE_VISIBILITY_COLUMN, annotations_path, arrays_dir
 
@@ -226,6 +231,14 @@ def test_review_writes_every_promised_file(demo_checkpoint, tmp_path, caplog):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_samples"] == summary["n_selected"] == len(frame) and summary["n_detailed"] == 2
     assert 0.0 <= summary["mAP"] <= 1.0 and 0.0 <= summary["f1_macro"] <= 1.0
+    # Both AP protocols, on the page too, and per face-visibility group.
+    truth = frame[list(EMOTIONS)].to_numpy()
+    assert summary["mAP_voc11"] == pytest.approx(
+        mean_voc11_average_precision_score(truth, table.sort_values("csv_row")[list(PROB_COLUMNS)].to_numpy())
+    )
+    assert "mAP_voc11_face_whole" in summary["by_face_visibility"]
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "11-point AP" in page and f"{summary['mAP_voc11']:.4f}" in page
     assert summary["mean_sample_f1"] == pytest.approx(table["f1"].mean())
     assert summary["sort_by"] == "worst" and summary["seed"] == 0
 
@@ -238,6 +251,7 @@ def test_review_writes_every_promised_file(demo_checkpoint, tmp_path, caplog):
         assert image.width > 800 and image.height > 400
     per_emotion = pd.read_csv(out / "per_emotion.csv")
     assert per_emotion["emotion"].tolist() == list(EMOTIONS)
+    assert {"average_precision", "average_precision_voc11"} <= set(per_emotion.columns)
     assert len(pd.read_csv(out / "review.csv")) == len(frame)
 
     parser = _Links()

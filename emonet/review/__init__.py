@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,13 @@ from emonet.batch import ModelSource, describe_model, load_predictor
 from emonet.data import EmoticDataset
 from emonet.evaluation import SPLIT_REPORT_FILES, write_split_report
 from emonet.io import check_not_inputs, write_csv_atomic, write_json_atomic
-from emonet.metrics import EVALUATION_KEYS, evaluate_predictions, metrics_by_visibility
+from emonet.bootstrap import BootstrapInterval
+from emonet.metrics import (
+    EVALUATION_KEYS,
+    evaluate_predictions,
+    mean_voc11_average_precision_score,
+    metrics_by_visibility,
+)
 from emonet.normalize import AffectNormalizer
 from emonet.prediction import Predictions
 from emonet.review.drawing import MAX_GRID_SAMPLES, fmt, page_name, plot_grid, plot_sample
@@ -145,6 +152,7 @@ def review_predictions(
     seed: int = 0,
     progress: bool = True,
     split_report: Mapping[str, Path] | None = None,
+    intervals: Mapping[str, BootstrapInterval] | None = None,
 ) -> pd.DataFrame:
     """Write a visual review of a model's predictions of a labelled split into ``output_dir``.
 
@@ -182,6 +190,9 @@ def review_predictions(
     split_report : the files of :func:`emonet.evaluation.write_split_report` for these
         predictions (e.g. ``EvaluationReport.files``), which the page then links instead
         of writing them again; None writes them into ``output_dir``.
+    intervals : bootstrap intervals of these predictions' metrics (e.g.
+        ``EvaluationReport.intervals``: ``mAP``, ``mAP_voc11``, ...), shown beside them on
+        the page and kept in ``summary.json``; None shows none.
 
     Returns
     -------
@@ -202,7 +213,8 @@ def review_predictions(
     ``true_vs_predicted.png``, ``cooccurrence_true.png``, ``cooccurrence_pred.png``,
     ``per_emotion_metrics.png``, ``affect_scatter.png`` and ``per_emotion.csv`` for
     the whole split; ``review.csv`` (the returned table); ``summary.json`` (counts,
-    mAP, F1 scores, mean per-sample F1, affect errors, ``sort_by``, ``seed``, files);
+    ``mAP`` and ``mAP_voc11``, F1 scores, mean per-sample F1, affect errors,
+    ``sort_by``, ``seed``, files);
     ``index.html``, which shows everything through relative links and opens from
     disk without a server.
 
@@ -276,9 +288,10 @@ def review_predictions(
     }
     try:
         scores = evaluate_predictions(y_true, probs, **common)
+        scores["mAP_voc11"] = mean_voc11_average_precision_score(y_true, probs)
     except ValueError as error:  # no emotion has a positive sample in this split
         logger.warning("metrics undefined on %s: %s", test_csv_path.name, error)
-        scores = dict.fromkeys(EVALUATION_KEYS, float("nan"))
+        scores = dict.fromkeys((*EVALUATION_KEYS, "mAP_voc11"), float("nan"))
     by_visibility = (
         metrics_by_visibility(y_true, probs, visibility=table.sort_index()[FACE_VISIBILITY_COLUMN], **common)
         if has_visibility
@@ -300,6 +313,7 @@ def review_predictions(
         "sort_by": sort_by,
         "seed": int(seed),
         "mAP": _finite_or_none(mean_ap),
+        "mAP_voc11": _finite_or_none(scores["mAP_voc11"]),
         "f1_macro": scores["f1_macro"],
         "f1_micro": scores["f1_micro"],
         "f1_samples": scores["f1_samples"],
@@ -307,6 +321,7 @@ def review_predictions(
         "selected_mean_sample_f1": float(ordered["f1"].head(num_samples).mean()),
         **{key: _finite_or_none(scores[key]) for key in AFFECT_KEYS},
         "by_face_visibility": {key: _finite_or_none(value) for key, value in by_visibility.items()},
+        "intervals": {key: asdict(interval) for key, interval in (intervals or {}).items()},
         "selected": ordered["crop_name"].head(num_samples).tolist(),
         "files": {**files, "review_csv": REVIEW_CSV, "summary": SUMMARY_FILE, "index": INDEX_FILE},
     }

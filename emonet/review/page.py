@@ -17,13 +17,22 @@ from emonet.schema import FACE_VISIBILITY_COLUMN
 
 # Columns of the face-visibility table: metric of emonet.metrics.metrics_by_visibility, format.
 VISIBILITY_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("n", ".0f"), ("mAP", ".4f"), ("f1_macro", ".4f"), ("mae_valence_1_10", ".2f"), ("mae_arousal_1_10", ".2f"),
+    ("n", ".0f"), ("mAP", ".4f"), ("mAP_voc11", ".4f"), ("f1_macro", ".4f"), ("mae_valence_1_10", ".2f"),
+    ("mae_arousal_1_10", ".2f"),
 )
 
 # The whole-split figures of emonet.evaluation, in the order the page shows them.
 FIGURE_KEYS: tuple[str, ...] = (
     "true_vs_predicted", "cooccurrence_true", "cooccurrence_pred", "per_emotion_metrics", "affect_scatter",
 )
+
+
+def _interval(interval: dict[str, Any] | None) -> str:
+    """`` [low, high] (95% bootstrap)`` of a ``summary.json`` interval; empty without one."""
+    if not interval:
+        return ""
+    return (f" [{fmt(interval['low'], '.4f')}, {fmt(interval['high'], '.4f')}] "
+            f"({100 * interval['confidence']:g}% bootstrap)")
 
 
 def _href(relative: str) -> str:
@@ -51,7 +60,9 @@ def write_index(path: Path, summary: dict[str, Any], table: pd.DataFrame, has_vi
              f"{fmt(summary['n_emotion'], '.0f')} / {fmt(summary['n_affect'], '.0f')}"),
             ("shown in grid", f"{summary['n_selected']} (sorted by {summary['sort_by']}, seed {summary['seed']})"),
             ("detailed pages", str(summary["n_detailed"])),
-            ("mAP", fmt(summary["mAP"], ".4f")),
+            ("mAP (scikit-learn AP)", fmt(summary["mAP"], ".4f") + _interval(summary["intervals"].get("mAP"))),
+            ("mAP_voc11 (the EMOTIC authors' 11-point AP)",
+             fmt(summary["mAP_voc11"], ".4f") + _interval(summary["intervals"].get("mAP_voc11"))),
             ("macro F1 / micro F1", f"{fmt(summary['f1_macro'], '.4f')} / {fmt(summary['f1_micro'], '.4f')}"),
             ("mean per-sample F1", fmt(summary["mean_sample_f1"], ".4f")),
             ("valence / arousal MAE (1-10)",
