@@ -19,7 +19,7 @@ from emonet.arrays import load_array
 from emonet.checkpoint import resolve_device
 from emonet.images import DEFAULT_MAX_PIXELS, check_max_pixels, check_pixel_limit, read_image
 from emonet.inference import OUTPUT_COLUMNS, Predictor
-from emonet.io import atomic_path, check_not_inputs, read_csv
+from emonet.io import atomic_path, check_not_inputs, ensure_writable_dir, read_csv
 from emonet.normalize import AffectNormalizer
 from emonet.store import check_store
 
@@ -345,6 +345,7 @@ def predict_csv(
         image_dir=img_dir,
         image_files=layout.listed_files(csv_path),
     )
+    ensure_writable_dir(out_csv.parent)  # a read-only folder fails now, not after scoring
     missing = [column for column in keep_columns if column not in columns]
     if missing:
         raise ValueError(f"keep_columns not in {csv_path.name}: {missing}")

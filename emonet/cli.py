@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from emonet.images import DEFAULT_MAX_PIXELS
-from emonet.io import ensure_writable_dir
+from emonet.io import check_not_inputs, ensure_writable_dir
 
 logger = logging.getLogger("emonet")
 
@@ -34,9 +34,6 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> None:
 def _cmd_visibility(args: argparse.Namespace) -> None:
     from emonet.visibility_split import add_face_visibility
 
-    for output in (args.out, args.plot):
-        if output is not None:
-            ensure_writable_dir(output.parent)
     result = add_face_visibility(
         args.annotations,
         args.img_dir,
@@ -94,7 +91,6 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from emonet.evaluation import evaluate_checkpoint
 
-    ensure_writable_dir(args.out_dir)
     report = evaluate_checkpoint(
         args.checkpoint, args.annotations, args.img_dir, args.out_dir, normalizer=args.normalization
     )
@@ -106,7 +102,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_review(args: argparse.Namespace) -> None:
     from emonet.review import review_predictions_with_visualization
 
-    ensure_writable_dir(args.out_dir)
     table = review_predictions_with_visualization(
         args.model,
         args.annotations,
@@ -124,7 +119,6 @@ def _cmd_review(args: argparse.Namespace) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from emonet.batch import predict_csv
 
-    ensure_writable_dir(args.out.parent)
     summary = predict_csv(
         args.model,
         args.input,
@@ -138,8 +132,13 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
-    from emonet.benchmark import benchmark_model, write_benchmark
+    from emonet.benchmark import BENCHMARK_FILES, benchmark_model, write_benchmark
 
+    check_not_inputs(
+        [args.out_dir / name for name in BENCHMARK_FILES.values()],
+        {"annotations": args.annotations, "model": args.model, "normalization": args.normalization},
+        image_dir=args.img_dir,
+    )
     ensure_writable_dir(args.out_dir)
     table = benchmark_model(
         args.model,

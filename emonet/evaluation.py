@@ -15,7 +15,7 @@ from emonet.annotations import raw_affect
 from emonet.benchmark import BENCHMARK_FILES, BenchmarkTable, benchmark_table, write_benchmark
 from emonet.bootstrap import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, BootstrapInterval, check_bootstrap_settings
 from emonet.data import EmoticDataset
-from emonet.io import check_not_inputs, write_csv_atomic, write_json_atomic
+from emonet.io import check_not_inputs, ensure_writable_dir, write_csv_atomic, write_json_atomic
 from emonet.metrics import (
     binarize,
     cooccurrence_matrix,
@@ -144,14 +144,16 @@ def evaluate_checkpoint(
     check_not_inputs(
         [out_dir / name for name in written],
         {"checkpoint": checkpoint, "annotations": annotations, "normalizer": normalizer, "validation": validation},
+        image_dir=img_dir,
     )
+    ensure_writable_dir(out_dir)  # a read-only folder fails now, not after predicting
     check_bootstrap_settings(n_resamples, DEFAULT_CONFIDENCE)  # before any work, not after predicting
     normalizer = load_normalizer(normalizer)
     device_ = resolve_device(device)
     model, config, state = load_checkpoint(checkpoint, map_location=device_)
     thresholds = np.asarray(state.get("thresholds") if state.get("thresholds") is not None else [0.5] * len(EMOTIONS))
 
-    with_context = config.model.variant == "body_context"
+    with_context = config.model.uses_context
 
     def predict(rows: pd.DataFrame | str | Path, desc: str) -> tuple[EmoticDataset, Predictions]:
         dataset = EmoticDataset(rows, img_dir, transform=eval_transform(config), with_context=with_context)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from emonet.annotations import load_annotations
-from emonet.io import check_not_inputs, read_csv, write_csv_atomic
+from emonet.io import check_not_inputs, ensure_writable_dir, read_csv, write_csv_atomic
 from emonet.plots import plot_visibility_histogram
 from emonet.schema import FACE_VISIBILITY_COLUMN
 from emonet.visibility import score_crops
@@ -167,7 +167,12 @@ def add_face_visibility(
     """
     annotations_csv, img_dir, out_csv = Path(annotations_csv), Path(img_dir), Path(out_csv)
     plot_path = None if plot_path is None else Path(plot_path)
-    check_not_inputs({"out_csv": out_csv, "plot_path": plot_path}, {"annotations_csv": annotations_csv})
+    check_not_inputs(
+        {"out_csv": out_csv, "plot_path": plot_path}, {"annotations_csv": annotations_csv}, image_dir=img_dir
+    )
+    for output in (out_csv, plot_path):  # a read-only folder fails now, not after scoring
+        if output is not None:
+            ensure_writable_dir(output.parent)
     if not img_dir.is_dir():
         raise FileNotFoundError(f"image array folder not found: {img_dir}")
 

@@ -62,9 +62,10 @@ def test_unwritable_output_is_found_before_the_work(fake_archive, tmp_path, caps
     import emonet.io
     import emonet.visibility_split
 
+    # The work itself (scoring crops, loading the model) must not start.
     calls = []
-    monkeypatch.setattr(emonet.visibility_split, "add_face_visibility", lambda *args, **kwargs: calls.append(args))
-    monkeypatch.setattr(emonet.evaluation, "evaluate_checkpoint", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(emonet.visibility_split, "score_crops", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(emonet.evaluation, "load_checkpoint", lambda *args, **kwargs: calls.append(args))
     csv_path = annotations_path(fake_archive, "test")
     a_file = tmp_path / "file"
     a_file.write_text("x")
@@ -116,7 +117,7 @@ def test_binary_csv_is_named(fake_archive, tmp_path, capsys):
     binary.write_bytes(bytes(range(256)) * 8)
     code = main(["normalize", "--annotations-dir", str(fake_archive / ANNOTATIONS_DIRNAME), "--out-dir",
                  str(tmp_path / "out")])
-    assert code == 2 and f"{binary}: not a CSV file: 'utf-8' codec can't decode" in _one_line_error(capsys, "normalize")
+    assert code == 2 and f"{binary}: not a CSV file: a NUL byte at offset 0" in _one_line_error(capsys, "normalize")
 
 
 def test_predict_max_pixels_skips_or_names_the_row(tiny_checkpoint, tmp_path, capsys):

@@ -171,6 +171,31 @@ def test_predict_refuses_outputs_among_its_images(tiny_checkpoint, tmp_path, cap
     assert crop.read_bytes() == before and np.load(pictures / "one.npy").shape == np.load(crop).shape
 
 
+def test_every_command_that_reads_images_refuses_outputs_among_them(tiny_checkpoint, tmp_path, capsys):
+    root = tiny_checkpoint["root"]
+    img_dir = arrays_dir(root)
+    csv = str(annotations_path(root, "test"))
+    crop = img_dir / pd.read_csv(csv)["Crop_name"][0]
+    before = {path.name: path.read_bytes() for path in img_dir.iterdir()}
+    model = str(tiny_checkpoint["checkpoint"])
+    commands = {
+        "visibility --out": ["visibility", "--annotations", csv, "--img-dir", str(img_dir), "--out", str(crop)],
+        "visibility --plot": ["visibility", "--annotations", csv, "--img-dir", str(img_dir),
+                              "--out", str(tmp_path / "v.csv"), "--plot", str(crop)],
+        "evaluate": ["evaluate", "--checkpoint", model, "--annotations", csv, "--img-dir", str(img_dir),
+                     "--out-dir", str(img_dir / "evaluation")],
+        "review": ["review", "--model", model, "--annotations", csv, "--img-dir", str(img_dir),
+                   "--out-dir", str(img_dir)],
+        "benchmark": ["benchmark", "--model", model, "--annotations", csv, "--img-dir", str(img_dir),
+                      "--out-dir", str(tmp_path / "x" / ".." / "emotic_link")],
+    }
+    (tmp_path / "emotic_link").symlink_to(img_dir)  # the benchmark's out-dir: the image folder by another name
+    for name, argv in commands.items():
+        assert main(argv) == 2, name
+        assert "lies inside the image folder" in capsys.readouterr().err, name
+    assert {path.name: path.read_bytes() for path in img_dir.iterdir()} == before
+
+
 # --------------------------------------------------------------------------- commands use the guard
 
 

@@ -23,7 +23,7 @@ from emonet.annotations import load_annotations, raw_affect
 from emonet.batch import ModelSource, describe_model, load_predictor
 from emonet.data import EmoticDataset
 from emonet.evaluation import SPLIT_REPORT_FILES, write_split_report
-from emonet.io import check_not_inputs, write_csv_atomic, write_json_atomic
+from emonet.io import check_not_inputs, ensure_writable_dir, write_csv_atomic, write_json_atomic
 from emonet.bootstrap import BootstrapInterval
 from emonet.metrics import (
     EVALUATION_KEYS,
@@ -63,15 +63,15 @@ def _check_options(sort_by: str, num_samples: int, detailed_samples: int, seed: 
         raise ValueError(f"seed must be an int, got {seed!r}")
 
 
-def _output_files(output_dir: Path) -> list[Path]:
-    return [output_dir / name for name in (GRID_FILE, SUMMARY_FILE, INDEX_FILE, REVIEW_CSV, *SPLIT_REPORT_FILES.values())]
+def _output_files(out_dir: Path) -> list[Path]:
+    return [out_dir / name for name in (GRID_FILE, SUMMARY_FILE, INDEX_FILE, REVIEW_CSV, *SPLIT_REPORT_FILES.values())]
 
 
 def review_predictions_with_visualization(
     model: ModelSource,
     test_csv_path: str | Path,
-    img_arrays_dir: str | Path,
-    output_dir: str | Path,
+    img_dir: str | Path,
+    out_dir: str | Path,
     num_samples: int = 20,
     detailed_samples: int = 20,
     sort_by: str = "random",
@@ -91,7 +91,7 @@ def review_predictions_with_visualization(
         :func:`emonet.batch.load_predictor`). Its per-emotion thresholds decide the
         predicted sets, and its normalizer maps valence/arousal to the 1..10 scale.
     device, batch_size, normalizer : for loading ``model`` (ignored for a Predictor).
-    test_csv_path, img_arrays_dir, output_dir, num_samples, detailed_samples, sort_by, seed, progress :
+    test_csv_path, img_dir, out_dir, num_samples, detailed_samples, sort_by, seed, progress :
         as for :func:`review_predictions`.
 
     Returns
@@ -114,8 +114,13 @@ def review_predictions_with_visualization(
     >>> table.loc[table["selected"], ["crop_name", "f1", "pred_emotions"]]  # doctest: +SKIP
     """
     _check_options(sort_by, num_samples, detailed_samples, seed)
-    test_csv_path, img_dir, output_dir = Path(test_csv_path), Path(img_arrays_dir), Path(output_dir)
-    check_not_inputs(_output_files(output_dir), {"test_csv_path": test_csv_path, "model": model, "normalizer": normalizer})
+    test_csv_path, img_dir, out_dir = Path(test_csv_path), Path(img_dir), Path(out_dir)
+    check_not_inputs(
+        _output_files(out_dir),
+        {"test_csv_path": test_csv_path, "model": model, "normalizer": normalizer},
+        image_dir=img_dir,
+    )
+    ensure_writable_dir(out_dir)  # a read-only folder fails now, not after predicting
     if not img_dir.is_dir():
         raise FileNotFoundError(f"image array folder not found: {img_dir}")
     annotations = load_annotations(test_csv_path)
@@ -125,7 +130,7 @@ def review_predictions_with_visualization(
         predictor.predict(dataset, progress=progress, desc="review: predict"),
         test_csv_path,
         img_dir,
-        output_dir,
+        out_dir,
         thresholds=predictor.thresholds,
         normalizer=predictor.normalizer,
         model_name=describe_model(model),
@@ -140,8 +145,8 @@ def review_predictions_with_visualization(
 def review_predictions(
     predictions: Predictions,
     test_csv_path: str | Path,
-    img_arrays_dir: str | Path,
-    output_dir: str | Path,
+    img_dir: str | Path,
+    out_dir: str | Path,
     *,
     thresholds: np.ndarray,
     normalizer: AffectNormalizer,
@@ -154,7 +159,7 @@ def review_predictions(
     split_report: Mapping[str, Path] | None = None,
     intervals: Mapping[str, BootstrapInterval] | None = None,
 ) -> pd.DataFrame:
-    """Write a visual review of a model's predictions of a labelled split into ``output_dir``.
+    """Write a visual review of a model's predictions of a labelled split into ``out_dir``.
 
     No model is loaded: the predictions come from whoever predicted the split (e.g.
     :attr:`emonet.evaluation.EvaluationReport.predictions`, or
@@ -168,9 +173,9 @@ def review_predictions(
         invalid VAD are dropped and counted). True valence/arousal on [-1, 1] come
         from ``Valence_norm``/``Arousal_norm`` when present, else from the 1..10
         ``Valence``/``Arousal`` through ``normalizer``.
-    img_arrays_dir : the archive's ``img_arrs`` folder (crops, and full images for the
+    img_dir : the archive's ``img_arrs`` folder (crops, and full images for the
         detailed pages; a missing full image only leaves its panel empty).
-    output_dir : created if needed and never wiped: files of the same name are
+    out_dir : created if needed and never wiped: files of the same name are
         replaced, others (e.g. pages of an earlier review) stay.
     thresholds : the model's per-emotion thresholds ``(26,)``; they decide the predicted sets.
     normalizer : maps valence/arousal between [-1, 1] and the 1..10 scale.
@@ -189,7 +194,7 @@ def review_predictions(
     progress : a tqdm bar over the detailed pages.
     split_report : the files of :func:`emonet.evaluation.write_split_report` for these
         predictions (e.g. ``EvaluationReport.files``), which the page then links instead
-        of writing them again; None writes them into ``output_dir``.
+        of writing them again; None writes them into ``out_dir``.
     intervals : bootstrap intervals of these predictions' metrics (e.g.
         ``EvaluationReport.intervals``: ``mAP``, ``mAP_voc11``, ...), shown beside them on
         the page and kept in ``summary.json``; None shows none.
@@ -208,7 +213,7 @@ def review_predictions(
         ``sample_page`` (relative path of the page, or ""). ``df.attrs["summary"]``
         holds the content of ``summary.json``.
 
-    Files written in ``output_dir`` (each atomically): ``grid.png``;
+    Files written in ``out_dir`` (each atomically): ``grid.png``;
     ``samples/sample_<rank>_<crop stem>.png`` (rank zero-padded);
     ``true_vs_predicted.png``, ``cooccurrence_true.png``, ``cooccurrence_pred.png``,
     ``per_emotion_metrics.png``, ``affect_scatter.png`` and ``per_emotion.csv`` for
@@ -228,8 +233,8 @@ def review_predictions(
         The CSV, the image folder or a crop is missing.
     """
     _check_options(sort_by, num_samples, detailed_samples, seed)
-    test_csv_path, img_dir, output_dir = Path(test_csv_path), Path(img_arrays_dir), Path(output_dir)
-    check_not_inputs(_output_files(output_dir), {"test_csv_path": test_csv_path})
+    test_csv_path, img_dir, out_dir = Path(test_csv_path), Path(img_dir), Path(out_dir)
+    check_not_inputs(_output_files(out_dir), {"test_csv_path": test_csv_path}, image_dir=img_dir)
     if not img_dir.is_dir():
         raise FileNotFoundError(f"image array folder not found: {img_dir}")
     annotations = load_annotations(test_csv_path)
@@ -254,11 +259,11 @@ def review_predictions(
     )
     has_visibility = FACE_VISIBILITY_COLUMN in table.columns
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {}
     title = (f"{model_name} on {test_csv_path.name}: {min(num_samples, MAX_GRID_SAMPLES)} of {n} samples, "
              f"sorted by {sort_by}" + (f" (seed {seed})" if sort_by == "random" else ""))
-    plot_grid(table, img_dir, output_dir / GRID_FILE, title)
+    plot_grid(table, img_dir, out_dir / GRID_FILE, title)
     files["grid"] = GRID_FILE
 
     # Detailed pages, in rank order; only these rows' images are ever read for display.
@@ -271,7 +276,7 @@ def review_predictions(
                               disable=not progress, dynamic_ncols=True):
         relative = f"{SAMPLES_DIR}/{page_name(int(row['rank']), row['crop_name'], digits)}"
         plot_sample(row, img_dir, annotations.loc[position], thresholds, bounds, n, sort_by,
-                     has_visibility, output_dir / relative)
+                     has_visibility, out_dir / relative)
         table.at[position, "sample_page"] = relative
         pages.append(relative)
     files["samples"] = pages
@@ -279,8 +284,8 @@ def review_predictions(
     # The whole split's table and figures: an evaluation's, linked, or written here.
     true_norm = table.sort_index()[["valence_true", "arousal_true"]].to_numpy()
     if split_report is None:
-        _, split_report = write_split_report(y_true, probs, thresholds, true_norm, affect_pred, output_dir)
-    files.update({key: Path(os.path.relpath(path, output_dir)).as_posix() for key, path in split_report.items()})
+        _, split_report = write_split_report(y_true, probs, thresholds, true_norm, affect_pred, out_dir)
+    files.update({key: Path(os.path.relpath(path, out_dir)).as_posix() for key, path in split_report.items()})
 
     common = {
         "affect_true": true_norm, "affect_pred": affect_pred, "thresholds": thresholds,
@@ -302,7 +307,7 @@ def review_predictions(
     summary: dict[str, Any] = {
         "model": model_name,
         "test_csv": str(test_csv_path),
-        "img_arrays_dir": str(img_dir),
+        "img_dir": str(img_dir),
         "n_samples": n,
         "rows_rejected": int(annotations.attrs.get("rejected_rows", 0)),
         "rows_affect_masked": int(annotations.attrs.get("affect_masked_rows", 0)),
@@ -325,10 +330,10 @@ def review_predictions(
         "selected": ordered["crop_name"].head(num_samples).tolist(),
         "files": {**files, "review_csv": REVIEW_CSV, "summary": SUMMARY_FILE, "index": INDEX_FILE},
     }
-    write_csv_atomic(ordered, output_dir / REVIEW_CSV)
-    write_json_atomic(summary, output_dir / SUMMARY_FILE)
-    write_index(output_dir / INDEX_FILE, summary, table, has_visibility)
-    logger.info("review of %d samples (%s) written to %s: mAP %s, mean per-sample F1 %.3f", n, sort_by, output_dir,
+    write_csv_atomic(ordered, out_dir / REVIEW_CSV)
+    write_json_atomic(summary, out_dir / SUMMARY_FILE)
+    write_index(out_dir / INDEX_FILE, summary, table, has_visibility)
+    logger.info("review of %d samples (%s) written to %s: mAP %s, mean per-sample F1 %.3f", n, sort_by, out_dir,
                 fmt(mean_ap, ".4f"), summary["mean_sample_f1"])
     ordered = ordered.reset_index(drop=True)
     ordered.attrs["summary"] = summary
