@@ -59,11 +59,16 @@ def request_stop(reason: str) -> None:
             listener(reason)
 
 
-def on_stop_requested(listener: Callable[[str], object]) -> None:
-    """Call ``listener(reason)`` when a stop is first requested (from a signal handler:
-    keep it short). A command-line entry point uses it to bound how long the process
-    may take to end; a library never needs it."""
+@contextmanager
+def on_stop_requested(listener: Callable[[str], object]) -> Iterator[None]:
+    """While active, call ``listener(reason)`` when a stop is first requested (maybe
+    from a signal handler: keep it short). A command-line entry point uses it to bound
+    how long the process may take to end; a library never needs it."""
     _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
 
 
 def stop_requested() -> str | None:

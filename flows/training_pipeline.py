@@ -340,14 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     args = parser.parse_args(argv)
     config = args.config or (DEMO_CONFIG if args.data_root is None else EmoNetConfig())
-    on_stop_requested(_exit_after_stop)
     try:
-        summary = emonet_training_pipeline(
-            config=config, data_root=args.data_root, demo_dir=args.demo_dir, output_dir=args.output_dir,
-            epochs=args.epochs, seed=args.seed,
-        )
+        with on_stop_requested(_exit_after_stop):
+            summary = emonet_training_pipeline(
+                config=config, data_root=args.data_root, demo_dir=args.demo_dir, output_dir=args.output_dir,
+                epochs=args.epochs, seed=args.seed,
+            )
     except (TrainingStopped, KeyboardInterrupt) as error:
-        print(f"\n{stop_reason(error)}; the MLflow run is KILLED, training can resume from its last.pt", file=sys.stderr)
+        print(f"\n{stop_reason(error)}", file=sys.stderr)
         return 1
     name = summary["registered_model"]
     print(

@@ -32,7 +32,7 @@ from emonet.registry import PromotionDecision, find_run_version, promote_model
 from emonet.review import review_predictions
 from emonet.runs import FLOW_RUN_TAG, close_stale_runs, process_tags
 from emonet.schema import EMOTIONS
-from emonet.stopping import stop_on_signals
+from emonet.stopping import stop_on_signals, stop_requested
 from emonet.tracking import log_emonet_model, log_metrics
 from emonet.train import FitResult, train_from_csvs
 from tasks.report import EpochProgress
@@ -151,7 +151,13 @@ def train_model(
     resume_from = last if last.is_file() else None
     if resume_from is not None:
         logger.info("resuming from %s", resume_from)
-    progress = EpochProgress(config.train.epochs)
+    epoch_progress = EpochProgress(config.train.epochs)
+
+    def progress(metrics: dict[str, float]) -> None:
+        # Once a stop is requested, Prefect's API server may be gone (the same SIGTERM
+        # stops the ephemeral one) and its client would retry for a minute per call.
+        if stop_requested() is None:
+            epoch_progress(metrics)
     distributed = config.train.distributed
     if distributed.enabled:
         client.log_param(run_id, "effective_batch_size", config.train.batch_size * distributed.world_size)

@@ -808,7 +808,8 @@ def test_training_refuses_to_start_without_room_for_two_checkpoints(
     checkpoint_dir = tmp_path / "checkpoints"
     train_loader, val_loader = _loaders(fake_archive, config)
     calls: list[int] = []
-    with pytest.raises(DiskSpaceError, match=rf"{needed / 2**20:,.0f} MiB needed .* {free / 2**20:,.0f} MiB free") as error:
+    message = rf"{needed / 2**20:,.0f} MiB needed .* {free / 2**20:,.0f} MiB free"
+    with pytest.raises(DiskSpaceError, match=message) as error:
         fit(model, train_loader, val_loader, config, callbacks=[lambda m: calls.append(1)],
             checkpoint_dir=checkpoint_dir, progress=False)
     assert error.value.filename == str(checkpoint_dir) and error.value.errno == errno.ENOSPC
