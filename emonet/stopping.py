@@ -88,7 +88,7 @@ def check_stop(where: str) -> None:
     Raises
     ------
     TrainingStopped
-        Naming the reason and ``where`` (e.g. ``"during epoch 3; last.pt holds epoch 2"``).
+        Naming the reason and ``where`` (e.g. ``"during epoch 3, before batch 1"``).
     """
     if _reason is not None:
         raise TrainingStopped(_reason, f"training stopped ({_reason}) {where}")
@@ -102,8 +102,9 @@ def stop_on_signals(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.
 
     A request the block did not act on (it came after its last check) raises
     :class:`TrainingStopped` on exit, and so does any exception the block raises while a
-    stop is pending. Clears any earlier request on entry. Outside the main thread, where Python cannot
-    install signal handlers, it changes nothing (the signals keep their handlers).
+    stop is pending. Clears any earlier request on entry. Outside the main thread, where
+    Python cannot install signal handlers, it changes nothing (the signals keep their
+    handlers).
     """
     clear_stop()
     if threading.current_thread() is not threading.main_thread():

@@ -505,9 +505,8 @@ def fit(
     With ``checkpoint_dir``, ``last.pt`` (every epoch) and ``best.pt`` (each new best)
     are written atomically; :mod:`emonet.checkpoint` lists what they hold. Before the
     first epoch, the temporary files of a killed write are removed from it and its free
-    space is checked. After
-    training the best weights are loaded back into ``model``, and per-emotion
-    thresholds tuned on validation (max F1) are stored in ``best.pt``.
+    space is checked. After training the best weights are loaded back into ``model``,
+    and per-emotion thresholds tuned on validation (max F1) are stored in ``best.pt``.
 
     Inside a process group (torchrun; see :mod:`emonet.distributed`) the model trains
     under ``DistributedDataParallel`` (``SyncBatchNorm`` if asked, CUDA only), and rank 0
@@ -544,7 +543,9 @@ def fit(
     emonet.stopping.TrainingStopped
         When a stop is requested (:mod:`emonet.stopping`: SIGTERM or SIGINT under
         ``stop_on_signals``): checked before every batch and every epoch, so the
-        unfinished epoch is dropped and ``last.pt`` holds the last completed one.
+        unfinished epoch is dropped and ``last.pt`` holds the last completed one. (In a
+        process group every rank would have to see the request at the same batch; the
+        torchrun workers install no handlers, and torchrun ends them on a signal.)
     """
     main_process = parallel.rank() == 0
     callbacks, progress = (list(callbacks), progress) if main_process else ([], False)
