@@ -158,6 +158,7 @@ def train_model(
         # stops the ephemeral one) and its client would retry for a minute per call.
         if stop_requested() is None:
             epoch_progress(metrics)
+
     distributed = config.train.distributed
     if distributed.enabled:
         client.log_param(run_id, "effective_batch_size", config.train.batch_size * distributed.world_size)
