@@ -29,9 +29,11 @@ on resume (:func:`resume`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import random
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 
 from emonet.config import EmoNetConfig, config_to_dict
-from emonet.io import atomic_path
+from emonet.io import atomic_path, atomic_temp_files
 from emonet.models import EmoNet, build_model
 from emonet.schema import NUM_EMOTIONS
 
@@ -52,14 +54,18 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "LAST_CHECKPOINT",
+    "DiskSpaceError",
     "FitResult",
     "FitState",
     "build_checkpoint",
     "capture_rng",
+    "check_free_space",
+    "estimate_checkpoint_bytes",
     "load_checkpoint",
     "read_best",
     "read_checkpoint",
     "read_fit_result",
+    "remove_stale_temp_files",
     "resolve_device",
     "restore_rng",
     "resume",
@@ -182,9 +188,112 @@ def restore_rng(state: Mapping[str, Any], loaders: Mapping[str, Any]) -> None:
             logger.warning("the %s loader's generator could not be restored; its batch order will differ", name)
 
 
+class DiskSpaceError(OSError):
+    """A checkpoint folder lacks the room to write checkpoints (``errno`` ENOSPC,
+    ``filename`` the folder or file): the CLI prints it as one line."""
+
+
+# Room kept free beyond the checkpoints themselves (other writers, file system overhead).
+FREE_SPACE_MARGIN = 64 * 2**20
+
+
+def _mib(size: float) -> str:
+    return f"{size / 2**20:,.0f} MiB"
+
+
+def _free_bytes(folder: Path) -> int:
+    # The folder may not exist yet: ask about the nearest one that does.
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    return shutil.disk_usage(existing).free
+
+
+def estimate_checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About how large a training checkpoint of ``model`` is on disk.
+
+    The weights plus AdamW's two moment estimates (``exp_avg``, ``exp_avg_sq``) of the
+    same size: three times the parameter bytes, plus the buffers (BatchNorm
+    statistics) and 1 MiB for the rest (history, random states, config). A ResNet-50
+    EmoNet (25.6 M float32 parameters) comes to about 300 MiB.
+    """
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    return 3 * parameter_bytes + buffer_bytes + 2**20
+
+
+def check_free_space(checkpoint_dir: str | Path, model: torch.nn.Module) -> None:
+    """Refuse to start training where two checkpoints would not fit.
+
+    ``last.pt`` and ``best.pt``, each written beside the old file before replacing it,
+    need two checkpoints' room (:func:`estimate_checkpoint_bytes`) plus
+    :data:`FREE_SPACE_MARGIN`, so a full disk stops a run before its first epoch
+    rather than after it.
+
+    Raises
+    ------
+    DiskSpaceError
+        Naming the folder, the space needed and the space free.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    needed = 2 * estimate_checkpoint_bytes(model) + FREE_SPACE_MARGIN
+    free = _free_bytes(checkpoint_dir)
+    if free < needed:
+        raise DiskSpaceError(
+            errno.ENOSPC,
+            f"not enough free space for checkpoints: {_mib(needed)} needed (two checkpoints of about "
+            f"{_mib(estimate_checkpoint_bytes(model))} and a {_mib(FREE_SPACE_MARGIN)} margin), {_mib(free)} free",
+            str(checkpoint_dir),
+        )
+
+
+def remove_stale_temp_files(checkpoint_dir: str | Path) -> list[Path]:
+    """Delete the temporary ``last.pt``/``best.pt`` files a killed run left in ``checkpoint_dir``.
+
+    Only the atomic writer's own temporary names for those two files
+    (:func:`emonet.io.atomic_temp_files`) are touched. Call it when a run starts or
+    resumes in the folder, which belongs to that one run. Returns the files removed.
+    """
+    removed = []
+    for name in (LAST_CHECKPOINT, BEST_CHECKPOINT):
+        for path in atomic_temp_files(checkpoint_dir, name):
+            size = path.stat().st_size
+            path.unlink(missing_ok=True)
+            logger.info("removed %s (%s), a temporary checkpoint file left by an interrupted run", path, _mib(size))
+            removed.append(path)
+    return removed
+
+
 def save_checkpoint(payload: Mapping[str, Any], path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        torch.save(dict(payload), tmp)
+    """Write ``payload`` to ``path`` atomically (the old file stays whole if this fails).
+
+    Raises
+    ------
+    DiskSpaceError
+        When the disk fills during the write, naming ``path``. torch's zip writer
+        reports a short write as a ``RuntimeError`` ("[enforce fail at
+        inline_container.cc] ... unexpected pos", "PytorchStreamWriter failed writing
+        file"), without the errno; such an error is reported the same way.
+    """
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(dict(payload), tmp)
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        raise DiskSpaceError(
+            errno.ENOSPC, f"no space left on device writing the checkpoint ({_mib(_free_bytes(path.parent))} free)",
+            str(path),
+        ) from error
+    except RuntimeError as error:
+        text = str(error)
+        if "inline_container" not in text and "PytorchStreamWriter" not in text:
+            raise
+        first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+        raise DiskSpaceError(
+            errno.ENOSPC,
+            f"could not write the checkpoint, is the disk full? ({_mib(_free_bytes(path.parent))} free; "
+            f"torch: {first_line})",
+            str(path),
+        ) from error
     return path
 
 

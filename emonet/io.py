@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import mmap
 import os
@@ -215,6 +216,25 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+def _temp_affixes(name: str) -> tuple[str, str]:
+    """Prefix and suffix of :func:`atomic_path`'s temporary files for a file called ``name``."""
+    return f".{name}.", ".tmp"
+
+
+def atomic_temp_files(folder: PathLike, name: str) -> list[Path]:
+    """The temporary files :func:`atomic_path` left in ``folder`` for ``folder/name``
+    (``.<name>.<8 random characters>.tmp``), which a killed process cannot remove.
+
+    Only names ``tempfile.mkstemp`` can have made with those affixes match, so no other
+    file is ever listed.
+    """
+    prefix, suffix = _temp_affixes(name)
+    # mkstemp draws 8 characters from [a-z0-9_] (tempfile._RandomNameSequence).
+    pattern = re.compile(re.escape(prefix) + r"[a-z0-9_]{8}" + re.escape(suffix))
+    candidates = Path(folder).glob(f"{glob.escape(prefix)}*{suffix}")
+    return sorted(path for path in candidates if pattern.fullmatch(path.name) and path.is_file())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
@@ -225,7 +245,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    prefix, suffix = _temp_affixes(path.name)
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     os.close(fd)
     # mkstemp creates the file as 0600; give the result the usual umask-based mode so
     # other users and services (an MLflow server, a web server) can read it.

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import random
+import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,9 @@ from emonet.checkpoint import (
     FitState,
     build_checkpoint,
     capture_rng,
+    check_free_space,
     read_best,
+    remove_stale_temp_files,
     resolve_device,
     resume,
     save_epoch,
@@ -52,6 +55,7 @@ from emonet.metrics import evaluate_predictions, tune_thresholds
 from emonet.models import EmoNet, build_model
 from emonet.prediction import Predictions, autocast, predict_split, to_device
 from emonet.schema import SCALE_MAX, SCALE_MIN
+from emonet.stopping import TrainingStopped, check_stop
 from emonet.transforms import build_transforms
 
 logger = logging.getLogger(__name__)
@@ -110,7 +114,8 @@ def use_deterministic_algorithms() -> None:
 
 
 def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed a DataLoader worker's NumPy and Python RNGs.
+    """``worker_init_fn``: seed a DataLoader worker's NumPy and Python RNGs, and leave
+    SIGTERM/SIGINT to the main process.
 
     torch already seeds each worker with ``base_seed + worker_id`` (``base_seed`` is drawn
     from the loader's generator), but not NumPy or ``random``, which would otherwise
@@ -119,6 +124,12 @@ def seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+    # SIGTERM/SIGINT sent to the whole process group are the main process's to act on
+    # (emonet.stopping: stop between batches); a worker ended by them would instead fail
+    # the batch being loaded. Workers still end with the loader, or within 5 s of the
+    # main process's death (torch's watchdog on its parent).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_datasets(
@@ -310,6 +321,8 @@ def train_one_epoch(
 
     Raises
     ------
+    emonet.stopping.TrainingStopped
+        When a stop was requested, checked before each batch.
     FloatingPointError
         When a batch's loss is NaN or infinite, naming the epoch and batch. It is
         checked before ``backward()``, so the weights and optimizer state stay as they
@@ -327,6 +340,8 @@ def train_one_epoch(
     seen = 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
     for step, batch in enumerate(bar):
+        # A safe point: the unfinished epoch is dropped, the last checkpoint is the previous epoch's.
+        check_stop(f"during epoch {epoch}, before batch {step}")
         body, context, emotions, affect = _unpack(batch, device, with_context)
         with autocast(device, use_amp):
             output = model(body, context) if with_context else model(body)
@@ -488,9 +503,10 @@ def fit(
     callback ends training there.
 
     With ``checkpoint_dir``, ``last.pt`` (every epoch) and ``best.pt`` (each new best)
-    are written atomically; :mod:`emonet.checkpoint` lists what they hold. After
-    training the best weights are loaded back into ``model``, and per-emotion
-    thresholds tuned on validation (max F1) are stored in ``best.pt``.
+    are written atomically; :mod:`emonet.checkpoint` lists what they hold. Before the
+    first epoch, the temporary files of a killed write are removed from it and its free
+    space is checked. After training the best weights are loaded back into ``model``,
+    and per-emotion thresholds tuned on validation (max F1) are stored in ``best.pt``.
 
     Inside a process group (torchrun; see :mod:`emonet.distributed`) the model trains
     under ``DistributedDataParallel`` (``SyncBatchNorm`` if asked, CUDA only), and rank 0
@@ -521,14 +537,27 @@ def fit(
         From :func:`emonet.checkpoint.resume`; ``sync_batchnorm`` on the CPU.
     FloatingPointError
         A non-finite training loss (see :func:`train_one_epoch`); nothing is written.
+    emonet.checkpoint.DiskSpaceError
+        Before the first epoch when ``checkpoint_dir`` lacks room for two checkpoints
+        (:func:`emonet.checkpoint.check_free_space`), or when a write fills the disk.
+    emonet.stopping.TrainingStopped
+        When a stop is requested (:mod:`emonet.stopping`: SIGTERM or SIGINT under
+        ``stop_on_signals``): checked before every batch and every epoch, so the
+        unfinished epoch is dropped and ``last.pt`` holds the last completed one. (In a
+        process group every rank would have to see the request at the same batch; the
+        torchrun workers install no handlers, and torchrun ends them on a signal.)
     """
     main_process = parallel.rank() == 0
     callbacks, progress = (list(callbacks), progress) if main_process else ([], False)
     setup = _set_up(model, config, len(train_loader), fresh=resume_from is None)
     loaders = {"train": train_loader, "val": val_loader}
     state = FitState()
+    if resume_from is not None and checkpoint_dir is None:
+        checkpoint_dir = Path(resume_from).parent
+    if checkpoint_dir is not None and main_process:
+        remove_stale_temp_files(checkpoint_dir)
+        check_free_space(checkpoint_dir, model)
     if resume_from is not None:
-        checkpoint_dir = checkpoint_dir if checkpoint_dir is not None else Path(resume_from).parent
         state = resume(
             resume_from, config, checkpoint_dir, model=model, optimizer=setup.optimizer, scheduler=setup.scheduler,
             scaler=setup.scaler, loaders=loaders, rank=parallel.rank(), world_size=parallel.world_size(),
@@ -538,7 +567,12 @@ def fit(
 
     epochs = range(state.epoch, config.train.epochs) if not state.stopped_early else range(0)
     for epoch_index in tqdm(epochs, desc="fit", disable=not progress, dynamic_ncols=True):
-        metrics = _train_and_validate(model, setup, train_loader, val_loader, epoch_index, progress, affect_bounds)
+        try:
+            check_stop(f"before epoch {epoch_index + 1}")
+            metrics = _train_and_validate(model, setup, train_loader, val_loader, epoch_index, progress, affect_bounds)
+        except TrainingStopped as stopped:
+            logger.warning("%s; %d epochs done%s", stopped, state.epoch, _resume_hint(checkpoint_dir))
+            raise
         improved = _record_epoch(state, metrics, config)
         if checkpoint_dir is not None:
             _save_checkpoints(model, setup, state, config, loaders, checkpoint_dir, improved)
@@ -559,6 +593,12 @@ def fit(
         thresholds=thresholds,
         stopped_early=state.stopped_early,
     )
+
+
+def _resume_hint(checkpoint_dir: Path | None) -> str:
+    if checkpoint_dir is None or not (checkpoint_dir / LAST_CHECKPOINT).is_file():
+        return ""
+    return f"; resume from {checkpoint_dir / LAST_CHECKPOINT}"
 
 
 def _set_up(model: nn.Module, config: EmoNetConfig, steps_per_epoch: int, fresh: bool) -> _Setup:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,14 +21,16 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 from pydantic import Field
 
 from emonet.config import EmoNetConfig, config_to_dict, load_config
 from emonet.evaluation import EvaluationReport
 from emonet.registry import DEMO_MODEL_NAME, MODEL_NAME, PromotionDecision
-from emonet.runs import end_open_runs
+from emonet.runs import end_open_runs, end_run_with_reason
 from emonet.schema import SPLITS, annotations_path, arrays_dir
+from emonet.stopping import TrainingStopped, on_stop_requested, request_stop
 from emonet.store import default_tracking_uri
 from emonet.tracking import configure_mlflow
 from flows.visibility import score_visibility
@@ -44,6 +49,9 @@ from tasks.model import (
 from tasks.report import mlflow_run_link, publish_run_summary, publish_skip_summary
 
 PositiveInt = Annotated[int, Field(ge=1)]
+# After SIGTERM/SIGINT, how long `main` lets the flow stop at a safe point and close its
+# MLflow run before the process exits (see `_exit_after_stop`).
+STOP_GRACE_S = 15.0
 # The demo's recipe, which `make demo` and `python -m flows.training_pipeline` use on the demo data.
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -109,6 +117,17 @@ def prepare_data(
         normalized=normalized,
         normalization_json=normalization_json,
     )
+
+
+def stop_reason(error: BaseException) -> str | None:
+    """Why ``error`` stopped the flow, if it is a stop (SIGTERM, SIGINT) rather than a failure."""
+    if isinstance(error, TrainingStopped):
+        return f"stopped by {error.reason} during training"
+    if isinstance(error, TerminationSignal):  # Prefect's SIGTERM bridge, outside training
+        return f"stopped by {signal.Signals(error.signal).name}"
+    if isinstance(error, KeyboardInterrupt):
+        return "stopped by SIGINT (KeyboardInterrupt)"
+    return None
 
 
 def end_mlflow_run_of_flow_run(flow: Any, flow_run: Any, state: Any) -> None:
@@ -231,8 +250,14 @@ def emonet_training_pipeline(
                 registered_model_name=registered_model_name, min_improvement=min_improvement,
                 promotion_split=promotion_split, promotion_confidence=promotion_confidence,
             )
-    except BaseException:
-        finish_mlflow_run(run_id=run_id, status="FAILED")
+    except BaseException as error:
+        reason = stop_reason(error)
+        if reason is None:
+            finish_mlflow_run(run_id=run_id, status="FAILED")
+        else:
+            request_stop(reason)  # already requested if training stopped; see main()
+            # Not through a task: the same signal may have stopped Prefect's API server.
+            end_run_with_reason(MlflowClient(), run_id, "KILLED", reason)
         raise
     finish_mlflow_run(run_id=run_id, status="FINISHED")
     summary = {
@@ -365,8 +390,34 @@ def run_report(summary: dict[str, Any]) -> str:
     )
 
 
+def _exit_after_stop(reason: str) -> None:
+    """Exit the process :data:`STOP_GRACE_S` seconds after a stop was requested.
+
+    The same SIGTERM that stops the flow stops the ephemeral Prefect API server it
+    talks to (a child in the same process group), and Prefect's client then retries
+    every state update and event for minutes. By then training has stopped at a safe
+    point and the MLflow run is closed, so nothing is lost by not waiting; the DataLoader
+    workers follow within 5 s (torch's watchdog on their parent).
+    """
+
+    def exit_now() -> None:
+        print(f"\nstopped ({reason}); exiting without waiting on Prefect's API server", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(STOP_GRACE_S, exit_now)
+    timer.daemon = True
+    timer.start()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the flow once in this process (ephemeral Prefect) and print where to look."""
+    """Run the flow once in this process (ephemeral Prefect) and print where to look.
+
+    SIGTERM or SIGINT stop it cleanly: training stops between batches (``last.pt`` stays
+    whole), the MLflow run is closed ``KILLED`` with the reason, and the process exits
+    within :data:`STOP_GRACE_S` seconds, exit code 1.
+    """
     parser = argparse.ArgumentParser(description="Run the EmoNet training pipeline once.")
     parser.add_argument("--data-root", type=Path, default=None, help="EMOTIC archive root (default: demo data)")
     parser.add_argument("--demo-dir", type=Path, default=Path("data/demo"))
@@ -380,10 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force-retrain", action="store_true", help="train even when the champion has this recipe")
     args = parser.parse_args(argv)
     config = args.config or (DEMO_CONFIG if args.data_root is None else EmoNetConfig())
-    summary = emonet_training_pipeline(
-        config=config, data_root=args.data_root, demo_dir=args.demo_dir, output_dir=args.output_dir,
-        epochs=args.epochs, seed=args.seed, force_retrain=args.force_retrain,
-    )
+    try:
+        with on_stop_requested(_exit_after_stop):
+            summary = emonet_training_pipeline(
+                config=config, data_root=args.data_root, demo_dir=args.demo_dir, output_dir=args.output_dir,
+                epochs=args.epochs, seed=args.seed, force_retrain=args.force_retrain,
+            )
+    except (TrainingStopped, KeyboardInterrupt) as error:
+        print(f"\n{stop_reason(error)}", file=sys.stderr)
+        return 1
     print(run_report(summary))
     return 0
 

@@ -43,6 +43,7 @@ from emonet.registry import (
 from emonet.review import review_predictions
 from emonet.runs import FLOW_RUN_TAG, close_stale_runs, process_tags
 from emonet.schema import EMOTIONS
+from emonet.stopping import stop_on_signals, stop_requested
 from emonet.tracking import log_emonet_model, log_metrics
 from emonet.train import FitResult, train_from_csvs
 from tasks.report import EpochProgress
@@ -185,6 +186,10 @@ def train_model(
     With ``train.distributed`` above one process, ``torchrun`` runs the training as a
     subprocess: its output streams into this task's log, rank 0 logs the epochs to the
     MLflow run itself, and a failed rank fails the task.
+
+    In this process, SIGTERM or SIGINT stops training at the next batch
+    (:mod:`emonet.stopping`): the task raises ``TrainingStopped``, which Prefect does not
+    retry, and ``last.pt`` holds the last completed epoch.
     """
     logger = get_run_logger()
     client = MlflowClient()
@@ -200,7 +205,14 @@ def train_model(
     resume_from = last if last.is_file() else None
     if resume_from is not None:
         logger.info("resuming from %s", resume_from)
-    progress = EpochProgress(config.train.epochs)
+    epoch_progress = EpochProgress(config.train.epochs)
+
+    def progress(metrics: dict[str, float]) -> None:
+        # Once a stop is requested, Prefect's API server may be gone (the same SIGTERM
+        # stops the ephemeral one) and its client would retry for a minute per call.
+        if stop_requested() is None:
+            epoch_progress(metrics)
+
     distributed = config.train.distributed
     if distributed.enabled:
         client.log_param(run_id, "effective_batch_size", config.train.batch_size * distributed.world_size)
@@ -214,13 +226,16 @@ def train_model(
             progress(metrics)
     else:
         normalizer = AffectNormalizer.load(normalization_json)
-        result = train_from_csvs(
-            train_csv, val_csv, img_dir, config, checkpoint_dir,
-            callbacks=[log_epoch, progress],
-            resume_from=resume_from,
-            # The 1..10 validation errors need the bounds the targets were normalized with.
-            affect_bounds=(normalizer.low, normalizer.high),
-        )
+        # SIGTERM/SIGINT stop training at the next batch (TrainingStopped, never retried)
+        # instead of Prefect's SIGTERM bridge raising wherever the signal lands.
+        with stop_on_signals():
+            result = train_from_csvs(
+                train_csv, val_csv, img_dir, config, checkpoint_dir,
+                callbacks=[log_epoch, progress],
+                resume_from=resume_from,
+                # The 1..10 validation errors need the bounds the targets were normalized with.
+                affect_bounds=(normalizer.low, normalizer.high),
+            )
     client.log_artifact(run_id, str(result.best_checkpoint), "checkpoints")
     client.log_metric(run_id, "best_val_mAP", result.best_metric)
     client.log_metric(run_id, "best_epoch", result.best_epoch)

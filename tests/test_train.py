@@ -3,8 +3,11 @@ early stopping, the two-stream variant and the loader helpers (tiny, CPU)."""
 
 from __future__ import annotations
 
+import errno
+import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,16 +18,24 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torch import nn
 
+import emonet.checkpoint as checkpoint_module
 import emonet.train as train_module
 from emonet.checkpoint import (
     BEST_CHECKPOINT,
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    FREE_SPACE_MARGIN,
     LAST_CHECKPOINT,
+    DiskSpaceError,
+    estimate_checkpoint_bytes,
     load_checkpoint,
+    read_checkpoint,
     resolve_device,
+    save_checkpoint,
 )
+from emonet.cli import main as cli_main
 from emonet.config import EmoNetConfig, config_to_dict, load_config
 from emonet.data import EmoticDataset
 from emonet.demo_data import make_demo_data
@@ -34,6 +45,7 @@ from emonet.metrics import EVALUATION_KEYS, mean_average_precision_score
 from emonet.models import EmoNet, build_model
 from emonet.prediction import eval_transform, predict_split
 from emonet.schema import EMOTIONS, NUM_EMOTIONS, annotations_path, arrays_dir
+from emonet.stopping import TrainingStopped, clear_stop, request_stop
 from emonet.train import (
     build_datasets,
     build_scheduler,
@@ -706,3 +718,177 @@ def test_the_demo_recipe_learns(tmp_path):
     test = EmoticDataset(annotations_path(root, "test"), arrays_dir(root), transform=eval_transform(config))
     predictions = predict_split(model, test, batch_size=64)
     assert mean_average_precision_score(predictions.emotions_true, predictions.emotion_prob) >= 0.52
+
+
+# --------------------------------------------------------------------------- stop requests
+
+
+class StopAtTrainingCall(nn.Module):
+    """The run's loss, which requests a stop during one training batch (call ``at``, 0-based)."""
+
+    def __init__(self, inner: nn.Module, at: int) -> None:
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    def forward(self, *args: Any) -> LossOutput:
+        if torch.is_grad_enabled():
+            if self.calls == self.at:
+                request_stop("SIGTERM received")
+            self.calls += 1
+        return self.inner(*args)
+
+
+@pytest.mark.slow
+def test_a_stop_request_ends_fit_between_batches_and_the_run_resumes_exactly(
+    straight_run: dict[str, Any], demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = straight_run["config"]  # 32 train rows, batch 16: two batches per epoch
+    stopper = StopAtTrainingCall(EmoNetLoss.from_config(config.loss), at=4)  # epoch 3, batch 0
+    monkeypatch.setattr(train_module.EmoNetLoss, "from_config", staticmethod(lambda loss_config: stopper))
+    model = _model(config)
+    train_loader, val_loader = _loaders(demo_root, config)
+    try:
+        with pytest.raises(TrainingStopped, match=r"\(SIGTERM received\) during epoch 3, before batch 1$"):
+            fit(model, train_loader, val_loader, config, checkpoint_dir=tmp_path, progress=False)
+    finally:
+        clear_stop()
+    assert stopper.calls == 5  # batch 1 of epoch 3 never trained
+    # last.pt is the one epoch 2 wrote: whole, and the unfinished epoch is not in it.
+    last = read_checkpoint(tmp_path / LAST_CHECKPOINT)
+    assert last["epoch"] == 2 and len(last["history"]) == 2
+    assert not list(tmp_path.glob(".*.tmp"))
+    monkeypatch.undo()
+
+    torch.manual_seed(123)
+    train_loader, val_loader = _loaders(demo_root, config)
+    result = fit(build_model(config.model), train_loader, val_loader, config,
+                 resume_from=tmp_path / LAST_CHECKPOINT, progress=False)
+    straight = straight_run["result"]
+    for resumed_row, straight_row in zip(result.history, straight.history, strict=True):
+        assert resumed_row == pytest.approx(straight_row, rel=0, abs=1e-6)
+    for name, tensor in _state(straight.last_checkpoint).items():
+        torch.testing.assert_close(_state(tmp_path / LAST_CHECKPOINT)[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_a_stop_requested_before_an_epoch_ends_fit_before_it(fake_archive: Path, tmp_path: Path) -> None:
+    config = _config(epochs=3, batch_size=4)
+    train_loader, val_loader = _loaders(fake_archive, config)
+
+    def stop_after_first(metrics: dict[str, float]) -> None:
+        request_stop("SIGINT received")
+
+    try:
+        with pytest.raises(TrainingStopped, match=r"\(SIGINT received\) before epoch 2$") as stopped:
+            fit(_model(config), train_loader, val_loader, config, callbacks=[stop_after_first],
+                checkpoint_dir=tmp_path, progress=False)
+    finally:
+        clear_stop()
+    assert stopped.value.reason == "SIGINT received"
+    assert read_checkpoint(tmp_path / LAST_CHECKPOINT)["epoch"] == 1
+
+
+# --------------------------------------------------------------------------- disk space and temporary files
+
+
+@pytest.mark.slow
+def test_training_refuses_to_start_without_room_for_two_checkpoints(
+    fake_archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(epochs=1, batch_size=4)
+    model = _model(config)
+    estimate = estimate_checkpoint_bytes(model)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 3 * parameter_bytes < estimate < 3 * parameter_bytes + 2 * 2**20  # weights + AdamW's two moments
+    needed = 2 * estimate + FREE_SPACE_MARGIN
+    free = needed - 1
+    monkeypatch.setattr(
+        checkpoint_module.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 * needed, 0, free)
+    )
+    checkpoint_dir = tmp_path / "checkpoints"
+    train_loader, val_loader = _loaders(fake_archive, config)
+    calls: list[int] = []
+    message = rf"{needed / 2**20:,.0f} MiB needed .* {free / 2**20:,.0f} MiB free"
+    with pytest.raises(DiskSpaceError, match=message) as error:
+        fit(model, train_loader, val_loader, config, callbacks=[lambda m: calls.append(1)],
+            checkpoint_dir=checkpoint_dir, progress=False)
+    assert error.value.filename == str(checkpoint_dir) and error.value.errno == errno.ENOSPC
+    assert calls == [] and not checkpoint_dir.exists()
+
+    # The CLI prints it as one line naming the folder, before any training.
+    monkeypatch.setattr(train_module, "make_loaders", lambda *args, **kwargs: (train_loader, val_loader))
+    code = cli_main([
+        "train", "--train-csv", str(annotations_path(fake_archive, "train")),
+        "--val-csv", str(annotations_path(fake_archive, "val")), "--img-dir", str(arrays_dir(fake_archive)),
+        "--checkpoint-dir", str(checkpoint_dir),
+    ])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"emonet train: error: {checkpoint_dir}: not enough free space for checkpoints"), err
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832 vs 726"),
+        OSError(errno.ENOSPC, "No space left on device"),
+    ],
+    ids=["torch-writer", "oserror"],
+)
+def test_a_checkpoint_write_that_fills_the_disk_is_one_line_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception
+) -> None:
+    target = tmp_path / LAST_CHECKPOINT
+    target.write_bytes(b"the previous epoch")
+
+    def full_disk_save(obj: Any, path: Any) -> None:
+        Path(path).write_bytes(b"half a checkpoint")  # what a short write leaves
+        raise failure
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk_save)
+    with pytest.raises(DiskSpaceError) as error:
+        save_checkpoint({"epoch": 3}, target)
+    assert error.value.filename == str(target) and error.value.errno == errno.ENOSPC
+    assert "\n" not in str(error.value) and "free" in str(error.value)
+    assert target.read_bytes() == b"the previous epoch"
+    assert sorted(path.name for path in tmp_path.iterdir()) == [LAST_CHECKPOINT]  # no temporary file left
+
+
+def test_other_write_errors_pass_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(obj: Any, path: Any) -> None:
+        raise OSError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", refused)
+    with pytest.raises(PermissionError):
+        save_checkpoint({"epoch": 3}, tmp_path / LAST_CHECKPOINT)
+
+
+@pytest.mark.slow
+def test_stale_temporary_checkpoint_files_are_removed_when_a_run_starts_or_resumes(
+    fake_archive: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _config(epochs=1, batch_size=4)
+    # What atomic_path leaves when a kill lands mid-write, and names that only look like it.
+    stale = [".last.pt.k3x_9a0b.tmp", ".best.pt.zz1q2w3e.tmp"]
+    kept = [
+        ".last.pt.tmp", ".last.pt.abc.tmp", ".last.pt.abcdefghi.tmp", ".last.pt.ABCDEFGH.tmp",
+        ".other.pt.k3x_9a0b.tmp", "last.pt.k3x_9a0b.tmp", ".last.pt.k3x_9a0b.tmp.bak", "notes.txt",
+    ]  # fmt: skip
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x" * 100)
+    (tmp_path / ".best.pt.dir00000.tmp").mkdir()  # not a file: left alone
+    train_loader, val_loader = _loaders(fake_archive, config)
+    with caplog.at_level(logging.INFO, logger="emonet.checkpoint"):
+        fit(_model(config), train_loader, val_loader, config, checkpoint_dir=tmp_path, progress=False)
+    for name in stale:
+        assert not (tmp_path / name).exists(), name
+        assert f"removed {tmp_path / name}" in caplog.text
+    for name in kept:
+        assert (tmp_path / name).read_bytes() == b"x" * 100, name
+    assert (tmp_path / ".best.pt.dir00000.tmp").is_dir()
+
+    # On resume too (the run is complete: nothing else to do but tune the thresholds).
+    (tmp_path / stale[0]).write_bytes(b"x" * 100)
+    fit(_model(config), train_loader, val_loader, config, resume_from=tmp_path / LAST_CHECKPOINT, progress=False)
+    assert not (tmp_path / stale[0]).exists()
+    assert all((tmp_path / name).exists() for name in kept)
