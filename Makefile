@@ -81,7 +81,7 @@ lock:
 
 # The whole flow on the demo data, with an ephemeral Prefect server and SQLite MLflow.
 demo: venv
-	$(PY) -m flows.training_pipeline --demo-dir $(DEMO_DIR) --output-dir $(OUT_DIR)/demo
+	$(PY) -m flows.training_pipeline --demo-dir $(DEMO_DIR) --out-dir $(OUT_DIR)/demo
 
 # PYTEST_ARGS='-m "not slow"' runs the quick suite.
 test: venv postgresql

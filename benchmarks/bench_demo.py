@@ -41,7 +41,7 @@ def run_demo(seed: int, tmp: Path) -> tuple[float, float]:
     }
     command = [
         sys.executable, "-m", "flows.training_pipeline",
-        "--demo-dir", str(tmp / "demo"), "--output-dir", str(tmp / "outputs"), "--seed", str(seed),
+        "--demo-dir", str(tmp / "demo"), "--out-dir", str(tmp / "outputs"), "--seed", str(seed),
     ]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)

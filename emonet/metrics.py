@@ -7,8 +7,10 @@ validator, ``*_score`` higher-is-better, ``*_error`` lower-is-better.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,6 +40,8 @@ __all__ = [
     "confidence_score",
     "cooccurrence_matrix",
     "divide_rows",
+    "finite_or_none",
+    "format_metric",
     "VISIBILITY_GROUPS",
     "VISIBILITY_METRICS",
     "evaluate_predictions",
@@ -741,6 +745,22 @@ def true_vs_predicted_matrix(y_true: ArrayLike, y_pred: ArrayLike, *, normalize:
     if not normalize:
         return counts
     return divide_rows(counts, y_true.sum(axis=0))
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (or text of one), else None: how a
+    metric that could not be computed (NaN, a missing tag) reaches JSON and MLflow."""
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        return None
+    return result if math.isfinite(result) else None
+
+
+def format_metric(value: Any, spec: str = ".4f") -> str:
+    """``value`` formatted with ``spec``, or ``"n/a"`` when it is not a finite number."""
+    number = finite_or_none(value)
+    return "n/a" if number is None else format(number, spec)
 
 
 def divide_rows(matrix: ArrayLike, denominator: ArrayLike) -> np.ndarray:

@@ -36,7 +36,7 @@ from emonet.bootstrap import (
     paired_bootstrap_map_difference,
 )
 from emonet.data import EmoticDataset
-from emonet.metrics import mean_average_precision_score
+from emonet.metrics import finite_or_none, mean_average_precision_score
 from emonet.prediction import Predictions
 from emonet.store import sqlite_lock, sqlite_path
 
@@ -176,14 +176,6 @@ def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
     return client.get_model_version(name, str(version)) if version is not None else None
 
 
-def _finite(value: Any) -> float | None:
-    try:
-        result = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return result if result is not None and math.isfinite(result) else None
-
-
 def _recorded_map(client: MlflowClient, version: ModelVersion, split: str, split_id: str) -> float | None:
     """A version's recorded mAP on ``split_id``, or None if it was never scored there.
 
@@ -199,9 +191,9 @@ def _recorded_map(client: MlflowClient, version: ModelVersion, split: str, split
                 value = client.get_run(version.run_id).data.metrics.get(TEST_MAP_METRIC)
             except MlflowException:
                 value = None
-        if _finite(value) is not None:
-            return _finite(value)
-    return _finite(tags.get(split_score_tag(split_id)))
+        if finite_or_none(value) is not None:
+            return finite_or_none(value)
+    return finite_or_none(tags.get(split_score_tag(split_id)))
 
 
 def recorded_maps(
@@ -339,7 +331,7 @@ def _registry_lock(client: MlflowClient, name: str, timeout: float = PROMOTION_L
             held = client.get_registered_model(lock_name)
         except MlflowException:
             continue  # released meanwhile
-        acquired = _finite(held.tags.get("acquired"))
+        acquired = finite_or_none(held.tags.get("acquired"))
         if acquired is not None and time.time() - acquired > STALE_REGISTRY_LOCK_S:
             logger.warning("breaking the stale promotion lock %r of %s", lock_name, held.tags.get("owner"))
             with contextlib.suppress(MlflowException):

@@ -151,7 +151,7 @@ def build_datasets(
     -------
     (train_dataset, val_dataset)
     """
-    with_context = config.model.variant == "body_context"
+    with_context = config.model.uses_context
     context_size = config.train.context_size if with_context else None
     train_transform = build_transforms(
         config.train.image_size, train=True, augment=config.train.augment, context_size=context_size

@@ -71,7 +71,7 @@ class PreparedData:
 @flow(name="emonet-prepare-data")
 def prepare_data(
     data_root: Path,
-    output_dir: Path,
+    out_dir: Path,
     min_face_visibility: float | None = None,
     fit_normalization_on_train: bool = False,
     visibility_shard_size: PositiveInt = 2000,
@@ -86,8 +86,8 @@ def prepare_data(
     the shards are scored on that Dask cluster (``flows.visibility``) and
     ``visibility_workers``/``visibility_parallel_shards`` do not apply.
 
-    Writes ``<output_dir>/visibility/`` (CSV copies with ``Face_Visibility`` and
-    histograms) and ``<output_dir>/normalized/`` (``normalized_dataset_<split>.csv``,
+    Writes ``<out_dir>/visibility/`` (CSV copies with ``Face_Visibility`` and
+    histograms) and ``<out_dir>/normalized/`` (``normalized_dataset_<split>.csv``,
     ``normalization.json``); returns their paths, the normalized frames and row counts.
     """
     scores = score_visibility(
@@ -98,7 +98,7 @@ def prepare_data(
         dask_address=dask_address,
     )
     annotation_csvs = {split: annotations_path(data_root, split) for split in SPLITS}
-    visibility_dir = output_dir / "visibility"
+    visibility_dir = out_dir / "visibility"
     visibility = write_visibility(annotation_csvs=annotation_csvs, scores=scores, out_dir=visibility_dir)
     frames, normalizer, counts = normalize_splits(
         csv_paths={split: visibility_dir / csv_path.name for split, csv_path in annotation_csvs.items()},
@@ -107,7 +107,7 @@ def prepare_data(
         filter_test_by_visibility=filter_test_by_visibility,
     )
     normalized, normalization_json = write_normalized_splits(
-        frames=frames, normalizer=normalizer, out_dir=output_dir / "normalized"
+        frames=frames, normalizer=normalizer, out_dir=out_dir / "normalized"
     )
     return PreparedData(
         frames=frames,
@@ -148,7 +148,7 @@ def emonet_training_pipeline(
     config: EmoNetConfig | Path = EmoNetConfig(),
     data_root: Path | None = None,
     demo_dir: Path = Path("data/demo"),
-    output_dir: Path = Path("outputs"),
+    out_dir: Path = Path("outputs"),
     epochs: PositiveInt | None = None,
     seed: int | None = None,
     batch_size: PositiveInt | None = None,
@@ -176,7 +176,7 @@ def emonet_training_pipeline(
         data_root: Folder holding `annots_arrs/` and `img_arrs/`; leave empty to use the
             demo data in `demo_dir` (generated when missing).
         demo_dir: Where the demo archive lives or is generated.
-        output_dir: Visibility and normalized CSVs, checkpoints and reports go here.
+        out_dir: Visibility and normalized CSVs, checkpoints and reports go here.
         epochs: Overrides `config.train.epochs` when set.
         seed: Overrides `config.train.seed` when set: seeds weight initialization, data
             order, augmentation and DataLoader workers.
@@ -186,7 +186,7 @@ def emonet_training_pipeline(
             is then not comparable to the EMOTIC benchmark).
         fit_normalization_on_train: Fit valence/arousal bounds on train instead of 1..10.
         visibility_shard_size: Rows per cached face-visibility shard.
-        visibility_workers: Face Mesh processes per shard (default: all cores).
+        visibility_workers: Face-landmarker processes per shard (default: all cores).
         visibility_parallel_shards: Shards scored at the same time.
         dask_address: Score face-visibility shards on Dask: empty for this machine's
             process pool, `local` for a LocalCluster on this machine, or a scheduler
@@ -210,7 +210,7 @@ def emonet_training_pipeline(
     resolved = load_config(config, train={key: value for key, value in overrides.items() if value is not None})
     # Demo models never replace a real one: they go to their own registered model.
     registered_model_name = registered_model_name or (MODEL_NAME if data_root is not None else DEMO_MODEL_NAME)
-    output_dir = output_dir.resolve()
+    out_dir = out_dir.resolve()
     root = (data_root or ensure_demo_data(demo_dir=demo_dir)).resolve()
     img_dir = arrays_dir(root)
     for split in SPLITS:
@@ -226,7 +226,7 @@ def emonet_training_pipeline(
     try:
         data = prepare_data(
             data_root=root,
-            output_dir=output_dir,
+            out_dir=out_dir,
             min_face_visibility=min_face_visibility,
             fit_normalization_on_train=fit_normalization_on_train,
             visibility_shard_size=visibility_shard_size,
@@ -246,7 +246,7 @@ def emonet_training_pipeline(
         )
         if skip_reason is None:
             result = _train_evaluate_register(
-                run_id=run_id, data=data, config=resolved, img_dir=img_dir, output_dir=output_dir,
+                run_id=run_id, data=data, config=resolved, img_dir=img_dir, out_dir=out_dir,
                 registered_model_name=registered_model_name, min_improvement=min_improvement,
                 promotion_split=promotion_split, promotion_confidence=promotion_confidence,
             )
@@ -263,7 +263,7 @@ def emonet_training_pipeline(
     summary = {
         "mlflow_run_id": run_id,
         "registered_model": registered_model_name,
-        "output_dir": str(output_dir),
+        "out_dir": str(out_dir),
         "tracking_uri": mlflow.get_tracking_uri(),
         "mlflow_run_link": mlflow_run_link(mlflow.get_tracking_uri(), experiment_id, run_id),
         "skipped": skip_reason is not None,
@@ -301,7 +301,7 @@ def _train_evaluate_register(
     data: PreparedData,
     config: EmoNetConfig,
     img_dir: Path,
-    output_dir: Path,
+    out_dir: Path,
     registered_model_name: str,
     min_improvement: float,
     promotion_split: str,
@@ -310,7 +310,7 @@ def _train_evaluate_register(
     """Train, evaluate on test (and predict validation with the same loaded model), review
     and register: the flow's steps when training is not skipped."""
     test_csv, val_csv = data.normalized["test"], data.normalized["val"]
-    run_dir = output_dir / "runs" / run_id
+    run_dir = out_dir / "runs" / run_id
     training = train_model(
         run_id=run_id,
         config=config,
@@ -380,7 +380,7 @@ def run_report(summary: dict[str, Any]) -> str:
         )
     return (
         f"{outcome}"
-        f"Outputs: {summary['output_dir']}\n"
+        f"Outputs: {summary['out_dir']}\n"
         f"MLflow UI: make ui  (or: mlflow ui --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db), then open http://127.0.0.1:5000\n"
         f"Load the model:\n"
         f"    import mlflow, pandas as pd\n"
@@ -421,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the EmoNet training pipeline once.")
     parser.add_argument("--data-root", type=Path, default=None, help="EMOTIC archive root (default: demo data)")
     parser.add_argument("--demo-dir", type=Path, default=Path("data/demo"))
-    parser.add_argument("--output-dir", type=Path, default=Path("outputs"))
+    # --output-dir: the flag's name before it matched --out-dir of the emonet commands.
+    parser.add_argument("--out-dir", "--output-dir", dest="out_dir", type=Path, default=Path("outputs"))
     parser.add_argument(
         "--config", type=Path, default=None,
         help=f"YAML config (default: {DEMO_CONFIG} on the demo data, the library defaults on --data-root)",
@@ -434,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with on_stop_requested(_exit_after_stop):
             summary = emonet_training_pipeline(
-                config=config, data_root=args.data_root, demo_dir=args.demo_dir, output_dir=args.output_dir,
+                config=config, data_root=args.data_root, demo_dir=args.demo_dir, out_dir=args.out_dir,
                 epochs=args.epochs, seed=args.seed, force_retrain=args.force_retrain,
             )
     except (TrainingStopped, KeyboardInterrupt) as error:

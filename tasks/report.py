@@ -5,7 +5,6 @@ MLflow run are (or, when training was skipped, why)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 from urllib.parse import urlparse
 
@@ -17,16 +16,10 @@ from prefect.cache_policies import NO_CACHE
 from emonet.benchmark import PROTOCOL_SKLEARN, PROTOCOL_VOC11
 from emonet.bootstrap import BootstrapInterval
 from emonet.evaluation import EvaluationReport
-from emonet.metrics import EVALUATION_KEYS
+from emonet.metrics import EVALUATION_KEYS, format_metric
 from emonet.registry import PromotionDecision, describe_difference
 
 SUMMARY_ARTIFACT_KEY = "emonet-training-summary"
-
-
-def _fmt(value: Any, spec: str = ".4f") -> str:
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return format(value, spec)
-    return "n/a"
 
 
 class EpochProgress:
@@ -47,8 +40,8 @@ class EpochProgress:
         update_progress_artifact(
             self.artifact_id,
             progress=100.0 * epoch / self.epochs,
-            description=f"epoch {epoch}/{self.epochs}: train loss {_fmt(metrics.get('train_loss'))}, "
-            f"val mAP {_fmt(metrics.get('val_mAP'))}",
+            description=f"epoch {epoch}/{self.epochs}: train loss {format_metric(metrics.get('train_loss'))}, "
+            f"val mAP {format_metric(metrics.get('val_mAP'))}",
         )
 
 
@@ -60,7 +53,7 @@ def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str |
 
 
 def _interval(interval: BootstrapInterval | None, spec: str = ".4f") -> str:
-    return f"[{_fmt(interval.low, spec)}, {_fmt(interval.high, spec)}]" if interval is not None else ""
+    return f"[{format_metric(interval.low, spec)}, {format_metric(interval.high, spec)}]" if interval is not None else ""
 
 
 def summary_markdown(summary: dict[str, Any], evaluation: EvaluationReport, registration: PromotionDecision) -> str:
@@ -77,7 +70,7 @@ def summary_markdown(summary: dict[str, Any], evaluation: EvaluationReport, regi
     keys = [key for key in EVALUATION_KEYS if key in metrics] + [key for key in metrics if key not in EVALUATION_KEYS]
     # Row counts (n_emotion, n_affect) are whole numbers.
     lines += [
-        f"| {key} | {_fmt(metrics[key], '.0f' if key.startswith('n_') else '.4f')} | {_interval(intervals.get(key))} |"
+        f"| {key} | {format_metric(metrics[key], '.0f' if key.startswith('n_') else '.4f')} | {_interval(intervals.get(key))} |"
         for key in keys
     ]
     lines += ["", "## Benchmark (test split)", "", *_benchmark_headline(evaluation), ""]
@@ -91,9 +84,9 @@ def summary_markdown(summary: dict[str, Any], evaluation: EvaluationReport, regi
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for emotion, row in evaluation.per_emotion.iterrows():
         lines.append(
-            f"| {emotion} | {_fmt(row['average_precision'], '.3f')} | {_fmt(row['average_precision_voc11'], '.3f')} | "
-            f"{_fmt(row['precision'], '.3f')} | {_fmt(row['recall'], '.3f')} | {_fmt(row['f1'], '.3f')} | "
-            f"{int(row['support'])} | {_fmt(row['threshold'], '.2f')} |"
+            f"| {emotion} | {format_metric(row['average_precision'], '.3f')} | {format_metric(row['average_precision_voc11'], '.3f')} | "
+            f"{format_metric(row['precision'], '.3f')} | {format_metric(row['recall'], '.3f')} | {format_metric(row['f1'], '.3f')} | "
+            f"{int(row['support'])} | {format_metric(row['threshold'], '.2f')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -102,7 +95,7 @@ def _benchmark_headline(evaluation: EvaluationReport) -> list[str]:
     """The benchmark table's headline row (this model), and where the whole table is."""
     intervals = evaluation.intervals
     affect = [
-        f"{_fmt(intervals[key].estimate, '.3f')} {_interval(intervals[key], '.3f')}" if key in intervals else "n/a"
+        f"{format_metric(intervals[key].estimate, '.3f')} {_interval(intervals[key], '.3f')}" if key in intervals else "n/a"
         for key in ("mae_valence_1_10", "mae_arousal_1_10")
     ]
     return [
@@ -118,8 +111,8 @@ def _benchmark_headline(evaluation: EvaluationReport) -> list[str]:
 
 
 def _percent(interval: BootstrapInterval) -> str:
-    low, high = _fmt(100 * interval.low, ".2f"), _fmt(100 * interval.high, ".2f")
-    return f"{_fmt(100 * interval.estimate, '.2f')} [{low}, {high}]"
+    low, high = format_metric(100 * interval.low, ".2f"), format_metric(100 * interval.high, ".2f")
+    return f"{format_metric(100 * interval.estimate, '.2f')} [{low}, {high}]"
 
 
 def _registry_lines(
@@ -142,13 +135,13 @@ def _registry_lines(
         "",
         "| version | validation mAP | test mAP |",
         "| --- | --- | --- |",
-        f"| this run (v{registration.version}) | {_fmt(validation.metrics['mAP']) if validation else 'n/a'} | "
-        f"{_fmt(evaluation.metrics['mAP'])} {_interval(evaluation.intervals['mAP'])} |",
+        f"| this run (v{registration.version}) | {format_metric(validation.metrics['mAP']) if validation else 'n/a'} | "
+        f"{format_metric(evaluation.metrics['mAP'])} {_interval(evaluation.intervals['mAP'])} |",
     ]
     if previous:
         lines.append(
-            f"| champion before (v{previous}) | {_fmt(registration.previous_maps.get('val'))} | "
-            f"{_fmt(registration.previous_maps.get('test'))} |"
+            f"| champion before (v{previous}) | {format_metric(registration.previous_maps.get('val'))} | "
+            f"{format_metric(registration.previous_maps.get('test'))} |"
         )
     lines += [
         "",
@@ -187,7 +180,7 @@ def publish_run_summary(
     artifact_id = create_markdown_artifact(
         markdown=summary_markdown(summary, evaluation, registration),
         key=SUMMARY_ARTIFACT_KEY,
-        description=f"test mAP {_fmt(summary['test_mAP'])} {_interval(interval)}; {summary['registered_model']} "
+        description=f"test mAP {format_metric(summary['test_mAP'])} {_interval(interval)}; {summary['registered_model']} "
         f"v{registration.version} ({registration.decision} on {registration.split})",
     )
     return str(artifact_id)

@@ -50,7 +50,7 @@ def _run_pipeline(prefect_env, demo_root, config, **overrides):
     params = {
         "config": config,
         "data_root": demo_root,
-        "output_dir": prefect_env["base"] / "outputs",
+        "out_dir": prefect_env["base"] / "outputs",
         "experiment_name": "flow-tests",
         "registered_model_name": "emonet-test",
         **TINY_RUN,
@@ -294,7 +294,7 @@ def test_flow_parameters_reject_bad_values():
 def test_run_report_shows_the_interval_or_why_training_was_skipped():
     from flows.training_pipeline import run_report
 
-    common = {"registered_model": "emonet-demo", "output_dir": "outputs", "tracking_uri": "sqlite:///m.db"}
+    common = {"registered_model": "emonet-demo", "out_dir": "outputs", "tracking_uri": "sqlite:///m.db"}
     skipped = run_report({**common, "skipped": True, "skip_reason": "the recipe of champion version 3"})
     assert "Training skipped: the recipe of champion version 3" in skipped and "Test mAP" not in skipped
     metrics = {"f1_macro": 0.5, "mae_valence_1_10": 1.0, "mae_arousal_1_10": 1.5}

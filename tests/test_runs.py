@@ -111,7 +111,7 @@ def test_demo_flow_registers_apart_and_closes_a_killed_flows_run(prefect_env, tm
         experiment_id = configure_mlflow(uri, "registry-flow")
         killed = client.create_run(experiment_id, tags={FLOW_RUN_TAG: str(uuid.uuid4()), **_dead_process_tags()})
         summary = emonet_training_pipeline(
-            demo_dir=demo_dir, output_dir=tmp_path / "outputs", experiment_name="registry-flow",
+            demo_dir=demo_dir, out_dir=tmp_path / "outputs", experiment_name="registry-flow",
             config={"model": {"backbone": "resnet18"}, "train": {"image_size": 32, "epochs": 1, "num_workers": 0}},
             batch_size=8, visibility_workers=1, visibility_shard_size=16,
         )

@@ -115,7 +115,7 @@ def test_servers_on_postgresql_run_a_deployment_and_serve_the_champion(tmp_path)
         archive = make_demo_data(tmp_path / "archive", seed=3, n_train=16, n_val=8, n_test=8, size=48)
         params = {
             "data_root": str(archive),
-            "output_dir": str(tmp_path / "outputs"),
+            "out_dir": str(tmp_path / "outputs"),
             "experiment_name": "servers-test",
             "registered_model_name": "emonet-servers",
             **TINY_RUN,

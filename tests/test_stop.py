@@ -115,7 +115,7 @@ def _stop_a_training_flow(tmp_path: Path, signum: signal.Signals, delay: float) 
     }
     command = [
         sys.executable, "-m", "flows.training_pipeline", "--data-root", str(root), "--config", str(config),
-        "--output-dir", str(tmp_path / "outputs"),
+        "--out-dir", str(tmp_path / "outputs"),
     ]  # fmt: skip
     log = tmp_path / "flow.log"
     with open(log, "w") as out:

@@ -581,7 +581,7 @@ def test_dask_cluster_scores_like_the_local_path_and_reuses_cached_shards(prefec
     img_dir = arrays_dir(fake_archive)
     for index, kind in enumerate(["whole", "partial", "none", "whole"]):
         np.save(img_dir / crop_name("val", index), example_crop(kind, 96))
-    params = {"data_root": fake_archive, "output_dir": tmp_path / "out", "visibility_shard_size": 4}
+    params = {"data_root": fake_archive, "out_dir": tmp_path / "out", "visibility_shard_size": 4}
     n_shards = 3 * 2  # 6 rows per split in shards of 4
 
     with LocalCluster(

@@ -28,12 +28,14 @@ from emonet.bootstrap import BootstrapInterval
 from emonet.metrics import (
     EVALUATION_KEYS,
     evaluate_predictions,
+    finite_or_none,
+    format_metric,
     mean_voc11_average_precision_score,
     metrics_by_visibility,
 )
 from emonet.normalize import AffectNormalizer
 from emonet.prediction import Predictions
-from emonet.review.drawing import MAX_GRID_SAMPLES, fmt, page_name, plot_grid, plot_sample
+from emonet.review.drawing import MAX_GRID_SAMPLES, page_name, plot_grid, plot_sample
 from emonet.review.page import write_index
 from emonet.review.selection import SORT_OPTIONS, build_table, check_sort_by, rank_samples
 from emonet.schema import FACE_VISIBILITY_COLUMN, SCALE_MAX, SCALE_MIN
@@ -48,10 +50,6 @@ SUMMARY_FILE = "summary.json"
 INDEX_FILE = "index.html"
 REVIEW_CSV = "review.csv"
 AFFECT_KEYS: tuple[str, ...] = ("mae_valence", "mae_arousal", "mae_valence_1_10", "mae_arousal_1_10")
-
-
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if value is not None and np.isfinite(value) else None
 
 
 def _check_options(sort_by: str, num_samples: int, detailed_samples: int, seed: int) -> None:
@@ -311,21 +309,21 @@ def review_predictions(
         "n_samples": n,
         "rows_rejected": int(annotations.attrs.get("rejected_rows", 0)),
         "rows_affect_masked": int(annotations.attrs.get("affect_masked_rows", 0)),
-        "n_emotion": _finite_or_none(scores["n_emotion"]),
-        "n_affect": _finite_or_none(scores["n_affect"]),
+        "n_emotion": finite_or_none(scores["n_emotion"]),
+        "n_affect": finite_or_none(scores["n_affect"]),
         "n_selected": int(num_samples),
         "n_detailed": detailed,
         "sort_by": sort_by,
         "seed": int(seed),
-        "mAP": _finite_or_none(mean_ap),
-        "mAP_voc11": _finite_or_none(scores["mAP_voc11"]),
+        "mAP": finite_or_none(mean_ap),
+        "mAP_voc11": finite_or_none(scores["mAP_voc11"]),
         "f1_macro": scores["f1_macro"],
         "f1_micro": scores["f1_micro"],
         "f1_samples": scores["f1_samples"],
         "mean_sample_f1": float(table["f1"].mean()),
         "selected_mean_sample_f1": float(ordered["f1"].head(num_samples).mean()),
-        **{key: _finite_or_none(scores[key]) for key in AFFECT_KEYS},
-        "by_face_visibility": {key: _finite_or_none(value) for key, value in by_visibility.items()},
+        **{key: finite_or_none(scores[key]) for key in AFFECT_KEYS},
+        "by_face_visibility": {key: finite_or_none(value) for key, value in by_visibility.items()},
         "intervals": {key: asdict(interval) for key, interval in (intervals or {}).items()},
         "selected": ordered["crop_name"].head(num_samples).tolist(),
         "files": {**files, "review_csv": REVIEW_CSV, "summary": SUMMARY_FILE, "index": INDEX_FILE},
@@ -334,7 +332,7 @@ def review_predictions(
     write_json_atomic(summary, out_dir / SUMMARY_FILE)
     write_index(out_dir / INDEX_FILE, summary, table, has_visibility)
     logger.info("review of %d samples (%s) written to %s: mAP %s, mean per-sample F1 %.3f", n, sort_by, out_dir,
-                fmt(mean_ap, ".4f"), summary["mean_sample_f1"])
+                format_metric(mean_ap, ".4f"), summary["mean_sample_f1"])
     ordered = ordered.reset_index(drop=True)
     ordered.attrs["summary"] = summary
     return ordered

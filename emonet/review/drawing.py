@@ -19,6 +19,7 @@ from emonet.annotations import scaled_box
 from emonet.arrays import load_array
 from emonet.inference import PROB_COLUMNS
 from emonet.io import save_figure_atomic
+from emonet.metrics import format_metric
 from emonet.schema import EMOTIONS, FACE_VISIBILITY_COLUMN, NUM_EMOTIONS
 
 logger = logging.getLogger(__name__)
@@ -100,10 +101,6 @@ def _display_image(array: np.ndarray) -> tuple[np.ndarray, int]:
     """A subsampled copy for display (every ``step``-th pixel) and the step used."""
     step = max(1, math.ceil(max(array.shape[:2]) / _DISPLAY_SIDE))
     return np.asarray(array[::step, ::step]), step
-
-
-def fmt(value: float, spec: str = ".2f") -> str:
-    return "n/a" if value is None or not np.isfinite(value) else format(value, spec)
 
 
 # --------------------------------------------------------------------------- grid
@@ -235,7 +232,7 @@ def _summary_text(row: pd.Series, n: int, sort_by: str, has_visibility: bool) ->
     missed = [e for e, c in true_tokens if c == MISSED]
     if has_visibility:
         visibility = row.get(FACE_VISIBILITY_COLUMN)
-        face = f"{fmt(visibility, '.1f')} %" if visibility is not None else "n/a"
+        face = f"{format_metric(visibility, '.1f')} %" if visibility is not None else "n/a"
     else:
         face = f"n/a (no {FACE_VISIBILITY_COLUMN} column)"
     v_err = abs(row["valence_pred_1_10"] - row["valence_true_1_10"])

@@ -11,8 +11,8 @@ from urllib.parse import quote
 import pandas as pd
 
 from emonet.io import atomic_open
-from emonet.metrics import VISIBILITY_GROUPS
-from emonet.review.drawing import FALSE_POSITIVE, HIT, MISSED, emotion_tokens, fmt
+from emonet.metrics import VISIBILITY_GROUPS, format_metric
+from emonet.review.drawing import FALSE_POSITIVE, HIT, MISSED, emotion_tokens
 from emonet.schema import FACE_VISIBILITY_COLUMN
 
 # Columns of the face-visibility table: metric of emonet.metrics.metrics_by_visibility, format.
@@ -31,7 +31,7 @@ def _interval(interval: dict[str, Any] | None) -> str:
     """`` [low, high] (95% bootstrap)`` of a ``summary.json`` interval; empty without one."""
     if not interval:
         return ""
-    return (f" [{fmt(interval['low'], '.4f')}, {fmt(interval['high'], '.4f')}] "
+    return (f" [{format_metric(interval['low'], '.4f')}, {format_metric(interval['high'], '.4f')}] "
             f"({100 * interval['confidence']:g}% bootstrap)")
 
 
@@ -57,22 +57,22 @@ def write_index(path: Path, summary: dict[str, Any], table: pd.DataFrame, has_vi
             ("rows rejected while loading", str(summary["rows_rejected"])),
             ("rows with masked valence/arousal", str(summary["rows_affect_masked"])),
             ("rows in the emotion metrics / affect errors",
-             f"{fmt(summary['n_emotion'], '.0f')} / {fmt(summary['n_affect'], '.0f')}"),
+             f"{format_metric(summary['n_emotion'], '.0f')} / {format_metric(summary['n_affect'], '.0f')}"),
             ("shown in grid", f"{summary['n_selected']} (sorted by {summary['sort_by']}, seed {summary['seed']})"),
             ("detailed pages", str(summary["n_detailed"])),
-            ("mAP (scikit-learn AP)", fmt(summary["mAP"], ".4f") + _interval(summary["intervals"].get("mAP"))),
+            ("mAP (scikit-learn AP)", format_metric(summary["mAP"], ".4f") + _interval(summary["intervals"].get("mAP"))),
             ("mAP_voc11 (the EMOTIC authors' 11-point AP)",
-             fmt(summary["mAP_voc11"], ".4f") + _interval(summary["intervals"].get("mAP_voc11"))),
-            ("macro F1 / micro F1", f"{fmt(summary['f1_macro'], '.4f')} / {fmt(summary['f1_micro'], '.4f')}"),
-            ("mean per-sample F1", fmt(summary["mean_sample_f1"], ".4f")),
+             format_metric(summary["mAP_voc11"], ".4f") + _interval(summary["intervals"].get("mAP_voc11"))),
+            ("macro F1 / micro F1", f"{format_metric(summary['f1_macro'], '.4f')} / {format_metric(summary['f1_micro'], '.4f')}"),
+            ("mean per-sample F1", format_metric(summary["mean_sample_f1"], ".4f")),
             ("valence / arousal MAE (1-10)",
-             f"{fmt(summary['mae_valence_1_10'])} / {fmt(summary['mae_arousal_1_10'])}"),
+             f"{format_metric(summary['mae_valence_1_10'], '.2f')} / {format_metric(summary['mae_arousal_1_10'], '.2f')}"),
         )
     )
     visibility_rows = "".join(
         f"<tr><th>{esc(group)}</th>"
         + "".join(
-            f"<td>{fmt(summary['by_face_visibility'].get(f'{metric}_face_{group}'), spec)}</td>"
+            f"<td>{format_metric(summary['by_face_visibility'].get(f'{metric}_face_{group}'), spec)}</td>"
             for metric, spec in VISIBILITY_COLUMNS
         )
         + "</tr>"
@@ -105,7 +105,7 @@ def write_index(path: Path, summary: dict[str, Any], table: pd.DataFrame, has_vi
             f"{row['arousal_pred_1_10']:.2f} / {row['arousal_true_1_10']:.2f}",
         ]
         if has_visibility:
-            cells.append(fmt(row.get(FACE_VISIBILITY_COLUMN), ".1f"))
+            cells.append(format_metric(row.get(FACE_VISIBILITY_COLUMN), ".1f"))
         body.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
     pages = "".join(
         f'<figure><a href="{_href(page)}"><img src="{_href(page)}" loading="lazy" alt="{esc(page)}"></a>'
