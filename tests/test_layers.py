@@ -12,12 +12,15 @@ import pytest
 
 SERVING = [
     "emonet.inference", "emonet.batch", "emonet.pyfunc_model", "emonet.tracking", "emonet.registry", "emonet.runs",
-    "emonet.prediction",
+    "emonet.prediction", "emonet.store", "emonet.benchmark", "emonet.evaluation", "emonet.review",
 ]
 # What the logged MLflow model loads and predicts with (the registry also re-scores champions with it).
 SERVED_MODEL = ["emonet.inference", "emonet.batch", "emonet.pyfunc_model", "emonet.prediction"]
+# The base layer of the README's table: everything a data step or a report needs without torch.
 TORCH_FREE = [
     "emonet.annotations", "emonet.normalize", "emonet.visibility", "emonet.visibility_split", "emonet.arrays", "emonet.affect",
+    "emonet.schema", "emonet.config", "emonet.io", "emonet.images", "emonet.store", "emonet.runs", "emonet.stopping",
+    "emonet.metrics", "emonet.bootstrap", "emonet.plots", "emonet.demo_data",
 ]
 
 
