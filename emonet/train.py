@@ -495,12 +495,10 @@ def fit(
     gradient clipping (``grad_clip_norm``). On CUDA: float16 autocast with a
     GradScaler (``train.amp``) and channels_last; on CPU, float32.
 
-    Every epoch, each callback gets a fresh dict: ``epoch`` (1-based), ``train_loss``,
-    ``train_loss_emotion``, ``train_loss_affect``, the ``val_`` losses and metrics of
-    :func:`evaluate` (``val_loss``, ``val_mAP``, ``val_f1_macro``, ...) and ``lr`` (the
-    rate the epoch trained with). Callbacks run after the epoch's checkpoints are
-    written, so a logged epoch can always be resumed from; an exception raised by a
-    callback ends training there.
+    Every epoch, each callback gets a fresh dict: ``epoch`` (1-based), the ``train_``
+    losses, the ``val_`` losses and metrics of :func:`evaluate` and ``lr``. Callbacks run
+    after the epoch's checkpoints are written, so a logged epoch can always be resumed
+    from; an exception raised by a callback ends training there.
 
     With ``checkpoint_dir``, ``last.pt`` (every epoch) and ``best.pt`` (each new best)
     are written atomically; :mod:`emonet.checkpoint` lists what they hold. Before the
@@ -541,28 +539,17 @@ def fit(
         Before the first epoch when ``checkpoint_dir`` lacks room for two checkpoints
         (:func:`emonet.checkpoint.check_free_space`), or when a write fills the disk.
     emonet.stopping.TrainingStopped
-        When a stop is requested (:mod:`emonet.stopping`: SIGTERM or SIGINT under
-        ``stop_on_signals``): checked before every batch and every epoch, so the
-        unfinished epoch is dropped and ``last.pt`` holds the last completed one. (In a
-        process group every rank would have to see the request at the same batch; the
-        torchrun workers install no handlers, and torchrun ends them on a signal.)
+        A stop was requested (:mod:`emonet.stopping`), checked before every batch and
+        epoch: the unfinished epoch is dropped, ``last.pt`` holds the last completed one.
     """
     main_process = parallel.rank() == 0
     callbacks, progress = (list(callbacks), progress) if main_process else ([], False)
     setup = _set_up(model, config, len(train_loader), fresh=resume_from is None)
     loaders = {"train": train_loader, "val": val_loader}
-    state = FitState()
     if resume_from is not None and checkpoint_dir is None:
         checkpoint_dir = Path(resume_from).parent
-    if checkpoint_dir is not None and main_process:
-        remove_stale_temp_files(checkpoint_dir)
-        check_free_space(checkpoint_dir, model)
-    if resume_from is not None:
-        state = resume(
-            resume_from, config, checkpoint_dir, model=model, optimizer=setup.optimizer, scheduler=setup.scheduler,
-            scaler=setup.scaler, loaders=loaders, rank=parallel.rank(), world_size=parallel.world_size(),
-        )
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    state = _start(model, config, setup, loaders, checkpoint_dir, resume_from)
     best_weights: dict[str, torch.Tensor] | None = None  # kept in memory only without a checkpoint_dir
 
     epochs = range(state.epoch, config.train.epochs) if not state.stopped_early else range(0)
@@ -592,6 +579,27 @@ def fit(
         last_checkpoint=checkpoint_dir / LAST_CHECKPOINT if checkpoint_dir is not None else None,
         thresholds=thresholds,
         stopped_early=state.stopped_early,
+    )
+
+
+def _start(
+    model: nn.Module,
+    config: EmoNetConfig,
+    setup: _Setup,
+    loaders: dict[str, DataLoader],
+    checkpoint_dir: Path | None,
+    resume_from: str | Path | None,
+) -> FitState:
+    """A fresh :class:`FitState`, or the one resumed from ``resume_from``; the checkpoint
+    folder is rid of a killed write's temporary files and checked for room first."""
+    if checkpoint_dir is not None and parallel.rank() == 0:
+        remove_stale_temp_files(checkpoint_dir)
+        check_free_space(checkpoint_dir, model)
+    if resume_from is None:
+        return FitState()
+    return resume(
+        resume_from, config, checkpoint_dir, model=model, optimizer=setup.optimizer, scheduler=setup.scheduler,
+        scaler=setup.scaler, loaders=loaders, rank=parallel.rank(), world_size=parallel.world_size(),
     )
 
 
