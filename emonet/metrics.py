@@ -295,6 +295,15 @@ def per_emotion_report(
     return report[list(REPORT_COLUMNS)]
 
 
+def _labels_with_positives(y_true: ArrayLike, y_prob: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The checked inputs of a mean AP and the mask of labels with a positive (the others warned about)."""
+    y_true, y_prob = check_multilabel(y_true, y_prob, name="y_prob")
+    defined = _warn_undefined_ap(y_true, _default_labels(y_true.shape[1]))
+    if not defined.any():
+        raise ValueError(f"mAP is undefined: none of the {y_true.shape[1]} labels has a positive sample")
+    return y_true, y_prob, defined
+
+
 def mean_average_precision_score(y_true: ArrayLike, y_prob: ArrayLike) -> float:
     """Mean over labels of the average precision: the EMOTIC benchmark metric.
 
@@ -323,10 +332,7 @@ def mean_average_precision_score(y_true: ArrayLike, y_prob: ArrayLike) -> float:
     >>> mean_average_precision_score([[1, 0], [0, 1], [1, 1]], [[0.9, 0.4], [0.4, 0.8], [0.6, 0.3]])
     0.9166666666666666
     """
-    y_true, y_prob = check_multilabel(y_true, y_prob, name="y_prob")
-    defined = _warn_undefined_ap(y_true, _default_labels(y_true.shape[1]))
-    if not defined.any():
-        raise ValueError(f"mAP is undefined: none of the {y_true.shape[1]} labels has a positive sample")
+    y_true, y_prob, defined = _labels_with_positives(y_true, y_prob)
     aps = [average_precision_score(y_true[:, j], y_prob[:, j]) for j in np.flatnonzero(defined)]
     return float(np.mean(aps))
 
@@ -495,10 +501,7 @@ def mean_voc11_average_precision_score(y_true: ArrayLike, y_prob: ArrayLike) -> 
     >>> mean_voc11_average_precision_score([[1, 0], [0, 1], [1, 1]], [[0.9, 0.4], [0.4, 0.8], [0.6, 0.3]])
     0.9242424242424242
     """
-    y_true, y_prob = check_multilabel(y_true, y_prob, name="y_prob")
-    defined = _warn_undefined_ap(y_true, _default_labels(y_true.shape[1]))
-    if not defined.any():
-        raise ValueError(f"mAP is undefined: none of the {y_true.shape[1]} labels has a positive sample")
+    y_true, y_prob, defined = _labels_with_positives(y_true, y_prob)
     ones = np.ones((1, y_true.shape[0]), dtype=np.int64)
     aps = [resampled_average_precision(y_true[:, j], y_prob[:, j], ones)[1][0] for j in np.flatnonzero(defined)]
     return float(np.mean(aps))
