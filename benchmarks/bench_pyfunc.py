@@ -35,7 +35,8 @@ from emonet.models import build_model
 from emonet.registry import promote_model
 from emonet.schema import annotations_path, arrays_dir
 from emonet.tracking import configure_mlflow, log_emonet_model
-from emonet.train import fit, make_loaders
+from emonet.train import fit
+from emonet.train_loaders import make_loaders
 
 TARGET_RATIO = 0.8
 

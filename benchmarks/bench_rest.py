@@ -46,7 +46,8 @@ from emonet.demo_data import make_demo_data
 from emonet.models import build_model
 from emonet.schema import annotations_path, arrays_dir
 from emonet.tracking import configure_mlflow, log_emonet_model
-from emonet.train import fit, make_loaders
+from emonet.train import fit
+from emonet.train_loaders import make_loaders
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 0.8

@@ -45,7 +45,9 @@ from emonet.demo_data import make_demo_data
 from emonet.losses import EmoNetLoss
 from emonet.models import build_model
 from emonet.schema import NUM_EMOTIONS, annotations_path, arrays_dir
-from emonet.train import make_loaders, seed_everything, train_one_epoch
+from emonet.seeding import seed_everything
+from emonet.train import train_one_epoch
+from emonet.train_loaders import make_loaders
 
 
 def _forever(loader: Iterable[Any]) -> Iterator[Any]:

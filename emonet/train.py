@@ -1,5 +1,6 @@
 """Training and evaluation loops for EmoNet; the exact-resume checkpoints they write
-and resume from are :mod:`emonet.checkpoint`'s, the loaders :mod:`emonet.loaders`'.
+and resume from are :mod:`emonet.checkpoint`'s, the loaders :mod:`emonet.train_loaders`',
+the seeds :mod:`emonet.seeding`'s and the learning-rate schedules :mod:`emonet.schedules`'.
 
 Small functions in the style of torchvision's ``references/classification``: the caller
 (a notebook, the CLI or a Prefect task) builds loaders, calls :func:`fit` (a short loop
@@ -14,9 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import random
-import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from emonet import parallel
@@ -47,213 +45,24 @@ from emonet.checkpoint import (
     save_epoch,
     save_thresholds,
 )
-from emonet.config import EmoNetConfig, TrainConfig
-from emonet.data import EmoticDataset
-from emonet.loaders import make_loader
+from emonet.config import EmoNetConfig
 from emonet.losses import EmoNetLoss
 from emonet.metrics import evaluate_predictions, tune_thresholds
 from emonet.models import EmoNet, build_model
 from emonet.prediction import Predictions, autocast, predict_split, to_device
+from emonet.schedules import build_scheduler
 from emonet.schema import SCALE_MAX, SCALE_MIN
+from emonet.seeding import seed_everything, use_deterministic_algorithms
 from emonet.stopping import TrainingStopped, check_stop
-from emonet.transforms import build_transforms
+from emonet.train_loaders import make_loaders
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "build_datasets",
-    "build_scheduler",
-    "evaluate",
-    "fit",
-    "make_loaders",
-    "seed_everything",
-    "seed_worker",
-    "train_from_csvs",
-    "train_one_epoch",
-    "use_deterministic_algorithms",
-]
+__all__ = ["evaluate", "fit", "train_from_csvs", "train_one_epoch"]
 
 MONITOR = "val_mAP"  # model selection, LR schedule and early stopping all follow it
 
 Callback = Callable[[dict[str, float]], Any]
-
-
-# --------------------------------------------------------------------------- setup
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's global RNG and torch (CPU and every CUDA device).
-
-    CPU runs are then bit-reproducible; CUDA runs may still differ slightly because
-    some cuDNN and atomic-add kernels are non-deterministic, unless
-    :func:`use_deterministic_algorithms` is on (``train.deterministic``).
-    """
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def use_deterministic_algorithms() -> None:
-    """Make CUDA training repeatable run to run, at some speed cost.
-
-    Turns on ``torch.use_deterministic_algorithms``, pins cuDNN to deterministic
-    kernels without autotuning, and sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, which
-    cuBLAS needs for repeatable matrix products (read when its first handle is made, so
-    call this before the first CUDA matmul). No effect on CPU results, which are
-    already repeatable.
-
-    ``warn_only``: torch flags the CUDA backward of ``AdaptiveAvgPool2d`` as
-    non-deterministic and would raise on every backbone here; with the 1 x 1 output
-    they use, each input position gets a single gradient contribution, so its result
-    does not depend on the order of the atomic adds. Any other flagged op warns.
-    """
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed a DataLoader worker's NumPy and Python RNGs, and leave
-    SIGTERM/SIGINT to the main process.
-
-    torch already seeds each worker with ``base_seed + worker_id`` (``base_seed`` is drawn
-    from the loader's generator), but not NumPy or ``random``, which would otherwise
-    repeat the parent's state in every worker.
-    """
-    worker_seed = torch.initial_seed() % 2**32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
-    # SIGTERM/SIGINT sent to the whole process group are the main process's to act on
-    # (emonet.stopping: stop between batches); a worker ended by them would instead fail
-    # the batch being loaded. Workers still end with the loader, or within 5 s of the
-    # main process's death (torch's watchdog on its parent).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def build_datasets(
-    train: pd.DataFrame | str | Path,
-    val: pd.DataFrame | str | Path,
-    img_dir: str | Path,
-    config: EmoNetConfig,
-) -> tuple[EmoticDataset, EmoticDataset]:
-    """Train and validation datasets with the presets of ``config``.
-
-    Parameters
-    ----------
-    train, val : validated annotation DataFrames or CSV paths (original or normalized).
-    img_dir : folder of the ``.npy`` arrays.
-    config : run config; ``train.image_size``, ``train.augment`` and (for the
-        ``body_context`` variant, which also loads the full image) ``train.context_size``.
-
-    Returns
-    -------
-    (train_dataset, val_dataset)
-    """
-    with_context = config.model.uses_context
-    context_size = config.train.context_size if with_context else None
-    train_transform = build_transforms(
-        config.train.image_size, train=True, augment=config.train.augment, context_size=context_size
-    )
-    val_transform = build_transforms(config.train.image_size, train=False, context_size=context_size)
-    return (
-        EmoticDataset(train, img_dir, transform=train_transform, with_context=with_context),
-        EmoticDataset(val, img_dir, transform=val_transform, with_context=with_context),
-    )
-
-
-def make_loaders(
-    train: pd.DataFrame | str | Path,
-    val: pd.DataFrame | str | Path,
-    img_dir: str | Path,
-    config: EmoNetConfig,
-    device: str | torch.device | None = None,
-) -> tuple[DataLoader, DataLoader]:
-    """Train and validation loaders for :func:`fit` (see :func:`build_datasets`).
-
-    The train loader shuffles and, as timm does, drops the last incomplete batch so
-    BatchNorm never normalizes over a batch of one (a split smaller than one batch
-    is kept whole). The validation loader keeps every sample, in order.
-
-    Both are reproducible: the shuffling order and the workers' seeds come from each
-    loader's own ``torch.Generator`` (``loader.generator``), seeded with ``train.seed``,
-    and :func:`seed_worker` seeds NumPy and ``random`` in every worker. :func:`fit`
-    saves and restores the generators' states, so a resumed run draws the same batches.
-    ``train.num_workers`` workers are persistent (kept between epochs, which saves their
-    start-up every epoch). With workers, a resumed run gets the same batches but fresh
-    worker RNGs, so its augmentation draws differ from an uninterrupted run; with 0
-    workers the resume is exact.
-
-    Inside a process group (a torchrun worker) each process gets its part of the data:
-    a ``DistributedSampler`` over train (one shared permutation per epoch, seeded with
-    ``train.seed``; :func:`fit` calls ``set_epoch``) and an unpadded shard of val
-    (:func:`emonet.parallel.shard_indices`). ``train.batch_size`` is then per
-    process, and each process's loader generator (worker seeds) is offset by its rank.
-
-    Parameters
-    ----------
-    device : where training runs (pinned memory on CUDA); defaults to
-        ``config.train.device`` resolved.
-    """
-    device = resolve_device(config.train.device if device is None else device)
-    train_dataset, val_dataset = build_datasets(train, val, img_dir, config)
-    tc = config.train
-    train_sampler: DistributedSampler | None = None
-    val_shard: range | None = None
-    if parallel.is_distributed():
-        train_sampler = DistributedSampler(train_dataset, shuffle=True, seed=tc.seed)
-        val_shard = parallel.shard_indices(len(val_dataset))
-    samples_per_process = len(train_sampler) if train_sampler is not None else len(train_dataset)
-
-    def loader(dataset: Dataset, **order: Any) -> DataLoader:
-        return make_loader(
-            dataset, tc.batch_size, num_workers=tc.num_workers, device=device,
-            generator=torch.Generator().manual_seed(tc.seed + parallel.rank()), worker_init_fn=seed_worker,
-            persistent_workers=True, **order,
-        )
-
-    train_loader = loader(
-        train_dataset, shuffle=train_sampler is None, sampler=train_sampler,
-        drop_last=samples_per_process > tc.batch_size,
-    )
-    return train_loader, loader(val_dataset, sampler=val_shard)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, train_config: TrainConfig, steps_per_epoch: int
-) -> tuple[torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau, bool]:
-    """The learning-rate schedule of ``train_config.scheduler`` and whether it steps per batch.
-
-    ``"plateau"``: ReduceLROnPlateau on val mAP (``scheduler_factor``,
-    ``scheduler_patience``), stepped once per epoch with the metric. ``"cosine"``: a
-    linear rise from 0 to ``lr`` over ``warmup_epochs``, then a cosine decay to 0 at
-    the end of ``epochs``, stepped after every optimizer step. Both keep their
-    position in ``state_dict()``, so a resumed run continues the same curve.
-
-    Returns
-    -------
-    (scheduler, per_step) : ``per_step`` is True when ``scheduler.step()`` follows every
-        batch, False when ``scheduler.step(val_mAP)`` follows every epoch.
-    """
-    if train_config.scheduler == "plateau":
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=train_config.scheduler_factor, patience=train_config.scheduler_patience
-        )
-        return plateau, False
-    if steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    warmup_steps = round(train_config.warmup_epochs * steps_per_epoch)
-    total_steps = max(train_config.epochs * steps_per_epoch, warmup_steps + 1)
-
-    def lr_factor(step: int) -> float:
-        # Step s sets the rate of batch s + 1, so the first batch already trains (lr / warmup_steps).
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor), True
 
 
 # --------------------------------------------------------------------------- loops
@@ -275,7 +84,7 @@ def _unpack(
     if with_context and "context" not in batch:
         raise ValueError(
             "the model is the body_context variant but the batch has no 'context'; "
-            "build the dataset with with_context=True (build_datasets does this)"
+            "build the dataset with with_context=True (emonet.train_loaders.build_datasets does this)"
         )
     body = to_device(batch, device, "body")  # (B, 3, S, S)
     context = to_device(batch, device, "context") if with_context else None  # (B, 3, S', S')
@@ -310,7 +119,7 @@ def train_one_epoch(
     grad_clip_norm : clip the global gradient norm to this value; None does not clip.
     epoch : shown in the progress bar and in error messages.
     progress : show a tqdm bar with the running loss.
-    scheduler : a per-step learning-rate schedule (see :func:`build_scheduler`),
+    scheduler : a per-step learning-rate schedule (see :func:`~emonet.schedules.build_scheduler`),
         stepped after every optimizer step; None leaves the rate alone.
 
     Returns
@@ -490,9 +299,9 @@ def fit(
     """Train ``model``, keep the best epoch by validation mAP, tune thresholds.
 
     AdamW (``train.lr``, ``train.weight_decay``); the learning-rate schedule of
-    ``train.scheduler`` (see :func:`build_scheduler`); early stopping after
-    ``early_stopping_patience`` epochs without a new best (None disables it); optional
-    gradient clipping (``grad_clip_norm``). On CUDA: float16 autocast with a
+    ``train.scheduler`` (:func:`~emonet.schedules.build_scheduler`); early stopping
+    after ``early_stopping_patience`` epochs without a new best (None disables it);
+    optional gradient clipping (``grad_clip_norm``). On CUDA: float16 autocast with a
     GradScaler (``train.amp``) and channels_last; on CPU, float32.
 
     Every epoch, each callback gets a fresh dict: ``epoch`` (1-based), the ``train_``
@@ -501,10 +310,9 @@ def fit(
     from; an exception raised by a callback ends training there.
 
     With ``checkpoint_dir``, ``last.pt`` (every epoch) and ``best.pt`` (each new best)
-    are written atomically; :mod:`emonet.checkpoint` lists what they hold. Before the
-    first epoch, the temporary files of a killed write are removed from it and its free
-    space is checked. After training the best weights are loaded back into ``model``,
-    and per-emotion thresholds tuned on validation (max F1) are stored in ``best.pt``.
+    are written atomically; :mod:`emonet.checkpoint` lists what they hold. After
+    training the best weights are loaded back into ``model``, and per-emotion thresholds
+    tuned on validation (max F1) are stored in ``best.pt``.
 
     Inside a process group (torchrun; see :mod:`emonet.distributed`) the model trains
     under ``DistributedDataParallel`` (``SyncBatchNorm`` if asked, CUDA only), and rank 0
@@ -513,7 +321,7 @@ def fit(
     Parameters
     ----------
     model : built with :func:`emonet.models.build_model`; trained in place.
-    train_loader, val_loader : e.g. from :func:`make_loaders`.
+    train_loader, val_loader : e.g. from :func:`~emonet.train_loaders.make_loaders`.
     config : the run config (``train``, ``loss``; ``model`` must describe ``model``).
     callbacks : called with each epoch's metrics dict (e.g. MLflow logging).
     checkpoint_dir : where to write checkpoints; None keeps the best weights in memory.
@@ -546,9 +354,7 @@ def fit(
     callbacks, progress = (list(callbacks), progress) if main_process else ([], False)
     setup = _set_up(model, config, len(train_loader), fresh=resume_from is None)
     loaders = {"train": train_loader, "val": val_loader}
-    if resume_from is not None and checkpoint_dir is None:
-        checkpoint_dir = Path(resume_from).parent
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    checkpoint_dir = _checkpoint_folder(checkpoint_dir, resume_from)
     state = _start(model, config, setup, loaders, checkpoint_dir, resume_from)
     best_weights: dict[str, torch.Tensor] | None = None  # kept in memory only without a checkpoint_dir
 
@@ -572,14 +378,18 @@ def fit(
 
     thresholds = _tune_on_best(model, setup, val_loader, checkpoint_dir, state.best_epoch, best_weights, progress)
     return FitResult(
-        best_metric=state.best_metric,
-        best_epoch=state.best_epoch,
-        history=state.history,
+        best_metric=state.best_metric, best_epoch=state.best_epoch, history=state.history, thresholds=thresholds,
+        stopped_early=state.stopped_early,
         best_checkpoint=checkpoint_dir / BEST_CHECKPOINT if checkpoint_dir is not None else None,
         last_checkpoint=checkpoint_dir / LAST_CHECKPOINT if checkpoint_dir is not None else None,
-        thresholds=thresholds,
-        stopped_early=state.stopped_early,
     )
+
+
+def _checkpoint_folder(checkpoint_dir: str | Path | None, resume_from: str | Path | None) -> Path | None:
+    """Where :func:`fit` writes checkpoints: ``checkpoint_dir``, or the folder of the run it resumes."""
+    if checkpoint_dir is None and resume_from is not None:
+        return Path(resume_from).parent
+    return Path(checkpoint_dir) if checkpoint_dir is not None else None
 
 
 def _start(

@@ -110,7 +110,8 @@ def train_tiny_checkpoint(root: Path, out_dir: Path, batch_size: int = 4, augmen
     """best.pt of ResNet-18 trained one epoch at 32 px on the archive at ``root``."""
     from emonet.config import load_config
     from emonet.models import build_model
-    from emonet.train import fit, make_loaders
+    from emonet.train import fit
+    from emonet.train_loaders import make_loaders
 
     config = load_config(
         model={"backbone": "resnet18"},

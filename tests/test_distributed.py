@@ -32,7 +32,9 @@ from emonet.models import build_model
 from emonet.normalize import AffectNormalizer
 from emonet.prediction import predict_split
 from emonet.schema import NUM_EMOTIONS, annotations_path, arrays_dir
-from emonet.train import evaluate, fit, make_loaders, seed_everything, train_from_csvs
+from emonet.seeding import seed_everything
+from emonet.train import evaluate, fit, train_from_csvs
+from emonet.train_loaders import make_loaders
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
 

@@ -44,17 +44,12 @@ from emonet.losses import EmoNetLoss, LossOutput
 from emonet.metrics import EVALUATION_KEYS, mean_average_precision_score
 from emonet.models import EmoNet, build_model
 from emonet.prediction import eval_transform, predict_split
+from emonet.schedules import build_scheduler
 from emonet.schema import EMOTIONS, NUM_EMOTIONS, annotations_path, arrays_dir
+from emonet.seeding import use_deterministic_algorithms
 from emonet.stopping import TrainingStopped, clear_stop, request_stop
-from emonet.train import (
-    build_datasets,
-    build_scheduler,
-    evaluate,
-    fit,
-    make_loaders,
-    train_from_csvs,
-    train_one_epoch,
-)
+from emonet.train import evaluate, fit, train_from_csvs, train_one_epoch
+from emonet.train_loaders import build_datasets, make_loaders
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -694,7 +689,7 @@ def test_deterministic_switch_sets_torch_cudnn_and_cublas(monkeypatch: pytest.Mo
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     try:
-        train_module.use_deterministic_algorithms()
+        use_deterministic_algorithms()
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
