@@ -6,13 +6,10 @@ scored on), under a lock so that concurrent registrations leave the better one c
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import os
 import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -48,16 +45,13 @@ __all__ = [
     "DEMO_MODEL_NAME",
     "MODEL_NAME",
     "PROMOTION_SPLITS",
-    "RECIPE_TAGS",
     "PromotionDecision",
-    "code_version",
+    "champion_version",
     "describe_difference",
     "find_run_version",
     "predict_model_on_split",
     "promote_model",
-    "recipe_tags",
     "recorded_maps",
-    "retraining_unneeded",
     "split_score_tag",
 ]
 
@@ -168,7 +162,8 @@ def predict_model_on_split(model_uri: str, split_csv: str | Path, img_dir: str |
     return predictions
 
 
-def _champion(client: MlflowClient, name: str) -> ModelVersion | None:
+def champion_version(client: MlflowClient, name: str) -> ModelVersion | None:
+    """The version of ``name`` that holds the ``champion`` alias, if any."""
     # The registered model's alias map, rather than get_model_version_by_alias: stores
     # disagree on the error code for a missing alias.
     aliases = client.get_registered_model(name).aliases or {}
@@ -461,7 +456,7 @@ def promote_model(
     for _ in range(PROMOTION_ATTEMPTS):
         # Scoring the champion can take minutes (a re-scoring predicts the whole split),
         # so it happens outside the lock; under the lock, the champion must be unchanged.
-        champion = _champion(client, name)
+        champion = champion_version(client, name)
         previous_version = str(champion.version) if champion is not None else None
         previous_map, difference, unavailable = None, None, None
         if champion is not None and previous_version != version:
@@ -478,7 +473,7 @@ def promote_model(
         elif champion is not None:
             previous_map = new_map
         with _promotion_lock(client, name):
-            current = _champion(client, name)
+            current = champion_version(client, name)
             if (str(current.version) if current is not None else None) != previous_version:
                 logger.info("another registration moved the champion of %r meanwhile: deciding again", name)
                 continue
@@ -578,78 +573,4 @@ def _decide(
         return CHALLENGER, "clearly_worse", f"{compared}: its upper end is below 0; the champion stays"
     return CHALLENGER, "not_significantly_better", (
         f"{compared}: its lower end does not exceed min_improvement {min_improvement:g}; the champion stays"
-    )
-
-
-# Run tags that say what a run trained from: the splits (their fingerprints and the affect
-# normalization), the resolved config, and the code (the checkout's git commit).
-DATA_FINGERPRINT_TAG = "emonet.data_fingerprint"
-CONFIG_FINGERPRINT_TAG = "emonet.config_fingerprint"
-CODE_VERSION_TAG = "emonet.code_version"
-RECIPE_TAGS: tuple[str, ...] = (DATA_FINGERPRINT_TAG, CONFIG_FINGERPRINT_TAG, CODE_VERSION_TAG)
-UNKNOWN_CODE_VERSION = "unknown"
-DIRTY_SUFFIX = "+dirty"  # the commit, with uncommitted changes to tracked files on top
-
-
-def code_version(checkout: str | Path | None = None) -> str:
-    """The git commit of the checkout the code runs from (``git rev-parse HEAD``).
-
-    ``<commit>+dirty`` when tracked files differ from it (the commit does not say what
-    ran), ``unknown`` outside a git checkout or without git.
-    """
-    checkout = Path(checkout) if checkout is not None else Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(checkout), "diff", "--quiet", "HEAD", "--"], capture_output=True,
-                               timeout=30).returncode != 0
-    except (OSError, subprocess.SubprocessError):
-        return UNKNOWN_CODE_VERSION
-    return f"{commit}{DIRTY_SUFFIX}" if dirty else commit or UNKNOWN_CODE_VERSION
-
-
-def recipe_tags(
-    split_ids: dict[str, str], normalization: dict[str, Any], config: dict[str, Any], code: str
-) -> dict[str, str]:
-    """The run tags :func:`retraining_unneeded` compares: SHA-256 digests of the data and the config, and the code.
-
-    Parameters
-    ----------
-    split_ids : split name -> :func:`emonet.evaluation.split_fingerprint` of its rows.
-    normalization : the affect normalizer's parameters (``normalization.json``): the
-        training targets depend on them, and the split fingerprints do not.
-    config : the resolved config as a dict (``config_to_dict``).
-    code : :func:`code_version`.
-    """
-    def digest(value: Any) -> str:
-        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-    return {
-        DATA_FINGERPRINT_TAG: digest({"splits": split_ids, "normalization": normalization}),
-        CONFIG_FINGERPRINT_TAG: digest(config),
-        CODE_VERSION_TAG: code,
-    }
-
-
-def retraining_unneeded(client: MlflowClient, name: str, tags: dict[str, str]) -> str | None:
-    """Why training again would reproduce the champion of ``name``, or None when it would not.
-
-    Training is unneeded when the champion's run recorded the same :func:`recipe_tags`
-    (the same data, config and code) and the code version is a clean commit (an
-    ``unknown`` or ``+dirty`` version does not say which code ran).
-    """
-    if name not in {model.name for model in client.search_registered_models(f"name = '{name}'")}:
-        return None
-    champion = _champion(client, name)
-    if champion is None or not champion.run_id:
-        return None
-    code = tags.get(CODE_VERSION_TAG, UNKNOWN_CODE_VERSION)
-    if code == UNKNOWN_CODE_VERSION or code.endswith(DIRTY_SUFFIX):
-        return None
-    recorded = client.get_run(champion.run_id).data.tags
-    if any(recorded.get(key) != tags.get(key) for key in RECIPE_TAGS):
-        return None
-    return (
-        f"the data, the resolved config and the code (commit {code[:12]}) are those of champion version "
-        f"{champion.version} of {name!r} (MLflow run {champion.run_id}): training again would reproduce it"
     )

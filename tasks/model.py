@@ -31,15 +31,8 @@ from emonet.config import EmoNetConfig, config_to_dict
 from emonet.distributed import launch_training
 from emonet.evaluation import EvaluationReport, evaluate_checkpoint, split_fingerprint
 from emonet.normalize import AffectNormalizer
-from emonet.registry import (
-    PromotionDecision,
-    code_version,
-    find_run_version,
-    promote_model,
-    recipe_tags,
-    recorded_maps,
-    retraining_unneeded,
-)
+from emonet.recipe import code_version, recipe_tags, retraining_unneeded
+from emonet.registry import PromotionDecision, find_run_version, promote_model, recorded_maps
 from emonet.review import review_predictions
 from emonet.runs import FLOW_RUN_TAG, close_stale_runs, process_tags
 from emonet.schema import EMOTIONS
@@ -144,7 +137,7 @@ def check_retraining(
 ) -> str | None:
     """Tag the run with what it trains from (the split fingerprints with the affect
     normalization, the resolved config, the code's git commit), and say why training can
-    be skipped: the champion's run recorded the same (:func:`emonet.registry.retraining_unneeded`).
+    be skipped: the champion's run recorded the same (:func:`emonet.recipe.retraining_unneeded`).
 
     Returns the reason to skip, already logged and tagged on the run
     (``emonet.training_skipped``, ``emonet.skip_reason``), or None to train.

@@ -21,16 +21,14 @@ from conftest import restored_mlflow_uris, run_together
 from emonet.evaluation import split_fingerprint
 from emonet.metrics import mean_average_precision_score
 from emonet.prediction import Predictions
+from emonet.recipe import code_version, recipe_tags, retraining_unneeded
 from emonet.registry import (
     CHALLENGER,
     CHAMPION,
     PromotionDecision,
-    code_version,
     find_run_version,
     predict_model_on_split,
     promote_model,
-    recipe_tags,
-    retraining_unneeded,
     split_score_tag,
 )
 from emonet.schema import NUM_EMOTIONS, annotations_path, arrays_dir
