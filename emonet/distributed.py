@@ -26,10 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from mlflow import MlflowClient
 
 from emonet.checkpoint import FitResult, read_fit_result
 from emonet.config import DistributedConfig, EmoNetConfig, config_to_dict, load_config
 from emonet.io import atomic_open
+from emonet.normalize import AffectNormalizer
+from emonet.tracking import log_metrics
 from emonet.train import train_from_csvs
 
 logger = logging.getLogger(__name__)
@@ -54,10 +57,6 @@ def mlflow_epoch_logger(run_id: str) -> Callable[[dict[str, float]], None]:
     Uses ``MlflowClient`` with the tracking URI of the environment
     (``MLFLOW_TRACKING_URI``), which :func:`launch_training` passes to the workers.
     """
-    from mlflow.tracking import MlflowClient
-
-    from emonet.tracking import log_metrics
-
     client = MlflowClient()
 
     def log(metrics: dict[str, float]) -> None:
@@ -194,8 +193,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of one torchrun worker process."""
-    from emonet.normalize import AffectNormalizer
-
     args = _parse_args(argv)
     worker_rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
