@@ -113,6 +113,27 @@ class FitState:
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)  # every epoch's metrics
 
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Mapping[str, Any]) -> FitState:
+        """The counters a ``last.pt`` holds."""
+        return cls(
+            epoch=int(checkpoint["epoch"]),
+            best_metric=float(checkpoint["best_metric"]),
+            best_epoch=int(checkpoint["best_epoch"]),
+            bad_epochs=int(checkpoint["bad_epochs"]),
+            stopped_early=bool(checkpoint["stopped_early"]),
+            history=[dict(row) for row in checkpoint["history"]],
+        )
+
+    def result(self, thresholds: np.ndarray, checkpoint_dir: Path | None) -> FitResult:
+        """The :class:`FitResult` of a run that ended in this state, with its tuned thresholds."""
+        return FitResult(
+            best_metric=self.best_metric, best_epoch=self.best_epoch, history=self.history, thresholds=thresholds,
+            stopped_early=self.stopped_early,
+            best_checkpoint=checkpoint_dir / BEST_CHECKPOINT if checkpoint_dir is not None else None,
+            last_checkpoint=checkpoint_dir / LAST_CHECKPOINT if checkpoint_dir is not None else None,
+        )
+
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """The torch device for ``config.train.device``.
@@ -234,13 +255,14 @@ def check_free_space(checkpoint_dir: str | Path, model: torch.nn.Module) -> None
         Naming the folder, the space needed and the space free.
     """
     checkpoint_dir = Path(checkpoint_dir)
-    needed = 2 * estimate_checkpoint_bytes(model) + FREE_SPACE_MARGIN
+    size = estimate_checkpoint_bytes(model)
+    needed = 2 * size + FREE_SPACE_MARGIN
     free = _free_bytes(checkpoint_dir)
     if free < needed:
         raise DiskSpaceError(
             errno.ENOSPC,
             f"not enough free space for checkpoints: {_mib(needed)} needed (two checkpoints of about "
-            f"{_mib(estimate_checkpoint_bytes(model))} and a {_mib(FREE_SPACE_MARGIN)} margin), {_mib(free)} free",
+            f"{_mib(size)} and a {_mib(FREE_SPACE_MARGIN)} margin), {_mib(free)} free",
             str(checkpoint_dir),
         )
 
@@ -422,17 +444,14 @@ def resume(
     restore_rng(_rng_of_this_rank(checkpoint, rank, world_size), loaders)
     if rank == 0:
         source_best, target_best = path.parent / BEST_CHECKPOINT, Path(checkpoint_dir) / BEST_CHECKPOINT
+        best: dict[str, Any] | None = None
         if source_best.resolve() != target_best.resolve() and source_best.is_file():
-            save_checkpoint(read_checkpoint(source_best), target_best)
-        _repair_best(checkpoint, path, target_best)
-    state = FitState(
-        epoch=int(checkpoint["epoch"]),
-        best_metric=float(checkpoint["best_metric"]),
-        best_epoch=int(checkpoint["best_epoch"]),
-        bad_epochs=int(checkpoint["bad_epochs"]),
-        stopped_early=bool(checkpoint["stopped_early"]),
-        history=[dict(row) for row in checkpoint["history"]],
-    )
+            best = read_checkpoint(source_best)
+            save_checkpoint(best, target_best)
+        elif target_best.is_file():
+            best = read_checkpoint(target_best)
+        _repair_best(checkpoint, path, target_best, int(best["epoch"]) if best is not None else None)
+    state = FitState.from_checkpoint(checkpoint)
     logger.info("resumed from %s after epoch %d (best val mAP %.4f at epoch %d)",
                 path, state.epoch, state.best_metric, state.best_epoch)
     return state
@@ -472,15 +491,7 @@ def read_fit_result(checkpoint_dir: str | Path) -> FitResult:
     last, best = read_checkpoint(last_path), read_checkpoint(best_path)
     if best.get("thresholds") is None:
         raise ValueError(f"{best_path} has no tuned thresholds: the run did not finish")
-    return FitResult(
-        best_metric=float(last["best_metric"]),
-        best_epoch=int(last["best_epoch"]),
-        history=[dict(row) for row in last["history"]],
-        best_checkpoint=best_path,
-        last_checkpoint=last_path,
-        thresholds=np.asarray(best["thresholds"], dtype=np.float64),
-        stopped_early=bool(last["stopped_early"]),
-    )
+    return FitState.from_checkpoint(last).result(np.asarray(best["thresholds"], dtype=np.float64), checkpoint_dir)
 
 
 def _check_resume(checkpoint: Mapping[str, Any], config: EmoNetConfig, path: Path) -> None:
@@ -515,8 +526,9 @@ def _rng_of_this_rank(checkpoint: Mapping[str, Any], rank: int, world: int) -> M
     return checkpoint["rng"]
 
 
-def _repair_best(last: Mapping[str, Any], last_path: Path, best_path: Path) -> None:
-    """Make ``best.pt`` hold the epoch ``last.pt`` names as the best.
+def _repair_best(last: Mapping[str, Any], last_path: Path, best_path: Path, held: int | None) -> None:
+    """Make ``best.pt`` (holding epoch ``held``, None when missing) hold the epoch
+    ``last.pt`` names as the best.
 
     ``last.pt`` is written before ``best.pt``, so a kill between the two leaves best.pt
     missing or one best epoch behind; last.pt then names itself as the best epoch and
@@ -529,7 +541,6 @@ def _repair_best(last: Mapping[str, Any], last_path: Path, best_path: Path) -> N
         from different runs, or best.pt was replaced by hand).
     """
     best_epoch, last_epoch = int(last["best_epoch"]), int(last["epoch"])
-    held = int(read_checkpoint(best_path)["epoch"]) if best_path.is_file() else None
     if held == best_epoch:
         return
     if best_epoch == last_epoch:

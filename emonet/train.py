@@ -377,12 +377,7 @@ def fit(
             break
 
     thresholds = _tune_on_best(model, setup, val_loader, checkpoint_dir, state.best_epoch, best_weights, progress)
-    return FitResult(
-        best_metric=state.best_metric, best_epoch=state.best_epoch, history=state.history, thresholds=thresholds,
-        stopped_early=state.stopped_early,
-        best_checkpoint=checkpoint_dir / BEST_CHECKPOINT if checkpoint_dir is not None else None,
-        last_checkpoint=checkpoint_dir / LAST_CHECKPOINT if checkpoint_dir is not None else None,
-    )
+    return state.result(thresholds, checkpoint_dir)
 
 
 def _checkpoint_folder(checkpoint_dir: str | Path | None, resume_from: str | Path | None) -> Path | None:
