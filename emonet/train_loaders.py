@@ -16,6 +16,7 @@ from emonet.checkpoint import resolve_device
 from emonet.config import EmoNetConfig
 from emonet.data import EmoticDataset
 from emonet.loaders import make_loader
+from emonet.prediction import eval_transform
 from emonet.seeding import seed_worker
 from emonet.transforms import build_transforms
 
@@ -46,10 +47,9 @@ def build_datasets(
     train_transform = build_transforms(
         config.train.image_size, train=True, augment=config.train.augment, context_size=context_size
     )
-    val_transform = build_transforms(config.train.image_size, train=False, context_size=context_size)
     return (
         EmoticDataset(train, img_dir, transform=train_transform, with_context=with_context),
-        EmoticDataset(val, img_dir, transform=val_transform, with_context=with_context),
+        EmoticDataset(val, img_dir, transform=eval_transform(config), with_context=with_context),
     )
 
 
