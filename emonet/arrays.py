@@ -89,28 +89,21 @@ def open_image_array(path: Path, mmap_min_bytes: int = 0) -> np.ndarray:
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
-            shape, fortran_order, dtype, offset = _read_header(handle)
+            shape, fortran_order, dtype, offset = _read_header(handle, path)
             _check_image_header(path, shape, dtype, size - offset)
+            order = "F" if fortran_order else "C"
             if size < mmap_min_bytes:
-                values = np.fromfile(handle, dtype=dtype, count=math.prod(shape))
-                return values.reshape(shape, order="F" if fortran_order else "C")
-        order = "F" if fortran_order else "C"
+                return np.fromfile(handle, dtype=dtype, count=math.prod(shape)).reshape(shape, order=order)
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
-    except _NotAnImage as err:
-        raise ValueError(str(err)) from None
     except OSError as err:
         raise ValueError(f"cannot read {path} as a .npy array: {err}") from None
-
-
-class _NotAnImage(Exception):
-    """A readable .npy header that does not describe an H x W x 3 uint8 image."""
 
 
 _HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
-def _read_header(handle: Any) -> tuple[tuple[Any, ...], bool, np.dtype, int]:
-    """``(shape, fortran_order, dtype, data offset)`` of an open .npy file."""
+def _read_header(handle: Any, path: Path) -> tuple[tuple[Any, ...], bool, np.dtype, int]:
+    """``(shape, fortran_order, dtype, data offset)`` of ``path``, open as ``handle``."""
     try:
         version = np.lib.format.read_magic(handle)
         if version not in _HEADER_READERS:
@@ -120,13 +113,13 @@ def _read_header(handle: Any) -> tuple[tuple[Any, ...], bool, np.dtype, int]:
     # raises whatever those raise (TypeError, SyntaxError, tokenize.TokenError,
     # RecursionError, ...): every failure here means "not a .npy file we can read".
     except Exception as err:  # noqa: BLE001
-        raise _NotAnImage(f"cannot read {getattr(handle, 'name', 'the file')} as a .npy array: {err}") from None
+        raise ValueError(f"cannot read {path} as a .npy array: {err}") from None
     return shape, fortran_order, dtype, handle.tell()
 
 
 def _check_image_header(path: Path, shape: tuple[Any, ...], dtype: np.dtype, data_bytes: int) -> None:
     if dtype.hasobject:
-        raise _NotAnImage(f"cannot read {path} as a .npy array: it holds Python objects (pickles are refused)")
+        raise ValueError(f"cannot read {path} as a .npy array: it holds Python objects (pickles are refused)")
     # bool is an int subclass: a header may say (True, 64, 3).
     if (
         not isinstance(shape, tuple)
@@ -134,10 +127,10 @@ def _check_image_header(path: Path, shape: tuple[Any, ...], dtype: np.dtype, dat
         or any(type(side) is not int or side <= 0 for side in shape)
         or shape[2] != 3
     ):
-        raise _NotAnImage(f"{path.name}: expected an H x W x 3 image, got shape {shape}")
+        raise ValueError(f"{path.name}: expected an H x W x 3 image, got shape {shape}")
     if dtype != np.uint8:
-        raise _NotAnImage(f"{path.name}: expected dtype uint8, got {dtype}")
+        raise ValueError(f"{path.name}: expected dtype uint8, got {dtype}")
     if math.prod(shape) > data_bytes:
-        raise _NotAnImage(
+        raise ValueError(
             f"{path.name}: the header declares shape {shape} {dtype}, more than the file holds ({data_bytes} bytes of pixels)"
         )
