@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
-from sklearn.metrics import average_precision_score
 
 from emonet.annotations import load_annotations, raw_affect
 from emonet.batch import ModelSource, describe_model, load_predictor
@@ -29,7 +28,7 @@ from emonet.bootstrap import (
 )
 from emonet.data import EmoticDataset
 from emonet.io import atomic_open, write_csv_atomic
-from emonet.metrics import check_multilabel, voc11_average_precision_score
+from emonet.metrics import check_multilabel, format_metric, per_label_average_precision
 from emonet.normalize import AffectNormalizer
 from emonet.schema import EMOTIONS, NUM_EMOTIONS
 
@@ -198,9 +197,9 @@ class BenchmarkTable:
             "| --- | --- | --- | --- | --- | --- |",
             "| " + " | ".join([
                 self.model,
-                _with_interval(self.intervals["mAP"], 100),
-                _with_interval(self.intervals["mAP_voc11"], 100),
-                *(_with_interval(self.intervals[key], 1) if key in self.intervals else "not given"
+                self.intervals["mAP"].describe(".2f", scale=100),
+                self.intervals["mAP_voc11"].describe(".2f", scale=100),
+                *(self.intervals[key].describe(".2f") if key in self.intervals else "not given"
                   for key in _AFFECT_KEYS),
                 _NO_DOMINANCE,
             ]) + " |",
@@ -226,22 +225,14 @@ class BenchmarkTable:
             "| --- | ---: | ---: | ---: |",
         ]
         for emotion, values in self.per_emotion.iterrows():
-            lines.append(f"| {emotion} | {int(values['support'])} | {_number(100 * values['average_precision'])} | "
-                         f"{_number(100 * values['average_precision_voc11'])} |")
+            step, voc11 = (format_metric(100 * values[column], ".2f")
+                           for column in ("average_precision", "average_precision_voc11"))
+            lines.append(f"| {emotion} | {int(values['support'])} | {step} | {voc11} |")
         return "\n".join(lines) + "\n"
-
-
-def _number(value: float, digits: int = 2) -> str:
-    return "n/a" if not np.isfinite(value) else f"{value:.{digits}f}"
 
 
 def _percent(confidence: float) -> str:
     return f"{100 * confidence:g}%"
-
-
-def _with_interval(interval: BootstrapInterval, scale: float) -> str:
-    return (f"{_number(scale * interval.estimate)} "
-            f"[{_number(scale * interval.low)}, {_number(scale * interval.high)}]")
 
 
 def benchmark_table(
@@ -285,11 +276,7 @@ def benchmark_table(
         y_true, y_prob, affect_true, affect_pred, n_resamples=n_resamples, confidence=confidence, seed=seed
     )
     support = y_true.sum(axis=0)
-    step = np.full(NUM_EMOTIONS, np.nan)
-    voc11 = np.full(NUM_EMOTIONS, np.nan)
-    for j in np.flatnonzero(support):  # the bootstrap has already warned about the others
-        step[j] = average_precision_score(y_true[:, j], y_prob[:, j])
-        voc11[j] = voc11_average_precision_score(y_true[:, j], y_prob[:, j])
+    step, voc11 = per_label_average_precision(y_true, y_prob)  # the bootstrap has warned about labels without AP
     per_emotion = pd.DataFrame(
         {"support": support.astype(np.int64), "average_precision": step, "average_precision_voc11": voc11},
         index=pd.Index(EMOTIONS, name="emotion"),

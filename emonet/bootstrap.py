@@ -19,6 +19,7 @@ from numpy.typing import ArrayLike
 
 from emonet.metrics import (
     check_multilabel,
+    format_metric,
     mean_average_precision_score,
     mean_voc11_average_precision_score,
     resampled_average_precision,
@@ -62,6 +63,11 @@ class BootstrapInterval:
     confidence: float
     n_resamples: int
     seed: int
+
+    def describe(self, spec: str = ".4f", scale: float = 1.0) -> str:
+        """``"estimate [low, high]"``, each times ``scale`` in format ``spec`` (``n/a`` where not finite)."""
+        estimate, low, high = (format_metric(scale * value, spec) for value in (self.estimate, self.low, self.high))
+        return f"{estimate} [{low}, {high}]"
 
 
 def check_bootstrap_settings(n_resamples: int, confidence: float) -> None:

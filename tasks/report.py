@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlparse
 
-import pandas as pd
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -95,24 +94,19 @@ def _benchmark_headline(evaluation: EvaluationReport) -> list[str]:
     """The benchmark table's headline row (this model), and where the whole table is."""
     intervals = evaluation.intervals
     affect = [
-        f"{format_metric(intervals[key].estimate, '.3f')} {_interval(intervals[key], '.3f')}" if key in intervals else "n/a"
-        for key in ("mae_valence_1_10", "mae_arousal_1_10")
+        intervals[key].describe(".3f") if key in intervals else "n/a" for key in ("mae_valence_1_10", "mae_arousal_1_10")
     ]
     return [
         "| model | mAP, scikit-learn AP (%) | mAP, 11-point AP (%) | valence MAE (1-10) | arousal MAE (1-10) |",
         "| --- | --- | --- | --- | --- |",
-        f"| {evaluation.benchmark.model} | {_percent(intervals['mAP'])} | {_percent(intervals['mAP_voc11'])} | "
+        f"| {evaluation.benchmark.model} | {intervals['mAP'].describe('.2f', scale=100)} | "
+        f"{intervals['mAP_voc11'].describe('.2f', scale=100)} | "
         f"{affect[0]} | {affect[1]} |",
         "",
         "The whole table (per emotion under both protocols, and the published results, each with its AP "
         "protocol) is the run's `evaluation/benchmark.md` artifact. Set a published mAP only beside the "
         "mAP of the same protocol.",
     ]
-
-
-def _percent(interval: BootstrapInterval) -> str:
-    low, high = format_metric(100 * interval.low, ".2f"), format_metric(100 * interval.high, ".2f")
-    return f"{format_metric(100 * interval.estimate, '.2f')} [{low}, {high}]"
 
 
 def _registry_lines(

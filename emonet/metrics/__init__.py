@@ -30,6 +30,7 @@ from emonet.metrics._classification import (
 from emonet.metrics._ranking import (
     mean_average_precision_score,
     mean_voc11_average_precision_score,
+    per_label_average_precision,
     resampled_average_precision,
     voc11_average_precision_score,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "metrics_by_visibility",
     "multilabel_scores",
     "per_emotion_report",
+    "per_label_average_precision",
     "resampled_average_precision",
     "sample_f1_score",
     "true_vs_predicted_matrix",

@@ -11,7 +11,6 @@ import pandas as pd
 from numpy.typing import ArrayLike
 from sklearn.metrics import (
     accuracy_score,
-    average_precision_score,
     f1_score,
     hamming_loss,
     precision_recall_curve,
@@ -26,7 +25,7 @@ from emonet.metrics._checks import (
     _warn_undefined_ap,
     check_multilabel,
 )
-from emonet.metrics._ranking import voc11_average_precision_score
+from emonet.metrics._ranking import per_label_average_precision
 from emonet.schema import EMOTIONS
 
 logger = logging.getLogger(__name__)
@@ -115,13 +114,8 @@ def per_emotion_report(
     y_true, y_prob = check_multilabel(y_true, y_prob, name="y_prob")
     labels = _check_labels(labels, y_true.shape[1])
     thresholds = _check_thresholds(thresholds, y_true.shape[1])
-    defined = _warn_undefined_ap(y_true, labels)
-
-    ap = np.full(y_true.shape[1], np.nan)
-    ap_voc11 = np.full(y_true.shape[1], np.nan)
-    for j in np.flatnonzero(defined):
-        ap[j] = average_precision_score(y_true[:, j], y_prob[:, j])
-        ap_voc11[j] = voc11_average_precision_score(y_true[:, j], y_prob[:, j])
+    _warn_undefined_ap(y_true, labels)
+    ap, ap_voc11 = per_label_average_precision(y_true, y_prob)
     y_pred = binarize(y_prob, thresholds)
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, average=None, labels=range(y_true.shape[1]), zero_division=0

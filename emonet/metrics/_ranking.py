@@ -14,6 +14,7 @@ from emonet.metrics._checks import _default_labels, _warn_undefined_ap, check_mu
 __all__ = [
     "mean_average_precision_score",
     "mean_voc11_average_precision_score",
+    "per_label_average_precision",
     "resampled_average_precision",
     "voc11_average_precision_score",
 ]
@@ -229,3 +230,29 @@ def mean_voc11_average_precision_score(y_true: ArrayLike, y_prob: ArrayLike) -> 
     ones = np.ones((1, y_true.shape[0]), dtype=np.int64)
     aps = [resampled_average_precision(y_true[:, j], y_prob[:, j], ones)[1][0] for j in np.flatnonzero(defined)]
     return float(np.mean(aps))
+
+
+def per_label_average_precision(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both APs of every label: scikit-learn's and :func:`voc11_average_precision_score`.
+
+    Parameters
+    ----------
+    y_true, y_prob : ndarray of shape (n_samples, n_labels)
+        Inputs already checked with :func:`~emonet.metrics.check_multilabel`.
+
+    Returns
+    -------
+    average_precision, average_precision_voc11 : ndarray of float64, shape (n_labels,)
+        NaN for a label with no positive sample; warning about those is the caller's.
+
+    Examples
+    --------
+    >>> per_label_average_precision(np.array([[1, 0], [0, 0], [1, 0]]), np.array([[0.9, 0.4], [0.4, 0.8], [0.6, 0.3]]))
+    (array([ 1., nan]), array([ 1., nan]))
+    """
+    step = np.full(y_true.shape[1], np.nan)
+    voc11 = np.full(y_true.shape[1], np.nan)
+    for j in np.flatnonzero(y_true.sum(axis=0) > 0):
+        step[j] = average_precision_score(y_true[:, j], y_prob[:, j])
+        voc11[j] = voc11_average_precision_score(y_true[:, j], y_prob[:, j])
+    return step, voc11
