@@ -137,6 +137,7 @@ def review_predictions_with_visualization(
         sort_by=sort_by,
         seed=seed,
         progress=progress,
+        annotations=annotations,
     )
 
 
@@ -156,6 +157,7 @@ def review_predictions(
     progress: bool = True,
     split_report: Mapping[str, Path] | None = None,
     intervals: Mapping[str, BootstrapInterval] | None = None,
+    annotations: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Write a visual review of a model's predictions of a labelled split into ``out_dir``.
 
@@ -167,7 +169,7 @@ def review_predictions(
     ----------
     predictions : the model's predictions of the split, in row order.
     test_csv_path : a split CSV in the archive's format, raw (``annot_arrs_test.csv``)
-        or normalized; read with :func:`emonet.data.load_annotations` (rows with
+        or normalized; read with :func:`emonet.annotations.load_annotations` (rows with
         invalid VAD are dropped and counted). True valence/arousal on [-1, 1] come
         from ``Valence_norm``/``Arousal_norm`` when present, else from the 1..10
         ``Valence``/``Arousal`` through ``normalizer``.
@@ -196,6 +198,8 @@ def review_predictions(
     intervals : bootstrap intervals of these predictions' metrics (e.g.
         ``EvaluationReport.intervals``: ``mAP``, ``mAP_voc11``, ...), shown beside them on
         the page and kept in ``summary.json``; None shows none.
+    annotations : the rows of ``test_csv_path`` as :func:`emonet.annotations.load_annotations`
+        returned them, when the caller already read them; None reads the CSV.
 
     Returns
     -------
@@ -235,7 +239,8 @@ def review_predictions(
     check_not_inputs(_output_files(out_dir), {"test_csv_path": test_csv_path}, image_dir=img_dir)
     if not img_dir.is_dir():
         raise FileNotFoundError(f"image array folder not found: {img_dir}")
-    annotations = load_annotations(test_csv_path)
+    if annotations is None:
+        annotations = load_annotations(test_csv_path)
     n = len(annotations)
     if len(predictions) != n or not np.array_equal(predictions.indices, np.arange(n)):
         raise ValueError(
