@@ -251,13 +251,10 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
         self._check_request_size(frame, cells)
 
         def read(row: int) -> tuple[np.ndarray, np.ndarray | None]:
-            crop = _decode_cell(frame, *image_cols, row, "image", self._read_path, self._decode_b64)
-            scene = (
-                _decode_cell(frame, *context_cols, row, "context image", self._read_path, self._decode_b64)
-                if context_cols
-                else None
+            crop, *scene = (
+                _decode_cell(frame, *columns, row, what, self._read_path, self._decode_b64) for columns, what in cells
             )
-            return crop, scene
+            return crop, scene[0] if scene else None
 
         # Rows are decoded inside the loader one batch at a time, so memory does not grow
         # with the input; with no worker processes a bad row's error reaches the caller as is.
