@@ -19,6 +19,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from mlflow import MlflowClient
+from mlflow.entities import Metric, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -485,19 +486,24 @@ def promote_model(
     else:
         raise RuntimeError(f"the champion of {name!r} kept moving during {PROMOTION_ATTEMPTS} attempts; retry later")
 
-    for key, value in (
-        ("promotion_decision", decision), ("promotion_reason", reason), ("promotion_alias", alias),
-        ("promotion_split", split), ("promotion_split_id", split_id), ("promotion_confidence", repr(confidence)),
-        ("champion_previous_version", previous_version or "none"),
-    ):
-        client.set_tag(run_id, key, value)
-    client.log_metric(run_id, f"candidate_{split}_mAP", new_map)
+    tags = {
+        "promotion_decision": decision, "promotion_reason": reason, "promotion_alias": alias,
+        "promotion_split": split, "promotion_split_id": split_id, "promotion_confidence": repr(confidence),
+        "champion_previous_version": previous_version or "none",
+    }
+    metrics = {f"candidate_{split}_mAP": new_map}
     if previous_map is not None:
-        client.log_metric(run_id, f"champion_previous_{split}_mAP", previous_map)
+        metrics[f"champion_previous_{split}_mAP"] = previous_map
     if difference is not None:
-        client.log_metric(run_id, "promotion_difference_mAP", difference.estimate)
-        client.log_metric(run_id, "promotion_difference_low", difference.low)
-        client.log_metric(run_id, "promotion_difference_high", difference.high)
+        metrics.update(promotion_difference_mAP=difference.estimate, promotion_difference_low=difference.low,
+                       promotion_difference_high=difference.high)
+    now = int(time.time() * 1000)
+    # One request: the run never holds half a decision.
+    client.log_batch(
+        run_id,
+        metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+        tags=[RunTag(key, str(value)) for key, value in tags.items()],
+    )
     log = logger.warning if decision == "champion_unavailable" else logger.info
     log("%s version %s -> %s (%s): %s", name, version, alias, decision, reason)
     return PromotionDecision(
