@@ -33,7 +33,7 @@ from PIL import Image
 
 from emonet.checkpoint import load_checkpoint
 from emonet.config import EmoNetConfig
-from emonet.images import DEFAULT_MAX_PIXELS
+from emonet.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_MAX_ROWS
 from emonet.inference import EMOTIONS_COLUMN, OUTPUT_COLUMNS
 from emonet.normalize import AffectNormalizer
 from emonet.store import check_sqlite_store, default_tracking_uri, sqlite_lock, sqlite_path
@@ -331,6 +331,8 @@ def log_emonet_model(
                     # Logged so that they can be overridden at load time (MLflow ignores
                     # load-time keys a model was not logged with).
                     "inference_max_pixels": DEFAULT_MAX_PIXELS,
+                    "inference_max_rows": DEFAULT_MAX_ROWS,
+                    "inference_max_request_pixels": DEFAULT_MAX_REQUEST_PIXELS,
                     "inference_image_root": "",
                 },
                 registered_model_name=registered_model_name,

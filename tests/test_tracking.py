@@ -199,8 +199,13 @@ def test_champion_loads_in_a_fresh_process_without_the_repository(logged_model, 
         import mlflow, pandas as pd
         mlflow.set_tracking_uri({mlflow_store["uri"]!r})
         mlflow.set_registry_uri({mlflow_store["uri"]!r})
-        model = mlflow.pyfunc.load_model("models:/{MODEL_NAME}@champion", model_config={{"inference_batch_size": 2}})
-        assert model.unwrap_python_model().predictor.batch_size == 2
+        # Every load-time setting the docs name reaches the model (MLflow drops keys it was not logged with).
+        overrides = {{"inference_batch_size": 2, "inference_max_pixels": 10**6, "inference_max_rows": 5,
+                     "inference_max_request_pixels": 10**7}}
+        model = mlflow.pyfunc.load_model("models:/{MODEL_NAME}@champion", model_config=overrides)
+        served = model.unwrap_python_model()
+        assert served.predictor.batch_size == 2
+        assert (served.max_pixels, served.max_rows, served.max_request_pixels) == (10**6, 5, 10**7)
         table = pd.DataFrame({{
             "image_path": ["crop.npy", "crop.png", None],
             "image_b64": [None, None, {_png_b64(image)!r}],
