@@ -18,7 +18,7 @@ from typing import Any
 
 import mlflow.data
 import pandas as pd
-from mlflow.entities import DatasetInput, InputTag, Param
+from mlflow.entities import DatasetInput, InputTag, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.tracking import MlflowClient
 from prefect import get_client, get_run_logger, task
@@ -150,16 +150,16 @@ def check_retraining(
         config_to_dict(config),
         code_version(),
     )
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
     reason = retraining_unneeded(client, registered_model_name, tags)
     if reason is not None and force_retrain:
         logger.info("force_retrain: training although %s", reason)
         reason = None
-    client.set_tag(run_id, TRAINING_SKIPPED_TAG, str(reason is not None).lower())
+    tags[TRAINING_SKIPPED_TAG] = str(reason is not None).lower()
     if reason is not None:
-        client.set_tag(run_id, SKIP_REASON_TAG, reason)
+        tags[SKIP_REASON_TAG] = reason
         logger.info("skipping training: %s (force_retrain=True trains anyway)", reason)
+    # One request, so a run never holds the recipe without the decision taken on it.
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
     return reason
 
 
