@@ -42,7 +42,6 @@ IMAGE_PATH = "image_path"
 IMAGE_B64 = "image_b64"
 CONTEXT_PATH = "context_path"
 CONTEXT_B64 = "context_b64"
-INPUT_COLUMNS: tuple[str, ...] = (IMAGE_PATH, IMAGE_B64, CONTEXT_PATH, CONTEXT_B64)
 
 # Names of the model's artifacts (as emonet.tracking logs them).
 CHECKPOINT_ARTIFACT = "checkpoint"
