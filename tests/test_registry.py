@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+import emonet.registry
 from conftest import restored_mlflow_uris, run_together
 from emonet.evaluation import split_fingerprint
 from emonet.metrics import mean_average_precision_score
@@ -140,18 +141,9 @@ def test_predict_model_on_split_matches_the_evaluation(logged_model, checkpoint,
     assert score == pytest.approx(report.metrics["mAP"], abs=1e-6)
 
 
-def test_champion_of_another_split_is_rescored_on_the_candidates(registry, split, monkeypatch):
+def test_champion_of_another_split_is_rescored_on_the_candidates(registry, split, rescored):
     """A new test split no longer freezes the champion: it is re-scored on the candidate's split."""
-    import emonet.registry
-
     client, name, new_version = registry
-    rescored = []
-
-    def counting_score(*args):
-        rescored.append(args)
-        return predict_model_on_split(*args)
-
-    monkeypatch.setattr(emonet.registry, "predict_model_on_split", counting_score)
     v1, r1 = new_version()
     promote_model(client, name, v1, 0.99, "sha256:aaa", r1, **OLD_RULE)  # a high score, but on another split
     truth = score_model_on_split(f"models:/{name}/{v1}", split["csv"], split["img_dir"])
@@ -456,9 +448,21 @@ def _map(labels: np.ndarray, probs: np.ndarray) -> float:
 
 
 @pytest.fixture
+def rescored(monkeypatch) -> list[tuple]:
+    """The arguments of every re-scoring of a champion (``predict_model_on_split``), which still runs."""
+    calls = []
+
+    def counting_predict(*args):
+        calls.append(args)
+        return predict_model_on_split(*args)
+
+    monkeypatch.setattr(emonet.registry, "predict_model_on_split", counting_predict)
+    return calls
+
+
+@pytest.fixture
 def no_rescoring(monkeypatch):
     """The champion's predictions must come from its run: a re-scoring fails the test."""
-    import emonet.registry
 
     def fail(*args):
         raise AssertionError(f"the champion was re-scored: {args}")
@@ -548,19 +552,10 @@ def test_a_point_score_cannot_be_compared_with_confidence(registry):
     assert _aliases(client, name) == {CHAMPION: v1}
 
 
-def test_a_champion_is_rescored_for_its_predictions_once(registry, split, monkeypatch):
+def test_a_champion_is_rescored_for_its_predictions_once(registry, split, rescored):
     """A champion with no kept predictions on the candidate's validation split is
     re-scored from the registry; its predictions are kept in its run for the next one."""
-    import emonet.registry
-
     client, name, new_version = registry
-    rescored = []
-
-    def counting_predict(*args):
-        rescored.append(args)
-        return predict_model_on_split(*args)
-
-    monkeypatch.setattr(emonet.registry, "predict_model_on_split", counting_predict)
     v1, r1 = new_version()
     promote_model(client, name, v1, 0.5, "sha256:other", r1)
     same = predict_model_on_split(f"models:/{name}/{v1}", split["val_csv"], split["img_dir"])  # the same model
