@@ -21,7 +21,6 @@ from emonet.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_REQUEST_PIXELS,
     DEFAULT_MAX_ROWS,
-    check_max_pixels,
     check_pixel_limit,
     confined_image_size,
     decode_image_b64,
@@ -114,7 +113,10 @@ def _decode_cell(
         raise InvalidModelInput(f"row {row}: {error}") from None
 
 
-def _positive_or_none(value: Any, key: str) -> int | None:
+def _positive_or_none(config: dict[str, Any], key: str, default: int | None) -> int | None:
+    """The limit ``config[key]`` (``default`` when unset): a positive int, a string of
+    digits, or None or "" for no limit; anything else raises ``ValueError`` naming ``key``."""
+    value = config.get(key, default)
     if value is None or value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit() or int(value) < 1:
@@ -165,11 +167,9 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
         config = dict(getattr(context, "model_config", None) or {})
         device = resolve_device(str(config.get("inference_device", "auto")))
         batch_size = int(config.get("inference_batch_size", 32))
-        self.max_pixels = check_max_pixels(config.get("inference_max_pixels", DEFAULT_MAX_PIXELS))
-        self.max_rows = _positive_or_none(config.get("inference_max_rows", DEFAULT_MAX_ROWS), "inference_max_rows")
-        self.max_request_pixels = _positive_or_none(
-            config.get("inference_max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS), "inference_max_request_pixels"
-        )
+        self.max_pixels = _positive_or_none(config, "inference_max_pixels", DEFAULT_MAX_PIXELS)
+        self.max_rows = _positive_or_none(config, "inference_max_rows", DEFAULT_MAX_ROWS)
+        self.max_request_pixels = _positive_or_none(config, "inference_max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS)
         root = config.get("inference_image_root") or os.environ.get(IMAGE_ROOT_ENV)
         self.image_root = resolve_image_root(root) if root else None
         self.predictor = Predictor.from_checkpoint(
