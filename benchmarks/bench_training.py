@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> float:
             "emotions": (torch.rand(batch, NUM_EMOTIONS) < 0.1).float(),
             "affect": torch.rand(batch, 2) * 2 - 1,
         }
-        if config.model.variant == "body_context":
+        if config.model.uses_context:
             synthetic["context"] = torch.randn(batch, 3, config.train.context_size, config.train.context_size)
         fixed = itertools.repeat(synthetic)
         # After a model-only block the workers' queue is full; let the real warm-up

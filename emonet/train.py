@@ -73,10 +73,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _uses_context(model: nn.Module) -> bool:
-    return getattr(_unwrap(model), "variant", "body") == "body_context"
-
-
 def _unpack(
     batch: Mapping[str, Any], device: torch.device, with_context: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -144,7 +140,7 @@ def train_one_epoch(
     device = torch.device(device)
     model.train()
     use_amp = scaler is not None and scaler.is_enabled()
-    with_context = _uses_context(model)
+    with_context = _unwrap(model).config.uses_context
     sums = {"total": 0.0, "emotion": 0.0, "affect": 0.0}
     seen = 0
     bar = tqdm(loader, desc=f"epoch {epoch} train", leave=False, disable=not progress, dynamic_ncols=True)
