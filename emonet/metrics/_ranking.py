@@ -193,8 +193,12 @@ def voc11_average_precision_score(y_true: ArrayLike, y_score: ArrayLike) -> floa
         raise ValueError(f"y_true and y_score must be 1-D (one label), got shapes {shapes[0]} and {shapes[1]}")
     y_true, y_score = check_multilabel(np.reshape(y_true, (-1, 1)), np.reshape(y_score, (-1, 1)))
     _warn_undefined_ap(y_true, ["y_true"])
-    _, voc11 = resampled_average_precision(y_true[:, 0], y_score[:, 0], np.ones((1, len(y_true)), dtype=np.int64))
-    return float(voc11[0])
+    return _voc11(y_true[:, 0], y_score[:, 0])
+
+
+def _voc11(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """The 11-point AP of one checked label, on its rows as they are (one resample of weight 1)."""
+    return float(resampled_average_precision(y_true, y_score, np.ones((1, len(y_true)), dtype=np.int64))[1][0])
 
 
 def mean_voc11_average_precision_score(y_true: ArrayLike, y_prob: ArrayLike) -> float:
@@ -227,8 +231,7 @@ def mean_voc11_average_precision_score(y_true: ArrayLike, y_prob: ArrayLike) -> 
     0.9242424242424242
     """
     y_true, y_prob, defined = _labels_with_positives(y_true, y_prob)
-    ones = np.ones((1, y_true.shape[0]), dtype=np.int64)
-    aps = [resampled_average_precision(y_true[:, j], y_prob[:, j], ones)[1][0] for j in np.flatnonzero(defined)]
+    aps = [_voc11(y_true[:, j], y_prob[:, j]) for j in np.flatnonzero(defined)]
     return float(np.mean(aps))
 
 
@@ -254,5 +257,5 @@ def per_label_average_precision(y_true: np.ndarray, y_prob: np.ndarray) -> tuple
     voc11 = np.full(y_true.shape[1], np.nan)
     for j in np.flatnonzero(y_true.sum(axis=0) > 0):
         step[j] = average_precision_score(y_true[:, j], y_prob[:, j])
-        voc11[j] = voc11_average_precision_score(y_true[:, j], y_prob[:, j])
+        voc11[j] = _voc11(y_true[:, j], y_prob[:, j])
     return step, voc11
