@@ -66,8 +66,11 @@ class BootstrapInterval:
 
     def describe(self, spec: str = ".4f", scale: float = 1.0) -> str:
         """``"estimate [low, high]"``, each times ``scale`` in format ``spec`` (``n/a`` where not finite)."""
-        estimate, low, high = (format_metric(scale * value, spec) for value in (self.estimate, self.low, self.high))
-        return f"{estimate} [{low}, {high}]"
+        return f"{format_metric(scale * self.estimate, spec)} {self.bounds(spec, scale)}"
+
+    def bounds(self, spec: str = ".4f", scale: float = 1.0) -> str:
+        """``"[low, high]"``, each times ``scale`` in format ``spec`` (``n/a`` where not finite)."""
+        return f"[{format_metric(scale * self.low, spec)}, {format_metric(scale * self.high, spec)}]"
 
 
 def check_bootstrap_settings(n_resamples: int, confidence: float) -> None:

@@ -545,7 +545,7 @@ def describe_difference(difference: BootstrapInterval) -> str:
     or the point difference at confidence 0."""
     if difference.confidence == 0.0:
         return f"{difference.estimate:+.4f} (point estimates, confidence 0)"
-    return (f"{difference.estimate:+.4f} [{difference.low:+.4f}, {difference.high:+.4f}] "
+    return (f"{difference.describe('+.4f')} "
             f"({100 * difference.confidence:g}% paired bootstrap, {difference.n_resamples} resamples)")
 
 

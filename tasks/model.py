@@ -405,7 +405,7 @@ def version_description(evaluation: EvaluationReport, run_id: str, decision: Pro
     for label, key, spec in shown:
         if key in metrics:
             interval = intervals.get(key)
-            ci = (f" [{interval.low:{spec}}, {interval.high:{spec}}]" if interval is not None else "")
+            ci = f" {interval.bounds(spec)}" if interval is not None else ""
             parts.append(f"{label} {metrics[key]:{spec}}{ci}")
     confidence = next(iter(intervals.values())).confidence
     validation = (

@@ -52,7 +52,7 @@ def mlflow_run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str |
 
 
 def _interval(interval: BootstrapInterval | None, spec: str = ".4f") -> str:
-    return f"[{format_metric(interval.low, spec)}, {format_metric(interval.high, spec)}]" if interval is not None else ""
+    return interval.bounds(spec) if interval is not None else ""
 
 
 def summary_markdown(summary: dict[str, Any], evaluation: EvaluationReport, registration: PromotionDecision) -> str:

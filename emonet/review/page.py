@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 import pandas as pd
 
+from emonet.bootstrap import BootstrapInterval
 from emonet.io import atomic_open
 from emonet.metrics import VISIBILITY_GROUPS, format_metric
 from emonet.review.drawing import FALSE_POSITIVE, HIT, MISSED, emotion_tokens
@@ -31,8 +32,7 @@ def _interval(interval: dict[str, Any] | None) -> str:
     """`` [low, high] (95% bootstrap)`` of a ``summary.json`` interval; empty without one."""
     if not interval:
         return ""
-    return (f" [{format_metric(interval['low'], '.4f')}, {format_metric(interval['high'], '.4f')}] "
-            f"({100 * interval['confidence']:g}% bootstrap)")
+    return f" {BootstrapInterval(**interval).bounds('.4f')} ({100 * interval['confidence']:g}% bootstrap)"
 
 
 def _href(relative: str) -> str:
