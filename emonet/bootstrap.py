@@ -28,6 +28,7 @@ from emonet.metrics import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AFFECT_BOOTSTRAP_METRICS",
     "BOOTSTRAP_METRICS",
     "DEFAULT_CONFIDENCE",
     "DEFAULT_RESAMPLES",
@@ -41,7 +42,8 @@ __all__ = [
 DEFAULT_RESAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
 # Keys of bootstrap_intervals: both mAPs (0-1 scale) and the affect errors on the 1..10 scale.
-BOOTSTRAP_METRICS: tuple[str, ...] = ("mAP", "mAP_voc11", "mae_valence_1_10", "mae_arousal_1_10")
+AFFECT_BOOTSTRAP_METRICS: tuple[str, ...] = ("mae_valence_1_10", "mae_arousal_1_10")
+BOOTSTRAP_METRICS: tuple[str, ...] = ("mAP", "mAP_voc11", *AFFECT_BOOTSTRAP_METRICS)
 # Resamples scored together: bounds the (chunk, rows) work arrays (about 6 MB each at 7,000 rows).
 _CHUNK = 100
 
@@ -230,7 +232,7 @@ def bootstrap_intervals(
         with np.errstate(invalid="ignore", divide="ignore"):
             resampled = (weights @ errors) / drawn[:, None]  # (B, 2); NaN where no row with a target was drawn
             estimate = errors.mean(axis=0) if used.any() else np.full(2, np.nan)
-        for column, key in enumerate(("mae_valence_1_10", "mae_arousal_1_10")):
+        for column, key in enumerate(AFFECT_BOOTSTRAP_METRICS):
             results[key] = _interval(estimate[column], resampled[:, column], confidence, seed, key)
     return results
 

@@ -136,6 +136,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
     from emonet.benchmark import BENCHMARK_FILES, benchmark_model, write_benchmark
+    from emonet.bootstrap import BOOTSTRAP_METRICS
 
     check_not_inputs(
         [args.out_dir / name for name in BENCHMARK_FILES.values()],
@@ -154,9 +155,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
         seed=args.seed,
     )
     paths = write_benchmark(table, args.out_dir)
-    for key in ("mAP", "mAP_voc11", "mae_valence_1_10", "mae_arousal_1_10"):
-        interval = table.intervals[key]
-        print(f"{key:>17}: {interval.estimate:.4f} [{interval.low:.4f}, {interval.high:.4f}]")
+    for key in BOOTSTRAP_METRICS:
+        print(f"{key:>17}: {table.intervals[key].describe('.4f')}")
     print(f"benchmark table in {paths['markdown']} and {paths['csv']}")
 
 

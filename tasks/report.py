@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from emonet.benchmark import PROTOCOL_SKLEARN, PROTOCOL_VOC11
-from emonet.bootstrap import BootstrapInterval
+from emonet.bootstrap import AFFECT_BOOTSTRAP_METRICS, BootstrapInterval
 from emonet.evaluation import EvaluationReport
 from emonet.metrics import EVALUATION_KEYS, format_metric
 from emonet.registry import PromotionDecision, describe_difference
@@ -94,7 +94,7 @@ def _benchmark_headline(evaluation: EvaluationReport) -> list[str]:
     """The benchmark table's headline row (this model), and where the whole table is."""
     intervals = evaluation.intervals
     affect = [
-        intervals[key].describe(".3f") if key in intervals else "n/a" for key in ("mae_valence_1_10", "mae_arousal_1_10")
+        intervals[key].describe(".3f") if key in intervals else "n/a" for key in AFFECT_BOOTSTRAP_METRICS
     ]
     return [
         "| model | mAP, scikit-learn AP (%) | mAP, 11-point AP (%) | valence MAE (1-10) | arousal MAE (1-10) |",
