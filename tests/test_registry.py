@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 import emonet.registry
 from conftest import restored_mlflow_uris, run_together
-from emonet.evaluation import split_fingerprint
+from emonet.evaluation import evaluate_checkpoint, split_fingerprint
 from emonet.metrics import mean_average_precision_score
 from emonet.prediction import Predictions
 from emonet.recipe import code_version, recipe_tags, retraining_unneeded
@@ -130,15 +130,12 @@ def split(tiny_checkpoint):
     }
 
 
-def test_predict_model_on_split_matches_the_evaluation(logged_model, checkpoint, split, tmp_path):
-    from emonet.evaluation import evaluate_checkpoint
-
+def test_predict_model_on_split_matches_the_evaluation(logged_model, evaluation, split):
     predictions = predict_model_on_split(logged_model["version"].source, split["csv"], split["img_dir"])
-    report = evaluate_checkpoint(checkpoint, split["csv"], split["img_dir"], tmp_path, device="cpu", progress=False)
-    np.testing.assert_array_equal(predictions.indices, report.predictions.indices)
-    np.testing.assert_allclose(predictions.emotion_prob, report.predictions.emotion_prob, atol=1e-6)
+    np.testing.assert_array_equal(predictions.indices, evaluation.predictions.indices)
+    np.testing.assert_allclose(predictions.emotion_prob, evaluation.predictions.emotion_prob, atol=1e-6)
     score = mean_average_precision_score(predictions.emotions_true, predictions.emotion_prob)
-    assert score == pytest.approx(report.metrics["mAP"], abs=1e-6)
+    assert score == pytest.approx(evaluation.metrics["mAP"], abs=1e-6)
 
 
 def test_champion_of_another_split_is_rescored_on_the_candidates(registry, split, rescored):
@@ -316,8 +313,6 @@ def test_registry_lock_waits_for_its_holder_and_breaks_a_stale_one(logged_model)
 @pytest.fixture(scope="module")
 def evaluation(checkpoint, split, tmp_path_factory):
     """The tiny checkpoint's evaluation on the split, as the flow's evaluate step makes it."""
-    from emonet.evaluation import evaluate_checkpoint
-
     out_dir = tmp_path_factory.mktemp("evaluation")
     return evaluate_checkpoint(
         checkpoint, split["csv"], split["img_dir"], out_dir, device="cpu", progress=False, validation=split["val_csv"]
