@@ -361,7 +361,8 @@ def register_model(
     own_maps = {"test": evaluation.metrics["mAP"]}
     if evaluation.validation is not None:
         own_maps["val"] = evaluation.validation.metrics["mAP"]
-    for split, value in own_maps.items():  # the deciding split's tags are set by promote_model too
+    del own_maps[promotion_split]  # promote_model tags the version with the deciding split's
+    for split, value in own_maps.items():
         client.set_model_version_tag(registered_model_name, version.version, f"{split}_mAP", repr(value))
         client.set_model_version_tag(registered_model_name, version.version, f"{split}_split", splits[split][1])
     predictions, split_id, split_csv = splits[promotion_split]
