@@ -84,13 +84,13 @@ def retraining_unneeded(client: MlflowClient, name: str, tags: dict[str, str]) -
     (the same data, config and code) and the code version is a clean commit (an
     ``unknown`` or ``+dirty`` version does not say which code ran).
     """
+    code = tags.get(CODE_VERSION_TAG, UNKNOWN_CODE_VERSION)
+    if code == UNKNOWN_CODE_VERSION or code.endswith(DIRTY_SUFFIX):
+        return None  # checked first: it needs no request to the store
     if name not in {model.name for model in client.search_registered_models(f"name = '{name}'")}:
         return None
     champion = champion_version(client, name)
     if champion is None or not champion.run_id:
-        return None
-    code = tags.get(CODE_VERSION_TAG, UNKNOWN_CODE_VERSION)
-    if code == UNKNOWN_CODE_VERSION or code.endswith(DIRTY_SUFFIX):
         return None
     recorded = client.get_run(champion.run_id).data.tags
     if any(recorded.get(key) != tags.get(key) for key in RECIPE_TAGS):
