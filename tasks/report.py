@@ -55,6 +55,12 @@ def _interval(interval: BootstrapInterval | None, spec: str = ".4f") -> str:
     return interval.bounds(spec) if interval is not None else ""
 
 
+def _run_reference(summary: dict[str, Any]) -> str:
+    """The MLflow run id, as a link to its page where the store has one."""
+    link = summary.get("mlflow_run_link")
+    return f"[{summary['mlflow_run_id']}]({link})" if link else f"`{summary['mlflow_run_id']}`"
+
+
 def summary_markdown(summary: dict[str, Any], evaluation: EvaluationReport, registration: PromotionDecision) -> str:
     """The run summary as markdown (tables render in the Prefect UI's Artifacts tab)."""
     metrics, intervals = summary["test_metrics"], evaluation.intervals
@@ -75,9 +81,7 @@ def summary_markdown(summary: dict[str, Any], evaluation: EvaluationReport, regi
     lines += ["", "## Benchmark (test split)", "", *_benchmark_headline(evaluation), ""]
     lines += _registry_lines(summary, evaluation, registration)
     lines += ["## MLflow", ""]
-    link = summary.get("mlflow_run_link")
-    run = f"[{summary['mlflow_run_id']}]({link})" if link else f"`{summary['mlflow_run_id']}`"
-    lines += [f"- Run: {run}", f"- Tracking URI: `{summary['tracking_uri']}`", f"- Review: `{summary['review']}`", ""]
+    lines += [f"- Run: {_run_reference(summary)}", f"- Tracking URI: `{summary['tracking_uri']}`", f"- Review: `{summary['review']}`", ""]
     lines += ["## Per emotion (test)", "",
               "| emotion | AP (scikit-learn) | AP (11-point) | precision | recall | F1 | support | threshold |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -149,8 +153,6 @@ def _registry_lines(
 
 def skip_markdown(summary: dict[str, Any]) -> str:
     """The summary of a run that skipped training: why, and where the champion is."""
-    link = summary.get("mlflow_run_link")
-    run = f"[{summary['mlflow_run_id']}]({link})" if link else f"`{summary['mlflow_run_id']}`"
     return "\n".join([
         "# EmoNet training run: training skipped",
         "",
@@ -159,7 +161,7 @@ def skip_markdown(summary: dict[str, Any]) -> str:
         "No new version was registered; the champion stays. Run the flow with `force_retrain: true` to train anyway.",
         "",
         f"- Champion: `mlflow.pyfunc.load_model(\"models:/{summary['registered_model']}@champion\")`",
-        f"- Run: {run} (tag `emonet.training_skipped`: `true`)",
+        f"- Run: {_run_reference(summary)} (tag `emonet.training_skipped`: `true`)",
         f"- Tracking URI: `{summary['tracking_uri']}`",
         "",
     ])
