@@ -250,10 +250,10 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
         self._check_request_size(frame, cells)
 
         def read(row: int) -> tuple[np.ndarray, np.ndarray | None]:
-            crop, *scene = (
-                _decode_cell(frame, *columns, row, what, self._read_path, self._decode_b64) for columns, what in cells
-            )
-            return crop, scene[0] if scene else None
+            decoders = (self._read_path, self._decode_b64)
+            crop = _decode_cell(frame, *image_cols, row, "image", *decoders)
+            scene = _decode_cell(frame, *context_cols, row, "context image", *decoders) if context_cols else None
+            return crop, scene
 
         # Rows are decoded inside the loader one batch at a time, so memory does not grow
         # with the input; with no worker processes a bad row's error reaches the caller as is.
