@@ -15,7 +15,7 @@ LOCK := locks/py$(PYVER).txt
 # Named after the lock, so a venv folder reused by another Python is rebuilt too.
 LOCK_STAMP := $(VENV)/.installed-py$(PYVER)-lock
 STAMP := $(VENV)/.installed-stamp
-# MediaPipe's face landmarker model, where emonet.visibility looks by default.
+# MediaPipe's face landmarker model, where emonet.data.face_visibility looks by default.
 LANDMARKER := $(VENV)/share/emonet/face_landmarker.task
 DEMO_DIR ?= data/demo
 OUT_DIR ?= outputs
@@ -83,9 +83,11 @@ lock:
 demo: venv
 	$(PY) -m flows.training_pipeline --demo-dir $(DEMO_DIR) --out-dir $(OUT_DIR)/demo
 
-# PYTEST_ARGS='-m "not slow"' runs the quick suite.
+# PYTEST_ARGS='-m "not slow"' runs the quick suite. The 25 slowest tests are listed at the end,
+# so a test that grows slow shows up in CI's log. The quick suite also runs the layer
+# contracts (lint-imports), ruff and the strict docs build (tests/test_layers.py, test_docs.py).
 test: venv postgresql
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 # PostgreSQL's initdb and pg_ctl, for `make servers` and its test: Debian's postgresql
 # package, installed when missing (needs root, as in CI).
@@ -121,7 +123,7 @@ servers-stop:
 # starts uvicorn by name: the venv goes on PATH.
 serve: venv
 	@case '$(WORKERS)' in ''|*[!0-9]*|0) echo "WORKERS must be a positive integer, got '$(WORKERS)'" >&2; exit 2;; esac
-	@$(PY) -m emonet.store "$${MLFLOW_TRACKING_URI:-$(MLFLOW_DB)}"
+	@$(PY) -m emonet.utils.store "$${MLFLOW_TRACKING_URI:-$(MLFLOW_DB)}"
 	PATH='$(CURDIR)/$(VENV)/bin':"$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-$(MLFLOW_DB)}" \
 	    OMP_NUM_THREADS=$(SERVE_THREADS) MKL_NUM_THREADS=$(SERVE_THREADS) \
 	    $(VENV)/bin/mlflow models serve -m '$(MODEL)' --env-manager local --host 127.0.0.1 --port $(PORT) \

@@ -2,7 +2,7 @@
 
 Synthetic data shaped like the EMOTIC test split (7,000 rows, 26 labels, prevalence 1-55%,
 mAP about 26).
-Times :func:`emonet.bootstrap.bootstrap_intervals` (both mAPs, 1,000 resamples) and the
+Times :func:`emonet.metrics.bootstrap.bootstrap_intervals` (both mAPs, 1,000 resamples) and the
 paired difference, then the naive way on a few resamples (copy the drawn rows, score
 each label with scikit-learn's ``average_precision_score`` and the 11-point AP),
 extrapolated to 1,000 resamples, and prints the ratio. Also checks that both ways give
@@ -21,8 +21,8 @@ import warnings
 import numpy as np
 from sklearn.exceptions import UndefinedMetricWarning
 
-from emonet.bootstrap import bootstrap_counts, bootstrap_intervals, paired_bootstrap_map_difference
 from emonet.metrics import mean_average_precision_score, mean_voc11_average_precision_score, resampled_average_precision
+from emonet.metrics.bootstrap import bootstrap_counts, bootstrap_intervals, paired_bootstrap_map_difference
 
 TARGET_SECONDS = 10.0
 
@@ -56,18 +56,27 @@ def main() -> None:
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         for rows in draws:
             present = y_true[rows].sum(axis=0) > 0
-            naive.append((mean_average_precision_score(y_true[rows][:, present], y_prob[rows][:, present]),
-                          mean_voc11_average_precision_score(y_true[rows][:, present], y_prob[rows][:, present])))
+            naive.append(
+                (
+                    mean_average_precision_score(y_true[rows][:, present], y_prob[rows][:, present]),
+                    mean_voc11_average_precision_score(y_true[rows][:, present], y_prob[rows][:, present]),
+                )
+            )
     naive_total = (time.perf_counter() - start) / args.naive * args.resamples
-    fast = np.nanmean([resampled_average_precision(y_true[:, j], y_prob[:, j], counts) for j in range(args.labels)],
-                      axis=0)  # (2, naive): both protocols per resample
+    fast = np.nanmean(
+        [resampled_average_precision(y_true[:, j], y_prob[:, j], counts) for j in range(args.labels)], axis=0
+    )  # (2, naive): both protocols per resample
     gap = np.abs(fast.T - np.array(naive)).max()
 
-    print(f"vectorised intervals (mAP + mAP_voc11), {args.rows:,} x {args.labels} x {args.resamples:,}: "
-          f"{vectorised:.2f} s (target <= {TARGET_SECONDS:.0f} s: {'met' if vectorised <= TARGET_SECONDS else 'MISSED'})")
+    print(
+        f"vectorised intervals (mAP + mAP_voc11), {args.rows:,} x {args.labels} x {args.resamples:,}: "
+        f"{vectorised:.2f} s (target <= {TARGET_SECONDS:.0f} s: {'met' if vectorised <= TARGET_SECONDS else 'MISSED'})"
+    )
     print(f"paired mAP difference, same size: {paired:.2f} s")
-    print(f"naive loop, extrapolated from {args.naive} resamples: {naive_total:.1f} s "
-          f"-> speed-up {naive_total / vectorised:.1f}x")
+    print(
+        f"naive loop, extrapolated from {args.naive} resamples: {naive_total:.1f} s "
+        f"-> speed-up {naive_total / vectorised:.1f}x"
+    )
     print(f"largest per-resample difference between the two ways: {gap:.1e}")
     print(f"mAP {intervals['mAP']}\nmAP_voc11 {intervals['mAP_voc11']}")
     print(f"load average after: {os.getloadavg()[0]:.2f} (another process on 2 cores skews the times)")

@@ -43,7 +43,7 @@ def main() -> None:
     from prefect import flow
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    from emonet.demo_data import make_demo_data
+    from emonet.data.demo import make_demo_data
     from flows.training_pipeline import prepare_data
 
     with tempfile.TemporaryDirectory() as tmp:

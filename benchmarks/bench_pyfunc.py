@@ -26,17 +26,17 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 
-from emonet.annotations import load_annotations
 from emonet.config import load_config
-from emonet.demo_data import make_demo_data
-from emonet.images import read_image
-from emonet.inference import Predictor
-from emonet.models import build_model
-from emonet.registry import promote_model
+from emonet.data.annotations import load_annotations
+from emonet.data.demo import make_demo_data
+from emonet.data.images import read_image
+from emonet.inference.predictor import Predictor
+from emonet.models.network import build_model
 from emonet.schema import annotations_path, arrays_dir
-from emonet.tracking import configure_mlflow, log_emonet_model
-from emonet.train import fit
-from emonet.train_loaders import make_loaders
+from emonet.tracking.registry import promote_model
+from emonet.tracking.run_logging import configure_mlflow, log_emonet_model
+from emonet.training.run_loaders import make_loaders
+from emonet.training.trainer import fit
 
 TARGET_RATIO = 0.8
 
@@ -82,8 +82,9 @@ def main() -> None:
         train_loader, val_loader = make_loaders(
             annotations_path(root, "train"), annotations_path(root, "val"), arrays_dir(root), config
         )
-        result = fit(build_model(config.model), train_loader, val_loader, config,
-                     checkpoint_dir=tmp / "ckpt", progress=False)
+        result = fit(
+            build_model(config.model), train_loader, val_loader, config, checkpoint_dir=tmp / "ckpt", progress=False
+        )
 
         db = tmp / "mlflow.db"
         experiment_id = configure_mlflow(f"sqlite:///{db}", "bench", tmp / "artifacts")
@@ -127,14 +128,20 @@ def main() -> None:
     t_bare, t_pyfunc, t_prep = (min(t) for t in times)  # best round: the least disturbed
     ratio = t_bare / t_pyfunc  # (pyfunc img/s) / (bare img/s), best rounds
     per_round = sorted(b / p for b, p in zip(times[0], times[1]))
-    print(f"images: {n}, batch size: {args.batch_size}, input: {args.image_size} px, "
-          f"torch threads: {torch.get_num_threads()}, rounds: {args.repeats}")
+    print(
+        f"images: {n}, batch size: {args.batch_size}, input: {args.image_size} px, "
+        f"torch threads: {torch.get_num_threads()}, rounds: {args.repeats}"
+    )
     print(f"bare torch forward (preprocessed): {n / t_bare:8.1f} img/s (best round)")
     print(f"pyfunc.predict (image_path .npy):  {n / t_pyfunc:8.1f} img/s (best round)")
-    print(f"decode + preprocess alone:         {n / t_prep:8.1f} img/s "
-          f"({1000 * t_prep / n:.2f} ms/img, {100 * t_prep / (t_prep + t_bare):.1f}% of decode + forward)")
-    print(f"per-round ratios (spread from background load): "
-          f"min {per_round[0]:.3f}, median {statistics.median(per_round):.3f}, max {per_round[-1]:.3f}")
+    print(
+        f"decode + preprocess alone:         {n / t_prep:8.1f} img/s "
+        f"({1000 * t_prep / n:.2f} ms/img, {100 * t_prep / (t_prep + t_bare):.1f}% of decode + forward)"
+    )
+    print(
+        f"per-round ratios (spread from background load): "
+        f"min {per_round[0]:.3f}, median {statistics.median(per_round):.3f}, max {per_round[-1]:.3f}"
+    )
     verdict = "OK" if ratio >= TARGET_RATIO else "BELOW TARGET"
     print(f"ratio pyfunc / bare (best rounds): {ratio:.3f} (target >= {TARGET_RATIO}) -> {verdict}")
 

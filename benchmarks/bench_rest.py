@@ -39,15 +39,15 @@ import requests
 from mlflow import MlflowClient
 from PIL import Image
 
-from emonet.annotations import load_annotations
-from emonet.arrays import load_array
 from emonet.config import load_config
-from emonet.demo_data import make_demo_data
-from emonet.models import build_model
+from emonet.data.annotations import load_annotations
+from emonet.data.arrays import load_array
+from emonet.data.demo import make_demo_data
+from emonet.models.network import build_model
 from emonet.schema import annotations_path, arrays_dir
-from emonet.tracking import configure_mlflow, log_emonet_model
-from emonet.train import fit
-from emonet.train_loaders import make_loaders
+from emonet.tracking.run_logging import configure_mlflow, log_emonet_model
+from emonet.training.run_loaders import make_loaders
+from emonet.training.trainer import fit
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET_RATIO = 0.8
@@ -93,7 +93,9 @@ def _train_and_register(tmp: Path, n_images: int) -> tuple[str, list[str]]:
     train_loader, val_loader = make_loaders(
         annotations_path(root, "train"), annotations_path(root, "val"), arrays_dir(root), config
     )
-    result = fit(build_model(config.model), train_loader, val_loader, config, checkpoint_dir=tmp / "ckpt", progress=False)
+    result = fit(
+        build_model(config.model), train_loader, val_loader, config, checkpoint_dir=tmp / "ckpt", progress=False
+    )
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     experiment_id = configure_mlflow(uri, "bench-rest", tmp / "artifacts")
     client = MlflowClient()
@@ -122,9 +124,20 @@ def _start_server(uri: str, port: int, workers: int, log_path: Path) -> subproce
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
-            ["make", "-o", ".venv/.installed-stamp", "serve", "MODEL=models:/emonet@champion",
-             f"PORT={port}", f"WORKERS={workers}"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                "make",
+                "-o",
+                ".venv/.installed-stamp",
+                "serve",
+                "MODEL=models:/emonet@champion",
+                f"PORT={port}",
+                f"WORKERS={workers}",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     deadline = time.monotonic() + 300
     while True:
@@ -189,8 +202,9 @@ def main() -> None:
         in_process = _in_process_images_per_second(uri, batch_frame, args.repeats)
         print(f"in-process pyfunc.predict, {BATCH}-row frame: {in_process:7.1f} img/s (median of {args.repeats})")
         single = [{"dataframe_records": [{"image_b64": images[i % len(images)]}]} for i in range(args.requests)]
-        batched = [{"dataframe_split": {"columns": ["image_b64"], "data": [[image] for image in images[:BATCH]]}}
-                   ] * args.batch_requests
+        batched = [
+            {"dataframe_split": {"columns": ["image_b64"], "data": [[image] for image in images[:BATCH]]}}
+        ] * args.batch_requests
 
         for workers in args.workers:
             port = _free_port()
@@ -206,15 +220,19 @@ def main() -> None:
                         p50 = 1000 * statistics.median(ordered)
                         p99 = 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
                         images_per_second = len(payloads) * rows / seconds
-                        line = (f"  {rows:2d} row(s) x {len(payloads):4d} requests, {clients:2d} clients: "
-                                f"{len(payloads) / seconds:7.1f} req/s, {images_per_second:7.1f} img/s, "
-                                f"p50 {p50:7.1f} ms, p99 {p99:7.1f} ms")
+                        line = (
+                            f"  {rows:2d} row(s) x {len(payloads):4d} requests, {clients:2d} clients: "
+                            f"{len(payloads) / seconds:7.1f} req/s, {images_per_second:7.1f} img/s, "
+                            f"p50 {p50:7.1f} ms, p99 {p99:7.1f} ms"
+                        )
                         if rows == BATCH:
                             ratio = images_per_second / in_process
                             verdict = "OK" if ratio >= TARGET_RATIO or workers > 1 else "BELOW TARGET"
                             line += f", ratio to in-process {ratio:.2f} ({verdict} for >= {TARGET_RATIO} with 1 worker)"
                         print(line)
-                print(f"  server memory {memory_before:.0f} MB before the loads, {_tree_rss_mb(server.pid):.0f} MB after")
+                print(
+                    f"  server memory {memory_before:.0f} MB before the loads, {_tree_rss_mb(server.pid):.0f} MB after"
+                )
             finally:
                 _stop_server(server)
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end (2 cores: above ~0.5 at start, figures are skewed)")

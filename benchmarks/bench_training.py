@@ -1,7 +1,7 @@
 """Throughput of the real training step (DataLoader on .npy arrays, augmentation, forward,
 backward, optimizer step) against the model alone on ready-made tensors of the same shape.
 
-Both go through ``emonet.train.train_one_epoch`` with the same model, loss and
+Both go through ``emonet.training.trainer.train_one_epoch`` with the same model, loss and
 optimizer, in the same process, interleaved over several rounds; warm-up steps are not
 timed. The ratio real / model-only is the share of the model's speed that the input
 pipeline keeps (target: >= 0.85 for resnet18 at 112 px, batch 32, on 2 CPU cores).
@@ -39,15 +39,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from emonet.checkpoint import resolve_device
 from emonet.config import EmoNetConfig, load_config
-from emonet.demo_data import make_demo_data
-from emonet.losses import EmoNetLoss
-from emonet.models import build_model
+from emonet.data.demo import make_demo_data
+from emonet.models.devices import resolve_device
+from emonet.models.network import build_model
 from emonet.schema import NUM_EMOTIONS, annotations_path, arrays_dir
-from emonet.seeding import seed_everything
-from emonet.train import train_one_epoch
-from emonet.train_loaders import make_loaders
+from emonet.training.losses import EmoNetLoss
+from emonet.training.run_loaders import make_loaders
+from emonet.training.seeding import seed_everything
+from emonet.training.trainer import train_one_epoch
 
 
 def _forever(loader: Iterable[Any]) -> Iterator[Any]:
@@ -72,9 +72,7 @@ def _children_cpu_seconds() -> float:
     return total
 
 
-def _timed_steps(
-    model, batches: Iterator[Any], steps: int, criterion, optimizer, device
-) -> tuple[float, float, float]:
+def _timed_steps(model, batches: Iterator[Any], steps: int, criterion, optimizer, device) -> tuple[float, float, float]:
     """Run ``steps`` training steps drawn from ``batches``.
 
     Returns samples per second, CPU seconds per sample (this process and its workers)
@@ -119,8 +117,13 @@ def _data_parallel_worker(
         trained = DistributedDataParallel(model) if world > 1 else model
         criterion = EmoNetLoss.from_config(emonet_config.loss).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=emonet_config.train.lr)
-        train_loader, _ = make_loaders(annotations_path(root, "train"), annotations_path(root, "val"),
-                                       arrays_dir(root), emonet_config, device=device)
+        train_loader, _ = make_loaders(
+            annotations_path(root, "train"),
+            annotations_path(root, "val"),
+            arrays_dir(root),
+            emonet_config,
+            device=device,
+        )
         batches = _forever(train_loader)
         _timed_steps(trained, batches, warmup, criterion, optimizer, device)
         rate, _, _ = _timed_steps(trained, batches, steps, criterion, optimizer, device)
@@ -183,8 +186,9 @@ def main(argv: list[str] | None = None) -> float:
             model.to(memory_format=torch.channels_last)
         criterion = EmoNetLoss.from_config(config.loss).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
-        train_loader, _ = make_loaders(annotations_path(root, "train"), annotations_path(root, "val"),
-                                       arrays_dir(root), config, device=device)
+        train_loader, _ = make_loaders(
+            annotations_path(root, "train"), annotations_path(root, "val"), arrays_dir(root), config, device=device
+        )
         real = _forever(train_loader)
 
         # Model alone: one pre-made batch of the loader's shapes and dtypes, reused.
@@ -212,8 +216,11 @@ def main(argv: list[str] | None = None) -> float:
                 cpu[mode].append(cpu_per_sample)
                 if mode == "real":
                     waits.append(wait)
-            print(f"round {round_index + 1}: model alone {rates['model'][-1]:.1f}, real {rates['real'][-1]:.1f} "
-                  "samples/s", flush=True)
+            print(
+                f"round {round_index + 1}: model alone {rates['model'][-1]:.1f}, real {rates['real'][-1]:.1f} "
+                "samples/s",
+                flush=True,
+            )
         del real, train_loader  # stop the persistent workers
         if args.ddp > 1:
             # Interleaved rounds, as above, so a change in the machine's load hits both alike.
@@ -226,17 +233,24 @@ def main(argv: list[str] | None = None) -> float:
     model_rate, real_rate = statistics.median(rates["model"]), statistics.median(rates["real"])
     model_cpu, real_cpu = statistics.median(cpu["model"]), statistics.median(cpu["real"])
     ratio = real_rate / model_rate
-    print(f"device {device}, {os.cpu_count()} CPUs, load average before start {load_before:.1f}, "
-          f"torch threads {torch.get_num_threads()}, num_workers {config.train.num_workers}, augment {config.train.augment}")
+    print(
+        f"device {device}, {os.cpu_count()} CPUs, load average before start {load_before:.1f}, "
+        f"torch threads {torch.get_num_threads()}, num_workers {config.train.num_workers}, "
+        f"augment {config.train.augment}"
+    )
     print(f"{args.backbone} {size}px batch {batch}: {args.rounds} rounds x {args.steps} steps (median)")
     print(f"model alone (pre-made tensors): {model_rate:7.1f} samples/s, {model_cpu * 1e3:6.1f} CPU ms/sample")
-    print(f"real pipeline (loader + aug):   {real_rate:7.1f} samples/s, {real_cpu * 1e3:6.1f} CPU ms/sample "
-          f"(main + workers), {statistics.median(waits):.1%} of the time waiting for batches")
+    print(
+        f"real pipeline (loader + aug):   {real_rate:7.1f} samples/s, {real_cpu * 1e3:6.1f} CPU ms/sample "
+        f"(main + workers), {statistics.median(waits):.1%} of the time waiting for batches"
+    )
     print(f"ratio real / model alone: {ratio:.3f} (target >= 0.85); CPU-cost ratio {model_cpu / real_cpu:.3f}")
     if args.ddp > 1:
-        print(f"data-parallel (real pipeline, batch {batch} per process, gloo): 1 process {ddp_rates[1]:.1f}, "
-              f"{args.ddp} processes {ddp_rates[args.ddp]:.1f} samples/s, ratio "
-              f"{ddp_rates[args.ddp] / ddp_rates[1]:.2f} (information only: the processes share {os.cpu_count()} CPUs)")
+        print(
+            f"data-parallel (real pipeline, batch {batch} per process, gloo): 1 process {ddp_rates[1]:.1f}, "
+            f"{args.ddp} processes {ddp_rates[args.ddp]:.1f} samples/s, ratio "
+            f"{ddp_rates[args.ddp] / ddp_rates[1]:.2f} (information only: the processes share {os.cpu_count()} CPUs)"
+        )
     if load_before > 0.5:
         print("warning: other processes were running; on a busy machine the wall-clock ratio is mostly noise")
     return ratio

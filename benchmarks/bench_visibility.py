@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 from distributed import Client, LocalCluster
 
-from emonet.arrays import load_array
-from emonet.demo_data import example_crop, make_demo_data
+from emonet.data.arrays import load_array
+from emonet.data.demo import example_crop, make_demo_data
+from emonet.data.face_visibility import FaceVisibilityScorer, default_workers, score_crops
 from emonet.schema import arrays_dir, crop_name
-from emonet.visibility import FaceVisibilityScorer, default_workers, score_crops
 
 # Whole faces, faces cut by the border and bodies without a face, 40% with a face as
 # in the archive's val split (finding no face is about 3x cheaper than meshing one).
@@ -231,7 +231,8 @@ def by_kind(per_crop: list[float], kinds: list[str]) -> str:
     """Mean milliseconds per crop of each kind."""
     times = np.asarray(per_crop)
     return "  ".join(
-        f"{kind} {1e3 * times[np.asarray(kinds[: len(times)]) == kind].mean():.2f}" for kind in ("whole", "partial", "none")
+        f"{kind} {1e3 * times[np.asarray(kinds[: len(times)]) == kind].mean():.2f}"
+        for kind in ("whole", "partial", "none")
     )
 
 
@@ -242,7 +243,9 @@ def bench_size(args: argparse.Namespace, size: int, workers: int, client: Client
         folder = Path(tmp)
         names, kinds = write_crops(folder, n2, size)
         tasks = time_tasks_loop(folder, names, (n1, n2), args.repeats)
-        legacy = time_legacy_loop(args.legacy_python, folder, names, (n1, n2), args.repeats) if args.legacy_python else None
+        legacy = (
+            time_legacy_loop(args.legacy_python, folder, names, (n1, n2), args.repeats) if args.legacy_python else None
+        )
         before = cpu_jiffies()
         sequential = {n: best_of(args.repeats, time_project, folder, names[:n], 1) for n in (n1, n2)}
         sequential_busy = busy_percent(before, cpu_jiffies())
@@ -272,7 +275,8 @@ def bench_size(args: argparse.Namespace, size: int, workers: int, client: Client
         legacy_slope, _ = fit(legacy["seconds"][str(n1)], legacy["seconds"][str(n2)], n1, n2)
         legacy_ratio = tasks_slope / legacy_slope
         print(
-            f"{'legacy Face Mesh (mediapipe 0.10.21)':40}{1e3 * legacy_slope:9.2f}{1e3 * legacy['cpu_per_crop']:8.2f}   "
+            f"{'legacy Face Mesh (mediapipe 0.10.21)':40}{1e3 * legacy_slope:9.2f}"
+            f"{1e3 * legacy['cpu_per_crop']:8.2f}   "
             f"{by_kind(legacy['per_crop'], kinds)}"
         )
         cpu_ratio = tasks["cpu_per_crop"] / legacy["cpu_per_crop"]
@@ -312,7 +316,11 @@ def compare(legacy: np.ndarray, tasks: np.ndarray, kinds: list[str]) -> str:
             f"{kind} ({mask.sum()}): same class {same_class:.1%}, |diff| mean {diff.mean():.2f} max {diff.max():.2f}"
             + ("" if expected is None else f", Tasks at {expected:g}: {np.mean(tasks[mask] == expected):.1%}")
             + (f", a face only for legacy {lost} / only for Tasks {found}" if lost or found else "")
-            + (f", Tasks scores {found_scores.min():.1f}-{found_scores.max():.1f}" if expected is None and found_scores.size else "")
+            + (
+                f", Tasks scores {found_scores.min():.1f}-{found_scores.max():.1f}"
+                if expected is None and found_scores.size
+                else ""
+            )
         )
     return "; ".join(parts)
 
@@ -337,7 +345,9 @@ def compare_on_demo(python: str, n: int) -> None:
         print(f"  {part}")
     both_part = (_face_class(tasks) == 1) & (_face_class(legacy) == 1)
     diff = np.abs(tasks - legacy)[both_part]
-    print(f"  crops both score as part of a face ({both_part.sum()}): |diff| mean {diff.mean():.2f} max {diff.max():.2f}")
+    print(
+        f"  crops both score as part of a face ({both_part.sum()}): |diff| mean {diff.mean():.2f} max {diff.max():.2f}"
+    )
 
 
 def main() -> None:
@@ -372,7 +382,8 @@ def main() -> None:
     for size, result in results.items():
         print(
             f"{size} px: steady-state speed-up {result['pool']:.2f}x process pool (target >= 1.85), "
-            f"{result['dask']:.2f}x Dask (target >= 1.7) on {workers} cores; pool start-up {result['pool_start']:.2f} s "
+            f"{result['dask']:.2f}x Dask (target >= 1.7) on {workers} cores; "
+            f"pool start-up {result['pool_start']:.2f} s "
             f"(target < 3 s); Tasks / legacy time per crop {result['legacy_ratio']:.2f}"
         )
     print(f"machine's ceiling now (plain numpy work, {workers} processes): {parallel_ceiling(workers):.2f}x")

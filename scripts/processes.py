@@ -22,7 +22,10 @@ class ServerError(RuntimeError):
 def server_env() -> dict[str, str]:
     """This process's environment for a server, with Prefect's analytics off unless set
     (the servers reach no analytics endpoint)."""
-    return {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
+    return {
+        **os.environ,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+    }
 
 
 def prefect_server(host: str, port: int) -> tuple[list[str], str]:
@@ -64,7 +67,12 @@ def start_in_own_group(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            list(command), cwd=cwd, env=dict(env), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            list(command),
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 

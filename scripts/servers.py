@@ -177,7 +177,9 @@ def prepare_data_dir(requested: Path, run_as: list[str]) -> Path:
     requested.symlink_to(outside, target_is_directory=True)
     logger.warning(
         "the %s user cannot reach %s: the cluster's data lives in %s (linked from there)",
-        POSTGRES_SYSTEM_USER, requested, outside,
+        POSTGRES_SYSTEM_USER,
+        requested,
+        outside,
     )
     return outside
 
@@ -195,8 +197,17 @@ def init_cluster(bin_dir: Path, data_dir: Path, password_file: Path, host: str, 
         if run_as:
             give_to_postgres_user(Path(initdb_pwfile))
         command = [
-            *run_as, str(bin_dir / "initdb"), "-D", str(data_dir), "-U", SUPERUSER, "--auth=scram-sha-256",
-            f"--pwfile={initdb_pwfile}", "-E", "UTF8", "--no-locale",
+            *run_as,
+            str(bin_dir / "initdb"),
+            "-D",
+            str(data_dir),
+            "-U",
+            SUPERUSER,
+            "--auth=scram-sha-256",
+            f"--pwfile={initdb_pwfile}",
+            "-E",
+            "UTF8",
+            "--no-locale",
         ]
         result = subprocess.run(command, capture_output=True, text=True)
     finally:
@@ -227,18 +238,34 @@ def ensure_local_cluster(args: argparse.Namespace, state: dict[str, Any]) -> str
         raise ServerError(f"a PostgreSQL server already runs on {data_dir}: stop it first (pg_ctl -D {data_dir} stop)")
     log_path = data_dir / "postgres.log"
     result = subprocess.run(
-        [*pg_ctl, "-l", str(log_path), "-w", "-t", str(int(args.timeout)), "-o", f"-h {args.host} -p {args.pg_port}",
-         "start"],
-        capture_output=True, text=True,
+        [
+            *pg_ctl,
+            "-l",
+            str(log_path),
+            "-w",
+            "-t",
+            str(int(args.timeout)),
+            "-o",
+            f"-h {args.host} -p {args.pg_port}",
+            "start",
+        ],
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
-        raise ServerError(f"PostgreSQL did not start on {args.host}:{args.pg_port}:\n{result.stderr}{log_tail(log_path)}")
+        raise ServerError(
+            f"PostgreSQL did not start on {args.host}:{args.pg_port}:\n{result.stderr}{log_tail(log_path)}"
+        )
     state["postgres"] = {"bin_dir": str(bin_dir), "data_dir": str(data_dir), "run_as": run_as, "port": args.pg_port}
     write_state(args.state_dir, state)
     logger.info("PostgreSQL runs on %s:%d (data in %s, binaries in %s)", args.host, args.pg_port, data_dir, bin_dir)
     url = URL.create(
-        "postgresql", username=SUPERUSER, password=password_file.read_text().strip(), host=args.host,
-        port=args.pg_port, database="postgres",
+        "postgresql",
+        username=SUPERUSER,
+        password=password_file.read_text().strip(),
+        host=args.host,
+        port=args.pg_port,
+        database="postgres",
     )
     return url.render_as_string(hide_password=False)
 
@@ -267,7 +294,10 @@ def server_commands(args: argparse.Namespace, server_url: str) -> dict[str, tupl
     if "://" not in artifacts:
         artifacts = str(Path(artifacts).resolve())
         Path(artifacts).mkdir(parents=True, exist_ok=True)
-    mlflow_env = {**base_env, "MLFLOW_BACKEND_STORE_URI": database_url(server_url, args.mlflow_database, "postgresql+psycopg")}
+    mlflow_env = {
+        **base_env,
+        "MLFLOW_BACKEND_STORE_URI": database_url(server_url, args.mlflow_database, "postgresql+psycopg"),
+    }
     prefect_env = {
         **base_env,
         "PREFECT_API_DATABASE_CONNECTION_URL": database_url(server_url, args.prefect_database, "postgresql+asyncpg"),
@@ -275,8 +305,20 @@ def server_commands(args: argparse.Namespace, server_url: str) -> dict[str, tupl
     prefect_command, prefect_health = prefect_server(args.host, args.prefect_port)
     return {
         "mlflow": (
-            [sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.mlflow_port),
-             "--workers", str(args.mlflow_workers), "--artifacts-destination", artifacts],
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                args.host,
+                "--port",
+                str(args.mlflow_port),
+                "--workers",
+                str(args.mlflow_workers),
+                "--artifacts-destination",
+                artifacts,
+            ],
             mlflow_env,
             f"http://{args.host}:{args.mlflow_port}/health",
         ),
@@ -324,8 +366,14 @@ def start(args: argparse.Namespace) -> None:
         "\nShared servers are running. In each shell that runs flows or loads models:\n"
         "  export MLFLOW_TRACKING_URI=http://%s:%d\n  export PREFECT_API_URL=http://%s:%d/api\n"
         "MLflow UI: http://%s:%d   Prefect UI: http://%s:%d   Stop: make servers-stop",
-        args.host, args.mlflow_port, args.host, args.prefect_port,
-        args.host, args.mlflow_port, args.host, args.prefect_port,
+        args.host,
+        args.mlflow_port,
+        args.host,
+        args.prefect_port,
+        args.host,
+        args.mlflow_port,
+        args.host,
+        args.prefect_port,
     )
 
 
@@ -360,7 +408,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for sub in (start_parser, stop_parser):
         sub.add_argument("--state-dir", type=Path, default=REPO / ".servers", help="pid records, logs, local cluster")
     start_parser.add_argument(
-        "--database-url", default=os.environ.get("EMONET_DATABASE_URL"),
+        "--database-url",
+        default=os.environ.get("EMONET_DATABASE_URL"),
         help="an existing PostgreSQL (postgresql://USER:PASSWORD@HOST:PORT/DB); default $EMONET_DATABASE_URL, "
         "else a local cluster under --state-dir",
     )
@@ -369,17 +418,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     start_parser.add_argument("--prefect-port", type=int, default=4200)
     start_parser.add_argument("--mlflow-workers", type=int, default=2, help="uvicorn workers of the MLflow server")
     start_parser.add_argument(
-        "--artifacts-destination", default=None,
-        help="where the MLflow server stores artifacts: a folder or s3://bucket/prefix (default <state-dir>/mlflow-artifacts)",
+        "--artifacts-destination",
+        default=None,
+        help="where the MLflow server stores artifacts: a folder or s3://bucket/prefix "
+        "(default <state-dir>/mlflow-artifacts)",
     )
     start_parser.add_argument("--mlflow-database", default="mlflow")
     start_parser.add_argument("--prefect-database", default="prefect")
     start_parser.add_argument("--pg-port", type=int, default=5433, help="port of the local cluster")
-    start_parser.add_argument("--pg-data", type=Path, default=None, help="local cluster's data (default <state-dir>/postgres)")
+    start_parser.add_argument(
+        "--pg-data", type=Path, default=None, help="local cluster's data (default <state-dir>/postgres)"
+    )
     start_parser.add_argument("--pg-bin", default=None, help="folder with initdb and pg_ctl (default: found)")
     start_parser.add_argument(
-        "--timeout", type=float, default=600.0,
-        help="seconds each server may take to answer (the first start migrates the databases: minutes on a busy machine)",
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds each server may take to answer "
+        "(the first start migrates the databases: minutes on a busy machine)",
     )
     args = parser.parse_args(argv)
     if args.command == "start" and args.artifacts_destination is None:

@@ -76,8 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     env = server_env()
     servers = {
         "MLflow UI": (
-            [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.mlflow_store, "--host", HOST,
-             "--port", str(args.mlflow_port)],
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "ui",
+                "--backend-store-uri",
+                args.mlflow_store,
+                "--host",
+                HOST,
+                "--port",
+                str(args.mlflow_port),
+            ],
             f"http://{HOST}:{args.mlflow_port}/health",
         ),
         "Prefect server": prefect_server(HOST, args.prefect_port),

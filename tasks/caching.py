@@ -21,12 +21,22 @@ from prefect.context import TaskRunContext
 
 # The library modules whose code shapes each cached result, directly or through the
 # rows and arrays it reads: the scoring or normalization itself, row validation
-# (emonet.annotations), the affect scale map (emonet.affect), array reading and its
-# checks (emonet.arrays) and the column names and scales (emonet.schema). TASK_SOURCE covers only the task's own body. Add a module here
+# (emonet.data.annotations), the affect scale map (emonet.affect), array reading and its
+# checks (emonet.data.arrays) and the column names and scales (emonet.schema). TASK_SOURCE
+# covers only the task's own body. Add a module here
 # when a cached task starts to depend on it.
-VISIBILITY_MODULES: tuple[str, ...] = ("emonet.visibility", "emonet.arrays", "emonet.annotations", "emonet.schema")
+VISIBILITY_MODULES: tuple[str, ...] = (
+    "emonet.data.face_visibility",
+    "emonet.data.arrays",
+    "emonet.data.annotations",
+    "emonet.schema",
+)
 NORMALIZE_MODULES: tuple[str, ...] = (
-    "emonet.normalize", "emonet.affect", "emonet.annotations", "emonet.arrays", "emonet.schema",
+    "emonet.data.normalize",
+    "emonet.affect",
+    "emonet.data.annotations",
+    "emonet.data.arrays",
+    "emonet.schema",
 )
 
 
@@ -71,7 +81,9 @@ def _visibility_shard_key(context: TaskRunContext, parameters: dict[str, Any]) -
     csv_path = Path(parameters["annotations_csv"])
     img_dir = Path(parameters["img_dir"])
     names = pd.read_csv(csv_path, usecols=["Crop_name"])["Crop_name"].iloc[parameters["start"] : parameters["stop"]]
-    return code_digest(VISIBILITY_MODULES) + content_digest(csv_path) + stat_digest(img_dir / str(name) for name in names)
+    return (
+        code_digest(VISIBILITY_MODULES) + content_digest(csv_path) + stat_digest(img_dir / str(name) for name in names)
+    )
 
 
 def _csv_contents_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:

@@ -11,13 +11,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from emonet.annotations import load_annotations
-from emonet.demo_data import make_demo_data
-from emonet.normalize import AffectNormalizer, normalize_frames, write_normalized
+from emonet.data.annotations import load_annotations
+from emonet.data.demo import make_demo_data
+from emonet.data.face_visibility import score_crops
+from emonet.data.normalize import AffectNormalizer, normalize_frames, write_normalized
+from emonet.data.visibility_column import write_visibility_csv
 from emonet.plots import plot_visibility_histogram
 from emonet.schema import SPLITS, annotations_path
-from emonet.visibility import score_crops
-from emonet.visibility_split import write_visibility_csv
 from tasks.caching import CSV_CONTENTS_CACHE, VISIBILITY_SHARD_CACHE
 
 # File-system hiccups (network shares, a busy disk) are the plausible transient failures.
@@ -52,7 +52,9 @@ def shard_bounds(n_rows: int, shard_size: int) -> list[tuple[int, int]]:
     persist_result=True,
     **IO_RETRIES,
 )
-def score_visibility_shard(annotations_csv: Path, img_dir: Path, start: int, stop: int, workers: int | None) -> list[float]:
+def score_visibility_shard(
+    annotations_csv: Path, img_dir: Path, start: int, stop: int, workers: int | None
+) -> list[float]:
     """Face visibility of rows ``[start, stop)`` of a split; cached per shard, so an
     interrupted scoring resumes at the shard where it stopped."""
     names = pd.read_csv(annotations_csv, usecols=["Crop_name"])["Crop_name"].iloc[start:stop].tolist()

@@ -4,8 +4,8 @@ evaluation and registration.
 MLflow's active run is thread-local and Prefect runs tasks in worker threads, so every
 task takes the ``run_id`` and logs through an explicit ``MlflowClient``. The model tasks
 take and return the library's own types (:class:`~emonet.config.EmoNetConfig`,
-:class:`~emonet.train.FitResult`, :class:`~emonet.evaluation.EvaluationReport`,
-:class:`~emonet.registry.PromotionDecision`), by keyword.
+:class:`~emonet.training.trainer.FitResult`, :class:`~emonet.reports.evaluation.EvaluationReport`,
+:class:`~emonet.tracking.registry.PromotionDecision`), by keyword.
 """
 
 from __future__ import annotations
@@ -19,26 +19,26 @@ from typing import Any
 import mlflow.data
 import pandas as pd
 from mlflow.entities import DatasetInput, InputTag, Param, RunTag
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from prefect import get_client, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import ObjectNotFound
 from prefect.tasks import exponential_backoff
 
-from emonet.bootstrap import DEFAULT_CONFIDENCE
 from emonet.config import EmoNetConfig, config_to_dict
-from emonet.distributed import launch_training
-from emonet.evaluation import EvaluationReport, evaluate_checkpoint, split_fingerprint
-from emonet.normalize import AffectNormalizer
-from emonet.recipe import code_version, recipe_tags, retraining_unneeded
-from emonet.registry import PromotionDecision, find_run_version, promote_model, recorded_maps
-from emonet.review import review_predictions
-from emonet.runs import FLOW_RUN_TAG, close_stale_runs, process_tags
+from emonet.data.normalize import AffectNormalizer
+from emonet.metrics.bootstrap import DEFAULT_CONFIDENCE
+from emonet.reports.evaluation import EvaluationReport, evaluate_checkpoint, split_fingerprint
+from emonet.reports.review import review_predictions
 from emonet.schema import EMOTIONS
-from emonet.stopping import stop_on_signals, stop_requested
-from emonet.tracking import log_emonet_model, log_metrics
-from emonet.train import FitResult, train_from_csvs
+from emonet.tracking.recipe import code_version, recipe_tags, retraining_unneeded
+from emonet.tracking.registry import PromotionDecision, find_run_version, promote_model, recorded_maps
+from emonet.tracking.run_logging import log_emonet_model, log_metrics
+from emonet.tracking.stale_runs import FLOW_RUN_TAG, close_stale_runs, process_tags
+from emonet.training.launcher import launch_training
+from emonet.training.trainer import FitResult, train_from_csvs
+from emonet.utils.stopping import stop_on_signals, stop_requested
 from tasks.report import EpochProgress
 
 # The tracking server (or its SQLite file) can be briefly unavailable or locked.
@@ -59,7 +59,9 @@ def final_flow_run_state(flow_run_id: str) -> str | None:
 
 
 @task(name="start-mlflow-run", **TRACKING_RETRIES, **NOT_CACHED)
-def start_mlflow_run(experiment_id: str, flow_run_id: str | None, flow_run_name: str | None, params: dict[str, Any]) -> str:
+def start_mlflow_run(
+    experiment_id: str, flow_run_id: str | None, flow_run_name: str | None, params: dict[str, Any]
+) -> str:
     """Close the runs that killed flow runs left RUNNING, then open the MLflow run of this
     flow run, tagged with the Prefect flow run and this process, and log its parameters."""
     client = MlflowClient()
@@ -137,7 +139,7 @@ def check_retraining(
 ) -> str | None:
     """Tag the run with what it trains from (the split fingerprints with the affect
     normalization, the resolved config, the code's git commit), and say why training can
-    be skipped: the champion's run recorded the same (:func:`emonet.recipe.retraining_unneeded`).
+    be skipped: the champion's run recorded the same (:func:`emonet.tracking.recipe.retraining_unneeded`).
 
     Returns the reason to skip, already logged and tagged on the run
     (``emonet.training_skipped``, ``emonet.skip_reason``), or None to train.
@@ -181,7 +183,7 @@ def train_model(
     MLflow run itself, and a failed rank fails the task.
 
     In this process, SIGTERM or SIGINT stops training at the next batch
-    (:mod:`emonet.stopping`): the task raises ``TrainingStopped``, which Prefect does not
+    (:mod:`emonet.utils.stopping`): the task raises ``TrainingStopped``, which Prefect does not
     retry, and ``last.pt`` holds the last completed epoch.
     """
     logger = get_run_logger()
@@ -210,8 +212,14 @@ def train_model(
     if distributed.enabled:
         client.log_param(run_id, "effective_batch_size", config.train.batch_size * distributed.world_size)
         result = launch_training(
-            config, train_csv, val_csv, img_dir, checkpoint_dir,
-            resume_from=resume_from, normalization_json=normalization_json, mlflow_run_id=run_id,
+            config,
+            train_csv,
+            val_csv,
+            img_dir,
+            checkpoint_dir,
+            resume_from=resume_from,
+            normalization_json=normalization_json,
+            mlflow_run_id=run_id,
             on_line=logger.info,
         )
         # The epochs ran in torchrun's processes, which log them to MLflow themselves.
@@ -223,7 +231,11 @@ def train_model(
         # instead of Prefect's SIGTERM bridge raising wherever the signal lands.
         with stop_on_signals():
             result = train_from_csvs(
-                train_csv, val_csv, img_dir, config, checkpoint_dir,
+                train_csv,
+                val_csv,
+                img_dir,
+                config,
+                checkpoint_dir,
                 callbacks=[log_epoch, progress],
                 resume_from=resume_from,
                 # The 1..10 validation errors need the bounds the targets were normalized with.
@@ -255,7 +267,12 @@ def evaluate_model(
     registration, so the checkpoint is loaded here only.
     """
     report = evaluate_checkpoint(
-        checkpoint, test_csv, img_dir, out_dir, normalizer=normalization_json, validation=val_csv,
+        checkpoint,
+        test_csv,
+        img_dir,
+        out_dir,
+        normalizer=normalization_json,
+        validation=val_csv,
         model_name=model_name,
     )
     client = MlflowClient()
@@ -331,7 +348,7 @@ def register_model(
 ) -> PromotionDecision:
     """Log the pyfunc model and register it once per run (a retry reuses the version),
     then move `champion` only when the evidence says it beats the champion on
-    ``promotion_split`` (:func:`emonet.registry.promote_model`): on validation
+    ``promotion_split`` (:func:`emonet.tracking.registry.promote_model`): on validation
     (``evaluation.validation``, the rows of ``val_csv``) by default, on the test split
     (``evaluation.predictions``, ``test_csv``) when asked. The checkpoint is logged with
     the evaluation's config, not loaded again. The version is tagged with its test and
@@ -351,7 +368,10 @@ def register_model(
     version = find_run_version(client, registered_model_name, run_id)
     if version is None:
         version = log_emonet_model(
-            run_id, checkpoint, normalization_json, registered_model_name=registered_model_name,
+            run_id,
+            checkpoint,
+            normalization_json,
+            registered_model_name=registered_model_name,
             config=evaluation.config,
         )
     else:
@@ -382,7 +402,9 @@ def register_model(
     decision = dataclasses.replace(
         decision,
         previous_maps=recorded_maps(
-            client, registered_model_name, decision.previous_version,
+            client,
+            registered_model_name,
+            decision.previous_version,
             {split: split_id for split, (_, split_id, _) in splits.items()},
         ),
     )
@@ -398,8 +420,11 @@ def version_description(evaluation: EvaluationReport, run_id: str, decision: Pro
     validation mAP and the promotion decision with its split and interval."""
     metrics, intervals = evaluation.metrics, evaluation.intervals
     shown = [
-        ("test mAP", "mAP", ".4f"), ("test mAP_voc11", "mAP_voc11", ".4f"), ("macro F1", "f1_macro", ".4f"),
-        ("samples F1", "f1_samples", ".4f"), ("valence MAE (1-10)", "mae_valence_1_10", ".3f"),
+        ("test mAP", "mAP", ".4f"),
+        ("test mAP_voc11", "mAP_voc11", ".4f"),
+        ("macro F1", "f1_macro", ".4f"),
+        ("samples F1", "f1_samples", ".4f"),
+        ("valence MAE (1-10)", "mae_valence_1_10", ".3f"),
         ("arousal MAE (1-10)", "mae_arousal_1_10", ".3f"),
     ]
     parts = []
@@ -411,7 +436,8 @@ def version_description(evaluation: EvaluationReport, run_id: str, decision: Pro
     confidence = next(iter(intervals.values())).confidence
     validation = (
         f" Validation mAP {evaluation.validation.metrics['mAP']:.4f} on split {evaluation.validation.split_id[:12]}."
-        if evaluation.validation is not None else ""
+        if evaluation.validation is not None
+        else ""
     )
     # The reason states the mAP difference and its interval when versions were compared.
     return (

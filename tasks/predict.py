@@ -1,4 +1,4 @@
-"""Prefect task for batch inference: a thin wrapper over :func:`emonet.batch.predict_csv`."""
+"""Prefect task for batch inference: a thin wrapper over :func:`emonet.inference.csv_scoring.predict_csv`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from emonet.batch import predict_csv
-from emonet.images import DEFAULT_MAX_PIXELS
+from emonet.data.images import DEFAULT_MAX_PIXELS
+from emonet.inference.csv_scoring import predict_csv
 
 # Errors the caller made (a missing file, a bad column, an unknown option): retrying
 # cannot fix them, so they fail at once instead of after the backoff.
@@ -52,12 +52,21 @@ def batch_predict(
 ) -> dict[str, Any]:
     """Score every row of ``input_csv`` with ``model_uri`` into ``output_csv``; returns the summary."""
     summary = predict_csv(
-        model_uri, input_csv, output_csv, img_dir=img_dir, batch_size=batch_size, progress=False, on_error=on_error,
+        model_uri,
+        input_csv,
+        output_csv,
+        img_dir=img_dir,
+        batch_size=batch_size,
+        progress=False,
+        on_error=on_error,
         max_pixels=max_pixels,
     )
     logger = get_run_logger()
     logger.info(
-        "%s: %d rows predicted, %d skipped -> %s", input_csv.name, summary["rows_written"], summary["rows_skipped"],
+        "%s: %d rows predicted, %d skipped -> %s",
+        input_csv.name,
+        summary["rows_written"],
+        summary["rows_skipped"],
         output_csv,
     )
     return summary

@@ -12,11 +12,11 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from emonet.benchmark import PROTOCOL_SKLEARN, PROTOCOL_VOC11
-from emonet.bootstrap import AFFECT_BOOTSTRAP_METRICS, BootstrapInterval
-from emonet.evaluation import EvaluationReport
 from emonet.metrics import EVALUATION_KEYS, format_metric
-from emonet.registry import PromotionDecision, describe_difference
+from emonet.metrics.bootstrap import AFFECT_BOOTSTRAP_METRICS, BootstrapInterval
+from emonet.reports.benchmark import PROTOCOL_SKLEARN, PROTOCOL_VOC11
+from emonet.reports.evaluation import EvaluationReport
+from emonet.tracking.registry import PromotionDecision, describe_difference
 
 SUMMARY_ARTIFACT_KEY = "emonet-training-summary"
 
@@ -66,29 +66,45 @@ def summary_markdown(summary: dict[str, Any], evaluation: EvaluationReport, regi
     metrics, intervals = summary["test_metrics"], evaluation.intervals
     confidence = intervals["mAP"].confidence
     lines = [
-        "# EmoNet training run", "", "## Test metrics", "",
+        "# EmoNet training run",
+        "",
+        "## Test metrics",
+        "",
         f"`mAP` is scikit-learn's AP ({PROTOCOL_SKLEARN}); `mAP_voc11` the EMOTIC authors' "
         f"({PROTOCOL_VOC11}). Intervals: {100 * confidence:g}% bootstrap over the test rows "
-        f"({intervals['mAP'].n_resamples} resamples).", "",
-        f"| metric | value | {100 * confidence:g}% interval |", "| --- | --- | --- |",
+        f"({intervals['mAP'].n_resamples} resamples).",
+        "",
+        f"| metric | value | {100 * confidence:g}% interval |",
+        "| --- | --- | --- |",
     ]
     keys = [key for key in EVALUATION_KEYS if key in metrics] + [key for key in metrics if key not in EVALUATION_KEYS]
     # Row counts (n_emotion, n_affect) are whole numbers.
     lines += [
-        f"| {key} | {format_metric(metrics[key], '.0f' if key.startswith('n_') else '.4f')} | {_interval(intervals.get(key))} |"
+        f"| {key} | {format_metric(metrics[key], '.0f' if key.startswith('n_') else '.4f')} | "
+        f"{_interval(intervals.get(key))} |"
         for key in keys
     ]
     lines += ["", "## Benchmark (test split)", "", *_benchmark_headline(evaluation), ""]
     lines += _registry_lines(summary, evaluation, registration)
     lines += ["## MLflow", ""]
-    lines += [f"- Run: {_run_reference(summary)}", f"- Tracking URI: `{summary['tracking_uri']}`", f"- Review: `{summary['review']}`", ""]
-    lines += ["## Per emotion (test)", "",
-              "| emotion | AP (scikit-learn) | AP (11-point) | precision | recall | F1 | support | threshold |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        f"- Run: {_run_reference(summary)}",
+        f"- Tracking URI: `{summary['tracking_uri']}`",
+        f"- Review: `{summary['review']}`",
+        "",
+    ]
+    lines += [
+        "## Per emotion (test)",
+        "",
+        "| emotion | AP (scikit-learn) | AP (11-point) | precision | recall | F1 | support | threshold |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for emotion, row in evaluation.per_emotion.iterrows():
         lines.append(
-            f"| {emotion} | {format_metric(row['average_precision'], '.3f')} | {format_metric(row['average_precision_voc11'], '.3f')} | "
-            f"{format_metric(row['precision'], '.3f')} | {format_metric(row['recall'], '.3f')} | {format_metric(row['f1'], '.3f')} | "
+            f"| {emotion} | {format_metric(row['average_precision'], '.3f')} | "
+            f"{format_metric(row['average_precision_voc11'], '.3f')} | "
+            f"{format_metric(row['precision'], '.3f')} | {format_metric(row['recall'], '.3f')} | "
+            f"{format_metric(row['f1'], '.3f')} | "
             f"{int(row['support'])} | {format_metric(row['threshold'], '.2f')} |"
         )
     return "\n".join(lines) + "\n"
@@ -97,9 +113,7 @@ def summary_markdown(summary: dict[str, Any], evaluation: EvaluationReport, regi
 def _benchmark_headline(evaluation: EvaluationReport) -> list[str]:
     """The benchmark table's headline row (this model), and where the whole table is."""
     intervals = evaluation.intervals
-    affect = [
-        intervals[key].describe(".3f") if key in intervals else "n/a" for key in AFFECT_BOOTSTRAP_METRICS
-    ]
+    affect = [intervals[key].describe(".3f") if key in intervals else "n/a" for key in AFFECT_BOOTSTRAP_METRICS]
     return [
         "| model | mAP, scikit-learn AP (%) | mAP, 11-point AP (%) | valence MAE (1-10) | arousal MAE (1-10) |",
         "| --- | --- | --- | --- | --- |",
@@ -145,7 +159,7 @@ def _registry_lines(
         "",
         "Both rows are on this run's splits; n/a: the champion was never scored there (the promotion "
         "re-scores it on the deciding split only).",
-        f"- Load it: `mlflow.pyfunc.load_model(\"models:/{summary['registered_model']}@{registration.alias}\")`",
+        f'- Load it: `mlflow.pyfunc.load_model("models:/{summary["registered_model"]}@{registration.alias}")`',
         "",
     ]
     return lines
@@ -153,18 +167,21 @@ def _registry_lines(
 
 def skip_markdown(summary: dict[str, Any]) -> str:
     """The summary of a run that skipped training: why, and where the champion is."""
-    return "\n".join([
-        "# EmoNet training run: training skipped",
-        "",
-        f"**Training skipped**: {summary['skip_reason']}.",
-        "",
-        "No new version was registered; the champion stays. Run the flow with `force_retrain: true` to train anyway.",
-        "",
-        f"- Champion: `mlflow.pyfunc.load_model(\"models:/{summary['registered_model']}@champion\")`",
-        f"- Run: {_run_reference(summary)} (tag `emonet.training_skipped`: `true`)",
-        f"- Tracking URI: `{summary['tracking_uri']}`",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# EmoNet training run: training skipped",
+            "",
+            f"**Training skipped**: {summary['skip_reason']}.",
+            "",
+            "No new version was registered; the champion stays. "
+            "Run the flow with `force_retrain: true` to train anyway.",
+            "",
+            f'- Champion: `mlflow.pyfunc.load_model("models:/{summary["registered_model"]}@champion")`',
+            f"- Run: {_run_reference(summary)} (tag `emonet.training_skipped`: `true`)",
+            f"- Tracking URI: `{summary['tracking_uri']}`",
+            "",
+        ]
+    )
 
 
 @task(name="publish-run-summary", cache_policy=NO_CACHE)
@@ -176,7 +193,8 @@ def publish_run_summary(
     artifact_id = create_markdown_artifact(
         markdown=summary_markdown(summary, evaluation, registration),
         key=SUMMARY_ARTIFACT_KEY,
-        description=f"test mAP {format_metric(summary['test_mAP'])} {_interval(interval)}; {summary['registered_model']} "
+        description=f"test mAP {format_metric(summary['test_mAP'])} {_interval(interval)}; "
+        f"{summary['registered_model']} "
         f"v{registration.version} ({registration.decision} on {registration.split})",
     )
     return str(artifact_id)
@@ -186,7 +204,8 @@ def publish_run_summary(
 def publish_skip_summary(*, summary: dict[str, Any]) -> str:
     """Create the markdown artifact of a run that skipped training; returns its id."""
     artifact_id = create_markdown_artifact(
-        markdown=skip_markdown(summary), key=SUMMARY_ARTIFACT_KEY,
+        markdown=skip_markdown(summary),
+        key=SUMMARY_ARTIFACT_KEY,
         description=f"training skipped; {summary['registered_model']}@champion stays",
     )
     return str(artifact_id)

@@ -16,8 +16,7 @@ import pandas as pd
 import pytest
 from prefect import Flow
 
-import emonet.train
-
+import emonet.training.trainer
 from emonet.schema import (
     CSV_COLUMNS,
     EMOTIONS,
@@ -109,9 +108,9 @@ def prefect_env(tmp_path_factory):
 def train_tiny_checkpoint(root: Path, out_dir: Path, batch_size: int = 4, augment: bool = True) -> Path:
     """best.pt of ResNet-18 trained one epoch at 32 px on the archive at ``root``."""
     from emonet.config import load_config
-    from emonet.models import build_model
-    from emonet.train import fit
-    from emonet.train_loaders import make_loaders
+    from emonet.models.network import build_model
+    from emonet.training.run_loaders import make_loaders
+    from emonet.training.trainer import fit
 
     config = load_config(
         model={"backbone": "resnet18"},
@@ -143,7 +142,7 @@ def tiny_checkpoint(tmp_path_factory) -> dict[str, Path]:
 def demo_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
     """``(root, best.pt)``: a tiny demo archive (16/8/11 rows, 40 px crops with real faces
     and learnable cues) and a ResNet-18 trained on it for one epoch without augmentation."""
-    from emonet.demo_data import make_demo_data
+    from emonet.data.demo import make_demo_data
 
     base = tmp_path_factory.mktemp("demo-run")
     root = make_demo_data(base / "demo", seed=2, n_train=16, n_val=8, n_test=11, size=40)
@@ -190,9 +189,11 @@ def _only_in_slow_tests(what: str, function: Callable[..., Any]) -> Callable[...
     return guarded
 
 
-# Every training path (CLI, Prefect task, torchrun worker, tests) calls emonet.train.fit
+# Every training path (CLI, Prefect task, torchrun worker, tests) calls emonet.training.trainer.fit
 # through the module, and every flow run goes through Flow.__call__.
-emonet.train.fit = _only_in_slow_tests("trains a model (emonet.train.fit)", emonet.train.fit)
+emonet.training.trainer.fit = _only_in_slow_tests(
+    "trains a model (emonet.training.trainer.fit)", emonet.training.trainer.fit
+)
 Flow.__call__ = _only_in_slow_tests("runs a Prefect flow", Flow.__call__)
 
 
@@ -228,7 +229,7 @@ def _isolated_mlflow_uris() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def mlflow_store(tmp_path_factory):
     """A temporary SQLite tracking + registry store for the module."""
-    from emonet.tracking import configure_mlflow
+    from emonet.tracking.run_logging import configure_mlflow
 
     base = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{base / 'mlflow.db'}"
@@ -245,7 +246,7 @@ def logged_model(mlflow_store, tiny_checkpoint):
 
     from mlflow import MlflowClient
 
-    from emonet.tracking import log_emonet_model
+    from emonet.tracking.run_logging import log_emonet_model
 
     client = MlflowClient()
     run_id = client.create_run(mlflow_store["experiment_id"]).info.run_id
@@ -278,7 +279,11 @@ def run_together(script: str, n: int, cwd: Path) -> list[subprocess.CompletedPro
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CHILD_PROLOGUE + script, str(i), str(n)],
-            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i in range(n)
     ]

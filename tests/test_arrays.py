@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emonet.arrays import load_array
+from emonet.data.arrays import load_array
 
 
 @pytest.fixture

@@ -10,13 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-
-from emonet.batch import ID_COLUMNS, is_mlflow_uri, load_predictor, predict_csv, skipped_path
 from test_images import sparse_npy
+
 from emonet.config import load_config
-from emonet.arrays import load_array
-from emonet.inference import OUTPUT_COLUMNS, PROB_COLUMNS, Predictor
-from emonet.models import build_model
+from emonet.data.arrays import load_array
+from emonet.inference.csv_scoring import ID_COLUMNS, predict_csv, skipped_path
+from emonet.inference.loading import is_mlflow_uri, load_predictor
+from emonet.inference.predictor import OUTPUT_COLUMNS, PROB_COLUMNS, Predictor
+from emonet.models.network import build_model
 from emonet.schema import EMOTIONS, annotations_path, arrays_dir
 
 TINY = {"image_size": 32, "epochs": 1, "batch_size": 8, "num_workers": 0, "device": "cpu", "augment": False}
@@ -125,8 +126,9 @@ def test_skip_option_records_skipped_rows(demo_checkpoint, predictor, tmp_path):
     csv_path = tmp_path / "broken.csv"
     frame.to_csv(csv_path, index=False)
     out = tmp_path / "out.csv"
-    summary = predict_csv(predictor, csv_path, out, img_dir=arrays_dir(root), batch_size=4, progress=False,
-                          on_error="skip")
+    summary = predict_csv(
+        predictor, csv_path, out, img_dir=arrays_dir(root), batch_size=4, progress=False, on_error="skip"
+    )
     result = pd.read_csv(out)
     assert result["row"].tolist() == [r for r in range(11) if r not in (2, 9)]
     assert summary["rows_read"] == 11 and summary["rows_written"] == 9 and summary["rows_skipped"] == 2
@@ -174,18 +176,23 @@ def test_oversize_crop_is_skipped_or_named_before_its_pixels_are_read(demo_check
 
     summary = predict_csv(predictor, csv_path, out, img_dir=img_dir, batch_size=4, progress=False, on_error="skip")
     assert summary["rows_written"] == 10 and [s["row"] for s in summary["skipped"]] == [3]
-    assert "crop_arr_test_huge.npy: image of 100000 x 100000 = 10,000,000,000 pixels is over the limit" in (
-        summary["skipped"][0]["reason"])
+    assert (
+        "crop_arr_test_huge.npy: image of 100000 x 100000 = 10,000,000,000 pixels is over the limit"
+        in (summary["skipped"][0]["reason"])
+    )
     assert 3 not in pd.read_csv(out)["row"].tolist()
     with pytest.raises(ValueError, match="huge.csv: row 3: crop_arr_test_huge.npy: image of 100000 x 100000"):
         predict_csv(predictor, csv_path, tmp_path / "raised.csv", img_dir=img_dir, batch_size=4, progress=False)
     # The limit is a parameter, for the image_path layout too.
     paths_csv = tmp_path / "paths.csv"
     pd.DataFrame({"image_path": [str(img_dir / frame.loc[0, "Crop_name"])]}).to_csv(paths_csv, index=False)
-    with pytest.raises(ValueError, match="paths.csv: row 0: .*image of 40 x 40 = 1,600 pixels is over the limit of 1,599"):
+    with pytest.raises(
+        ValueError, match="paths.csv: row 0: .*image of 40 x 40 = 1,600 pixels is over the limit of 1,599"
+    ):
         predict_csv(predictor, paths_csv, tmp_path / "small.csv", progress=False, max_pixels=1599)
-    assert predict_csv(predictor, paths_csv, tmp_path / "small.csv", progress=False, max_pixels=1600)[
-        "rows_written"] == 1
+    assert (
+        predict_csv(predictor, paths_csv, tmp_path / "small.csv", progress=False, max_pixels=1600)["rows_written"] == 1
+    )
     with pytest.raises(ValueError, match="max_pixels must be a positive int"):
         predict_csv(predictor, paths_csv, tmp_path / "small.csv", progress=False, max_pixels=0)
 
@@ -247,7 +254,7 @@ def test_retry_condition_skips_user_errors():
 def test_registered_mlflow_model_scores_like_its_checkpoint(demo_checkpoint, predictor, tmp_path):
     import mlflow
 
-    from emonet.tracking import configure_mlflow, log_emonet_model
+    from emonet.tracking.run_logging import configure_mlflow, log_emonet_model
 
     root, checkpoint = demo_checkpoint
     previous = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
@@ -262,8 +269,13 @@ def test_registered_mlflow_model_scores_like_its_checkpoint(demo_checkpoint, pre
         assert isinstance(loaded, Predictor) and loaded.batch_size == 3
         np.testing.assert_allclose(loaded.thresholds, predictor.thresholds)
         out = tmp_path / "mlflow_predictions.csv"
-        summary = predict_csv("models:/emonet-batch@champion", annotations_path(root, "test"), out,
-                              img_dir=arrays_dir(root), progress=False)
+        summary = predict_csv(
+            "models:/emonet-batch@champion",
+            annotations_path(root, "test"),
+            out,
+            img_dir=arrays_dir(root),
+            progress=False,
+        )
     finally:
         mlflow.set_tracking_uri(previous[0])
         mlflow.set_registry_uri(previous[1])

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emonet.benchmark import (
+from emonet.metrics import mean_average_precision_score, mean_voc11_average_precision_score
+from emonet.reports.benchmark import (
     BENCHMARK_FILES,
     NOT_STATED,
     PROTOCOL_SKLEARN,
@@ -20,7 +21,6 @@ from emonet.benchmark import (
     benchmark_table,
     write_benchmark,
 )
-from emonet.metrics import mean_average_precision_score, mean_voc11_average_precision_score
 from emonet.schema import EMOTIONS, NUM_EMOTIONS, annotations_path, arrays_dir
 
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from sklearn.exceptions import UndefinedMetricWarning
 
-from emonet.bootstrap import (
+from emonet.metrics import mean_average_precision_score, mean_voc11_average_precision_score
+from emonet.metrics.bootstrap import (
     BOOTSTRAP_METRICS,
     BootstrapInterval,
     bootstrap_counts,
     bootstrap_intervals,
     paired_bootstrap_map_difference,
 )
-from emonet.metrics import mean_average_precision_score, mean_voc11_average_precision_score
 
 
 def emotic_like(n: int, n_labels: int = 8, seed: int = 0, signal: float = 0.3):
@@ -77,7 +77,9 @@ def test_intervals_match_an_explicit_resample_loop():
         low, high = np.percentile(errors, [2.5, 97.5])
         assert result[key].low == pytest.approx(low, abs=1e-12)
         assert result[key].high == pytest.approx(high, abs=1e-12)
-        assert result[key].estimate == pytest.approx(np.abs(affect_pred[used, column] - affect_true[used, column]).mean())
+        assert result[key].estimate == pytest.approx(
+            np.abs(affect_pred[used, column] - affect_true[used, column]).mean()
+        )
 
 
 def test_interval_holds_the_estimate_and_narrows_with_more_rows():

@@ -66,7 +66,7 @@ def test_module_without_a_source_file_is_refused():
         module_digest("sys")
 
 
-@pytest.mark.parametrize("changed", ["emonet.annotations", "emonet.arrays", "emonet.schema"])
+@pytest.mark.parametrize("changed", ["emonet.data.annotations", "emonet.data.arrays", "emonet.schema"])
 def test_validation_array_and_schema_code_is_in_both_keys(fake_archive, monkeypatch, changed):
     assert changed in caching.VISIBILITY_MODULES and changed in caching.NORMALIZE_MODULES
     shard = {"annotations_csv": annotations_path(fake_archive, "val"), "img_dir": arrays_dir(fake_archive)}

@@ -31,8 +31,17 @@ def test_make_demo_data_visibility_and_normalize(tmp_path, capsys):
 
 
 def test_user_errors_are_one_line_with_exit_code_2(fake_archive, tmp_path, capsys):
-    code = main(["normalize", "--annotations-dir", str(fake_archive / ANNOTATIONS_DIRNAME), "--out-dir", str(tmp_path),
-                 "--min-visibility", "20"])
+    code = main(
+        [
+            "normalize",
+            "--annotations-dir",
+            str(fake_archive / ANNOTATIONS_DIRNAME),
+            "--out-dir",
+            str(tmp_path),
+            "--min-visibility",
+            "20",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("emonet normalize: error:") and "Face_Visibility" in err
@@ -51,36 +60,59 @@ def _one_line_error(capsys, command: str) -> str:
 def test_output_folder_under_a_file_fails_in_one_line(fake_archive, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    code = main(["normalize", "--annotations-dir", str(fake_archive / ANNOTATIONS_DIRNAME), "--out-dir",
-                 str(a_file / "out")])
+    code = main(
+        ["normalize", "--annotations-dir", str(fake_archive / ANNOTATIONS_DIRNAME), "--out-dir", str(a_file / "out")]
+    )
     assert code == 1
     assert f"{a_file / 'out'}: cannot create the output folder: Not a directory" in _one_line_error(capsys, "normalize")
 
 
 def test_unwritable_output_is_found_before_the_work(fake_archive, tmp_path, capsys, monkeypatch):
-    import emonet.evaluation
-    import emonet.io
-    import emonet.visibility_split
+    import emonet.data.visibility_column
+    import emonet.reports.evaluation
+    import emonet.utils.io
 
     # The work itself (scoring crops, loading the model) must not start.
     calls = []
-    monkeypatch.setattr(emonet.visibility_split, "score_crops", lambda *args, **kwargs: calls.append(args))
-    monkeypatch.setattr(emonet.evaluation, "load_checkpoint", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(emonet.data.visibility_column, "score_crops", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(emonet.reports.evaluation, "load_checkpoint", lambda *args, **kwargs: calls.append(args))
     csv_path = annotations_path(fake_archive, "test")
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    code = main(["visibility", "--annotations", str(csv_path), "--img-dir", str(arrays_dir(fake_archive)),
-                 "--out", str(tmp_path / "ok.csv"), "--plot", str(a_file / "hist.png")])
+    code = main(
+        [
+            "visibility",
+            "--annotations",
+            str(csv_path),
+            "--img-dir",
+            str(arrays_dir(fake_archive)),
+            "--out",
+            str(tmp_path / "ok.csv"),
+            "--plot",
+            str(a_file / "hist.png"),
+        ]
+    )
     assert code == 1 and f"{a_file}: the output folder is a file" in _one_line_error(capsys, "visibility")
 
     # As root, a read-only folder is still writable, so the refusal is simulated.
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(emonet.io.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(emonet.utils.io.tempfile, "TemporaryFile", read_only)
     out_dir = tmp_path / "read_only"
-    code = main(["evaluate", "--checkpoint", str(tmp_path / "best.pt"), "--annotations", str(csv_path),
-                 "--img-dir", str(arrays_dir(fake_archive)), "--out-dir", str(out_dir)])
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(tmp_path / "best.pt"),
+            "--annotations",
+            str(csv_path),
+            "--img-dir",
+            str(arrays_dir(fake_archive)),
+            "--out-dir",
+            str(out_dir),
+        ]
+    )
     assert code == 1
     assert f"{out_dir}: cannot write in the output folder: Permission denied" in _one_line_error(capsys, "evaluate")
     assert calls == []
@@ -92,22 +124,24 @@ def test_read_only_output_folder_fails_in_one_line(fake_archive, tmp_path, capsy
     out_dir.mkdir()
     out_dir.chmod(0o555)
     try:
-        code = main(["normalize", "--annotations-dir", str(fake_archive / ANNOTATIONS_DIRNAME), "--out-dir",
-                     str(out_dir)])
+        code = main(
+            ["normalize", "--annotations-dir", str(fake_archive / ANNOTATIONS_DIRNAME), "--out-dir", str(out_dir)]
+        )
     finally:
         out_dir.chmod(0o755)
     assert code == 1 and "cannot write in the output folder" in _one_line_error(capsys, "normalize")
 
 
 def test_os_errors_during_the_work_are_one_line_naming_the_path(fake_archive, tmp_path, capsys, monkeypatch):
-    import emonet.normalize
+    import emonet.data.normalize
 
     def refused(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "x.csv"))
 
-    monkeypatch.setattr(emonet.normalize, "normalize_dataset", refused)
-    code = main(["normalize", "--annotations-dir", str(fake_archive / ANNOTATIONS_DIRNAME), "--out-dir",
-                 str(tmp_path / "out")])
+    monkeypatch.setattr(emonet.data.normalize, "normalize_dataset", refused)
+    code = main(
+        ["normalize", "--annotations-dir", str(fake_archive / ANNOTATIONS_DIRNAME), "--out-dir", str(tmp_path / "out")]
+    )
     assert code == 1
     assert _one_line_error(capsys, "normalize") == f"emonet normalize: error: {tmp_path / 'x.csv'}: Permission denied\n"
 
@@ -115,8 +149,9 @@ def test_os_errors_during_the_work_are_one_line_naming_the_path(fake_archive, tm
 def test_binary_csv_is_named(fake_archive, tmp_path, capsys):
     binary = annotations_path(fake_archive, "train")
     binary.write_bytes(bytes(range(256)) * 8)
-    code = main(["normalize", "--annotations-dir", str(fake_archive / ANNOTATIONS_DIRNAME), "--out-dir",
-                 str(tmp_path / "out")])
+    code = main(
+        ["normalize", "--annotations-dir", str(fake_archive / ANNOTATIONS_DIRNAME), "--out-dir", str(tmp_path / "out")]
+    )
     assert code == 2 and f"{binary}: not a CSV file: a NUL byte at offset 0" in _one_line_error(capsys, "normalize")
 
 
@@ -138,8 +173,21 @@ def test_predict_max_pixels_skips_or_names_the_row(tiny_checkpoint, tmp_path, ca
 def test_benchmark_writes_the_table(demo_checkpoint, tmp_path, capsys):
     root, checkpoint = demo_checkpoint
     out = tmp_path / "bench"
-    args = ["benchmark", "--model", str(checkpoint), "--annotations", str(annotations_path(root, "test")),
-            "--img-dir", str(arrays_dir(root)), "--out-dir", str(out), "--n-resamples", "50", "--seed", "1"]
+    args = [
+        "benchmark",
+        "--model",
+        str(checkpoint),
+        "--annotations",
+        str(annotations_path(root, "test")),
+        "--img-dir",
+        str(arrays_dir(root)),
+        "--out-dir",
+        str(out),
+        "--n-resamples",
+        "50",
+        "--seed",
+        "1",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "mAP_voc11" in printed and "benchmark.md" in printed
@@ -149,8 +197,15 @@ def test_benchmark_writes_the_table(demo_checkpoint, tmp_path, capsys):
 
 
 def test_benchmark_errors_are_one_line(fake_archive, tmp_path, capsys):
-    base = ["benchmark", "--model", str(tmp_path / "missing.pt"), "--img-dir", str(arrays_dir(fake_archive)),
-            "--out-dir", str(tmp_path / "out")]
+    base = [
+        "benchmark",
+        "--model",
+        str(tmp_path / "missing.pt"),
+        "--img-dir",
+        str(arrays_dir(fake_archive)),
+        "--out-dir",
+        str(tmp_path / "out"),
+    ]
     assert main([*base, "--annotations", str(tmp_path / "missing.csv")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("emonet benchmark: error: annotation CSV not found") and "Traceback" not in err

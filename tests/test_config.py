@@ -64,4 +64,3 @@ def test_every_checked_in_config_validates(path):
     for section, values in raw.items():
         for key, value in values.items():
             assert config_to_dict(config)[section][key] == value, f"{path.name}: {section}.{key}"
-

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from emonet.annotations import affect_targets, load_annotations, raw_affect, scaled_box
-from emonet.arrays import check_file_name, load_array
-from emonet.data import EmoticDataset
+from emonet.data.annotations import affect_targets, load_annotations, raw_affect, scaled_box
+from emonet.data.arrays import check_file_name, load_array
+from emonet.data.dataset import EmoticDataset
 from emonet.schema import CSV_COLUMNS, EMOTIONS, annotations_path, arrays_dir
 
 
@@ -125,8 +125,12 @@ def test_dataset_item_of_a_masked_row_has_nan_affect_and_its_labels(fake_archive
 
 def test_affect_targets_mask_normalized_rows_whose_raw_value_is_missing():
     df = pd.DataFrame(
-        {"Valence": [1.0, np.nan, 10.0], "Arousal": [5.5, 5.0, 12.0],
-         "Valence_norm": [-1.0, np.nan, 1.0], "Arousal_norm": [0.0, -0.1, 1.0]}
+        {
+            "Valence": [1.0, np.nan, 10.0],
+            "Arousal": [5.5, 5.0, 12.0],
+            "Valence_norm": [-1.0, np.nan, 1.0],
+            "Arousal_norm": [0.0, -0.1, 1.0],
+        }
     )
     targets = affect_targets(df)
     np.testing.assert_allclose(targets[[0, 2]], [[-1.0, 0.0], [1.0, 1.0]])
@@ -233,7 +237,9 @@ def test_dataset_items_on_quirky_rows(fake_archive):
     height, width = image.shape[:2]
     x0, y0, x1, y1 = scaled_box(df.loc[0], image.shape)
     assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
-    assert [x0 / width, y0 / height, x1 / width, y1 / height] == pytest.approx([0.05, 5 / 120, 0.45, 115 / 120], abs=0.02)
+    assert [x0 / width, y0 / height, x1 / width, y1 / height] == pytest.approx(
+        [0.05, 5 / 120, 0.45, 115 / 120], abs=0.02
+    )
 
 
 def test_dataset_applies_transform_to_both_streams(fake_archive):
@@ -243,7 +249,9 @@ def test_dataset_applies_transform_to_both_streams(fake_archive):
         calls.append(context is not None)
         return body.float() / 255, context.float() / 255
 
-    dataset = EmoticDataset(annotations_path(fake_archive, "val"), arrays_dir(fake_archive), transform, with_context=True)
+    dataset = EmoticDataset(
+        annotations_path(fake_archive, "val"), arrays_dir(fake_archive), transform, with_context=True
+    )
     item = dataset[3]
     assert calls == [True]
     assert item["body"].dtype == torch.float32 and item["context"].dtype == torch.float32

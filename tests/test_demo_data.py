@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from emonet.annotations import load_annotations, scaled_box
-from emonet.arrays import load_array
-from emonet.demo_data import GLYPHS, MANIFEST_NAME, _sample_emotions, example_crop, make_demo_data
+from emonet.data.annotations import load_annotations, scaled_box
+from emonet.data.arrays import load_array
+from emonet.data.demo import GLYPHS, MANIFEST_NAME, _sample_emotions, example_crop, make_demo_data
+from emonet.data.face_visibility import FaceVisibilityScorer
 from emonet.schema import (
     AGES,
     CSV_COLUMNS,
@@ -24,7 +25,6 @@ from emonet.schema import (
     crop_name,
     image_name,
 )
-from emonet.visibility import FaceVisibilityScorer
 
 ROWS = {"train": 40, "val": 12, "test": 12}
 SIZE = 112  # the default: the face landmarker needs faces of this size
@@ -162,7 +162,7 @@ def _glyph_pixels(crop: np.ndarray, colour: tuple[int, int, int]) -> int:
 
 def test_glyph_colours_match_positive_emotions(demo_root: Path, tables: dict[str, pd.DataFrame]) -> None:
     """Each documented glyph colour is in the crop exactly when its emotion is positive."""
-    from emonet.demo_data import _GLYPH_COLOURS
+    from emonet.data.demo import _GLYPH_COLOURS
 
     img_dir = arrays_dir(demo_root)
     colours = {name: rgb for name, rgb in _GLYPH_COLOURS if rgb is not None}

@@ -22,19 +22,19 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from emonet.config import DistributedConfig, EmoNetConfig, load_config
-from emonet.data import EmoticDataset
-from emonet.demo_data import make_demo_data
-from emonet.distributed import launch_training, torchrun_command
-from emonet.parallel import gather_predictions, resolve_backend
-from emonet.inference import Predictor
-from emonet.losses import EmoNetLoss
-from emonet.models import build_model
-from emonet.normalize import AffectNormalizer
-from emonet.prediction import predict_split
+from emonet.data.dataset import EmoticDataset
+from emonet.data.demo import make_demo_data
+from emonet.data.normalize import AffectNormalizer
+from emonet.inference.loop import predict_split
+from emonet.inference.predictor import Predictor
+from emonet.models.network import build_model
 from emonet.schema import NUM_EMOTIONS, annotations_path, arrays_dir
-from emonet.seeding import seed_everything
-from emonet.train import evaluate, fit, train_from_csvs
-from emonet.train_loaders import make_loaders
+from emonet.training.ddp import gather_predictions, resolve_backend
+from emonet.training.launcher import launch_training, torchrun_command
+from emonet.training.losses import EmoNetLoss
+from emonet.training.run_loaders import make_loaders
+from emonet.training.seeding import seed_everything
+from emonet.training.trainer import evaluate, fit, train_from_csvs
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
 
@@ -55,8 +55,16 @@ def _step_config(batch_size: int) -> EmoNetConfig:
     """One optimizer step over 16 samples, with nothing random in it: no augmentation, no dropout."""
     return load_config(
         model={"backbone": "resnet18", "dropout": 0.0},
-        train={"image_size": 32, "batch_size": batch_size, "epochs": 1, "lr": 1e-3, "num_workers": 0,
-               "device": "cpu", "seed": 3, "augment": False},
+        train={
+            "image_size": 32,
+            "batch_size": batch_size,
+            "epochs": 1,
+            "lr": 1e-3,
+            "num_workers": 0,
+            "device": "cpu",
+            "seed": 3,
+            "augment": False,
+        },
     )
 
 
@@ -64,8 +72,15 @@ def _resume_config(epochs: int) -> EmoNetConfig:
     """Augmentation and dropout on, so a resume must restore every rank's RNG states."""
     return load_config(
         model={"backbone": "resnet18"},
-        train={"image_size": 32, "batch_size": 4, "epochs": epochs, "lr": 1e-3, "num_workers": 0, "device": "cpu",
-               "seed": 5},
+        train={
+            "image_size": 32,
+            "batch_size": 4,
+            "epochs": epochs,
+            "lr": 1e-3,
+            "num_workers": 0,
+            "device": "cpu",
+            "seed": 5,
+        },
     )
 
 
@@ -112,12 +127,19 @@ def _worker(rank: int, world: int, port: int, root: Path, out: Path) -> None:
         ).history
         train_from_csvs(train_csv, val_csv, img_dir, _resume_config(1), out / "resumed", progress=False)
         results["resumed"] = train_from_csvs(
-            train_csv, val_csv, img_dir, _resume_config(2), out / "resumed",
-            resume_from=out / "resumed" / "last.pt", progress=False,
+            train_csv,
+            val_csv,
+            img_dir,
+            _resume_config(2),
+            out / "resumed",
+            resume_from=out / "resumed" / "last.pt",
+            progress=False,
         ).history
 
-        sync = load_config(model={"backbone": "resnet18"},
-                           train={"image_size": 32, "device": "cpu", "distributed": {"sync_batchnorm": True}})
+        sync = load_config(
+            model={"backbone": "resnet18"},
+            train={"image_size": 32, "device": "cpu", "distributed": {"sync_batchnorm": True}},
+        )
         try:
             fit(build_model(sync.model), train_loader, val_loader, sync, progress=False)
         except ValueError as error:
@@ -181,7 +203,10 @@ def test_a_distributed_run_resumes_to_the_same_weights(spawned: dict[str, Any]) 
     for resumed_row, straight_row in zip(first["resumed"], first["straight"], strict=True):
         assert resumed_row == pytest.approx(straight_row, rel=0, abs=1e-6)
     assert first["straight"] == second["straight"]  # every rank saw the same gathered metrics
-    straight, resumed = _weights(spawned["out"] / "straight" / "last.pt"), _weights(spawned["out"] / "resumed" / "last.pt")
+    straight, resumed = (
+        _weights(spawned["out"] / "straight" / "last.pt"),
+        _weights(spawned["out"] / "resumed" / "last.pt"),
+    )
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
     checkpoint = torch.load(spawned["out"] / "straight" / "last.pt", weights_only=True)
@@ -200,7 +225,9 @@ def test_sync_batchnorm_on_the_cpu_is_a_config_error(spawned: dict[str, Any]) ->
 @pytest.mark.slow
 # The task runs outside a flow; Prefect's own closing lines say so. The task's log is kept.
 @pytest.mark.filterwarnings("ignore:Logger 'prefect.task_runs' attempted to send logs:UserWarning")
-def test_prefect_task_trains_with_torchrun_and_the_checkpoint_serves(prefect_env: dict[str, Any], tmp_path: Path) -> None:
+def test_prefect_task_trains_with_torchrun_and_the_checkpoint_serves(
+    prefect_env: dict[str, Any], tmp_path: Path
+) -> None:
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
@@ -216,12 +243,24 @@ def test_prefect_task_trains_with_torchrun_and_the_checkpoint_serves(prefect_env
 
     config = load_config(
         model={"backbone": "resnet18"},
-        train={"image_size": 32, "batch_size": 4, "epochs": 1, "num_workers": 0, "device": "cpu",
-               "distributed": {"nproc_per_node": 2}},
+        train={
+            "image_size": 32,
+            "batch_size": 4,
+            "epochs": 1,
+            "num_workers": 0,
+            "device": "cpu",
+            "distributed": {"nproc_per_node": 2},
+        },
     )
     state = train_model(
-        run_id=run_id, config=config, train_csv=train_csv, val_csv=val_csv, img_dir=img_dir,
-        checkpoint_dir=tmp_path / "checkpoints", normalization_json=normalization_json, return_state=True,
+        run_id=run_id,
+        config=config,
+        train_csv=train_csv,
+        val_csv=val_csv,
+        img_dir=img_dir,
+        checkpoint_dir=tmp_path / "checkpoints",
+        normalization_json=normalization_json,
+        return_state=True,
     )
     assert state.is_completed(), state.message
     result = state.result()
@@ -236,7 +275,7 @@ def test_prefect_task_trains_with_torchrun_and_the_checkpoint_serves(prefect_env
     with get_client(sync_client=True) as prefect:
         logs = prefect.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[state.state_details.task_run_id])))
     messages = "\n".join(log.message for log in logs)
-    assert "rank 0 INFO emonet.train: epoch 1/1" in messages
+    assert "rank 0 INFO emonet.training.trainer: epoch 1/1" in messages
 
     # The distributed checkpoint serves in a single process.
     predictor = Predictor.from_checkpoint(result.best_checkpoint, normalizer=normalization_json)
@@ -251,12 +290,20 @@ def test_a_failed_rank_fails_the_launch_with_the_tail_of_its_log(tmp_path: Path)
     train_csv, _, img_dir = _splits(root)
     config = load_config(
         model={"backbone": "resnet18"},
-        train={"image_size": 32, "batch_size": 4, "epochs": 1, "num_workers": 0, "device": "cpu",
-               "distributed": {"nproc_per_node": 2}},
+        train={
+            "image_size": 32,
+            "batch_size": 4,
+            "epochs": 1,
+            "num_workers": 0,
+            "device": "cpu",
+            "distributed": {"nproc_per_node": 2},
+        },
     )
     lines: list[str] = []
     with pytest.raises(RuntimeError, match=r"(?s)torchrun exited with code 1.*missing_val\.csv"):
-        launch_training(config, train_csv, tmp_path / "missing_val.csv", img_dir, tmp_path / "run", on_line=lines.append)
+        launch_training(
+            config, train_csv, tmp_path / "missing_val.csv", img_dir, tmp_path / "run", on_line=lines.append
+        )
     assert any("missing_val.csv" in line for line in lines)
 
 
@@ -274,7 +321,7 @@ def test_distributed_config_and_torchrun_command() -> None:
     one_box = torchrun_command(DistributedConfig(nproc_per_node=4), ["--config", "c.yaml"])
     assert one_box[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in one_box and "--nproc_per_node=4" in one_box
-    assert one_box[-4:] == ["-m", "emonet.distributed", "--config", "c.yaml"]
+    assert one_box[-4:] == ["-m", "emonet.training.launcher", "--config", "c.yaml"]
     cluster = torchrun_command(DistributedConfig(nproc_per_node=8, nnodes=2, rdzv_endpoint="10.0.0.1:29400"), [])
     assert {"--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=10.0.0.1:29400", "--rdzv_id=emonet"} <= set(cluster)
     assert "--standalone" not in cluster

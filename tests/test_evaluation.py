@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from emonet.bootstrap import bootstrap_intervals
-from emonet.evaluation import evaluate_checkpoint, split_fingerprint
 from emonet.metrics import evaluate_predictions, mean_average_precision_score, mean_voc11_average_precision_score
+from emonet.metrics.bootstrap import bootstrap_intervals
+from emonet.models.checkpoint import load_checkpoint
+from emonet.reports.evaluation import evaluate_checkpoint, split_fingerprint
 from emonet.schema import EMOTIONS, annotations_path, arrays_dir
-from emonet.checkpoint import load_checkpoint
 
 
 def test_evaluate_checkpoint_writes_report_and_uses_stored_thresholds(tiny_checkpoint, tmp_path):
@@ -39,7 +39,14 @@ def test_evaluate_checkpoint_writes_report_and_uses_stored_thresholds(tiny_check
     per_emotion = pd.read_csv(tmp_path / "per_emotion.csv")
     assert len(per_emotion) == len(EMOTIONS)
     assert {"average_precision", "average_precision_voc11"} <= set(per_emotion.columns)
-    for name in ("cooccurrence_true", "cooccurrence_pred", "true_vs_predicted", "per_emotion_metrics", "affect_scatter", "learning_curves"):
+    for name in (
+        "cooccurrence_true",
+        "cooccurrence_pred",
+        "true_vs_predicted",
+        "per_emotion_metrics",
+        "affect_scatter",
+        "learning_curves",
+    ):
         with Image.open(report.files[name]) as image:
             image.verify()
     assert not list(tmp_path.glob(".*.tmp"))
@@ -60,14 +67,25 @@ def test_evaluation_reports_intervals_the_benchmark_and_validation(tiny_checkpoi
     table's files, and the validation split predicted by the same loaded model."""
     root = tiny_checkpoint["root"]
     report = evaluate_checkpoint(
-        tiny_checkpoint["checkpoint"], annotations_path(root, "test"), arrays_dir(root), tmp_path, progress=False,
-        validation=annotations_path(root, "val"), model_name="tiny", n_resamples=200, bootstrap_seed=3,
+        tiny_checkpoint["checkpoint"],
+        annotations_path(root, "test"),
+        arrays_dir(root),
+        tmp_path,
+        progress=False,
+        validation=annotations_path(root, "val"),
+        model_name="tiny",
+        n_resamples=200,
+        bootstrap_seed=3,
     )
     p = report.predictions
     raw = pd.read_csv(annotations_path(root, "test"))[["Valence", "Arousal"]].to_numpy(dtype=float)[p.indices]
     expected = bootstrap_intervals(
-        p.emotions_true, p.emotion_prob, raw, report.normalizer.inverse_transform(p.affect_pred),
-        n_resamples=200, seed=3,
+        p.emotions_true,
+        p.emotion_prob,
+        raw,
+        report.normalizer.inverse_transform(p.affect_pred),
+        n_resamples=200,
+        seed=3,
     )
     assert report.intervals == expected
     assert set(report.intervals) == {"mAP", "mAP_voc11", "mae_valence_1_10", "mae_arousal_1_10"}

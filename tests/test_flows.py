@@ -16,7 +16,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from emonet.config import EmoNetConfig
-from emonet.demo_data import make_demo_data
+from emonet.data.demo import make_demo_data
 from emonet.schema import EMOTIONS, annotations_path, arrays_dir
 
 pytestmark = pytest.mark.slow
@@ -115,15 +115,22 @@ def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_roo
     assert run.data.metrics["test_mAP_voc11"] == pytest.approx(first["test_mAP_voc11"])
     assert run.data.metrics["test_mAP_ci_low"] <= first["test_mAP"] <= run.data.metrics["test_mAP_ci_high"]
     assert (run.data.metrics["test_mAP_ci_low"], run.data.metrics["test_mAP_ci_high"]) == pytest.approx(
-        first["test_mAP_ci"])
+        first["test_mAP_ci"]
+    )
     assert {"test_mAP_voc11_ci_low", "test_mae_valence_1_10_ci_high"} <= set(run.data.metrics)
     assert run.data.tags["emonet.training_skipped"] == "false" and run.data.tags["emonet.code_version"]
     assert run.data.tags["promotion_split"] == "val" and run.data.tags["promotion_decision"] == "first_version"
     assert run.data.metrics["candidate_val_mAP"] == pytest.approx(first["val_mAP"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mAP")] == [1]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    for name in ("true_vs_predicted.png", "cooccurrence_true.png", "per_emotion_metrics.png", "affect_scatter.png",
-                 "benchmark.md", "benchmark.csv"):
+    for name in (
+        "true_vs_predicted.png",
+        "cooccurrence_true.png",
+        "per_emotion_metrics.png",
+        "affect_scatter.png",
+        "benchmark.md",
+        "benchmark.csv",
+    ):
         assert f"evaluation/{name}" in logged
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {"checkpoints/best.pt"}
     review = {a.path for a in client.list_artifacts(run.info.run_id, "review")}
@@ -155,7 +162,8 @@ def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_roo
     assert second["version"] == "2" and second["alias"] == "challenger"
     assert second["decision"] == "not_significantly_better"
     second_summary = _artifacts(client.get_run(second["mlflow_run_id"]).data.tags["prefect.flow_run_id"])[
-        "emonet-training-summary"].data
+        "emonet-training-summary"
+    ].data
     assert "| champion before (v1) |" in second_summary and "+0.0000 [+0.0000, +0.0000]" in second_summary
     assert str(client.get_model_version_by_alias("emonet-test", "champion").version) == "1"
 
@@ -190,7 +198,7 @@ def test_unchanged_data_skips_training_and_force_retrain_retrains(prefect_env, d
 
     second = _run_pipeline(prefect_env, demo_root, TINY_CONFIG, **run)  # the same recipe as a mapping
     assert train.calls == 1, "training was skipped"
-    assert second["skipped"] and f"champion version 1 of 'emonet-skip'" in second["skip_reason"]
+    assert second["skipped"] and "champion version 1 of 'emonet-skip'" in second["skip_reason"]
     mlflow_run = client.get_run(second["mlflow_run_id"])
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.tags["emonet.training_skipped"] == "true"
@@ -288,7 +296,10 @@ def test_flow_parameters_reject_bad_values():
     defaults = emonet_training_pipeline.validate_parameters({})
     assert defaults["config"] == EmoNetConfig(), "the flow's config defaults are the library's"
     assert (defaults["promotion_confidence"], defaults["promotion_split"], defaults["force_retrain"]) == (
-        0.95, "val", False)
+        0.95,
+        "val",
+        False,
+    )
 
 
 def test_run_report_shows_the_interval_or_why_training_was_skipped():
@@ -298,10 +309,20 @@ def test_run_report_shows_the_interval_or_why_training_was_skipped():
     skipped = run_report({**common, "skipped": True, "skip_reason": "the recipe of champion version 3"})
     assert "Training skipped: the recipe of champion version 3" in skipped and "Test mAP" not in skipped
     metrics = {"f1_macro": 0.5, "mae_valence_1_10": 1.0, "mae_arousal_1_10": 1.5}
-    trained = run_report({
-        **common, "skipped": False, "test_mAP": 0.4123, "test_mAP_ci": (0.39, 0.43), "test_mAP_voc11": 0.44,
-        "test_metrics": metrics, "val_mAP": 0.41, "version": "4", "alias": "challenger",
-        "decision": "not_significantly_better", "review": "outputs/review/index.html",
-    })
+    trained = run_report(
+        {
+            **common,
+            "skipped": False,
+            "test_mAP": 0.4123,
+            "test_mAP_ci": (0.39, 0.43),
+            "test_mAP_voc11": 0.44,
+            "test_metrics": metrics,
+            "val_mAP": 0.41,
+            "version": "4",
+            "alias": "challenger",
+            "decision": "not_significantly_better",
+            "review": "outputs/review/index.html",
+        }
+    )
     assert "Test mAP: 0.4123 [0.3900, 0.4300]" in trained and "mAP_voc11 0.4400" in trained
     assert "alias 'challenger' (not_significantly_better)" in trained

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageFile
 
-from emonet.images import (
+from emonet.data.images import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_REQUEST_PIXELS,
     DEFAULT_MAX_ROWS,
@@ -24,7 +24,7 @@ from emonet.images import (
     read_image,
     resolve_image_root,
 )
-from emonet.normalize import AffectNormalizer
+from emonet.data.normalize import AffectNormalizer
 
 SERVING_FLAG = "_MLFLOW_IS_IN_SERVING_ENVIRONMENT"
 
@@ -66,8 +66,11 @@ def test_png_bomb_is_refused_from_its_header(monkeypatch):
     bomb = _png_bytes(Image.new("1", (13000, 13000)))
     assert len(bomb) < 100_000
     forbid_decoding(monkeypatch)
-    with pytest.raises(ImageTooLargeError, match=r"base64 image: image of 13000 x 13000 = 169,000,000 pixels is over "
-                                                  r"the limit of 40,000,000"):
+    with pytest.raises(
+        ImageTooLargeError,
+        match=r"base64 image: image of 13000 x 13000 = 169,000,000 pixels is over "
+        r"the limit of 40,000,000",
+    ):
         decode_image_b64(_b64(bomb))
 
 
@@ -167,7 +170,7 @@ def test_image_root_must_be_a_folder(tmp_path):
 
 
 def _load_pyfunc(checkpoint: Path, tmp_path: Path, **model_config):
-    from emonet.pyfunc_model import EmoNetPyfunc
+    from emonet.inference.pyfunc_model import EmoNetPyfunc
 
     model = EmoNetPyfunc()
     normalization = AffectNormalizer().save(tmp_path / "normalization.json")
@@ -185,7 +188,7 @@ def checkpoint(tiny_checkpoint):
 
 
 def test_pyfunc_refuses_rows_over_the_pixel_limit_naming_the_row(checkpoint, tmp_path, monkeypatch):
-    from emonet.pyfunc_model import InvalidModelInput
+    from emonet.inference.pyfunc_model import InvalidModelInput
 
     monkeypatch.delenv("EMONET_IMAGE_ROOT", raising=False)
     small = np.zeros((10, 10, 3), dtype=np.uint8)
@@ -196,14 +199,18 @@ def test_pyfunc_refuses_rows_over_the_pixel_limit_naming_the_row(checkpoint, tmp
     with pytest.raises(InvalidModelInput, match="row 2: base64 image: image of 11 x 10 = 110 pixels"):
         model.predict(None, pd.DataFrame({"image_b64": [_b64(_png_bytes(small))] * 2 + [_b64(_png_bytes(big))]}))
     with pytest.raises(InvalidModelInput, match="row 1: .*big.npy: image of 11 x 10"):
-        model.predict(None, pd.DataFrame({"image_path": [None, str(tmp_path / "big.npy")],
-                                          "image_b64": [_b64(_png_bytes(small)), None]}))
+        model.predict(
+            None,
+            pd.DataFrame(
+                {"image_path": [None, str(tmp_path / "big.npy")], "image_b64": [_b64(_png_bytes(small)), None]}
+            ),
+        )
     # The default, when the logged model_config has no such key: 40 Mpx.
     assert _load_pyfunc(checkpoint, tmp_path).max_pixels == DEFAULT_MAX_PIXELS
 
 
 def test_pyfunc_bounds_a_request_by_rows_and_total_pixels_before_decoding(checkpoint, tmp_path, monkeypatch):
-    from emonet.pyfunc_model import InvalidModelInput
+    from emonet.inference.pyfunc_model import InvalidModelInput
 
     image = _b64(_png_bytes(np.zeros((20, 30, 3), dtype=np.uint8)))  # 600 pixels
     np.save(tmp_path / "a.npy", np.zeros((20, 30, 3), dtype=np.uint8))
@@ -212,17 +219,25 @@ def test_pyfunc_bounds_a_request_by_rows_and_total_pixels_before_decoding(checkp
     forbid_decoding(monkeypatch)
     with pytest.raises(InvalidModelInput, match="4 rows in one request is over the limit of 3 rows per request"):
         model.predict(None, pd.DataFrame({"image_b64": [image] * 4}))
-    with pytest.raises(InvalidModelInput, match=r"rows 0-2 hold 1,800 pixels, over the limit of 1,500 pixels per request"):
-        model.predict(None, pd.DataFrame({"image_path": [None, None, str(tmp_path / "a.npy")], "image_b64": [image, image, None]}))
+    with pytest.raises(
+        InvalidModelInput, match=r"rows 0-2 hold 1,800 pixels, over the limit of 1,500 pixels per request"
+    ):
+        model.predict(
+            None, pd.DataFrame({"image_path": [None, None, str(tmp_path / "a.npy")], "image_b64": [image, image, None]})
+        )
     # The defaults, when the logged model_config has no such keys.
     default = _load_pyfunc(checkpoint, tmp_path)
-    assert (default.max_rows, default.max_request_pixels) == (DEFAULT_MAX_ROWS, DEFAULT_MAX_REQUEST_PIXELS) == (256, 200_000_000)
+    assert (
+        (default.max_rows, default.max_request_pixels)
+        == (DEFAULT_MAX_ROWS, DEFAULT_MAX_REQUEST_PIXELS)
+        == (256, 200_000_000)
+    )
     with pytest.raises(ValueError, match="inference_max_rows must be a positive int"):
         _load_pyfunc(checkpoint, tmp_path, inference_max_rows=0)
 
 
 def test_pyfunc_confines_paths_to_the_image_root(checkpoint, tree, tmp_path, monkeypatch):
-    from emonet.pyfunc_model import InvalidModelInput
+    from emonet.inference.pyfunc_model import InvalidModelInput
 
     monkeypatch.delenv("EMONET_IMAGE_ROOT", raising=False)
     model = _load_pyfunc(checkpoint, tmp_path, inference_image_root=str(tree.root))
@@ -231,7 +246,9 @@ def test_pyfunc_confines_paths_to_the_image_root(checkpoint, tree, tmp_path, mon
     pd.testing.assert_frame_equal(inside, expected, atol=1e-5)
     messages = []
     for given in (str(tree.outside), "../secret.npy", "escape.npy", "sub/gone.npy", "broken.png"):
-        with pytest.raises(InvalidModelInput, match=r"row 1: .* is not a readable image file under the image root") as info:
+        with pytest.raises(
+            InvalidModelInput, match=r"row 1: .* is not a readable image file under the image root"
+        ) as info:
             model.predict(None, pd.DataFrame({"image_path": ["sub/in.npy", given]}))
         messages.append(str(info.value).replace(repr(given), "<path>"))
     assert len(set(messages)) == 1
@@ -248,7 +265,7 @@ def test_pyfunc_confines_paths_to_the_image_root(checkpoint, tree, tmp_path, mon
 
 
 def test_scoring_server_without_a_root_accepts_only_base64(checkpoint, tree, tmp_path, monkeypatch):
-    from emonet.pyfunc_model import InvalidModelInput
+    from emonet.inference.pyfunc_model import InvalidModelInput
 
     monkeypatch.delenv("EMONET_IMAGE_ROOT", raising=False)
     monkeypatch.delenv(SERVING_FLAG, raising=False)
@@ -272,7 +289,7 @@ def test_mlflow_scoring_server_sets_the_flag_the_model_reads(monkeypatch):
     # instead of REST clients silently reading files again.
     from mlflow.pyfunc import scoring_server
 
-    from emonet.pyfunc_model import _in_scoring_server
+    from emonet.inference.pyfunc_model import _in_scoring_server
 
     monkeypatch.setenv(SERVING_FLAG, "false")  # restored (removed) after the test
     assert not _in_scoring_server()
@@ -287,7 +304,7 @@ def test_scoring_server_app_answers_400_to_file_paths_and_bombs(checkpoint, tmp_
     from mlflow.pyfunc import scoring_server
     from starlette.testclient import TestClient
 
-    from emonet.tracking import PYFUNC_MODEL_FILE, model_signature
+    from emonet.tracking.run_logging import PYFUNC_MODEL_FILE, model_signature
 
     monkeypatch.delenv("EMONET_IMAGE_ROOT", raising=False)
     monkeypatch.setenv(SERVING_FLAG, "false")  # init() sets it; removed again after the test

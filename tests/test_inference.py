@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from emonet.config import load_config
-from emonet.images import decode_image_b64, read_image
-from emonet.inference import OUTPUT_COLUMNS, PROB_COLUMNS, Predictor
-from emonet.models import build_model
-from emonet.normalize import AffectNormalizer
+from emonet.data.images import decode_image_b64, read_image
+from emonet.data.normalize import AffectNormalizer
+from emonet.inference.predictor import OUTPUT_COLUMNS, PROB_COLUMNS, Predictor
+from emonet.models.network import build_model
 from emonet.schema import EMOTIONS, NUM_EMOTIONS
 
 IMAGE_SIZE = 32
@@ -108,7 +108,7 @@ def test_decode_image_b64_roundtrip_and_errors():
 
 
 def test_predict_frame_columns_ranges_and_thresholds(predictor, checkpoint):
-    from emonet.checkpoint import load_checkpoint
+    from emonet.models.checkpoint import load_checkpoint
 
     _, _, raw = load_checkpoint(checkpoint)
     np.testing.assert_allclose(predictor.thresholds, raw["thresholds"])  # tuned on val, not 0.5
@@ -207,7 +207,7 @@ def test_body_context_model_needs_contexts():
 
 @pytest.fixture(scope="module")
 def pyfunc(checkpoint, tmp_path_factory):
-    from emonet.pyfunc_model import EmoNetPyfunc
+    from emonet.inference.pyfunc_model import EmoNetPyfunc
 
     normalization = AffectNormalizer().save(tmp_path_factory.mktemp("norm") / "normalization.json")
     model = EmoNetPyfunc()
@@ -228,8 +228,13 @@ def test_pyfunc_predicts_paths_and_base64_like_the_predictor(pyfunc, predictor, 
     table = pd.DataFrame(
         {
             "image_path": [str(tmp_path / "0.npy"), str(tmp_path / "1.png"), None, str(tmp_path / "3.npy"), np.nan],
-            "image_b64": [None, None, base64.b64encode(_png_bytes(images[2])).decode(), None,
-                          base64.b64encode(_png_bytes(images[4])).decode()],
+            "image_b64": [
+                None,
+                None,
+                base64.b64encode(_png_bytes(images[2])).decode(),
+                None,
+                base64.b64encode(_png_bytes(images[4])).decode(),
+            ],
         }
     )
     out = pyfunc.predict(None, table)
@@ -244,7 +249,7 @@ def test_pyfunc_predicts_paths_and_base64_like_the_predictor(pyfunc, predictor, 
 
 
 def test_pyfunc_bad_rows_name_the_row(pyfunc, tmp_path):
-    from emonet.pyfunc_model import InvalidModelInput
+    from emonet.inference.pyfunc_model import InvalidModelInput
 
     image = np.zeros((8, 8, 3), dtype=np.uint8)
     np.save(tmp_path / "ok.npy", image)
@@ -261,7 +266,7 @@ def test_pyfunc_bad_rows_name_the_row(pyfunc, tmp_path):
 
 
 def test_pyfunc_body_context_reads_context_columns(tmp_path):
-    from emonet.pyfunc_model import EmoNetPyfunc, InvalidModelInput
+    from emonet.inference.pyfunc_model import EmoNetPyfunc, InvalidModelInput
 
     config = load_config(
         model={"backbone": "resnet18", "variant": "body_context"}, train={"image_size": IMAGE_SIZE, "context_size": 48}

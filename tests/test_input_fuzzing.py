@@ -10,19 +10,18 @@ from __future__ import annotations
 import base64
 import io
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_fake_archive
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import write_fake_archive
-from emonet.annotations import load_annotations
-from emonet.arrays import load_array
-from emonet.images import decode_image_b64, read_image
+from emonet.data.annotations import load_annotations
+from emonet.data.arrays import load_array
+from emonet.data.images import decode_image_b64, read_image
 from emonet.schema import annotations_path
 
 FUZZ = settings(

@@ -1,4 +1,4 @@
-"""emonet.io: atomic writers, the one guard against writing over an input (and every
+"""emonet.utils.io: atomic writers, the one guard against writing over an input (and every
 command that uses it), the early writability check and CSV reading that names the file."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emonet import io as emonet_io
-from emonet.io import (
+from emonet.cli import main
+from emonet.schema import annotations_path, arrays_dir
+from emonet.utils import io as emonet_io
+from emonet.utils.io import (
     atomic_open,
     atomic_path,
     check_not_inputs,
@@ -24,8 +26,6 @@ from emonet.io import (
     write_csv_atomic,
     write_json_atomic,
 )
-from emonet.cli import main
-from emonet.schema import annotations_path, arrays_dir
 
 
 def _leftovers(folder: Path) -> list[Path]:
@@ -165,8 +165,17 @@ def test_predict_refuses_outputs_among_its_images(tiny_checkpoint, tmp_path, cap
     np.save(pictures / "one.npy", np.load(crop))
     listed = tmp_path / "listed.csv"
     pd.DataFrame({"image_path": ["pictures/one.npy"]}).to_csv(listed, index=False)
-    code = main(["predict", "--model", str(tiny_checkpoint["checkpoint"]), "--input", str(listed),
-                 "--out", str(pictures / "one.npy")])
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(tiny_checkpoint["checkpoint"]),
+            "--input",
+            str(listed),
+            "--out",
+            str(pictures / "one.npy"),
+        ]
+    )
     assert code == 2 and "is one of the images this command reads" in capsys.readouterr().err
     assert crop.read_bytes() == before and np.load(pictures / "one.npy").shape == np.load(crop).shape
 
@@ -180,14 +189,50 @@ def test_every_command_that_reads_images_refuses_outputs_among_them(tiny_checkpo
     model = str(tiny_checkpoint["checkpoint"])
     commands = {
         "visibility --out": ["visibility", "--annotations", csv, "--img-dir", str(img_dir), "--out", str(crop)],
-        "visibility --plot": ["visibility", "--annotations", csv, "--img-dir", str(img_dir),
-                              "--out", str(tmp_path / "v.csv"), "--plot", str(crop)],
-        "evaluate": ["evaluate", "--checkpoint", model, "--annotations", csv, "--img-dir", str(img_dir),
-                     "--out-dir", str(img_dir / "evaluation")],
-        "review": ["review", "--model", model, "--annotations", csv, "--img-dir", str(img_dir),
-                   "--out-dir", str(img_dir)],
-        "benchmark": ["benchmark", "--model", model, "--annotations", csv, "--img-dir", str(img_dir),
-                      "--out-dir", str(tmp_path / "x" / ".." / "emotic_link")],
+        "visibility --plot": [
+            "visibility",
+            "--annotations",
+            csv,
+            "--img-dir",
+            str(img_dir),
+            "--out",
+            str(tmp_path / "v.csv"),
+            "--plot",
+            str(crop),
+        ],
+        "evaluate": [
+            "evaluate",
+            "--checkpoint",
+            model,
+            "--annotations",
+            csv,
+            "--img-dir",
+            str(img_dir),
+            "--out-dir",
+            str(img_dir / "evaluation"),
+        ],
+        "review": [
+            "review",
+            "--model",
+            model,
+            "--annotations",
+            csv,
+            "--img-dir",
+            str(img_dir),
+            "--out-dir",
+            str(img_dir),
+        ],
+        "benchmark": [
+            "benchmark",
+            "--model",
+            model,
+            "--annotations",
+            csv,
+            "--img-dir",
+            str(img_dir),
+            "--out-dir",
+            str(tmp_path / "x" / ".." / "emotic_link"),
+        ],
     }
     (tmp_path / "emotic_link").symlink_to(img_dir)  # the benchmark's out-dir: the image folder by another name
     for name, argv in commands.items():
@@ -200,7 +245,7 @@ def test_every_command_that_reads_images_refuses_outputs_among_them(tiny_checkpo
 
 
 def test_review_refuses_to_overwrite_its_input_csv(tiny_checkpoint, tmp_path):
-    from emonet.review import review_predictions_with_visualization
+    from emonet.reports.review import review_predictions_with_visualization
 
     root, checkpoint = tiny_checkpoint["root"], tiny_checkpoint["checkpoint"]
     dirs = {name: tmp_path / name for name in ("inside", "hard", "symlink")}
@@ -212,19 +257,23 @@ def test_review_refuses_to_overwrite_its_input_csv(tiny_checkpoint, tmp_path):
     elsewhere.write_bytes(annotations_path(root, "test").read_bytes())
     os.link(elsewhere, dirs["hard"] / "per_emotion.csv")
     (dirs["symlink"] / "review.csv").symlink_to(elsewhere)
-    cases = [(inside, "inside", "review.csv"), (elsewhere, "hard", "per_emotion.csv"),
-             (elsewhere, "symlink", "review.csv")]
+    cases = [
+        (inside, "inside", "review.csv"),
+        (elsewhere, "hard", "per_emotion.csv"),
+        (elsewhere, "symlink", "review.csv"),
+    ]
     for csv_path, folder, output in cases:
         before = csv_path.read_bytes()
         with pytest.raises(ValueError, match=f"{output} must differ from the input test_csv_path {csv_path}"):
-            review_predictions_with_visualization(checkpoint, csv_path, arrays_dir(root), dirs[folder],
-                                                  num_samples=2, detailed_samples=0, progress=False)
+            review_predictions_with_visualization(
+                checkpoint, csv_path, arrays_dir(root), dirs[folder], num_samples=2, detailed_samples=0, progress=False
+            )
         assert csv_path.read_bytes() == before
     assert sorted(p.name for p in dirs["inside"].iterdir()) == ["review.csv"]  # nothing else written either
 
 
 def test_evaluate_refuses_to_overwrite_its_inputs(tiny_checkpoint, tmp_path):
-    from emonet.evaluation import evaluate_checkpoint
+    from emonet.reports.evaluation import evaluate_checkpoint
 
     root, checkpoint = tiny_checkpoint["root"], tiny_checkpoint["checkpoint"]
     out_dir = tmp_path / "eval"
@@ -251,7 +300,7 @@ def test_evaluate_refuses_to_overwrite_its_inputs(tiny_checkpoint, tmp_path):
 
 
 def test_normalize_refuses_outputs_that_alias_its_inputs(fake_archive, tmp_path):
-    from emonet.normalize import normalize_dataset
+    from emonet.data.normalize import normalize_dataset
 
     source = annotations_path(fake_archive, "val")
     out_dir = tmp_path / "norm"
@@ -329,9 +378,9 @@ def test_read_csv_names_a_file_that_is_not_a_csv(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"a,b\n1,\"x\x00\"\n", r"not a CSV file: a NUL byte at offset 8"),
+        (b'a,b\n1,"x\x00"\n', r"not a CSV file: a NUL byte at offset 8"),
         (b"a,b\n1,3E2147483648\n", r"not a valid CSV number: '3E2147483648'"),
-        (b"a,b\n1,\"3.e4114422366x7\"\n", r"not a valid CSV number: '3.e4114422366"),
+        (b'a,b\n1,"3.e4114422366x7"\n', r"not a valid CSV number: '3.e4114422366"),
     ],
     ids=["nul-byte", "exponent-overflow", "exponent-overflow-prefix"],
 )

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from emonet.config import LossConfig
-from emonet.losses import AFFECT_BETA, AsymmetricLoss, EmoNetLoss, LossOutput
-from emonet.models import EmoNetOutput
+from emonet.models.network import EmoNetOutput
 from emonet.schema import NUM_EMOTIONS
+from emonet.training.losses import AFFECT_BETA, AsymmetricLoss, EmoNetLoss, LossOutput
 
 
 def _batch(batch: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,8 +34,19 @@ def test_visibility_scores_a_malformed_crop_nan_and_goes_on(fake_archive, tmp_pa
     broken = pd.read_csv(csv_path)["Crop_name"][2]
     _break_crop(arrays_dir(fake_archive), broken)
     out = tmp_path / "val_visibility.csv"
-    code = main(["visibility", "--annotations", str(csv_path), "--img-dir", str(arrays_dir(fake_archive)),
-                 "--out", str(out), "--workers", "1"])
+    code = main(
+        [
+            "visibility",
+            "--annotations",
+            str(csv_path),
+            "--img-dir",
+            str(arrays_dir(fake_archive)),
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+        ]
+    )
     assert code == 0
     scores = pd.read_csv(out)[FACE_VISIBILITY_COLUMN]
     assert scores.isna().tolist() == [False, False, True, False, False, False]
@@ -53,30 +64,68 @@ def broken_archive(tiny_checkpoint, tmp_path) -> Path:
 
 def test_training_stops_with_one_line_naming_the_crop(broken_archive, tmp_path, capsys):
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"backbone": "resnet18"},
-        "train": {"image_size": 32, "epochs": 1, "batch_size": 2, "num_workers": 2, "device": "cpu"},
-    }))
-    code = main(["train", "--config", str(config), "--train-csv", str(annotations_path(broken_archive, "train")),
-                 "--val-csv", str(annotations_path(broken_archive, "val")), "--img-dir", str(arrays_dir(broken_archive)),
-                 "--checkpoint-dir", str(tmp_path / "ckpt")])
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"backbone": "resnet18"},
+                "train": {"image_size": 32, "epochs": 1, "batch_size": 2, "num_workers": 2, "device": "cpu"},
+            }
+        )
+    )
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--train-csv",
+            str(annotations_path(broken_archive, "train")),
+            "--val-csv",
+            str(annotations_path(broken_archive, "val")),
+            "--img-dir",
+            str(arrays_dir(broken_archive)),
+            "--checkpoint-dir",
+            str(tmp_path / "ckpt"),
+        ]
+    )
     assert code == 2
     _one_line_naming(capsys.readouterr().err, "crop_arr_train_2.npy")
 
 
 def test_evaluation_stops_with_one_line_naming_the_crop(tiny_checkpoint, broken_archive, tmp_path, capsys):
-    code = main(["evaluate", "--checkpoint", str(tiny_checkpoint["checkpoint"]),
-                 "--annotations", str(annotations_path(broken_archive, "test")),
-                 "--img-dir", str(arrays_dir(broken_archive)), "--out-dir", str(tmp_path / "eval")])
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(tiny_checkpoint["checkpoint"]),
+            "--annotations",
+            str(annotations_path(broken_archive, "test")),
+            "--img-dir",
+            str(arrays_dir(broken_archive)),
+            "--out-dir",
+            str(tmp_path / "eval"),
+        ]
+    )
     assert code == 2
     _one_line_naming(capsys.readouterr().err, "crop_arr_test_2.npy")
 
 
 def test_predict_skip_lists_the_malformed_crop(tiny_checkpoint, broken_archive, tmp_path):
     out = tmp_path / "predictions.csv"
-    code = main(["predict", "--model", str(tiny_checkpoint["checkpoint"]),
-                 "--input", str(annotations_path(broken_archive, "test")),
-                 "--img-dir", str(arrays_dir(broken_archive)), "--out", str(out), "--on-error", "skip"])
+    code = main(
+        [
+            "predict",
+            "--model",
+            str(tiny_checkpoint["checkpoint"]),
+            "--input",
+            str(annotations_path(broken_archive, "test")),
+            "--img-dir",
+            str(arrays_dir(broken_archive)),
+            "--out",
+            str(out),
+            "--on-error",
+            "skip",
+        ]
+    )
     assert code == 0
     assert len(pd.read_csv(out)) == 5
     skipped = pd.read_csv(tmp_path / "predictions.skipped.csv")

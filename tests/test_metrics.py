@@ -15,7 +15,7 @@ from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import average_precision_score, f1_score
 
 from emonet import metrics
-from emonet.normalize import AffectNormalizer
+from emonet.data.normalize import AffectNormalizer
 from emonet.metrics import (
     EVALUATION_KEYS,
     REPORT_COLUMNS,
@@ -435,8 +435,14 @@ def test_metrics_by_visibility_uses_raw_values_and_checks_lengths() -> None:
     low, high = (2.0, 2.0), (8.0, 8.0)
     # Target clipped to 1 (= 8 on the scale) but annotated 9: the raw error is 1.
     result = metrics_by_visibility(
-        y_true, y_prob, [[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]], [100.0, 100.0],
-        low=low, high=high, raw_true=[[9.0, 5.0], [5.0, 5.0]],
+        y_true,
+        y_prob,
+        [[1.0, 0.0], [0.0, 0.0]],
+        [[1.0, 0.0], [0.0, 0.0]],
+        [100.0, 100.0],
+        low=low,
+        high=high,
+        raw_true=[[9.0, 5.0], [5.0, 5.0]],
     )
     assert result["mae_valence_1_10_face_whole"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="visibility has 3 samples but y_true has 2"):

@@ -10,8 +10,7 @@ import torch
 import torchvision.models as tvm
 
 from emonet.config import ModelConfig
-from emonet.losses import EmoNetLoss
-from emonet.models import (
+from emonet.models.network import (
     EMOTION_PRIOR,
     EmoNet,
     EmoNetOutput,
@@ -20,6 +19,7 @@ from emonet.models import (
     create_trunk,
 )
 from emonet.schema import NUM_EMOTIONS
+from emonet.training.losses import EmoNetLoss
 
 BACKBONES = ["resnet18", "resnet34", "resnet50", "efficientnet_b0"]
 FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "efficientnet_b0": 1280}

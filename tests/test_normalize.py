@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emonet.normalize import PARAMS_FILENAME, AffectNormalizer, normalize_dataset
+from emonet.data.normalize import PARAMS_FILENAME, AffectNormalizer, normalize_dataset
 from emonet.schema import (
     AFFECT_NORM_COLUMNS,
     ANNOTATIONS_DIRNAME,
@@ -68,7 +68,9 @@ def test_fit_on_train_uses_train_only_and_clips_others(fake_archive, tmp_path):
     assert result.normalizer.low == pytest.approx((train["Valence"].min(), train["Arousal"].min()))
     assert result.normalizer.high == pytest.approx((train["Valence"].max(), train["Arousal"].max()))
     train_out = pd.read_csv(result.outputs["train"])
-    assert train_out["Valence_norm"].min() == pytest.approx(-1.0) and train_out["Valence_norm"].max() == pytest.approx(1.0)
+    assert train_out["Valence_norm"].min() == pytest.approx(-1.0) and train_out["Valence_norm"].max() == pytest.approx(
+        1.0
+    )
     for split in ("val", "test"):
         arousal = pd.read_csv(annotations_path(fake_archive, split))["Arousal"]
         arousal_outside = int(((arousal < train["Arousal"].min()) | (arousal > train["Arousal"].max())).sum())

@@ -72,7 +72,12 @@ def test_lock_pins_every_requirement_at_its_version_with_hashes(lock):
     # The acceptance: NumPy 2, no jax, no protobuf pin holding others back, one cv2 package.
     assert locked["numpy"].startswith("2.")
     assert "jax" not in locked and "jaxlib" not in locked
-    cv2_packages = {"opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless"}
+    cv2_packages = {
+        "opencv-python",
+        "opencv-python-headless",
+        "opencv-contrib-python",
+        "opencv-contrib-python-headless",
+    }
     assert len(cv2_packages & set(locked)) == 1, sorted(cv2_packages & set(locked))
 
 
@@ -129,20 +134,28 @@ def test_only_the_library_is_installed():
         "print(json.dumps({n: importlib.util.find_spec(n) is not None for n in ('tasks', 'flows')}"
         " | {'emonet': emonet.__file__}))\n"
     )
-    outside = subprocess.run([sys.executable, "-c", script], cwd=Path(sys.prefix), env=env,
-                             capture_output=True, text=True, timeout=120, check=True)
+    outside = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(sys.prefix),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert outside.stdout.strip().splitlines()[-1] == (
         '{"tasks": false, "flows": false, "emonet": "%s"}' % (REPO / "emonet" / "__init__.py")
     )
-    inside = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120, check=True)
+    inside = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=True
+    )
     assert '"tasks": true, "flows": true' in inside.stdout
     top_level = importlib.metadata.distribution("emonet").read_text("top_level.txt")
     assert top_level is None or set(top_level.split()) == {"emonet"}
 
 
 def test_make_puts_the_asset_where_the_library_looks_for_the_hash_it_checks():
-    from emonet import visibility
+    from emonet.data import face_visibility as visibility
 
     assert landmarker_asset.SHA256 == visibility.FACE_LANDMARKER_SHA256
     assert landmarker_asset.URL == visibility.FACE_LANDMARKER_URL

@@ -163,8 +163,13 @@ def test_plot_learning_curves_rejects_bad_history(tmp_path: Path, history, match
 
 def test_report_from_dataframe_without_nan(tmp_path: Path) -> None:
     report = pd.DataFrame(
-        {"average_precision": [0.9, 0.4], "precision": [1.0, 0.5], "recall": [0.5, 0.5], "f1": [2 / 3, 0.5],
-         "support": [4, 2]},
+        {
+            "average_precision": [0.9, 0.4],
+            "precision": [1.0, 0.5],
+            "recall": [0.5, 0.5],
+            "f1": [2 / 3, 0.5],
+            "support": [4, 2],
+        },
         index=["a", "b"],
     )
     path = tmp_path / "two.png"

@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from emonet.annotations import affect_targets
 from emonet.config import load_config
-from emonet.data import EmoticDataset
-from emonet.loaders import make_loader
-from emonet.losses import EmoNetLoss
-from emonet.models import build_model
-from emonet.prediction import ImageInputs, eval_transform, predict_split
+from emonet.data.annotations import affect_targets
+from emonet.data.dataset import EmoticDataset
+from emonet.data.loaders import make_loader
+from emonet.inference.loop import ImageInputs, eval_transform, predict_split
+from emonet.models.network import build_model
 from emonet.schema import EMOTIONS, NUM_EMOTIONS, annotations_path, arrays_dir
+from emonet.training.losses import EmoNetLoss
 
 CONFIG = load_config(model={"backbone": "resnet18"}, train={"image_size": 32, "context_size": 32, "device": "cpu"})
 

@@ -15,15 +15,16 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import restored_mlflow_uris, run_together
 from mlflow import MlflowClient
 
-import emonet.registry
-from conftest import restored_mlflow_uris, run_together
-from emonet.evaluation import evaluate_checkpoint, split_fingerprint
+import emonet.tracking.registry
+from emonet.inference.loop import Predictions
 from emonet.metrics import mean_average_precision_score
-from emonet.prediction import Predictions
-from emonet.recipe import code_version, recipe_tags, retraining_unneeded
-from emonet.registry import (
+from emonet.reports.evaluation import evaluate_checkpoint, split_fingerprint
+from emonet.schema import NUM_EMOTIONS, annotations_path, arrays_dir
+from emonet.tracking.recipe import code_version, recipe_tags, retraining_unneeded
+from emonet.tracking.registry import (
     CHALLENGER,
     CHAMPION,
     PromotionDecision,
@@ -32,8 +33,7 @@ from emonet.registry import (
     promote_model,
     split_score_tag,
 )
-from emonet.schema import NUM_EMOTIONS, annotations_path, arrays_dir
-from emonet.tracking import configure_mlflow, log_emonet_model
+from emonet.tracking.run_logging import configure_mlflow, log_emonet_model
 
 # The rule before validation decided: point test mAPs, any higher one wins.
 OLD_RULE = {"split": "test", "confidence": 0.0}
@@ -74,8 +74,16 @@ def test_first_version_becomes_champion(registry):
     version, run_id = new_version()
     result = promote_model(client, name, version, 0.31, "split-a", run_id, **OLD_RULE)
     assert result == PromotionDecision(
-        version=version, alias=CHAMPION, decision="first_version", reason=result.reason,
-        new_map=0.31, previous_map=None, previous_version=None, split="test", split_id="split-a", difference=None,
+        version=version,
+        alias=CHAMPION,
+        decision="first_version",
+        reason=result.reason,
+        new_map=0.31,
+        previous_map=None,
+        previous_version=None,
+        split="test",
+        split_id="split-a",
+        difference=None,
     )
     assert _aliases(client, name) == {CHAMPION: version}
     tags = client.get_model_version(name, version).tags
@@ -94,14 +102,19 @@ def test_worse_then_better_version(registry):
     v2, r2 = new_version()
     worse = promote_model(client, name, v2, 0.28, "split-a", r2, **OLD_RULE)
     assert (worse.alias, worse.decision, worse.previous_map, worse.previous_version) == (
-        CHALLENGER, "clearly_worse", 0.30, v1)
+        CHALLENGER,
+        "clearly_worse",
+        0.30,
+        v1,
+    )
     assert worse.difference.estimate == pytest.approx(-0.02) and worse.difference.low == worse.difference.high
     assert _aliases(client, name) == {CHAMPION: v1, CHALLENGER: v2}
     run = client.get_run(r2)
     assert run.data.metrics["champion_previous_test_mAP"] == 0.30 and run.data.metrics["candidate_test_mAP"] == 0.28
     assert run.data.tags["promotion_decision"] == "clearly_worse" and run.data.tags["champion_previous_version"] == v1
     assert run.data.tags["promotion_split"] == "test" and run.data.metrics["promotion_difference_mAP"] == pytest.approx(
-        -0.02)
+        -0.02
+    )
 
     v3, r3 = new_version()
     tie = promote_model(client, name, v3, 0.30, "split-a", r3, **OLD_RULE)
@@ -125,8 +138,11 @@ def split(tiny_checkpoint):
     root = tiny_checkpoint["root"]
     test_csv, val_csv = annotations_path(root, "test"), annotations_path(root, "val")
     return {
-        "csv": test_csv, "img_dir": arrays_dir(root), "id": split_fingerprint(pd.read_csv(test_csv)),
-        "val_csv": val_csv, "val_id": split_fingerprint(pd.read_csv(val_csv)),
+        "csv": test_csv,
+        "img_dir": arrays_dir(root),
+        "id": split_fingerprint(pd.read_csv(test_csv)),
+        "val_csv": val_csv,
+        "val_id": split_fingerprint(pd.read_csv(val_csv)),
     }
 
 
@@ -259,10 +275,10 @@ def test_concurrent_registrations_leave_the_better_version_champion(tmp_path):
     script = f"""
 import json
 from dataclasses import asdict
-import emonet.registry
+import emonet.tracking.registry
 from mlflow import MlflowClient
-from emonet.registry import promote_model
-from emonet.tracking import configure_mlflow
+from emonet.tracking.registry import promote_model
+from emonet.tracking.run_logging import configure_mlflow
 
 scores, delays = [0.60, 0.50], [0.2, 2.0]  # child 0 is better; child 1 moves its alias last
 
@@ -276,7 +292,7 @@ client = SlowAliasClient()
 results = {{}}
 for name in ("file-locked", "registry-locked"):
     if name == "registry-locked":
-        emonet.registry._promotion_lock = emonet.registry._registry_lock
+        emonet.tracking.registry._promotion_lock = emonet.tracking.registry._registry_lock
     run_id = client.create_run(experiment_id).info.run_id
     barrier(name + "-register")
     version = client.create_model_version(name, "file:///nowhere/model", run_id=run_id).version
@@ -298,10 +314,12 @@ print(json.dumps(results))
 
 
 def test_registry_lock_waits_for_its_holder_and_breaks_a_stale_one(logged_model):
-    from emonet.registry import _registry_lock
+    from emonet.tracking.registry import _registry_lock
 
     client, name = logged_model["client"], "locked-model"
-    client.create_registered_model(f"{name}.promotion-lock", tags={"owner": "elsewhere:1", "acquired": repr(time.time())})
+    client.create_registered_model(
+        f"{name}.promotion-lock", tags={"owner": "elsewhere:1", "acquired": repr(time.time())}
+    )
     with pytest.raises(TimeoutError, match="held by elsewhere:1"), _registry_lock(client, name, timeout=0.5):
         pass
     client.set_registered_model_tag(f"{name}.promotion-lock", "acquired", repr(time.time() - 2 * 3600))
@@ -320,7 +338,7 @@ def evaluation(checkpoint, split, tmp_path_factory):
 
 
 def test_the_evaluation_carries_what_registration_needs(evaluation, split, checkpoint):
-    from emonet.checkpoint import load_checkpoint
+    from emonet.models.checkpoint import load_checkpoint
 
     assert evaluation.split_id == split["id"]
     assert evaluation.config == load_checkpoint(checkpoint)[1]
@@ -345,8 +363,13 @@ def test_a_retried_registration_reuses_the_runs_version(logged_model, checkpoint
     monkeypatch.setattr(tasks.model, "log_emonet_model", counting_log)
     monkeypatch.setattr(tasks.model, "get_run_logger", lambda: logging.getLogger("test"))
     arguments = {
-        "run_id": run_id, "checkpoint": checkpoint, "normalization_json": None, "evaluation": evaluation,
-        "registered_model_name": name, "test_csv": split["csv"], "img_dir": split["img_dir"],
+        "run_id": run_id,
+        "checkpoint": checkpoint,
+        "normalization_json": None,
+        "evaluation": evaluation,
+        "registered_model_name": name,
+        "test_csv": split["csv"],
+        "img_dir": split["img_dir"],
         "val_csv": split["val_csv"],
     }
     first = tasks.model.register_model.fn(**arguments)
@@ -400,7 +423,10 @@ def test_evaluation_review_and_registration_load_the_checkpoint_once(
     assert len(loads) == 1 and evaluation.validation is not None, "validation is predicted by the same load"
     index = tasks.model.review_model.fn(**common, evaluation=evaluation, out_dir=tmp_path / "review")
     decision = tasks.model.register_model.fn(
-        **common, normalization_json=None, evaluation=evaluation, registered_model_name="load-once",
+        **common,
+        normalization_json=None,
+        evaluation=evaluation,
+        registered_model_name="load-once",
         val_csv=split["val_csv"],
     )
     assert len(loads) == 1, f"best.pt was loaded {len(loads)} times"
@@ -412,15 +438,16 @@ def test_evaluation_review_and_registration_load_the_checkpoint_once(
     assert f"[{evaluation.intervals['mAP'].low:.4f}, " in index.read_text(encoding="utf-8")
 
 
-
 # --------------------------------------------------------------------------- the evidence rule
 
 
 def _predictions(y_true: np.ndarray, y_prob: np.ndarray) -> Predictions:
     n = len(y_true)
     return Predictions(
-        emotion_prob=np.asarray(y_prob, dtype=np.float32), affect_pred=np.zeros((n, 2), dtype=np.float32),
-        indices=np.arange(n), emotions_true=np.asarray(y_true, dtype=np.float32),
+        emotion_prob=np.asarray(y_prob, dtype=np.float32),
+        affect_pred=np.zeros((n, 2), dtype=np.float32),
+        indices=np.arange(n),
+        emotions_true=np.asarray(y_true, dtype=np.float32),
     )
 
 
@@ -451,7 +478,7 @@ def rescored(monkeypatch) -> list[tuple]:
         calls.append(args)
         return predict_model_on_split(*args)
 
-    monkeypatch.setattr(emonet.registry, "predict_model_on_split", counting_predict)
+    monkeypatch.setattr(emonet.tracking.registry, "predict_model_on_split", counting_predict)
     return calls
 
 
@@ -462,7 +489,7 @@ def no_rescoring(monkeypatch):
     def fail(*args):
         raise AssertionError(f"the champion was re-scored: {args}")
 
-    monkeypatch.setattr(emonet.registry, "predict_model_on_split", fail)
+    monkeypatch.setattr(emonet.tracking.registry, "predict_model_on_split", fail)
 
 
 def test_seed_noise_does_not_flip_the_champion(registry, no_rescoring):

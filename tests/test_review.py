@@ -14,17 +14,17 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from emonet.inference import PROB_COLUMNS
-from emonet.normalize import AffectNormalizer
-from emonet.evaluation import SPLIT_REPORT_FILES
-from emonet.prediction import Predictions
+from emonet.data.normalize import AffectNormalizer
+from emonet.inference.loop import Predictions
+from emonet.inference.predictor import PROB_COLUMNS
 from emonet.metrics import (
     affect_sample_error,
     confidence_score,
     mean_voc11_average_precision_score,
     sample_f1_score,
 )
-from emonet.review import SORT_OPTIONS, rank_samples, review_predictions, review_predictions_with_visualization
+from emonet.reports.evaluation import SPLIT_REPORT_FILES
+from emonet.reports.review import SORT_OPTIONS, rank_samples, review_predictions, review_predictions_with_visualization
 from emonet.schema import EMOTIONS, FACE_VISIBILITY_COLUMN, annotations_path, arrays_dir
 
 TINY = {"image_size": 32, "epochs": 1, "batch_size": 8, "num_workers": 0, "device": "cpu", "augment": False}
@@ -64,7 +64,7 @@ def test_rank_samples_orders_as_documented():
 
 
 def test_long_label_lists_wrap_and_fold_into_more():
-    from emonet.review.drawing import _wrap_tokens
+    from emonet.reports.review.drawing import _wrap_tokens
 
     tokens = [(emotion, "red") for emotion in EMOTIONS]
     lines = _wrap_tokens(tokens, width=30, max_lines=3)
@@ -84,8 +84,9 @@ def test_unknown_sort_by_and_bad_counts_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="num_samples must be an int >= 1, got 0"):
         review_predictions_with_visualization(missing, tmp_path / "x.csv", tmp_path, tmp_path / "out", num_samples=0)
     with pytest.raises(ValueError, match="detailed_samples must be an int >= 0, got -1"):
-        review_predictions_with_visualization(missing, tmp_path / "x.csv", tmp_path, tmp_path / "out",
-                                              detailed_samples=-1)
+        review_predictions_with_visualization(
+            missing, tmp_path / "x.csv", tmp_path, tmp_path / "out", detailed_samples=-1
+        )
     with pytest.raises(ValueError, match="unknown sort_by"):
         rank_samples("median", np.zeros(2), np.zeros(2), np.zeros(2))
     assert not (tmp_path / "out").exists()
@@ -132,7 +133,7 @@ def constructed(demo_checkpoint, tmp_path):
 @pytest.fixture
 def no_split_figures(monkeypatch):
     """Skip the split-wide heatmaps, which these ordering tests do not look at."""
-    import emonet.review as review
+    import emonet.reports.review as review
 
     def fake_split_report(*args):
         out_dir = Path(args[-1])
@@ -148,8 +149,18 @@ def test_each_sort_by_orders_the_review(constructed, no_split_figures, tmp_path,
     csv_path, img_dir, frame, predictions = constructed
     out = tmp_path / f"review_{sort_by}"
     table = review_predictions(
-        predictions, csv_path, img_dir, out, thresholds=np.full(len(EMOTIONS), 0.5), normalizer=AffectNormalizer(),
-        model_name="chosen outputs", num_samples=3, detailed_samples=1, sort_by=sort_by, seed=5, progress=False,
+        predictions,
+        csv_path,
+        img_dir,
+        out,
+        thresholds=np.full(len(EMOTIONS), 0.5),
+        normalizer=AffectNormalizer(),
+        model_name="chosen outputs",
+        num_samples=3,
+        detailed_samples=1,
+        sort_by=sort_by,
+        seed=5,
+        progress=False,
     )
     assert table["rank"].tolist() == list(range(1, len(CASES) + 1))
     by_row = table.sort_values("csv_row")
@@ -184,8 +195,13 @@ def test_review_refuses_predictions_of_another_split(constructed, tmp_path):
     )
     with pytest.raises(ValueError, match="predictions cover 3 rows, not the 6 rows of constructed.csv"):
         review_predictions(
-            fewer, csv_path, img_dir, tmp_path / "out", thresholds=np.full(len(EMOTIONS), 0.5),
-            normalizer=AffectNormalizer(), model_name="chosen outputs",
+            fewer,
+            csv_path,
+            img_dir,
+            tmp_path / "out",
+            thresholds=np.full(len(EMOTIONS), 0.5),
+            normalizer=AffectNormalizer(),
+            model_name="chosen outputs",
         )
     assert not (tmp_path / "out").exists()
 
@@ -213,9 +229,15 @@ def test_review_writes_every_promised_file(demo_checkpoint, tmp_path, caplog):
     (out / "notes.txt").write_text("mine")
     (out / "samples" / "sample_999_old.png").write_bytes(b"not ours")
 
-    with caplog.at_level(logging.WARNING, logger="emonet.review"):
+    with caplog.at_level(logging.WARNING, logger="emonet.reports.review"):
         table = review_predictions_with_visualization(
-            str(checkpoint), csv_path, arrays_dir(root), out, num_samples=50, detailed_samples=2, sort_by="worst",
+            str(checkpoint),
+            csv_path,
+            arrays_dir(root),
+            out,
+            num_samples=50,
+            detailed_samples=2,
+            sort_by="worst",
             progress=False,
         )
     assert f"num_samples=50 exceeds the {len(frame)} samples" in caplog.text
@@ -242,7 +264,11 @@ def test_review_writes_every_promised_file(demo_checkpoint, tmp_path, caplog):
     assert summary["mean_sample_f1"] == pytest.approx(table["f1"].mean())
     assert summary["sort_by"] == "worst" and summary["seed"] == 0
 
-    pngs = ["grid.png", *(name for name in SPLIT_REPORT_FILES.values() if name.endswith(".png")), *summary["files"]["samples"]]
+    pngs = [
+        "grid.png",
+        *(name for name in SPLIT_REPORT_FILES.values() if name.endswith(".png")),
+        *summary["files"]["samples"],
+    ]
     assert len(summary["files"]["samples"]) == 2
     for name in pngs:
         with Image.open(out / name) as image:

@@ -9,10 +9,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import restored_mlflow_uris
 from mlflow import MlflowClient
 
-from conftest import restored_mlflow_uris
-from emonet.runs import (
+from emonet.tracking.run_logging import configure_mlflow
+from emonet.tracking.stale_runs import (
     END_REASON_TAG,
     FLOW_RUN_TAG,
     HOST_TAG,
@@ -21,7 +22,6 @@ from emonet.runs import (
     close_stale_runs,
     process_tags,
 )
-from emonet.tracking import configure_mlflow
 
 
 def _dead_process_tags() -> dict[str, str]:
@@ -100,7 +100,7 @@ def test_demo_flow_registers_apart_and_closes_a_killed_flows_run(prefect_env, tm
     run closes the MLflow run that a SIGKILLed flow left RUNNING."""
     import uuid
 
-    from emonet.demo_data import make_demo_data
+    from emonet.data.demo import make_demo_data
     from flows.training_pipeline import emonet_training_pipeline
     from tasks.model import final_flow_run_state
 
@@ -111,9 +111,13 @@ def test_demo_flow_registers_apart_and_closes_a_killed_flows_run(prefect_env, tm
         experiment_id = configure_mlflow(uri, "registry-flow")
         killed = client.create_run(experiment_id, tags={FLOW_RUN_TAG: str(uuid.uuid4()), **_dead_process_tags()})
         summary = emonet_training_pipeline(
-            demo_dir=demo_dir, out_dir=tmp_path / "outputs", experiment_name="registry-flow",
+            demo_dir=demo_dir,
+            out_dir=tmp_path / "outputs",
+            experiment_name="registry-flow",
             config={"model": {"backbone": "resnet18"}, "train": {"image_size": 32, "epochs": 1, "num_workers": 0}},
-            batch_size=8, visibility_workers=1, visibility_shard_size=16,
+            batch_size=8,
+            visibility_workers=1,
+            visibility_shard_size=16,
         )
     run_id = summary["mlflow_run_id"]
     assert summary["registered_model"] == "emonet-demo"

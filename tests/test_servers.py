@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from PIL import Image
 
-from emonet.demo_data import make_demo_data
+from emonet.data.demo import make_demo_data
 from emonet.schema import EMOTIONS
 from scripts.processes import port_is_free, start_ticks, wait_until_answers
 from scripts.servers import ServerError, database_url
@@ -57,7 +57,8 @@ def clean_env(tmp_path: Path) -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if key not in {"PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "EMONET_HOME", "EMONET_DATABASE_URL"}
+        if key
+        not in {"PREFECT_API_URL", "MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "EMONET_HOME", "EMONET_DATABASE_URL"}
     }
     env.update(
         PYTHONPATH=str(REPO), PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false"
@@ -78,9 +79,13 @@ def png_b64(image: np.ndarray) -> str:
 
 
 def test_database_url_swaps_database_and_driver_and_keeps_the_escaped_password():
-    url = database_url("postgres://team%40x:p%2Fw%3A1@db.internal:6543/postgres?sslmode=require", "mlflow", "postgresql+psycopg")
+    url = database_url(
+        "postgres://team%40x:p%2Fw%3A1@db.internal:6543/postgres?sslmode=require", "mlflow", "postgresql+psycopg"
+    )
     assert url == "postgresql+psycopg://team%40x:p%2Fw%3A1@db.internal:6543/mlflow?sslmode=require"
-    assert database_url("postgresql://u:pw@h/db", "prefect", "postgresql+asyncpg") == "postgresql+asyncpg://u:pw@h/prefect"
+    assert (
+        database_url("postgresql://u:pw@h/db", "prefect", "postgresql+asyncpg") == "postgresql+asyncpg://u:pw@h/prefect"
+    )
     with pytest.raises(ServerError, match=r"must be a postgresql:// URL, got 'mysql://u:\*\*\*@h/db'"):
         database_url("mysql://u:pw@h/db", "mlflow", "postgresql+psycopg")
     with pytest.raises(ServerError, match="is not a URL") as error:
@@ -98,9 +103,23 @@ def test_servers_on_postgresql_run_a_deployment_and_serve_the_champion(tmp_path)
     started = False
     try:
         out = run_ok(
-            [*servers, "start", "--state-dir", str(state_dir), "--pg-port", str(pg_port), "--mlflow-port",
-             str(mlflow_port), "--prefect-port", str(prefect_port), "--mlflow-workers", "1"],
-            env, REPO, timeout=420,
+            [
+                *servers,
+                "start",
+                "--state-dir",
+                str(state_dir),
+                "--pg-port",
+                str(pg_port),
+                "--mlflow-port",
+                str(mlflow_port),
+                "--prefect-port",
+                str(prefect_port),
+                "--mlflow-workers",
+                "1",
+            ],
+            env,
+            REPO,
+            timeout=420,
         ).stderr
         started = True
         assert f"export MLFLOW_TRACKING_URI={mlflow_url}" in out and f"export PREFECT_API_URL={prefect_api}" in out
@@ -122,7 +141,9 @@ def test_servers_on_postgresql_run_a_deployment_and_serve_the_champion(tmp_path)
         }
         out = run_ok(
             [*prefect, "deployment", "run", "emonet-training-pipeline/demo", "--params", json.dumps(params)],
-            client_env, REPO, 120,
+            client_env,
+            REPO,
+            120,
         ).stdout
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", out).group(1)
 
@@ -155,14 +176,20 @@ def test_servers_on_postgresql_run_a_deployment_and_serve_the_champion(tmp_path)
             print(json.dumps(out.to_dict(orient="records")))
             """
         )
-        rows = json.loads(run_ok([sys.executable, "-I", "-c", script], worker_env, elsewhere, 300).stdout.splitlines()[-1])
+        rows = json.loads(
+            run_ok([sys.executable, "-I", "-c", script], worker_env, elsewhere, 300).stdout.splitlines()[-1]
+        )
         assert len(rows) == 1
         assert all(0.0 <= rows[0][f"prob_{emotion}"] <= 1.0 for emotion in EMOTIONS)
         assert -1.0 <= rows[0]["valence"] <= 1.0
     finally:
         pg_data = (state_dir / "postgres").resolve()
         stop = subprocess.run(
-            [*servers, "stop", "--state-dir", str(state_dir)], cwd=REPO, env=env, capture_output=True, text=True,
+            [*servers, "stop", "--state-dir", str(state_dir)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
             timeout=180,
         )
         if pg_data.exists() and not pg_data.is_relative_to(tmp_path):
@@ -182,9 +209,20 @@ def test_make_ui_stops_exactly_its_two_servers_on_ctrl_c(tmp_path):
     # test is never reinstalled from here (-o).
     with open(log, "wb") as out:
         make = subprocess.Popen(
-            ["make", "-o", STAMP, "ui", f"MLFLOW_PORT={mlflow_port}", f"PREFECT_PORT={prefect_port}",
-             f"MLFLOW_DB=sqlite:///{tmp_path / 'mlflow.db'}"],
-            cwd=REPO, env=clean_env(tmp_path), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                "make",
+                "-o",
+                STAMP,
+                "ui",
+                f"MLFLOW_PORT={mlflow_port}",
+                f"PREFECT_PORT={prefect_port}",
+                f"MLFLOW_DB=sqlite:///{tmp_path / 'mlflow.db'}",
+            ],
+            cwd=REPO,
+            env=clean_env(tmp_path),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         wait_until_answers(f"http://127.0.0.1:{mlflow_port}/health", make, log, timeout=240)

@@ -17,12 +17,12 @@ import mlflow
 import numpy as np
 import pytest
 import requests
+from conftest import restored_mlflow_uris
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import restored_mlflow_uris
 from emonet.schema import EMOTIONS
-from emonet.tracking import log_emonet_model
+from emonet.tracking.run_logging import log_emonet_model
 
 pytestmark = pytest.mark.slow
 
@@ -63,15 +63,28 @@ def test_make_serve_answers_an_image_b64_row(champion_store, tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "MLFLOW_REGISTRY_URI"}}
     # A new user's shell: no venv activated, so no uvicorn on PATH.
-    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not (Path(p) / "uvicorn").exists())
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "").split(os.pathsep) if not (Path(p) / "uvicorn").exists()
+    )
     env["MLFLOW_TRACKING_URI"] = champion_store
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         # -o: the venv running this test is never reinstalled from here.
         server = subprocess.Popen(
-            ["make", "-o", ".venv/.installed-stamp", "serve", f"MODEL=models:/{MODEL_NAME}@champion", f"PORT={port}",
-             "WORKERS=2"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                "make",
+                "-o",
+                ".venv/.installed-stamp",
+                "serve",
+                f"MODEL=models:/{MODEL_NAME}@champion",
+                f"PORT={port}",
+                "WORKERS=2",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -101,10 +114,14 @@ def test_make_serve_answers_an_image_b64_row(champion_store, tmp_path):
 
         # Bounded requests: too many rows, or too many pixels in all (each image under its own limit).
         tiny = _png_b64(image[:8, :8])
-        response = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image_b64": tiny}] * 257}, timeout=60)
+        response = requests.post(
+            f"{url}/invocations", json={"dataframe_records": [{"image_b64": tiny}] * 257}, timeout=60
+        )
         assert response.status_code == 400 and "inference_max_rows" in response.text, response.text
         large = _png_b64(np.zeros((6300, 6300, 3), dtype=np.uint8))  # 39.7 Mpx, a few KB as PNG
-        response = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image_b64": large}] * 6}, timeout=60)
+        response = requests.post(
+            f"{url}/invocations", json={"dataframe_records": [{"image_b64": large}] * 6}, timeout=60
+        )
         assert response.status_code == 400 and "inference_max_request_pixels" in response.text, response.text
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # make's own session: make, mlflow and uvicorn
@@ -117,14 +134,16 @@ def test_make_serve_answers_an_image_b64_row(champion_store, tmp_path):
 
 def test_make_serve_gives_each_worker_its_share_of_the_cores():
     def dry_run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["make", "-n", "-o", ".venv/.installed-stamp", "serve", *args],
-                              cwd=REPO, capture_output=True, text=True)
+        return subprocess.run(
+            ["make", "-n", "-o", ".venv/.installed-stamp", "serve", *args], cwd=REPO, capture_output=True, text=True
+        )
 
     cores = len(os.sched_getaffinity(0))
     for workers in (1, 2, 64):
         command = dry_run(f"WORKERS={workers}").stdout
         assert f"--workers {workers}" in command
         assert f"OMP_NUM_THREADS={max(1, cores // workers)} " in command
-    refused = subprocess.run(["make", "-o", ".venv/.installed-stamp", "serve", "WORKERS=0"],
-                             cwd=REPO, capture_output=True, text=True)
+    refused = subprocess.run(
+        ["make", "-o", ".venv/.installed-stamp", "serve", "WORKERS=0"], cwd=REPO, capture_output=True, text=True
+    )
     assert refused.returncode != 0 and "WORKERS must be a positive integer, got '0'" in refused.stderr

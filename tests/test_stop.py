@@ -1,7 +1,7 @@
 """A clean stop: SIGTERM or SIGINT to a training flow's process group ends all of it
 within 30 s, training stops between batches with a whole ``last.pt``, and the MLflow
 run is closed ``KILLED`` with the reason. Also the signal handlers of
-:mod:`emonet.stopping` on their own."""
+:mod:`emonet.utils.stopping` on their own."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from emonet.checkpoint import LAST_CHECKPOINT, read_checkpoint
-from emonet.demo_data import make_demo_data
-from emonet.runs import END_REASON_TAG
-from emonet.stopping import (
+from emonet.data.demo import make_demo_data
+from emonet.models.checkpoint import LAST_CHECKPOINT, read_checkpoint
+from emonet.tracking.stale_runs import END_REASON_TAG
+from emonet.utils.stopping import (
     TrainingStopped,
     check_stop,
     clear_stop,

@@ -11,8 +11,8 @@ import pytest
 
 from emonet.cli import main
 from emonet.schema import annotations_path, arrays_dir
-from emonet.store import check_store
-from emonet.store import main as store_main
+from emonet.utils.store import check_store
+from emonet.utils.store import main as store_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,8 +33,9 @@ def _unchanged(path: Path, before: bytes) -> None:
 
 
 @pytest.mark.parametrize("command", ["predict", "review", "benchmark"])
-def test_commands_loading_a_registered_model_refuse_a_bad_store(command, bad_store, fake_archive, tmp_path,
-                                                                 monkeypatch, capsys):
+def test_commands_loading_a_registered_model_refuse_a_bad_store(
+    command, bad_store, fake_archive, tmp_path, monkeypatch, capsys
+):
     path, words = bad_store
     before = path.read_bytes()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
@@ -54,8 +55,12 @@ def test_make_serve_refuses_a_bad_store(bad_store):
     path, words = bad_store
     before = path.read_bytes()
     result = subprocess.run(
-        ["make", "-o", ".venv/.installed-stamp", "serve", "PORT=1"], cwd=REPO, capture_output=True, text=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{path}"}, timeout=120,
+        ["make", "-o", ".venv/.installed-stamp", "serve", "PORT=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{path}"},
+        timeout=120,
     )
     assert result.returncode != 0
     assert f"emonet: error: MLflow store {path}" in result.stderr and words in result.stderr

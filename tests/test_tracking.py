@@ -18,14 +18,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+from conftest import restored_mlflow_uris, run_together
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import restored_mlflow_uris, run_together
-from emonet.inference import OUTPUT_COLUMNS, PROB_COLUMNS
-from emonet.registry import CHAMPION, promote_model
-from emonet.store import default_artifact_location, default_tracking_uri
-from emonet.tracking import configure_mlflow, pip_requirements
+from emonet.inference.predictor import OUTPUT_COLUMNS, PROB_COLUMNS
+from emonet.tracking.registry import CHAMPION, promote_model
+from emonet.tracking.run_logging import configure_mlflow, pip_requirements
+from emonet.utils.store import default_artifact_location, default_tracking_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "emonet"
@@ -104,7 +104,7 @@ def test_processes_opening_a_new_store_at_once_all_succeed(tmp_path):
     """MLflow's table creation fails ("duplicate column") when two processes run it at once."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     script = f"""
-from emonet.tracking import configure_mlflow
+from emonet.tracking.run_logging import configure_mlflow
 barrier("open")
 print(configure_mlflow({uri!r}, "exp"))
 """
@@ -122,9 +122,12 @@ def test_pip_requirements_cover_what_the_served_model_imports():
     import sys
     from importlib.metadata import packages_distributions, version
 
-    script = "import json, sys, emonet.pyfunc_model; print(json.dumps(sorted(sys.modules)))"
-    loaded = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                                       check=True, timeout=300).stdout.strip().splitlines()[-1])
+    script = "import json, sys, emonet.inference.pyfunc_model; print(json.dumps(sorted(sys.modules)))"
+    loaded = json.loads(
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300)
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     imported: set[str] = set()
     for name in (m for m in loaded if m == "emonet" or m.startswith("emonet.")):
         source = Path(sys.modules[name].__file__ if name in sys.modules else __import__(name, fromlist=["_"]).__file__)
@@ -136,8 +139,11 @@ def test_pip_requirements_cover_what_the_served_model_imports():
     distributions = packages_distributions()
     pinned = dict(r.split("==") for r in pip_requirements())
     # A module may come from several distributions (mlflow, mlflow-skinny): one pinned is enough.
-    unpinned = [module for module in sorted(imported - set(sys.stdlib_module_names) - {"emonet", "__future__"})
-                if not {d.lower() for d in distributions.get(module, [])} & set(pinned)]
+    unpinned = [
+        module
+        for module in sorted(imported - set(sys.stdlib_module_names) - {"emonet", "__future__"})
+        if not {d.lower() for d in distributions.get(module, [])} & set(pinned)
+    ]
     assert not unpinned, f"imported but not pinned: {unpinned}"
     assert "scikit-learn" not in pinned, "serving needs no training code"
     assert pinned["torch"] == version("torch").split("+")[0]

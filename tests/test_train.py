@@ -20,9 +20,16 @@ import torch
 import yaml
 from torch import nn
 
-import emonet.checkpoint as checkpoint_module
-import emonet.train as train_module
-from emonet.checkpoint import (
+import emonet.models.checkpoint as checkpoint_module
+import emonet.training.trainer as train_module
+from emonet.cli import main as cli_main
+from emonet.config import EmoNetConfig, config_to_dict, load_config
+from emonet.data.dataset import EmoticDataset
+from emonet.data.demo import make_demo_data
+from emonet.data.loaders import make_loader
+from emonet.inference.loop import eval_transform, predict_split
+from emonet.metrics import EVALUATION_KEYS, mean_average_precision_score
+from emonet.models.checkpoint import (
     BEST_CHECKPOINT,
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -32,24 +39,17 @@ from emonet.checkpoint import (
     estimate_checkpoint_bytes,
     load_checkpoint,
     read_checkpoint,
-    resolve_device,
     save_checkpoint,
 )
-from emonet.cli import main as cli_main
-from emonet.config import EmoNetConfig, config_to_dict, load_config
-from emonet.data import EmoticDataset
-from emonet.demo_data import make_demo_data
-from emonet.loaders import make_loader
-from emonet.losses import EmoNetLoss, LossOutput
-from emonet.metrics import EVALUATION_KEYS, mean_average_precision_score
-from emonet.models import EmoNet, build_model
-from emonet.prediction import eval_transform, predict_split
-from emonet.schedules import build_scheduler
+from emonet.models.devices import resolve_device
+from emonet.models.network import EmoNet, build_model
 from emonet.schema import EMOTIONS, NUM_EMOTIONS, annotations_path, arrays_dir
-from emonet.seeding import use_deterministic_algorithms
-from emonet.stopping import TrainingStopped, clear_stop, request_stop
-from emonet.train import evaluate, fit, train_from_csvs, train_one_epoch
-from emonet.train_loaders import build_datasets, make_loaders
+from emonet.training.losses import EmoNetLoss, LossOutput
+from emonet.training.run_loaders import build_datasets, make_loaders
+from emonet.training.schedules import build_scheduler
+from emonet.training.seeding import use_deterministic_algorithms
+from emonet.training.trainer import evaluate, fit, train_from_csvs, train_one_epoch
+from emonet.utils.stopping import TrainingStopped, clear_stop, request_stop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,11 +119,20 @@ def straight_run(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     train_loader, val_loader = _loaders(demo_root, config)
     checkpoint_dir = tmp_path_factory.mktemp("straight")
     result = fit(
-        model, train_loader, val_loader, config,
-        callbacks=[received.append], checkpoint_dir=checkpoint_dir, progress=False,
+        model,
+        train_loader,
+        val_loader,
+        config,
+        callbacks=[received.append],
+        checkpoint_dir=checkpoint_dir,
+        progress=False,
     )
     return {
-        "config": config, "model": model, "result": result, "received": received, "dir": checkpoint_dir,
+        "config": config,
+        "model": model,
+        "result": result,
+        "received": received,
+        "dir": checkpoint_dir,
         "root": demo_root,
     }
 
@@ -159,10 +168,24 @@ def test_fit_result_and_best_checkpoint(straight_run: dict[str, Any]) -> None:
     assert not result.stopped_early
 
     checkpoint = torch.load(result.best_checkpoint, map_location="cpu", weights_only=True)
-    # Exactly the keys emonet.checkpoint's docstring lists.
+    # Exactly the keys emonet.models.checkpoint's docstring lists.
     assert set(checkpoint) == {
-        "format", "format_version", "model", "optimizer", "scheduler", "scaler", "epoch", "best_metric",
-        "best_epoch", "history", "bad_epochs", "stopped_early", "rng", "rng_ranks", "world_size", "config",
+        "format",
+        "format_version",
+        "model",
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "epoch",
+        "best_metric",
+        "best_epoch",
+        "history",
+        "bad_epochs",
+        "stopped_early",
+        "rng",
+        "rng_ranks",
+        "world_size",
+        "config",
         "thresholds",
     }
     assert checkpoint["format"] == CHECKPOINT_FORMAT and checkpoint["format_version"] == CHECKPOINT_VERSION
@@ -198,9 +221,7 @@ def test_load_checkpoint_rebuilds_the_model_from_its_own_config(straight_run: di
 
 
 @pytest.mark.slow
-def test_resume_reproduces_the_uninterrupted_run(
-    straight_run: dict[str, Any], demo_root: Path, tmp_path: Path
-) -> None:
+def test_resume_reproduces_the_uninterrupted_run(straight_run: dict[str, Any], demo_root: Path, tmp_path: Path) -> None:
     config = straight_run["config"]
 
     def stop_after_two(metrics: dict[str, float]) -> None:
@@ -209,8 +230,15 @@ def test_resume_reproduces_the_uninterrupted_run(
 
     train_loader, val_loader = _loaders(demo_root, config)
     with pytest.raises(Interrupted):
-        fit(_model(config), train_loader, val_loader, config,
-            callbacks=[stop_after_two], checkpoint_dir=tmp_path, progress=False)
+        fit(
+            _model(config),
+            train_loader,
+            val_loader,
+            config,
+            callbacks=[stop_after_two],
+            checkpoint_dir=tmp_path,
+            progress=False,
+        )
     assert torch.load(tmp_path / LAST_CHECKPOINT, weights_only=True)["epoch"] == 2
 
     # A fresh process would rebuild everything: another initialisation, new loaders.
@@ -218,8 +246,15 @@ def test_resume_reproduces_the_uninterrupted_run(
     model = build_model(config.model)
     train_loader, val_loader = _loaders(demo_root, config)
     received: list[dict[str, float]] = []
-    result = fit(model, train_loader, val_loader, config, callbacks=[received.append],
-                 resume_from=tmp_path / LAST_CHECKPOINT, progress=False)
+    result = fit(
+        model,
+        train_loader,
+        val_loader,
+        config,
+        callbacks=[received.append],
+        resume_from=tmp_path / LAST_CHECKPOINT,
+        progress=False,
+    )
 
     assert [row["epoch"] for row in received] == [3]
     straight = straight_run["result"]
@@ -238,8 +273,14 @@ def test_resume_refuses_a_different_model(straight_run: dict[str, Any], demo_roo
     config = _config(variant="body_context")
     train_loader, val_loader = _loaders(demo_root, config)
     with pytest.raises(ValueError, match="model config"):
-        fit(_model(config), train_loader, val_loader, config,
-            resume_from=straight_run["result"].last_checkpoint, progress=False)
+        fit(
+            _model(config),
+            train_loader,
+            val_loader,
+            config,
+            resume_from=straight_run["result"].last_checkpoint,
+            progress=False,
+        )
 
 
 @pytest.mark.slow
@@ -247,8 +288,14 @@ def test_resume_refuses_another_scheduler(straight_run: dict[str, Any], demo_roo
     config = _config(scheduler="cosine")  # straight_run used the default plateau schedule
     train_loader, val_loader = _loaders(demo_root, config)
     with pytest.raises(ValueError, match="trained with train.scheduler 'plateau', this run sets 'cosine'"):
-        fit(_model(config), train_loader, val_loader, config,
-            resume_from=straight_run["result"].last_checkpoint, progress=False)
+        fit(
+            _model(config),
+            train_loader,
+            val_loader,
+            config,
+            resume_from=straight_run["result"].last_checkpoint,
+            progress=False,
+        )
 
 
 def test_load_checkpoint_errors(tmp_path: Path) -> None:
@@ -336,8 +383,9 @@ def test_cosine_run_follows_the_schedule_and_resumes_exactly(demo_root: Path, tm
     config = _config(scheduler="cosine", warmup_epochs=1, epochs=3, batch_size=8)
     train_loader, val_loader = _loaders(demo_root, config)
     steps = len(train_loader)
-    straight = fit(_model(config), train_loader, val_loader, config, checkpoint_dir=tmp_path / "straight",
-                   progress=False)
+    straight = fit(
+        _model(config), train_loader, val_loader, config, checkpoint_dir=tmp_path / "straight", progress=False
+    )
     expected, _ = _lr_curve(config, steps)
     # Each epoch logs the rate of its first batch: the warm-up's first step, then the cosine.
     assert [row["lr"] for row in straight.history] == pytest.approx(expected[::steps])
@@ -348,11 +396,24 @@ def test_cosine_run_follows_the_schedule_and_resumes_exactly(demo_root: Path, tm
 
     train_loader, val_loader = _loaders(demo_root, config)
     with pytest.raises(Interrupted):
-        fit(_model(config), train_loader, val_loader, config, callbacks=[stop_after_two],
-            checkpoint_dir=tmp_path / "resumed", progress=False)
+        fit(
+            _model(config),
+            train_loader,
+            val_loader,
+            config,
+            callbacks=[stop_after_two],
+            checkpoint_dir=tmp_path / "resumed",
+            progress=False,
+        )
     train_loader, val_loader = _loaders(demo_root, config)
-    resumed = fit(build_model(config.model), train_loader, val_loader, config,
-                  resume_from=tmp_path / "resumed" / LAST_CHECKPOINT, progress=False)
+    resumed = fit(
+        build_model(config.model),
+        train_loader,
+        val_loader,
+        config,
+        resume_from=tmp_path / "resumed" / LAST_CHECKPOINT,
+        progress=False,
+    )
     # The scheduler's position came back from last.pt: the third epoch has the same rate and weights.
     assert resumed.history[-1]["lr"] == pytest.approx(straight.history[-1]["lr"], rel=1e-12)
     resumed_last, straight_last = _state(resumed.last_checkpoint), _state(straight.last_checkpoint)
@@ -405,8 +466,7 @@ def test_gradient_clipping_bounds_the_step(fake_archive: Path) -> None:
     # Plain SGD with lr 1: the step equals the (clipped) gradient.
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     criterion = EmoNetLoss.from_config(config.loss)
-    train_one_epoch(model, train_loader, criterion, optimizer, torch.device("cpu"),
-                    grad_clip_norm=1e-3, progress=False)
+    train_one_epoch(model, train_loader, criterion, optimizer, torch.device("cpu"), grad_clip_norm=1e-3, progress=False)
     step = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
     assert 0 < step.item() <= 1e-3 * (1 + 1e-4)
 
@@ -459,7 +519,9 @@ def test_resolve_device() -> None:
 
 def test_make_loader_rejects_bad_arguments(fake_archive: Path) -> None:
     dataset, _ = build_datasets(
-        annotations_path(fake_archive, "train"), annotations_path(fake_archive, "val"), arrays_dir(fake_archive),
+        annotations_path(fake_archive, "train"),
+        annotations_path(fake_archive, "val"),
+        arrays_dir(fake_archive),
         _config(),
     )
     with pytest.raises(ValueError, match="batch_size"):
@@ -554,12 +616,12 @@ def test_resume_refuses_a_best_checkpoint_it_cannot_repair(straight_run: dict[st
 KILLED_TRAINING = """
 import os, signal, sys
 from pathlib import Path
-import emonet.checkpoint as checkpoint
-import emonet.train as train
+import emonet.training.trainer as train
+import emonet.training.run_state as resume
 from emonet.cli import main
 
 kill_at = os.environ.get("EMONET_TEST_KILL_AT", "")
-real_save = checkpoint.save_checkpoint
+real_save = resume.save_checkpoint
 
 def save(payload, path):
     if kill_at == "before-thresholds" and payload.get("thresholds") is not None:
@@ -575,7 +637,7 @@ real_evaluate = train.evaluate
 def rising(*args, **kwargs):
     return {**real_evaluate(*args, **kwargs), "val_mAP": 0.1 * next(epochs)}
 
-checkpoint.save_checkpoint, train.evaluate = save, rising
+resume.save_checkpoint, train.evaluate = save, rising
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -583,7 +645,10 @@ sys.exit(main(sys.argv[1:]))
 def _run_cli_train(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", KILLED_TRAINING, "train", *args],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
     )
 
 
@@ -601,9 +666,18 @@ def test_kills_during_checkpoint_writes_are_repaired_on_resume(small_root: Path,
     config_path = _write_config(tmp_path / "config.yaml", epochs=2, batch_size=8)
     run_dir = tmp_path / "run"
     last_path, best_path = run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT
-    args = ["--config", str(config_path), "--train-csv", str(annotations_path(small_root, "train")),
-            "--val-csv", str(annotations_path(small_root, "val")), "--img-dir", str(arrays_dir(small_root)),
-            "--checkpoint-dir", str(run_dir)]
+    args = [
+        "--config",
+        str(config_path),
+        "--train-csv",
+        str(annotations_path(small_root, "train")),
+        "--val-csv",
+        str(annotations_path(small_root, "val")),
+        "--img-dir",
+        str(arrays_dir(small_root)),
+        "--checkpoint-dir",
+        str(run_dir),
+    ]
     resume = ["--resume-from", str(last_path)]
 
     def run(kill_at: str | None, first_epoch: int, extra: list[str]) -> subprocess.CompletedProcess:
@@ -637,9 +711,7 @@ def test_kills_during_checkpoint_writes_are_repaired_on_resume(small_root: Path,
 
 
 @pytest.mark.slow
-def test_train_from_csvs_seeds_before_building_the_model(
-    small_root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_train_from_csvs_seeds_before_building_the_model(small_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Whatever the global RNG did before, train.seed alone decides the initial weights.
     initial: list[dict[str, torch.Tensor]] = []
 
@@ -666,10 +738,25 @@ def test_two_cli_runs_with_one_seed_write_identical_weights(small_root: Path, tm
     runs = [tmp_path / "a", tmp_path / "b"]
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "emonet.cli", "train", "--config", str(config_path),
-             "--train-csv", str(annotations_path(small_root, "train")), "--val-csv", str(annotations_path(small_root, "val")),
-             "--img-dir", str(arrays_dir(small_root)), "--checkpoint-dir", str(run)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "emonet.cli",
+                "train",
+                "--config",
+                str(config_path),
+                "--train-csv",
+                str(annotations_path(small_root, "train")),
+                "--val-csv",
+                str(annotations_path(small_root, "val")),
+                "--img-dir",
+                str(arrays_dir(small_root)),
+                "--checkpoint-dir",
+                str(run),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for run in runs
     ]
@@ -686,8 +773,12 @@ def test_two_cli_runs_with_one_seed_write_identical_weights(small_root: Path, tm
 
 def test_deterministic_switch_sets_torch_cudnn_and_cublas(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
     try:
         use_deterministic_algorithms()
         assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
@@ -706,7 +797,11 @@ def test_the_demo_recipe_learns(tmp_path):
     root = make_demo_data(tmp_path / "demo", seed=0, n_train=1000, n_val=100, n_test=100, size=64)
     config = load_config(REPO / "configs" / "demo.yaml", train={"epochs": 4, "num_workers": 0, "device": "cpu"})
     result = train_from_csvs(
-        annotations_path(root, "train"), annotations_path(root, "val"), arrays_dir(root), config, tmp_path / "run",
+        annotations_path(root, "train"),
+        annotations_path(root, "val"),
+        arrays_dir(root),
+        config,
+        tmp_path / "run",
         progress=False,
     )
     model, _, _ = load_checkpoint(result.best_checkpoint)
@@ -756,8 +851,14 @@ def test_a_stop_request_ends_fit_between_batches_and_the_run_resumes_exactly(
 
     torch.manual_seed(123)
     train_loader, val_loader = _loaders(demo_root, config)
-    result = fit(build_model(config.model), train_loader, val_loader, config,
-                 resume_from=tmp_path / LAST_CHECKPOINT, progress=False)
+    result = fit(
+        build_model(config.model),
+        train_loader,
+        val_loader,
+        config,
+        resume_from=tmp_path / LAST_CHECKPOINT,
+        progress=False,
+    )
     straight = straight_run["result"]
     for resumed_row, straight_row in zip(result.history, straight.history, strict=True):
         assert resumed_row == pytest.approx(straight_row, rel=0, abs=1e-6)
@@ -775,8 +876,15 @@ def test_a_stop_requested_before_an_epoch_ends_fit_before_it(fake_archive: Path,
 
     try:
         with pytest.raises(TrainingStopped, match=r"\(SIGINT received\) before epoch 2$") as stopped:
-            fit(_model(config), train_loader, val_loader, config, callbacks=[stop_after_first],
-                checkpoint_dir=tmp_path, progress=False)
+            fit(
+                _model(config),
+                train_loader,
+                val_loader,
+                config,
+                callbacks=[stop_after_first],
+                checkpoint_dir=tmp_path,
+                progress=False,
+            )
     finally:
         clear_stop()
     assert stopped.value.reason == "SIGINT received"
@@ -805,8 +913,15 @@ def test_training_refuses_to_start_without_room_for_two_checkpoints(
     calls: list[int] = []
     message = rf"{needed / 2**20:,.0f} MiB needed .* {free / 2**20:,.0f} MiB free"
     with pytest.raises(DiskSpaceError, match=message) as error:
-        fit(model, train_loader, val_loader, config, callbacks=[lambda m: calls.append(1)],
-            checkpoint_dir=checkpoint_dir, progress=False)
+        fit(
+            model,
+            train_loader,
+            val_loader,
+            config,
+            callbacks=[lambda m: calls.append(1)],
+            checkpoint_dir=checkpoint_dir,
+            progress=False,
+        )
     assert error.value.filename == str(checkpoint_dir) and error.value.errno == errno.ENOSPC
     assert calls == [] and not checkpoint_dir.exists()
 
@@ -873,7 +988,7 @@ def test_stale_temporary_checkpoint_files_are_removed_when_a_run_starts_or_resum
         (tmp_path / name).write_bytes(b"x" * 100)
     (tmp_path / ".best.pt.dir00000.tmp").mkdir()  # not a file: left alone
     train_loader, val_loader = _loaders(fake_archive, config)
-    with caplog.at_level(logging.INFO, logger="emonet.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="emonet.models.checkpoint"):
         fit(_model(config), train_loader, val_loader, config, checkpoint_dir=tmp_path, progress=False)
     for name in stale:
         assert not (tmp_path / name).exists(), name

@@ -7,9 +7,9 @@ import pickle
 import pytest
 import torch
 
-from emonet.data import EmoticDataset
+from emonet.data.dataset import EmoticDataset
+from emonet.data.transforms import PairedTransform, SingleTransform, build_transforms
 from emonet.schema import IMAGENET_MEAN, IMAGENET_STD, annotations_path, arrays_dir
-from emonet.transforms import PairedTransform, SingleTransform, build_transforms
 
 
 def _image(height: int, width: int, seed: int = 0) -> torch.Tensor:

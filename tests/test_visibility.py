@@ -18,13 +18,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import emonet.visibility as visibility
-from emonet.annotations import load_annotations
-from emonet.arrays import load_array
+import emonet.data.face_visibility as visibility
 from emonet.cli import main
-from emonet.demo_data import example_crop
-from emonet.schema import FACE_VISIBILITY_COLUMN, annotations_path, arrays_dir, crop_name
-from emonet.visibility import (
+from emonet.data.annotations import load_annotations
+from emonet.data.arrays import load_array
+from emonet.data.demo import example_crop
+from emonet.data.face_visibility import (
     FACE_LANDMARKER_ENV,
     FACE_LANDMARKER_SHA256,
     FACE_LANDMARKER_URL,
@@ -37,7 +36,8 @@ from emonet.visibility import (
     score_crops,
     score_names,
 )
-from emonet.visibility_split import VisibilityResult, add_face_visibility, write_visibility_csv
+from emonet.data.visibility_column import VisibilityResult, add_face_visibility, write_visibility_csv
+from emonet.schema import FACE_VISIBILITY_COLUMN, annotations_path, arrays_dir, crop_name
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -104,7 +104,9 @@ def test_score_divides_by_the_landmarks_returned():
     inside = [(0.5, 0.5)] * 470 + [(0.0, 1.0)] * 8  # the borders 0 and 1 count as inside
     assert face_visibility_score(np.zeros((8, 8, 3), np.uint8), fake_landmarker(inside)) == 100.0
     cut = inside[:400] + [(-0.1, 0.5)] * 40 + [(0.5, 1.2)] * 38
-    assert face_visibility_score(np.zeros((8, 8, 3), np.uint8), fake_landmarker(cut)) == pytest.approx(100.0 * 400 / 478)
+    assert face_visibility_score(np.zeros((8, 8, 3), np.uint8), fake_landmarker(cut)) == pytest.approx(
+        100.0 * 400 / 478
+    )
     assert face_visibility_score(np.zeros((8, 8, 3), np.uint8), fake_landmarker(None)) == 0.0
     assert face_visibility_score(np.zeros((8, 8, 3), np.uint8), fake_landmarker([])) == 0.0
 
@@ -132,7 +134,7 @@ def test_closed_scorer_refuses_to_score():
 
 def test_score_crops_in_process(crop_dir, caplog):
     folder, names = crop_dir
-    with caplog.at_level(logging.WARNING, logger="emonet.visibility"):
+    with caplog.at_level(logging.WARNING, logger="emonet.data.face_visibility"):
         scores = score_crops(folder, names, workers=1, progress=False)
     assert scores.dtype == np.float64 and scores.shape == (len(names),)
     assert scores[0] == 100.0 and scores[4] == 100.0
@@ -172,11 +174,11 @@ def test_score_crops_of_nothing(crop_dir):
 
 
 def test_worker_module_does_not_import_torch():
-    # Every pool worker imports emonet.visibility; torch would add seconds to start-up,
+    # Every pool worker imports emonet.data.face_visibility; torch would add seconds to start-up,
     # and the split step (pandas, the CSV, the histogram) runs in the parent only.
     code = (
-        "import sys, emonet.visibility; "
-        "print(sorted({'torch', 'pandas', 'emonet.visibility_split'} & set(sys.modules)))"
+        "import sys, emonet.data.face_visibility; "
+        "print(sorted({'torch', 'pandas', 'emonet.data.visibility_column'} & set(sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
@@ -323,7 +325,7 @@ def test_oversize_crop_scores_nan_with_a_reason(tmp_path, caplog, workers):
     # MediaPipe aborted the process on it (rc 134, legacy API) with workers=1, and the pool hung.
     write_sparse_crop(tmp_path / "huge.npy", 100_000, 100_000)
     np.save(tmp_path / "face.npy", example_crop("whole", 128))
-    with caplog.at_level(logging.WARNING, logger="emonet.visibility"):
+    with caplog.at_level(logging.WARNING, logger="emonet.data.face_visibility"):
         scores = score_crops(tmp_path, ["huge.npy", "face.npy"] * 2, workers=workers, progress=False)
     assert np.isnan(scores[0]) and np.isnan(scores[2])
     assert scores[1] == scores[3] == 100.0
@@ -410,7 +412,7 @@ def test_link_out_of_the_image_folder_scores_nan(tmp_path, caplog):
     np.save(outside / "face.npy", example_crop("whole", 128))
     (img_dir / "escape.npy").symlink_to(outside / "face.npy")
     np.save(img_dir / "face.npy", example_crop("whole", 128))
-    with caplog.at_level(logging.WARNING, logger="emonet.visibility"):
+    with caplog.at_level(logging.WARNING, logger="emonet.data.face_visibility"):
         scores = score_crops(img_dir, ["escape.npy", "face.npy"], workers=1, progress=False)
     assert np.isnan(scores[0]) and scores[1] == 100.0
     assert "escape.npy" in caplog.text and "outside the image folder" in caplog.text
@@ -476,8 +478,17 @@ def test_a_spawned_worker_finds_the_default_asset_without_a_setting(crop_dir, mo
 
 
 def test_the_cli_takes_the_asset_path(fake_archive, tmp_path, capsys):
-    args = ["visibility", "--annotations", str(annotations_path(fake_archive, "val")),
-            "--img-dir", str(arrays_dir(fake_archive)), "--out", str(tmp_path / "out.csv"), "--workers", "1"]
+    args = [
+        "visibility",
+        "--annotations",
+        str(annotations_path(fake_archive, "val")),
+        "--img-dir",
+        str(arrays_dir(fake_archive)),
+        "--out",
+        str(tmp_path / "out.csv"),
+        "--workers",
+        "1",
+    ]
     assert main([*args, "--face-landmarker", str(tmp_path / "none.task")]) == 2
     error = capsys.readouterr().err
     assert "Traceback" not in error and f"{tmp_path / 'none.task'} (the path given)" in error
@@ -491,8 +502,8 @@ def test_the_cli_takes_the_asset_path(fake_archive, tmp_path, capsys):
 _THREAD_PROBE = """
 import json, time
 import psutil
-from emonet.demo_data import example_crop
-from emonet.visibility import FaceVisibilityScorer
+from emonet.data.demo import example_crop
+from emonet.data.face_visibility import FaceVisibilityScorer
 
 process = psutil.Process()
 crops = [example_crop(kind, 160) for kind in ("whole", "partial", "none")] * 10

@@ -46,7 +46,13 @@ __all__ = [
 # Columns of ``per_emotion_report``, in order.
 # ``average_precision`` is scikit-learn's AP, ``average_precision_voc11`` the EMOTIC authors' 11-point AP.
 REPORT_COLUMNS: tuple[str, ...] = (
-    "average_precision", "average_precision_voc11", "precision", "recall", "f1", "support", "threshold",
+    "average_precision",
+    "average_precision_voc11",
+    "precision",
+    "recall",
+    "f1",
+    "support",
+    "threshold",
 )
 
 
@@ -176,8 +182,12 @@ def tune_thresholds(y_true: ArrayLike, y_prob: ArrayLike, default: float = 0.5) 
         f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
         thresholds[j] = float(candidates[int(np.argmax(f1))])
     if no_positive:
-        logger.warning("%d label(s) have no positive sample; threshold %s kept for columns %s",
-                       len(no_positive), default, no_positive)
+        logger.warning(
+            "%d label(s) have no positive sample; threshold %s kept for columns %s",
+            len(no_positive),
+            default,
+            no_positive,
+        )
     return thresholds
 
 

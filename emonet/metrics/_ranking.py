@@ -72,7 +72,7 @@ def resampled_average_precision(
     """Both APs of one label on weighted copies of its rows: scikit-learn's and the 11-point one.
 
     The engine behind :func:`voc11_average_precision_score` and the bootstrap
-    (:mod:`emonet.bootstrap`): row ``i`` counts ``counts[b, i]`` times in copy ``b``, so
+    (:mod:`emonet.metrics.bootstrap`): row ``i`` counts ``counts[b, i]`` times in copy ``b``, so
     a bootstrap resample is one row of counts, and all copies are scored at once with
     cumulative sums over a single ranking. Tied scores are one threshold: precision and
     recall are read at the end of each run of equal scores (as

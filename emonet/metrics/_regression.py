@@ -30,7 +30,7 @@ def affect_errors(
     Inputs are normalized with ``x_norm = 2 * (x - low) / (high - low) - 1`` per
     dimension. Predictions are mapped back to the original scale with the same bounds
     and not clipped. Rows whose target is NaN (an invalid annotation masked by
-    :func:`~emonet.annotations.load_annotations`) are left out of every error; how
+    :func:`~emonet.data.annotations.load_annotations`) are left out of every error; how
     many rows were used is returned as ``n_affect``.
 
     Parameters
@@ -82,8 +82,13 @@ def affect_errors(
     if n_used == 0:
         logger.warning("no row has a valence/arousal target: affect errors are NaN")
         nan = float("nan")
-        return {"mae_valence": nan, "mae_arousal": nan, "mae_valence_1_10": nan, "mae_arousal_1_10": nan,
-                "n_affect": 0.0}
+        return {
+            "mae_valence": nan,
+            "mae_arousal": nan,
+            "mae_valence_1_10": nan,
+            "mae_arousal_1_10": nan,
+            "n_affect": 0.0,
+        }
 
     true, pred = affect_true[used], affect_pred[used]
     mae = np.abs(pred - true).mean(axis=0)  # (2,)
@@ -101,7 +106,7 @@ def affect_errors(
 def affect_sample_error(affect_true: ArrayLike, affect_pred: ArrayLike) -> np.ndarray:
     """Mean absolute valence/arousal error of each sample (in the inputs' units), shape ``(n,)``.
 
-    A row whose target is masked (NaN, see :func:`emonet.annotations.load_annotations`)
+    A row whose target is masked (NaN, see :func:`emonet.data.annotations.load_annotations`)
     has no error: NaN.
 
     Examples

@@ -167,9 +167,7 @@ def face_visibility_groups(visibility: ArrayLike) -> np.ndarray:
     return groups.astype(str)
 
 
-def _group_emotion_scores(
-    y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.ndarray
-) -> tuple[float, float, float]:
+def _group_emotion_scores(y_true: np.ndarray, y_prob: np.ndarray, thresholds: np.ndarray) -> tuple[float, float, float]:
     """mAP (both protocols) and macro F1 of one group, over the labels with a positive in the group."""
     present = np.flatnonzero(y_true.sum(axis=0) > 0)
     if len(present) == 0:

@@ -1,0 +1,41 @@
+"""The network (:mod:`~emonet.models.network`), the checkpoint file format
+(:mod:`~emonet.models.checkpoint`) and the device a model runs on (:mod:`~emonet.models.devices`).
+
+The names below are re-exported lazily (``lazy_loader``): importing one submodule loads
+only what it needs.
+"""
+
+import lazy_loader
+
+__getattr__, __dir__, __all__ = lazy_loader.attach(
+    __name__,
+    submod_attrs={
+        "checkpoint": [
+            "BEST_CHECKPOINT",
+            "CHECKPOINT_FORMAT",
+            "CHECKPOINT_VERSION",
+            "DiskSpaceError",
+            "LAST_CHECKPOINT",
+            "check_free_space",
+            "estimate_checkpoint_bytes",
+            "load_checkpoint",
+            "read_checkpoint",
+            "remove_stale_temp_files",
+            "save_checkpoint",
+        ],
+        "devices": [
+            "resolve_device",
+        ],
+        "network": [
+            "EMOTION_PRIOR",
+            "EmoNet",
+            "EmoNetOutput",
+            "NUM_AFFECT",
+            "VARIANTS",
+            "build_model",
+            "create_trunk",
+            "imagenet_state_dict",
+            "load_trunk_weights",
+        ],
+    },
+)
