@@ -167,7 +167,7 @@ def test_log_emonet_model_from_another_thread(logged_model, mlflow_store):
     assert version.tags["variant"] == "body" and version.tags["backbone"] == "resnet18"
 
     model_dir = Path(mlflow.artifacts.download_artifacts(version.source))
-    assert (model_dir / "code" / "emonet" / "inference.py").is_file()
+    assert (model_dir / "code" / "emonet" / "inference" / "predictor.py").is_file()
     assert (model_dir / "artifacts" / "best.pt").is_file()
     assert (model_dir / "artifacts" / "normalization.json").is_file()
     assert sorted((model_dir / "requirements.txt").read_text().split()) == sorted(pip_requirements())
