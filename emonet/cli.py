@@ -160,11 +160,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
     print(f"benchmark table in {paths['markdown']} and {paths['csv']}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emonet", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_make_demo_data(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("make-demo-data", help="write a small synthetic archive in EMOTIC's format")
     demo.add_argument("out_dir", type=Path)
     demo.add_argument("--seed", type=int, default=0)
@@ -174,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=_positive_int, default=112, help="side of the square body crops, in pixels")
     demo.set_defaults(func=_cmd_make_demo_data)
 
+
+def _add_visibility(commands: argparse._SubParsersAction) -> None:
     vis = commands.add_parser(
         "visibility", help="score face visibility of every body crop with MediaPipe's face landmarker"
     )
@@ -192,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vis.set_defaults(func=_cmd_visibility)
 
+
+def _add_normalize(commands: argparse._SubParsersAction) -> None:
     norm = commands.add_parser("normalize", help="add Valence_norm and Arousal_norm in [-1, 1]")
     norm.add_argument("--annotations-dir", type=Path, required=True, help="folder with annot_arrs_<split>.csv")
     norm.add_argument("--out-dir", type=Path, required=True)
@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     norm.add_argument("--fit-on-train", action="store_true", help="fit the bounds on the train split")
     norm.set_defaults(func=_cmd_normalize)
 
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train a model (no Prefect, no MLflow)")
     train.add_argument(
         "--config", type=Path, default=None, help="YAML config (see emonet/config.py); default values otherwise"
@@ -217,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume-from", type=Path, default=None, help="a last.pt to continue from")
     train.set_defaults(func=_cmd_train)
 
+
+def _add_evaluate(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("evaluate", help="metrics, per-emotion table and figures of a checkpoint")
     evaluate.add_argument("--checkpoint", type=Path, required=True)
     evaluate.add_argument("--annotations", type=Path, required=True, help="a labelled split CSV")
@@ -225,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--normalization", type=Path, default=None, help="normalization.json of the training data")
     evaluate.set_defaults(func=_cmd_evaluate)
 
+
+def _add_review(commands: argparse._SubParsersAction) -> None:
     review = commands.add_parser("review", help="look at predictions: grid, detailed pages, heatmaps, index.html")
     review.add_argument("--model", required=True, help="a checkpoint path or an MLflow URI (models:/emonet@champion)")
     review.add_argument("--annotations", type=Path, required=True, help="a split CSV (raw or normalized)")
@@ -237,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument("--normalization", type=Path, default=None, help="normalization.json of the training data")
     review.set_defaults(func=_cmd_review)
 
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser("predict", help="score a CSV of crops, in batches, into a predictions CSV")
     predict.add_argument("--model", required=True, help="a checkpoint path or an MLflow URI (models:/emonet@champion)")
     predict.add_argument("--input", type=Path, required=True, help="CSV with Crop_name (and --img-dir) or image_path")
@@ -252,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.set_defaults(func=_cmd_predict)
 
+
+def _add_benchmark(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser(
         "benchmark", help="the EMOTIC benchmark table: AP under both protocols, intervals, published results"
     )
@@ -265,6 +275,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--confidence", type=float, default=0.95, help="coverage of the intervals, in (0, 1)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     bench.set_defaults(func=_cmd_benchmark)
+
+
+# In the order `emonet --help` lists the sub-commands.
+_SUBCOMMANDS = (
+    _add_make_demo_data,
+    _add_visibility,
+    _add_normalize,
+    _add_train,
+    _add_evaluate,
+    _add_review,
+    _add_predict,
+    _add_benchmark,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emonet", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add_subcommand in _SUBCOMMANDS:
+        add_subcommand(commands)
     return parser
 
 

@@ -49,7 +49,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -445,6 +445,156 @@ def _remove_stale(img_dir: Path, old: dict[str, Any] | None, rows: dict[str, int
         (img_dir / image_name(i)).unlink(missing_ok=True)
 
 
+class _Split(NamedTuple):
+    """One generated split: its annotation table and what the manifest records of it."""
+
+    table: pd.DataFrame
+    face_modes: list[str]
+    swapped_rows: list[int]
+    overflowing_rows: list[int]
+    n_images: int
+
+
+def _stored_scene(
+    rng: np.random.Generator,
+    overflow_rng: np.random.Generator,
+    scene: np.ndarray,
+    boxes: list[tuple[int, int, int, int]],
+    take_overflow: bool,
+) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """The full image as the archive stores it: the array, the (width, height) its row
+    states, and whether it became a portrait whose box overflows the stated width.
+
+    ``take_overflow`` asks for the portrait whatever the draw (the split's first
+    eligible photo); ``boxes[0]`` is updated when the portrait is made.
+    """
+    overflowing = False
+    height, width = scene.shape[:2]
+    if len(boxes) == 1 and (take_overflow or overflow_rng.random() < _OVERFLOW_SHARE):
+        portrait = _portrait_with_overflowing_box(scene, boxes[0])
+        if portrait is not None:
+            scene, boxes[0] = portrait
+            height, width = scene.shape[:2]
+            overflowing = True
+    # Half of the full images are stored smaller than the photo they annotate:
+    # readers must rescale boxes by array shape / (Width, Height).
+    if rng.random() < _HALF_SIZE_SHARE:
+        half = (width // 2, height // 2)
+        scene = np.asarray(Image.fromarray(scene).resize(half, Image.Resampling.BILINEAR))
+    return scene, (width, height), overflowing
+
+
+def _person_record(
+    rng: np.random.Generator,
+    image_index: int,
+    stated_size: tuple[int, int],
+    box: tuple[int, int, int, int],
+    labels: np.ndarray,
+    vad: np.ndarray,
+    arr_name: str,
+    crop: str,
+) -> dict[str, Any]:
+    """One annotation row: the person's labels and box in its full image, age and gender drawn."""
+    width, height = stated_size
+    return {
+        "Filename": f"demo_{image_index:06d}.jpg",
+        "Width": float(width),
+        "Height": float(height),
+        "Age": str(rng.choice(AGES, p=(0.1, 0.1, 0.8))),
+        "Gender": str(rng.choice(GENDERS, p=(0.55, 0.45))),
+        "Valence": vad[0],
+        "Arousal": vad[1],
+        "Dominance": vad[2],
+        **dict(zip(EMOTIONS, labels)),
+        "X_min": float(box[0]),
+        "Y_min": float(box[1]),
+        "X_max": float(box[2]),
+        "Y_max": float(box[3]),
+        "Arr_name": arr_name,
+        "Crop_name": crop,
+    }
+
+
+def _swap_width_height(rng: np.random.Generator, table: pd.DataFrame, n_rows: int) -> list[int]:
+    """Swap Width/Height on some rows of ``table`` (in place); returns those rows, sorted.
+
+    The archive does so, but only where the box then overflows the stated width: that
+    is how readers detect and undo it.
+    """
+    eligible = np.flatnonzero((table["X_max"] > table["Height"]).to_numpy())
+    n_swap = min(len(eligible), round(_SWAPPED_SHARE * n_rows))
+    swapped = rng.choice(eligible, size=n_swap, replace=False) if n_swap else np.array([], dtype=int)
+    table.loc[swapped, ["Width", "Height"]] = table.loc[swapped, ["Height", "Width"]].to_numpy()
+    return sorted(int(row) for row in swapped)
+
+
+def _make_split(
+    rng: np.random.Generator,
+    overflow_rng: np.random.Generator,
+    split: str,
+    n_rows: int,
+    size: int,
+    img_dir: Path,
+    first_image: int,
+    bar: tqdm,
+) -> _Split:
+    """Render and save a split's full images and crops (numbered from ``first_image``)."""
+    groups = _plan_split(rng, n_rows)
+    moods = np.repeat(rng.normal(0.0, 1.0, len(groups)), groups)
+    labels = _sample_emotions(rng, moods)
+    vad = _affect(rng, labels, moods)
+    modes = [str(m) for m in rng.choice(_FACE_MODES, size=n_rows, p=_FACE_PROBS)]
+    records: list[dict[str, Any]] = []
+    overflowing_rows: list[int] = []
+    image_index = first_image
+    start = 0
+    for group in groups:
+        part = slice(start, start + group)
+        scene, boxes, crops = _render_image(rng, size, labels[part], vad[part], modes[part], float(moods[start]))
+        # The first eligible photo of every split is taken, so even a small archive
+        # has one such row; later ones by chance.
+        scene, stated_size, overflowing = _stored_scene(rng, overflow_rng, scene, boxes, not overflowing_rows)
+        if overflowing:
+            overflowing_rows.append(start)
+        arr_name = image_name(image_index)
+        save_npy_atomic(np.ascontiguousarray(scene), img_dir / arr_name)
+        for k, (box, crop) in enumerate(zip(boxes, crops)):
+            row = start + k
+            save_npy_atomic(np.ascontiguousarray(crop), img_dir / crop_name(split, row))
+            records.append(
+                _person_record(
+                    rng, image_index, stated_size, box, labels[row], vad[row], arr_name, crop_name(split, row)
+                )
+            )
+        bar.update(group)
+        image_index += 1
+        start += group
+    table = pd.DataFrame(records, columns=list(CSV_COLUMNS))
+    swapped_rows = _swap_width_height(rng, table, n_rows)
+    return _Split(table, modes, swapped_rows, overflowing_rows, image_index - first_image)
+
+
+def _log_summary(out_dir: Path, img_dir: Path, rows: dict[str, int], size: int, splits: dict[str, _Split]) -> None:
+    """One log line: rows, images, face placement, the quirks reproduced, disk used."""
+    all_modes = [m for split in splits.values() for m in split.face_modes]
+    n_swapped = sum(len(split.swapped_rows) for split in splits.values())
+    n_overflowing = sum(len(split.overflowing_rows) for split in splits.values())
+    megabytes = sum(p.stat().st_size for p in img_dir.glob("*.npy")) / 2**20
+    logger.info(
+        "wrote demo archive %s: %s rows, %d full images, %d px crops; faces full/partial/absent %d/%d/%d; "
+        "%d rows with Width/Height swapped, %d portrait rows whose box overflows by %d px; %.1f MiB of arrays",
+        out_dir,
+        "/".join(str(rows[s]) for s in SPLITS),
+        sum(split.n_images for split in splits.values()),
+        size,
+        *(all_modes.count(m) for m in _FACE_MODES),
+        n_swapped,
+        n_overflowing,
+        _OVERFLOW_PX,
+        megabytes,
+    )
+
+
 def make_demo_data(
     out_dir: str | Path,
     seed: int = 0,
@@ -495,75 +645,11 @@ def make_demo_data(
     rng = np.random.default_rng(seed)
     overflow_rng = np.random.default_rng([seed, _OVERFLOW_STREAM])
     next_image = 0
-    tables: dict[str, pd.DataFrame] = {}
-    face_modes: dict[str, list[str]] = {}
-    swapped_rows: dict[str, list[int]] = {}
-    overflowing_rows: dict[str, list[int]] = {}
+    splits: dict[str, _Split] = {}
     bar = tqdm(total=sum(rows.values()), desc="demo archive", unit="row", disable=None)
     for split in SPLITS:
-        n = rows[split]
-        groups = _plan_split(rng, n)
-        moods = np.repeat(rng.normal(0.0, 1.0, len(groups)), groups)
-        labels = _sample_emotions(rng, moods)
-        vad = _affect(rng, labels, moods)
-        modes = [str(m) for m in rng.choice(_FACE_MODES, size=n, p=_FACE_PROBS)]
-        records: list[dict[str, Any]] = []
-        overflowing_rows[split] = []
-        start = 0
-        for group in groups:
-            part = slice(start, start + group)
-            scene, boxes, crops = _render_image(rng, size, labels[part], vad[part], modes[part], float(moods[start]))
-            height, width = scene.shape[:2]
-            # The first eligible photo of every split is taken, so even a small archive
-            # has one such row; later ones by chance.
-            if group == 1 and (not overflowing_rows[split] or overflow_rng.random() < _OVERFLOW_SHARE):
-                portrait = _portrait_with_overflowing_box(scene, boxes[0])
-                if portrait is not None:
-                    scene, boxes[0] = portrait
-                    height, width = scene.shape[:2]
-                    overflowing_rows[split].append(start)
-            # Half of the full images are stored smaller than the photo they annotate:
-            # readers must rescale boxes by array shape / (Width, Height).
-            if rng.random() < _HALF_SIZE_SHARE:
-                half = (width // 2, height // 2)
-                scene = np.asarray(Image.fromarray(scene).resize(half, Image.Resampling.BILINEAR))
-            arr_name = image_name(next_image)
-            save_npy_atomic(np.ascontiguousarray(scene), img_dir / arr_name)
-            for k, (box, crop) in enumerate(zip(boxes, crops)):
-                row = start + k
-                save_npy_atomic(np.ascontiguousarray(crop), img_dir / crop_name(split, row))
-                records.append(
-                    {
-                        "Filename": f"demo_{next_image:06d}.jpg",
-                        "Width": float(width),
-                        "Height": float(height),
-                        "Age": str(rng.choice(AGES, p=(0.1, 0.1, 0.8))),
-                        "Gender": str(rng.choice(GENDERS, p=(0.55, 0.45))),
-                        "Valence": vad[row, 0],
-                        "Arousal": vad[row, 1],
-                        "Dominance": vad[row, 2],
-                        **dict(zip(EMOTIONS, labels[row])),
-                        "X_min": float(box[0]),
-                        "Y_min": float(box[1]),
-                        "X_max": float(box[2]),
-                        "Y_max": float(box[3]),
-                        "Arr_name": arr_name,
-                        "Crop_name": crop_name(split, row),
-                    }
-                )
-            bar.update(group)
-            next_image += 1
-            start += group
-        table = pd.DataFrame(records, columns=list(CSV_COLUMNS))
-        # Swap Width/Height on some rows, as the archive does, but only where the box
-        # then overflows the stated width: that is how readers detect and undo it.
-        eligible = np.flatnonzero((table["X_max"] > table["Height"]).to_numpy())
-        n_swap = min(len(eligible), round(_SWAPPED_SHARE * n))
-        swapped = rng.choice(eligible, size=n_swap, replace=False) if n_swap else np.array([], dtype=int)
-        table.loc[swapped, ["Width", "Height"]] = table.loc[swapped, ["Height", "Width"]].to_numpy()
-        tables[split] = table
-        swapped_rows[split] = sorted(int(row) for row in swapped)
-        face_modes[split] = modes
+        splits[split] = _make_split(rng, overflow_rng, split, rows[split], size, img_dir, next_image, bar)
+        next_image += splits[split].n_images
     bar.close()
 
     _remove_stale(img_dir, old_manifest, rows, next_image)
@@ -577,32 +663,15 @@ def make_demo_data(
             "rows": {split: int(count) for split, count in rows.items()},
             "images": next_image,
             "glyphs": GLYPHS,
-            "face_modes": face_modes,
-            "swapped_rows": swapped_rows,
-            "overflowing_rows": overflowing_rows,
+            "face_modes": {name: split.face_modes for name, split in splits.items()},
+            "swapped_rows": {name: split.swapped_rows for name, split in splits.items()},
+            "overflowing_rows": {name: split.overflowing_rows for name, split in splits.items()},
         },
         out_dir / MANIFEST_NAME,
     )
-    for split, table in tables.items():
-        write_csv_atomic(table, annotations_path(out_dir, split))
-
-    all_modes = [m for modes in face_modes.values() for m in modes]
-    n_swapped = sum(len(rows) for rows in swapped_rows.values())
-    n_overflowing = sum(len(rows) for rows in overflowing_rows.values())
-    megabytes = sum(p.stat().st_size for p in img_dir.glob("*.npy")) / 2**20
-    logger.info(
-        "wrote demo archive %s: %s rows, %d full images, %d px crops; faces full/partial/absent %d/%d/%d; "
-        "%d rows with Width/Height swapped, %d portrait rows whose box overflows by %d px; %.1f MiB of arrays",
-        out_dir,
-        "/".join(str(rows[s]) for s in SPLITS),
-        next_image,
-        size,
-        *(all_modes.count(m) for m in _FACE_MODES),
-        n_swapped,
-        n_overflowing,
-        _OVERFLOW_PX,
-        megabytes,
-    )
+    for split, result in splits.items():
+        write_csv_atomic(result.table, annotations_path(out_dir, split))
+    _log_summary(out_dir, img_dir, rows, size, splits)
     return out_dir
 
 

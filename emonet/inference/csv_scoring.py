@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,7 @@ from emonet.data.arrays import load_array
 from emonet.data.images import DEFAULT_MAX_PIXELS, check_max_pixels, check_pixel_limit, read_image
 from emonet.data.normalize import AffectNormalizer
 from emonet.inference.loading import ModelSource, describe_model, load_predictor
-from emonet.inference.predictor import OUTPUT_COLUMNS
+from emonet.inference.predictor import OUTPUT_COLUMNS, Predictor
 from emonet.utils.io import atomic_path, check_not_inputs, ensure_writable_dir, read_csv
 
 logger = logging.getLogger(__name__)
@@ -142,6 +142,177 @@ def _count_rows(csv_path: Path) -> int:
 # --------------------------------------------------------------------------- predict_csv
 
 
+def _check_inputs(
+    model: ModelSource,
+    csv_path: Path,
+    out_csv: Path,
+    img_dir: str | Path | None,
+    batch_size: int,
+    on_error: str,
+    keep_columns: Sequence[str],
+    max_pixels: int | None,
+) -> tuple[list[str], Path | None, Path | None]:
+    """Check the arguments and the input CSV before any model is loaded.
+
+    Returns the CSV's columns, ``img_dir`` as a ``Path`` and the skipped-rows CSV
+    (None with ``on_error="raise"``).
+    """
+    if on_error not in ON_ERROR_OPTIONS:
+        raise ValueError(f"unknown on_error {on_error!r}; expected one of {list(ON_ERROR_OPTIONS)}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_max_pixels(max_pixels)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"input CSV not found: {csv_path}")
+    skipped_csv = skipped_path(out_csv) if on_error == "skip" else None
+    if out_csv.is_dir():
+        raise ValueError(f"out_csv is a folder, expected a file path: {out_csv}")
+    img_dir = Path(img_dir) if img_dir is not None else None
+    if img_dir is not None and not img_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {img_dir}")
+    try:
+        columns = list(read_csv(csv_path, nrows=0).columns)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"input CSV is empty (no header): {csv_path}") from None
+    # Fail on the layout before loading a model, which can take a while.
+    layout = _CsvImageReader(columns, csv_path, img_dir, needs_context=False)
+    check_not_inputs(
+        {"out_csv": out_csv, "skipped_csv": skipped_csv},
+        {"input CSV": csv_path, "model": model},
+        image_dir=img_dir,
+        image_files=layout.listed_files(csv_path),
+    )
+    ensure_writable_dir(out_csv.parent)  # a read-only folder fails now, not after scoring
+    missing = [column for column in keep_columns if column not in columns]
+    if missing:
+        raise ValueError(f"keep_columns not in {csv_path.name}: {missing}")
+    clashing = [column for column in keep_columns if column in OUTPUT_COLUMNS or column == ROW_COLUMN]
+    if clashing:
+        raise ValueError(f"keep_columns would clash with prediction columns: {clashing}")
+    return columns, img_dir, skipped_csv
+
+
+def _read_chunk(
+    chunk: pd.DataFrame,
+    first_row: int,
+    reader: _CsvImageReader,
+    id_columns: list[str],
+    on_error: str,
+    csv_path: Path,
+) -> tuple[list[int], list[np.ndarray], list[np.ndarray | None], list[dict[str, Any]]]:
+    """Decode a chunk's images: the offsets of the rows read, their crops and full images,
+    and the skipped rows (with ``on_error="skip"``; ``"raise"`` stops at the first bad row)."""
+    kept, crops, contexts, skipped = [], [], [], []
+    for offset, record in enumerate(chunk.to_dict("records")):
+        row = first_row + offset
+        try:
+            crop, context = reader.read(record)
+        except (ValueError, FileNotFoundError) as error:
+            if on_error == "raise":
+                raise type(error)(f"{csv_path.name}: row {row}: {error}") from None
+            skipped.append({ROW_COLUMN: row, **{c: record.get(c) for c in id_columns}, "reason": str(error)})
+            continue
+        kept.append(offset)
+        crops.append(crop)
+        contexts.append(context)
+    return kept, crops, contexts, skipped
+
+
+def _open_atomic_csv(stack: contextlib.ExitStack, path: Path, columns: list[str]) -> TextIO:
+    """A handle on a temporary file renamed onto ``path`` when ``stack`` closes without
+    error; the header row is written."""
+    handle = stack.enter_context(open(stack.enter_context(atomic_path(path)), "w", newline="", encoding="utf-8"))
+    pd.DataFrame(columns=columns).to_csv(handle, index=False)
+    return handle
+
+
+def _stream_predictions(
+    predictor: Predictor,
+    reader: _CsvImageReader,
+    csv_path: Path,
+    out_csv: Path,
+    skipped_csv: Path | None,
+    id_columns: list[str],
+    batch_size: int,
+    on_error: str,
+    progress: bool,
+) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Read, predict and append the input chunk by chunk; returns the row counts
+    (``read``, ``written``, ``skipped``) and the first skipped rows."""
+    out_columns = [ROW_COLUMN, *id_columns, *OUTPUT_COLUMNS]
+    # Identifying columns are text: without this, pandas would turn "007" into 7.
+    dtypes = {column: str for column in id_columns}
+    total = _count_rows(csv_path) if progress else None
+    counts = {"read": 0, "written": 0, "skipped": 0}
+    first_skipped: list[dict[str, Any]] = []
+    bar = tqdm(total=total, desc="predict", unit="row", disable=not progress, dynamic_ncols=True)
+    # Both files appear only if every chunk succeeds; an error leaves neither behind. The
+    # handles close before the renames: ExitStack unwinds in reverse order.
+    with contextlib.ExitStack() as stack:
+        stack.callback(bar.close)
+        out_handle = _open_atomic_csv(stack, out_csv, out_columns)
+        skip_handle = None
+        if skipped_csv is not None:
+            skip_handle = _open_atomic_csv(stack, skipped_csv, [ROW_COLUMN, *id_columns, "reason"])
+        for chunk in read_csv(csv_path, chunksize=batch_size, dtype=dtypes):
+            first_row = counts["read"]
+            kept, crops, contexts, skipped = _read_chunk(chunk, first_row, reader, id_columns, on_error, csv_path)
+            if kept:
+                probs, affect = predictor.predict_proba(crops, contexts if predictor.needs_context else None)
+                frame = predictor.to_frame(probs, affect)  # (len(kept), len(OUTPUT_COLUMNS))
+                ids = chunk.iloc[kept][id_columns].reset_index(drop=True)
+                ids.insert(0, ROW_COLUMN, [first_row + offset for offset in kept])
+                pd.concat([ids, frame], axis=1)[out_columns].to_csv(out_handle, header=False, index=False)
+            if skipped:
+                pd.DataFrame(skipped).to_csv(skip_handle, header=False, index=False)
+                first_skipped += [{"row": s[ROW_COLUMN], "reason": s["reason"]} for s in skipped]
+                del first_skipped[_SUMMARY_SKIPPED:]
+            counts["read"] += len(chunk)
+            counts["written"] += len(kept)
+            counts["skipped"] += len(skipped)
+            bar.update(len(chunk))
+    return counts, first_skipped
+
+
+def _summarize(
+    model: ModelSource,
+    predictor: Predictor,
+    reader: _CsvImageReader,
+    csv_path: Path,
+    out_csv: Path,
+    skipped_csv: Path | None,
+    counts: dict[str, int],
+    first_skipped: list[dict[str, Any]],
+    seconds: float,
+) -> dict[str, Any]:
+    """The summary :func:`predict_csv` returns, with its log lines."""
+    summary = {
+        "input_csv": str(csv_path),
+        "output_csv": str(out_csv),
+        "model": describe_model(model),
+        "variant": predictor.variant,
+        "layout": reader.layout,
+        "rows_read": counts["read"],
+        "rows_written": counts["written"],
+        "rows_skipped": counts["skipped"],
+        "skipped_csv": str(skipped_csv) if skipped_csv is not None else None,
+        "skipped": first_skipped,
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(counts["read"] / seconds, 2) if seconds > 0 else None,
+    }
+    if counts["skipped"]:
+        logger.warning(
+            "%s: skipped %d of %d rows; listed in %s", csv_path.name, counts["skipped"], counts["read"], skipped_csv
+        )
+    logger.info(
+        "wrote %d predictions to %s (%.1f rows/s)",
+        counts["written"],
+        out_csv,
+        counts["read"] / seconds if seconds > 0 else float("nan"),
+    )
+    return summary
+
+
 def predict_csv(
     model: ModelSource,
     csv_path: str | Path,
@@ -222,117 +393,16 @@ def predict_csv(
     {'rows_read': 120, 'rows_written': 120, 'rows_skipped': 0, ...}
     """
     csv_path, out_csv = Path(csv_path), Path(out_csv)
-    if on_error not in ON_ERROR_OPTIONS:
-        raise ValueError(f"unknown on_error {on_error!r}; expected one of {list(ON_ERROR_OPTIONS)}")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    check_max_pixels(max_pixels)
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"input CSV not found: {csv_path}")
-    skipped_csv = skipped_path(out_csv) if on_error == "skip" else None
-    if out_csv.is_dir():
-        raise ValueError(f"out_csv is a folder, expected a file path: {out_csv}")
-    img_dir = Path(img_dir) if img_dir is not None else None
-    if img_dir is not None and not img_dir.is_dir():
-        raise FileNotFoundError(f"image folder not found: {img_dir}")
-    try:
-        columns = list(read_csv(csv_path, nrows=0).columns)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"input CSV is empty (no header): {csv_path}") from None
-    # Fail on the layout before loading a model, which can take a while.
-    layout = _CsvImageReader(columns, csv_path, img_dir, needs_context=False)
-    check_not_inputs(
-        {"out_csv": out_csv, "skipped_csv": skipped_csv},
-        {"input CSV": csv_path, "model": model},
-        image_dir=img_dir,
-        image_files=layout.listed_files(csv_path),
+    columns, img_dir, skipped_csv = _check_inputs(
+        model, csv_path, out_csv, img_dir, batch_size, on_error, keep_columns, max_pixels
     )
-    ensure_writable_dir(out_csv.parent)  # a read-only folder fails now, not after scoring
-    missing = [column for column in keep_columns if column not in columns]
-    if missing:
-        raise ValueError(f"keep_columns not in {csv_path.name}: {missing}")
-    clashing = [column for column in keep_columns if column in OUTPUT_COLUMNS or column == ROW_COLUMN]
-    if clashing:
-        raise ValueError(f"keep_columns would clash with prediction columns: {clashing}")
 
     predictor = load_predictor(model, device=device, batch_size=batch_size, normalizer=normalizer)
     reader = _CsvImageReader(columns, csv_path, img_dir, predictor.needs_context, max_pixels)
     id_columns = [c for c in ID_COLUMNS if c in columns] + [c for c in keep_columns if c not in ID_COLUMNS]
-    out_columns = [ROW_COLUMN, *id_columns, *OUTPUT_COLUMNS]
-    # Identifying columns are text: without this, pandas would turn "007" into 7.
-    dtypes = {column: str for column in id_columns}
-
     started = time.perf_counter()
-    total = _count_rows(csv_path) if progress else None
-    counts = {"read": 0, "written": 0, "skipped": 0}
-    first_skipped: list[dict[str, Any]] = []
-    bar = tqdm(total=total, desc="predict", unit="row", disable=not progress, dynamic_ncols=True)
-    with contextlib.ExitStack() as stack:
-        stack.callback(bar.close)
-        # Both files appear only if every chunk succeeds; an error leaves neither behind.
-        out_handle = stack.enter_context(
-            open(stack.enter_context(atomic_path(out_csv)), "w", newline="", encoding="utf-8")
-        )
-        pd.DataFrame(columns=out_columns).to_csv(out_handle, index=False)
-        skip_handle = None
-        if skipped_csv is not None:
-            skip_handle = stack.enter_context(
-                open(stack.enter_context(atomic_path(skipped_csv)), "w", newline="", encoding="utf-8")
-            )
-            pd.DataFrame(columns=[ROW_COLUMN, *id_columns, "reason"]).to_csv(skip_handle, index=False)
-        for chunk in read_csv(csv_path, chunksize=batch_size, dtype=dtypes):
-            first_row = counts["read"]
-            kept, crops, contexts, skipped = [], [], [], []
-            for offset, record in enumerate(chunk.to_dict("records")):
-                row = first_row + offset
-                try:
-                    crop, context = reader.read(record)
-                except (ValueError, FileNotFoundError) as error:
-                    if on_error == "raise":
-                        raise type(error)(f"{csv_path.name}: row {row}: {error}") from None
-                    skipped.append({ROW_COLUMN: row, **{c: record.get(c) for c in id_columns}, "reason": str(error)})
-                    continue
-                kept.append(offset)
-                crops.append(crop)
-                contexts.append(context)
-            if kept:
-                probs, affect = predictor.predict_proba(crops, contexts if predictor.needs_context else None)
-                frame = predictor.to_frame(probs, affect)  # (len(kept), len(OUTPUT_COLUMNS))
-                ids = chunk.iloc[kept][id_columns].reset_index(drop=True)
-                ids.insert(0, ROW_COLUMN, [first_row + offset for offset in kept])
-                pd.concat([ids, frame], axis=1)[out_columns].to_csv(out_handle, header=False, index=False)
-            if skipped:
-                pd.DataFrame(skipped).to_csv(skip_handle, header=False, index=False)
-                first_skipped += [{"row": s[ROW_COLUMN], "reason": s["reason"]} for s in skipped]
-                del first_skipped[_SUMMARY_SKIPPED:]
-            counts["read"] += len(chunk)
-            counts["written"] += len(kept)
-            counts["skipped"] += len(skipped)
-            bar.update(len(chunk))
-            # The handles close before the renames: ExitStack unwinds in reverse order.
-    seconds = time.perf_counter() - started
-    summary = {
-        "input_csv": str(csv_path),
-        "output_csv": str(out_csv),
-        "model": describe_model(model),
-        "variant": predictor.variant,
-        "layout": reader.layout,
-        "rows_read": counts["read"],
-        "rows_written": counts["written"],
-        "rows_skipped": counts["skipped"],
-        "skipped_csv": str(skipped_csv) if skipped_csv is not None else None,
-        "skipped": first_skipped,
-        "seconds": round(seconds, 3),
-        "rows_per_second": round(counts["read"] / seconds, 2) if seconds > 0 else None,
-    }
-    if counts["skipped"]:
-        logger.warning(
-            "%s: skipped %d of %d rows; listed in %s", csv_path.name, counts["skipped"], counts["read"], skipped_csv
-        )
-    logger.info(
-        "wrote %d predictions to %s (%.1f rows/s)",
-        counts["written"],
-        out_csv,
-        counts["read"] / seconds if seconds > 0 else float("nan"),
+    counts, first_skipped = _stream_predictions(
+        predictor, reader, csv_path, out_csv, skipped_csv, id_columns, batch_size, on_error, progress
     )
-    return summary
+    seconds = time.perf_counter() - started
+    return _summarize(model, predictor, reader, csv_path, out_csv, skipped_csv, counts, first_skipped, seconds)

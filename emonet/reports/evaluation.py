@@ -3,10 +3,12 @@ per-emotion table, the 26 x 26 matrices and their figures, written to one folder
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -39,6 +41,9 @@ from emonet.plots import (
 from emonet.reports.benchmark import BENCHMARK_FILES, BenchmarkTable, benchmark_table, write_benchmark
 from emonet.schema import EMOTIONS, FACE_VISIBILITY_COLUMN
 from emonet.utils.io import check_not_inputs, ensure_writable_dir, write_csv_atomic, write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +105,133 @@ class EvaluationReport:
         return self.benchmark.intervals
 
 
+def _check_outputs(
+    checkpoint: str | Path,
+    annotations: pd.DataFrame | str | Path,
+    img_dir: str | Path,
+    out_dir: Path,
+    normalizer: AffectNormalizer | str | Path | None,
+    validation: pd.DataFrame | str | Path | None,
+    n_resamples: int,
+) -> None:
+    """Refuse, before any work, outputs that would overwrite an input, an unwritable
+    ``out_dir`` and bad bootstrap settings."""
+    written = (*SPLIT_REPORT_FILES.values(), *BENCHMARK_FILES.values(), "metrics.json", "learning_curves.png")
+    check_not_inputs(
+        [out_dir / name for name in written],
+        {"checkpoint": checkpoint, "annotations": annotations, "normalizer": normalizer, "validation": validation},
+        image_dir=img_dir,
+    )
+    ensure_writable_dir(out_dir)  # a read-only folder fails now, not after predicting
+    check_bootstrap_settings(n_resamples, DEFAULT_CONFIDENCE)  # before any work, not after predicting
+
+
+def _predict_rows(
+    model: torch.nn.Module,
+    config: EmoNetConfig,
+    img_dir: str | Path,
+    rows: pd.DataFrame | str | Path,
+    desc: str,
+    *,
+    device: torch.device,
+    batch_size: int | None,
+    num_workers: int,
+    progress: bool,
+) -> tuple[EmoticDataset, Predictions]:
+    """The dataset of a labelled split (a CSV path or its rows) and the model's predictions on it."""
+    dataset = EmoticDataset(rows, img_dir, transform=eval_transform(config), with_context=config.model.uses_context)
+    return dataset, predict_split(
+        model,
+        dataset,
+        batch_size=batch_size or config.train.batch_size,
+        num_workers=num_workers,
+        device=device,
+        amp=config.train.amp,
+        progress=progress,
+        desc=desc,
+    )
+
+
+def _split_metrics(
+    split: pd.DataFrame,
+    raw_true: np.ndarray,
+    predictions: Predictions,
+    thresholds: np.ndarray,
+    normalizer: AffectNormalizer,
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """The metrics of the evaluated rows ``split`` (``raw_true``: their annotated 1..10
+    affect): with the tuned thresholds, at a fixed 0.5, and by face visibility (empty
+    without a Face_Visibility column)."""
+    common = {
+        "low": normalizer.low,
+        "high": normalizer.high,
+        "raw_true": raw_true,
+        "affect_true": predictions.affect_true,
+        "affect_pred": predictions.affect_pred,
+    }
+    y_true, y_prob = predictions.emotions_true, predictions.emotion_prob
+    # mAP_voc11 does not depend on the thresholds; both dicts carry it, as they carry mAP.
+    voc11 = {"mAP_voc11": mean_voc11_average_precision_score(y_true, y_prob)}
+    metrics = {**evaluate_predictions(y_true, y_prob, thresholds=thresholds, **common), **voc11}
+    metrics_at_half = {**evaluate_predictions(y_true, y_prob, thresholds=0.5, **common), **voc11}
+    by_visibility: dict[str, float] = {}
+    if FACE_VISIBILITY_COLUMN in split.columns:
+        visibility = pd.to_numeric(split[FACE_VISIBILITY_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
+        by_visibility = metrics_by_visibility(y_true, y_prob, visibility=visibility, thresholds=thresholds, **common)
+    return metrics, metrics_at_half, by_visibility
+
+
+def _benchmark(
+    raw_true: np.ndarray,
+    predictions: Predictions,
+    normalizer: AffectNormalizer,
+    model_name: str,
+    n_resamples: int,
+    seed: int,
+) -> BenchmarkTable:
+    """The benchmark table of the evaluated rows, with its bootstrap intervals."""
+    # The bootstrap measures the 1..10 errors as the metrics do: against the annotated
+    # values, over the rows whose target is not masked.
+    affect_1_10 = np.where(np.isfinite(predictions.affect_true).all(axis=1)[:, None], raw_true, np.nan)
+    return benchmark_table(
+        predictions.emotions_true,
+        predictions.emotion_prob,
+        affect_1_10,
+        normalizer.inverse_transform(predictions.affect_pred),
+        model=model_name,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+
+
+def _score_validation(val_dataset: EmoticDataset, val_predictions: Predictions) -> SplitPredictions:
+    """The validation split's predictions with its fingerprint and both mAPs."""
+    val_true, val_prob = val_predictions.emotions_true, val_predictions.emotion_prob
+    return SplitPredictions(
+        predictions=val_predictions,
+        split_id=split_fingerprint(val_dataset.annotations),
+        metrics={
+            "mAP": mean_average_precision_score(val_true, val_prob),
+            "mAP_voc11": mean_voc11_average_precision_score(val_true, val_prob),
+            "n_emotion": float(len(val_predictions)),
+        },
+    )
+
+
+def _log_evaluation(checkpoint: str | Path, metrics: dict[str, float], ci: BootstrapInterval) -> None:
+    """One log line: the checkpoint's mAP with its interval ``ci``, mAP_voc11 and the rows scored."""
+    logger.info(
+        "evaluated %s: mAP %.4f [%.4f, %.4f], mAP_voc11 %.4f on %d rows, affect errors on %d",
+        checkpoint,
+        metrics["mAP"],
+        ci.low,
+        ci.high,
+        metrics["mAP_voc11"],
+        int(metrics["n_emotion"]),
+        int(metrics["n_affect"]),
+    )
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     annotations: pd.DataFrame | str | Path,
@@ -141,86 +273,37 @@ def evaluate_checkpoint(
     ``learning_curves.png``.
     """
     out_dir = Path(out_dir)
-    written = (*SPLIT_REPORT_FILES.values(), *BENCHMARK_FILES.values(), "metrics.json", "learning_curves.png")
-    check_not_inputs(
-        [out_dir / name for name in written],
-        {"checkpoint": checkpoint, "annotations": annotations, "normalizer": normalizer, "validation": validation},
-        image_dir=img_dir,
-    )
-    ensure_writable_dir(out_dir)  # a read-only folder fails now, not after predicting
-    check_bootstrap_settings(n_resamples, DEFAULT_CONFIDENCE)  # before any work, not after predicting
+    _check_outputs(checkpoint, annotations, img_dir, out_dir, normalizer, validation, n_resamples)
     normalizer = load_normalizer(normalizer)
     device_ = resolve_device(device)
     model, config, state = load_checkpoint(checkpoint, map_location=device_)
     thresholds = np.asarray(state.get("thresholds") if state.get("thresholds") is not None else [0.5] * len(EMOTIONS))
-
-    with_context = config.model.uses_context
-
-    def predict(rows: pd.DataFrame | str | Path, desc: str) -> tuple[EmoticDataset, Predictions]:
-        dataset = EmoticDataset(rows, img_dir, transform=eval_transform(config), with_context=with_context)
-        return dataset, predict_split(
-            model,
-            dataset,
-            batch_size=batch_size or config.train.batch_size,
-            num_workers=num_workers,
-            device=device_,
-            amp=config.train.amp,
-            progress=progress,
-            desc=desc,
-        )
+    predict = functools.partial(
+        _predict_rows,
+        model,
+        config,
+        img_dir,
+        device=device_,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+    )
 
     dataset, predictions = predict(annotations, "evaluate")
-
+    split = dataset.annotations.iloc[predictions.indices]
     # The 1..10 errors are measured against the annotated values, not against targets
     # clipped by bounds fitted on train; masked rows count in the emotion metrics only.
-    split = dataset.annotations.iloc[predictions.indices]
-    common = {
-        "low": normalizer.low,
-        "high": normalizer.high,
-        "raw_true": raw_affect(split),
-        "affect_true": predictions.affect_true,
-        "affect_pred": predictions.affect_pred,
-    }
+    raw_true = raw_affect(split)
+    metrics, metrics_at_half, by_visibility = _split_metrics(split, raw_true, predictions, thresholds, normalizer)
     y_true, y_prob = predictions.emotions_true, predictions.emotion_prob
-    # mAP_voc11 does not depend on the thresholds; both dicts carry it, as they carry mAP.
-    voc11 = {"mAP_voc11": mean_voc11_average_precision_score(y_true, y_prob)}
-    metrics = {**evaluate_predictions(y_true, y_prob, thresholds=thresholds, **common), **voc11}
-    metrics_at_half = {**evaluate_predictions(y_true, y_prob, thresholds=0.5, **common), **voc11}
-    by_visibility: dict[str, float] = {}
-    if FACE_VISIBILITY_COLUMN in split.columns:
-        visibility = pd.to_numeric(split[FACE_VISIBILITY_COLUMN], errors="coerce").to_numpy(dtype=np.float64)
-        by_visibility = metrics_by_visibility(y_true, y_prob, visibility=visibility, thresholds=thresholds, **common)
     report, files = write_split_report(
         y_true, y_prob, thresholds, predictions.affect_true, predictions.affect_pred, out_dir
     )
     if state.get("history"):
         files["learning_curves"] = plot_learning_curves(state["history"], out_dir / "learning_curves.png")
-    # The bootstrap measures the 1..10 errors as the metrics do: against the annotated
-    # values, over the rows whose target is not masked.
-    affect_1_10 = np.where(np.isfinite(predictions.affect_true).all(axis=1)[:, None], common["raw_true"], np.nan)
-    table = benchmark_table(
-        y_true,
-        y_prob,
-        affect_1_10,
-        normalizer.inverse_transform(predictions.affect_pred),
-        model=model_name or str(checkpoint),
-        n_resamples=n_resamples,
-        seed=bootstrap_seed,
-    )
+    table = _benchmark(raw_true, predictions, normalizer, model_name or str(checkpoint), n_resamples, bootstrap_seed)
     files.update({f"benchmark_{kind}": path for kind, path in write_benchmark(table, out_dir).items()})
-    scored_validation = None
-    if validation is not None:
-        val_dataset, val_predictions = predict(validation, "validation")
-        val_true, val_prob = val_predictions.emotions_true, val_predictions.emotion_prob
-        scored_validation = SplitPredictions(
-            predictions=val_predictions,
-            split_id=split_fingerprint(val_dataset.annotations),
-            metrics={
-                "mAP": mean_average_precision_score(val_true, val_prob),
-                "mAP_voc11": mean_voc11_average_precision_score(val_true, val_prob),
-                "n_emotion": float(len(val_predictions)),
-            },
-        )
+    scored_validation = _score_validation(*predict(validation, "validation")) if validation is not None else None
     files["metrics"] = write_json_atomic(
         {
             "metrics": metrics,
@@ -233,17 +316,7 @@ def evaluate_checkpoint(
         },
         out_dir / "metrics.json",
     )
-    ci = table.intervals["mAP"]
-    logger.info(
-        "evaluated %s: mAP %.4f [%.4f, %.4f], mAP_voc11 %.4f on %d rows, affect errors on %d",
-        checkpoint,
-        metrics["mAP"],
-        ci.low,
-        ci.high,
-        metrics["mAP_voc11"],
-        int(metrics["n_emotion"]),
-        int(metrics["n_affect"]),
-    )
+    _log_evaluation(checkpoint, metrics, table.intervals["mAP"])
     return EvaluationReport(
         metrics=metrics,
         metrics_at_half=metrics_at_half,

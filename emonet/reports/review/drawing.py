@@ -108,6 +108,70 @@ def _display_image(array: np.ndarray) -> tuple[np.ndarray, int]:
 # --------------------------------------------------------------------------- grid
 
 
+def _draw_grid_crop(ax: Any, row: pd.Series, img_dir: Path) -> None:
+    """A grid cell's crop, framed green when its F1 reaches 0.5 (red otherwise), under its rank and F1."""
+    ax.imshow(np.asarray(load_array(img_dir, row["crop_name"])))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    edge = HIT if row["f1"] >= 0.5 else FALSE_POSITIVE
+    for spine in ax.spines.values():
+        spine.set_edgecolor(edge)
+        spine.set_linewidth(2)
+    ax.set_title(f"#{row['rank']}  {Path(row['crop_name']).stem}  F1 {row['f1']:.2f}", fontsize=_GRID_FONT + 0.5, pad=3)
+
+
+def _draw_grid_text(ax: Any, row: pd.Series, width_chars: int) -> None:
+    """A grid cell's text under the crop: predicted and true emotions, then valence/arousal."""
+    ax.set_axis_off()
+    pred_tokens, true_tokens = emotion_tokens(row)
+    lines = _token_lines("pred", pred_tokens, width_chars, _GRID_LIST_LINES, _GRID_FONT)
+    lines += _token_lines("true", true_tokens, width_chars, _GRID_LIST_LINES, _GRID_FONT)
+    affect = (
+        f"val {row['valence_pred_1_10']:.1f} (true {row['valence_true_1_10']:.1f})  "
+        f"aro {row['arousal_pred_1_10']:.1f} (true {row['arousal_true_1_10']:.1f})"
+    )
+    lines.append(TextArea(affect, textprops={"fontsize": _GRID_FONT, "color": "black"}))
+    box = VPacker(children=lines, align="left", pad=0, sep=2)
+    ax.add_artist(
+        AnchoredOffsetbox(
+            loc="upper left",
+            child=box,
+            frameon=False,
+            pad=0,
+            borderpad=0.1,
+            bbox_to_anchor=(0.0, 1.0),
+            bbox_transform=ax.transAxes,
+        )
+    )
+
+
+def _add_grid_key(fig: Figure, y: float) -> None:
+    """The colour key of the emotion lists, centred across the figure at height ``y`` (figure fraction)."""
+    key = HPacker(
+        children=[
+            TextArea("emotions:", textprops={"fontsize": 9}),
+            TextArea("correct", textprops={"fontsize": 9, "color": HIT, "fontweight": "bold"}),
+            TextArea("false positive", textprops={"fontsize": 9, "color": FALSE_POSITIVE, "fontweight": "bold"}),
+            TextArea("missed", textprops={"fontsize": 9, "color": MISSED, "fontweight": "bold"}),
+            TextArea("|  valence/arousal on the 1-10 scale  |  frame green when F1 >= 0.5", textprops={"fontsize": 9}),
+        ],
+        align="baseline",
+        pad=0,
+        sep=6,
+    )
+    fig.add_artist(
+        AnchoredOffsetbox(
+            loc="upper center",
+            child=key,
+            frameon=False,
+            pad=0,
+            borderpad=0,
+            bbox_to_anchor=(0.5, y),
+            bbox_transform=fig.transFigure,
+        )
+    )
+
+
 def plot_grid(table: pd.DataFrame, img_dir: Path, path: Path, title: str) -> Path:
     """The selected crops in rank order with their emotions and valence/arousal below."""
     selected = table[table["selected"]].sort_values("rank").head(MAX_GRID_SAMPLES)
@@ -133,63 +197,10 @@ def plot_grid(table: pd.DataFrame, img_dir: Path, path: Path, title: str) -> Pat
     width_chars = int(_GRID_CELL_WIDTH * 72 / (_GRID_FONT * 0.6))
     for k, (_, row) in enumerate(selected.iterrows()):
         r, c = divmod(k, n_cols)
-        ax_img = fig.add_subplot(grid[2 * r, c])
-        ax_img.imshow(np.asarray(load_array(img_dir, row["crop_name"])))
-        ax_img.set_xticks([])
-        ax_img.set_yticks([])
-        edge = HIT if row["f1"] >= 0.5 else FALSE_POSITIVE
-        for spine in ax_img.spines.values():
-            spine.set_edgecolor(edge)
-            spine.set_linewidth(2)
-        ax_img.set_title(
-            f"#{row['rank']}  {Path(row['crop_name']).stem}  F1 {row['f1']:.2f}", fontsize=_GRID_FONT + 0.5, pad=3
-        )
-        ax_txt = fig.add_subplot(grid[2 * r + 1, c])
-        ax_txt.set_axis_off()
-        pred_tokens, true_tokens = emotion_tokens(row)
-        lines = _token_lines("pred", pred_tokens, width_chars, _GRID_LIST_LINES, _GRID_FONT)
-        lines += _token_lines("true", true_tokens, width_chars, _GRID_LIST_LINES, _GRID_FONT)
-        affect = (
-            f"val {row['valence_pred_1_10']:.1f} (true {row['valence_true_1_10']:.1f})  "
-            f"aro {row['arousal_pred_1_10']:.1f} (true {row['arousal_true_1_10']:.1f})"
-        )
-        lines.append(TextArea(affect, textprops={"fontsize": _GRID_FONT, "color": "black"}))
-        box = VPacker(children=lines, align="left", pad=0, sep=2)
-        ax_txt.add_artist(
-            AnchoredOffsetbox(
-                loc="upper left",
-                child=box,
-                frameon=False,
-                pad=0,
-                borderpad=0.1,
-                bbox_to_anchor=(0.0, 1.0),
-                bbox_transform=ax_txt.transAxes,
-            )
-        )
+        _draw_grid_crop(fig.add_subplot(grid[2 * r, c]), row, img_dir)
+        _draw_grid_text(fig.add_subplot(grid[2 * r + 1, c]), row, width_chars)
     fig.suptitle(title, fontsize=12, y=1.0 - 0.25 / (n_rows * cell_height + 0.9), va="top")
-    key = HPacker(
-        children=[
-            TextArea("emotions:", textprops={"fontsize": 9}),
-            TextArea("correct", textprops={"fontsize": 9, "color": HIT, "fontweight": "bold"}),
-            TextArea("false positive", textprops={"fontsize": 9, "color": FALSE_POSITIVE, "fontweight": "bold"}),
-            TextArea("missed", textprops={"fontsize": 9, "color": MISSED, "fontweight": "bold"}),
-            TextArea("|  valence/arousal on the 1-10 scale  |  frame green when F1 >= 0.5", textprops={"fontsize": 9}),
-        ],
-        align="baseline",
-        pad=0,
-        sep=6,
-    )
-    fig.add_artist(
-        AnchoredOffsetbox(
-            loc="upper center",
-            child=key,
-            frameon=False,
-            pad=0,
-            borderpad=0,
-            bbox_to_anchor=(0.5, 1.0 - 0.55 / (n_rows * cell_height + 0.9)),
-            bbox_transform=fig.transFigure,
-        )
-    )
+    _add_grid_key(fig, 1.0 - 0.55 / (n_rows * cell_height + 0.9))
     return save_figure_atomic(fig, path)
 
 
