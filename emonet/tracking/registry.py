@@ -88,9 +88,12 @@ Decision = Literal[
     "promoted",
     "clearly_worse",
     "not_significantly_better",
-    "champion_unavailable",
+    "champion_unloadable",
     "already_champion",
 ]
+# The error of a champion that cannot be loaded or scored, as the run and version tag
+# ``promotion_error`` keep it: one line, at most this many characters.
+MAX_ERROR_CHARS = 500
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,45 @@ class PromotionDecision:
     # The champion's recorded mAP on each of the run's splits by name ("val", "test"),
     # None where it was never scored (see recorded_maps); filled by the caller that knows them
     previous_maps: dict[str, float | None] = field(default_factory=dict)
+    # The registered model's name, for the commands explain() gives; None when unknown
+    name: str | None = None
+    # Why the champion could not be loaded or scored (``champion_unloadable``), one line
+    error: str | None = None
+
+    def explain(self) -> str:
+        """A short plain-text explanation of the decision, a sentence or a command per line.
+
+        For ``champion_unloadable`` it names the error and how to promote the version by
+        hand, should a person decide it replaces the champion that cannot be scored.
+        """
+        name = self.name or "<registered model>"
+        champion = f"champion version {self.previous_version}"
+        if self.decision == "first_version":
+            return f"Version {self.version} is the first version of {name}: it becomes champion."
+        if self.decision == "already_champion":
+            return f"Version {self.version} already is the champion of {name}: nothing changed."
+        if self.decision != "champion_unloadable":
+            verdict = (
+                f"Version {self.version} replaces {champion} as champion"
+                if self.alias == CHAMPION
+                else f"Version {self.version} stays challenger; {champion} stays champion"
+            )
+            return f"{verdict} ({self.decision}), on the {self.split} split: {self.reason}."
+        command = (
+            f"from mlflow import MlflowClient; "
+            f"MlflowClient().set_registered_model_alias({name!r}, {CHAMPION!r}, {self.version!r})"
+        )
+        return "\n".join(
+            [
+                f"The {champion} of {name} could not be loaded or scored on the {self.split} split, "
+                f"so version {self.version} was not compared with it: the champion keeps its alias and "
+                f"version {self.version} stays {self.alias}.",
+                f"Error: {self.error or 'unknown'}",
+                "Fix what breaks the champion and register again, or, if version "
+                f"{self.version} should be champion, promote it by hand (with MLFLOW_TRACKING_URI set to the store):",
+                f'    python -c "{command}"',
+            ]
+        )
 
 
 class _Rows(NamedTuple):
@@ -269,7 +311,8 @@ def _champion_on_split(
 
     Recorded (a score tag; rows kept in its run) or re-scored now and then recorded.
     Returns ``(score, rows, None)``, or ``(None, None, why)`` when the champion cannot
-    be scored (it does not load or predict: deleted artifacts, incompatible code).
+    be scored (it does not load or predict: deleted artifacts, incompatible code, a
+    model file that raises), ``why`` being the error on one line (:func:`_one_line`).
     """
     if need_rows:
         rows = _load_rows(client, champion, split_id)
@@ -289,9 +332,9 @@ def _champion_on_split(
     try:
         rows = _rows_of(predict_model_on_split(uri, split_csv, img_dir))
         score = mean_average_precision_score(rows.y_true, rows.y_prob)
-    except Exception as error:  # any failure to load or run the old model: it cannot defend its title
+    except Exception as error:  # any failure to load or run the old model: a person decides, not this rule
         logger.warning("champion %s cannot be scored on %s", uri, split_csv, exc_info=True)
-        return None, None, f"{type(error).__name__}: {error}"
+        return None, None, _one_line(error)
     client.set_model_version_tag(name, champion.version, split_score_tag(split_id), repr(score))
     if champion.run_id:
         try:
@@ -299,6 +342,12 @@ def _champion_on_split(
         except (MlflowException, OSError):  # the comparison goes on; the next one re-scores again
             logger.warning("could not keep champion %s's predictions on %s", uri, split_id, exc_info=True)
     return score, rows, None
+
+
+def _one_line(error: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
+    """``Type: message`` on one line (whitespace runs collapsed), cut to ``limit`` characters."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def _paired_rows(candidate: _Rows, champion: _Rows) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -399,20 +448,23 @@ def promote_model(
     ``clearly_worse`` when the upper end is below 0, else ``not_significantly_better``.
     ``confidence=0`` compares the point mAPs (any higher mAP by more than
     ``min_improvement`` wins), for which a recorded score is enough. A champion that
-    cannot be loaded or scored is replaced.
+    cannot be loaded or scored (whatever the error) keeps its alias: the new version
+    becomes challenger, ``champion_unloadable``, the error is kept (tag
+    ``promotion_error``) and a person decides (:meth:`PromotionDecision.explain` says how).
 
     Concurrent registrations are safe: the decision and the alias move happen under a
     lock (a file beside a SQLite store, a lock entry in the registry otherwise), and a
     decision is remade if another registration moved the champion while this one was
     scoring it. So the better version ends as champion, whichever finishes first.
 
-    The version gets the tags ``<split>_mAP``, ``<split>_split`` and ``mAP.<split>`` (and
-    its predictions are kept in its run); the run the tags ``promotion_decision``,
-    ``promotion_reason``, ``promotion_alias``, ``promotion_split``,
-    ``promotion_split_id``, ``promotion_confidence``, ``champion_previous_version`` and
-    the metrics ``candidate_<split>_mAP`` and, when known,
-    ``champion_previous_<split>_mAP`` and ``promotion_difference_mAP`` with
-    ``promotion_difference_low`` and ``promotion_difference_high``.
+    The version gets the tags ``<split>_mAP``, ``<split>_split``, ``mAP.<split>`` and
+    ``promotion_decision`` (and its predictions are kept in its run); the run the tags
+    ``promotion_decision``, ``promotion_reason``, ``promotion_alias``,
+    ``promotion_split``, ``promotion_split_id``, ``promotion_confidence``,
+    ``champion_previous_version`` and the metrics ``candidate_<split>_mAP`` and, when
+    known, ``champion_previous_<split>_mAP`` and ``promotion_difference_mAP`` with
+    ``promotion_difference_low`` and ``promotion_difference_high``. When the champion
+    cannot be scored, both also get ``promotion_error``: the error on one line.
 
     Parameters
     ----------
@@ -435,10 +487,12 @@ def promote_model(
     PromotionDecision
         The ``version``, its ``alias`` (``"champion"`` or ``"challenger"``), the
         ``decision`` (``first_version``, ``promoted``, ``clearly_worse``,
-        ``not_significantly_better``, ``champion_unavailable`` or ``already_champion``),
+        ``not_significantly_better``, ``champion_unloadable`` or ``already_champion``),
         the ``reason`` (a sentence), ``new_map``, ``previous_map`` (the champion's mAP on
         this split), ``previous_version`` (None when there was no champion), ``split``,
-        ``split_id`` and ``difference`` (the interval; None when nothing was compared).
+        ``split_id``, ``difference`` (the interval; None when nothing was compared),
+        ``name`` and ``error`` (why the champion could not be scored; None otherwise).
+        :meth:`PromotionDecision.explain` puts it in words.
 
     Raises
     ------
@@ -448,16 +502,7 @@ def promote_model(
         predictions when a champion must be compared at ``confidence > 0``; a champion
         that needs re-scoring without ``split_csv``.
     """
-    if split not in PROMOTION_SPLITS:
-        raise ValueError(f"split must be one of {list(PROMOTION_SPLITS)}, got {split!r}")
-    min_improvement = float(min_improvement)
-    if not (math.isfinite(min_improvement) and min_improvement >= 0):
-        raise ValueError(f"min_improvement must be a finite number >= 0, got {min_improvement}")
-    confidence = float(confidence)
-    if confidence != 0.0:
-        check_bootstrap_settings(n_resamples, confidence)
-    if not isinstance(split_id, str) or not split_id.strip():
-        raise ValueError(f"split_id must be a non-empty string, got {split_id!r}")
+    min_improvement, confidence = _checked_rule(split, split_id, min_improvement, confidence, n_resamples)
     rows = None if isinstance(candidate, (int, float)) else _rows_of(candidate)
     new_map = float(candidate) if rows is None else mean_average_precision_score(rows.y_true, rows.y_prob)
     if not math.isfinite(new_map):
@@ -478,61 +523,35 @@ def promote_model(
         # so it happens outside the lock; under the lock, the champion must be unchanged.
         champion = champion_version(client, name)
         previous_version = str(champion.version) if champion is not None else None
-        previous_map, difference, unavailable = None, None, None
-        if champion is not None and previous_version != version:
-            if confidence > 0 and rows is None:
-                raise ValueError(
-                    f"comparing with champion version {previous_version} at confidence {confidence:g} needs the "
-                    "candidate's predictions, not only its mAP (or pass confidence=0)"
-                )
-            previous_map, champion_rows, unavailable = _champion_on_split(
-                client, name, champion, split, split_id, split_csv, img_dir, need_rows=confidence > 0
-            )
-            if previous_map is not None:
-                difference = _difference(new_map, previous_map, rows, champion_rows, confidence, n_resamples, seed)
-        elif champion is not None:
-            previous_map = new_map
+        previous_map, difference, error = _compare_with_champion(
+            client,
+            name,
+            version,
+            champion,
+            new_map,
+            rows,
+            split,
+            split_id,
+            split_csv,
+            img_dir,
+            confidence=confidence,
+            n_resamples=n_resamples,
+            seed=seed,
+        )
         with _promotion_lock(client, name):
             current = champion_version(client, name)
             if (str(current.version) if current is not None else None) != previous_version:
                 logger.info("another registration moved the champion of %r meanwhile: deciding again", name)
                 continue
             alias, decision, reason = _decide(
-                version, new_map, previous_version, previous_map, difference, unavailable, min_improvement, split
+                version, new_map, previous_version, previous_map, difference, error, min_improvement, split
             )
             client.set_registered_model_alias(name, alias, version)
         break
     else:
         raise RuntimeError(f"the champion of {name!r} kept moving during {PROMOTION_ATTEMPTS} attempts; retry later")
 
-    tags = {
-        "promotion_decision": decision,
-        "promotion_reason": reason,
-        "promotion_alias": alias,
-        "promotion_split": split,
-        "promotion_split_id": split_id,
-        "promotion_confidence": repr(confidence),
-        "champion_previous_version": previous_version or "none",
-    }
-    metrics = {f"candidate_{split}_mAP": new_map}
-    if previous_map is not None:
-        metrics[f"champion_previous_{split}_mAP"] = previous_map
-    if difference is not None:
-        metrics.update(
-            promotion_difference_mAP=difference.estimate,
-            promotion_difference_low=difference.low,
-            promotion_difference_high=difference.high,
-        )
-    now = int(time.time() * 1000)
-    # One request: the run never holds half a decision.
-    client.log_batch(
-        run_id,
-        metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
-        tags=[RunTag(key, str(value)) for key, value in tags.items()],
-    )
-    log = logger.warning if decision == "champion_unavailable" else logger.info
-    log("%s version %s -> %s (%s): %s", name, version, alias, decision, reason)
-    return PromotionDecision(
+    result = PromotionDecision(
         version=version,
         alias=alias,
         decision=decision,
@@ -543,7 +562,100 @@ def promote_model(
         split=split,
         split_id=split_id,
         difference=difference,
+        name=name,
+        error=error,
     )
+    _log_decision(client, run_id, result, confidence)
+    return result
+
+
+def _checked_rule(
+    split: str, split_id: str, min_improvement: float, confidence: float, n_resamples: int
+) -> tuple[float, float]:
+    """``(min_improvement, confidence)`` as floats, once :func:`promote_model`'s settings are checked."""
+    if split not in PROMOTION_SPLITS:
+        raise ValueError(f"split must be one of {list(PROMOTION_SPLITS)}, got {split!r}")
+    min_improvement = float(min_improvement)
+    if not (math.isfinite(min_improvement) and min_improvement >= 0):
+        raise ValueError(f"min_improvement must be a finite number >= 0, got {min_improvement}")
+    confidence = float(confidence)
+    if confidence != 0.0:
+        check_bootstrap_settings(n_resamples, confidence)
+    if not isinstance(split_id, str) or not split_id.strip():
+        raise ValueError(f"split_id must be a non-empty string, got {split_id!r}")
+    return min_improvement, confidence
+
+
+def _compare_with_champion(
+    client: MlflowClient,
+    name: str,
+    version: str,
+    champion: ModelVersion | None,
+    new_map: float,
+    rows: _Rows | None,
+    split: str,
+    split_id: str,
+    split_csv: str | Path | None,
+    img_dir: str | Path | None,
+    *,
+    confidence: float,
+    n_resamples: int,
+    seed: int,
+) -> tuple[float | None, BootstrapInterval | None, str | None]:
+    """``(champion's mAP, difference, error)`` on the split: ``(None, None, None)`` without a
+    champion, ``(None, None, why)`` when it cannot be loaded or scored (:func:`_champion_on_split`)."""
+    if champion is None:
+        return None, None, None
+    if str(champion.version) == version:
+        return new_map, None, None
+    if confidence > 0 and rows is None:
+        raise ValueError(
+            f"comparing with champion version {champion.version} at confidence {confidence:g} needs the "
+            "candidate's predictions, not only its mAP (or pass confidence=0)"
+        )
+    previous_map, champion_rows, error = _champion_on_split(
+        client, name, champion, split, split_id, split_csv, img_dir, need_rows=confidence > 0
+    )
+    if previous_map is None:
+        return None, None, error
+    return previous_map, _difference(new_map, previous_map, rows, champion_rows, confidence, n_resamples, seed), None
+
+
+def _log_decision(client: MlflowClient, run_id: str, result: PromotionDecision, confidence: float) -> None:
+    """The decision on the run (tags and metrics, one ``log_batch``) and on the version (tags)."""
+    split = result.split
+    tags = {
+        "promotion_decision": result.decision,
+        "promotion_reason": result.reason,
+        "promotion_alias": result.alias,
+        "promotion_split": split,
+        "promotion_split_id": result.split_id,
+        "promotion_confidence": repr(confidence),
+        "champion_previous_version": result.previous_version or "none",
+    }
+    if result.error is not None:
+        tags["promotion_error"] = result.error
+    metrics = {f"candidate_{split}_mAP": result.new_map}
+    if result.previous_map is not None:
+        metrics[f"champion_previous_{split}_mAP"] = result.previous_map
+    if result.difference is not None:
+        metrics.update(
+            promotion_difference_mAP=result.difference.estimate,
+            promotion_difference_low=result.difference.low,
+            promotion_difference_high=result.difference.high,
+        )
+    now = int(time.time() * 1000)
+    # One request: the run never holds half a decision.
+    client.log_batch(
+        run_id,
+        metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+        tags=[RunTag(key, str(value)) for key, value in tags.items()],
+    )
+    for key in ("promotion_decision", "promotion_error"):
+        if key in tags:
+            client.set_model_version_tag(result.name, result.version, key, tags[key])
+    log = logger.warning if result.decision == "champion_unloadable" else logger.info
+    log("%s version %s -> %s (%s): %s", result.name, result.version, result.alias, result.decision, result.reason)
 
 
 def _difference(
@@ -584,7 +696,7 @@ def _decide(
     champion: str | None,
     champion_map: float | None,
     difference: BootstrapInterval | None,
-    unavailable: str | None,
+    error: str | None,
     min_improvement: float,
     split: str,
 ) -> tuple[str, Decision, str]:
@@ -593,13 +705,13 @@ def _decide(
         return CHAMPION, "first_version", "no champion yet: the first version becomes champion"
     if champion == version:
         return CHAMPION, "already_champion", f"version {version} already is the champion"
-    if unavailable is not None:
+    if error is not None:
         return (
-            CHAMPION,
-            "champion_unavailable",
+            CHALLENGER,
+            "champion_unloadable",
             (
-                f"champion version {champion} cannot be scored on this {split} split ({unavailable}); "
-                f"version {version} replaces it"
+                f"champion version {champion} cannot be loaded or scored on this {split} split ({error}); "
+                f"it keeps the champion alias and version {version} stays challenger until a person decides"
             ),
         )
     compared = (

@@ -61,12 +61,21 @@ MOVED_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _public_names(module_name: str) -> list[str]:
+    """A module's ``__all__``, else its names without a leading underscore."""
+    module = importlib.import_module(module_name)
+    names = getattr(module, "__all__", None)
+    return list(names) if names is not None else [name for name in vars(module) if not name.startswith("_")]
+
+
 class _MovedModule(types.ModuleType):
     """An old module path: each attribute comes from the first new module that has it."""
 
     __emonet_targets__: tuple[str, ...] = ()
 
     def __getattr__(self, name: str) -> Any:
+        if name == "__all__":  # `from emonet.checkpoint import *`: the new modules' public names
+            return sorted({public for target in self.__emonet_targets__ for public in _public_names(target)})
         if name.startswith("__"):
             raise AttributeError(name)
         for target in self.__emonet_targets__:
@@ -106,6 +115,16 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             FutureWarning,
             stacklevel=2,
         )
+
+    def get_code(self, fullname: str) -> types.CodeType:
+        # `python -m emonet.store` (an old entry point): run the new module as __main__.
+        target = MOVED_MODULES[fullname][0]
+        source = (
+            "import runpy, warnings\n"
+            f"warnings.warn({fullname!r} + ' is deprecated since EmoNet 0.2: run python -m {target}', FutureWarning)\n"
+            f"runpy.run_module({target!r}, run_name='__main__', alter_sys=True)\n"
+        )
+        return compile(source, f"<{fullname}, moved to {target}>", "exec")
 
 
 def install() -> None:
