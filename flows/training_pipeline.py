@@ -10,43 +10,53 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import mlflow
 import pandas as pd
-from mlflow import MlflowClient
 from prefect import flow, get_run_logger
-from prefect.exceptions import TerminationSignal
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 from pydantic import Field
 
 from emonet.config import EmoNetConfig, config_to_dict, load_config
+from emonet.metrics import format_metric
 from emonet.reports.evaluation import EvaluationReport
 from emonet.schema import SPLITS, annotations_path, arrays_dir
 from emonet.tracking.registry import DEMO_MODEL_NAME, MODEL_NAME, PromotionDecision
-from emonet.tracking.run_logging import configure_mlflow
-from emonet.tracking.stale_runs import end_open_runs, end_run_with_reason
-from emonet.utils.stopping import TrainingStopped, on_stop_requested, request_stop
-from emonet.utils.store import default_tracking_uri
+from emonet.utils.stopping import TrainingStopped, on_stop_requested
 from flows.visibility import score_visibility
 from tasks.data import ensure_demo_data, normalize_splits, write_normalized_splits, write_visibility
-from tasks.model import (
-    check_retraining,
-    evaluate_model,
-    finish_mlflow_run,
+from tasks.evaluation import evaluate_model
+from tasks.registration import register_model
+from tasks.report import publish_run_summary, publish_skip_summary
+from tasks.retraining import check_retraining
+from tasks.review import review_model
+from tasks.summary import RunSummary, promotion_explanation
+from tasks.tracking import (
+    FlowMlflowRun,
+    end_mlflow_run_of_flow_run,
     log_dataset_summary,
     log_split_inputs,
-    register_model,
-    review_model,
-    start_mlflow_run,
-    train_model,
+    mlflow_run_of_flow,
+    stop_reason,
 )
-from tasks.report import mlflow_run_link, publish_run_summary, publish_skip_summary
+from tasks.training import train_model
+
+__all__ = [
+    "RunSummary",
+    "emonet_training_pipeline",
+    "end_mlflow_run_of_flow_run",
+    "main",
+    "prepare_data",
+    "resolve_out_dir",
+    "run_report",
+    "stop_reason",
+]
 
 PositiveInt = Annotated[int, Field(ge=1)]
 # After SIGTERM/SIGINT, how long `main` lets the flow stop at a safe point and close its
@@ -119,23 +129,33 @@ def prepare_data(
     )
 
 
-def stop_reason(error: BaseException) -> str | None:
-    """Why ``error`` stopped the flow, if it is a stop (SIGTERM, SIGINT) rather than a failure."""
-    if isinstance(error, TrainingStopped):
-        return f"stopped by {error.reason} during training"
-    if isinstance(error, TerminationSignal):  # Prefect's SIGTERM bridge, outside training
-        return f"stopped by {signal.Signals(error.signal).name}"
-    if isinstance(error, KeyboardInterrupt):
-        return "stopped by SIGINT (KeyboardInterrupt)"
-    return None
+# Where the outputs go when neither `out_dir` nor its deprecated alias `output_dir` is set.
+DEFAULT_OUT_DIR = Path("outputs")
 
 
-def end_mlflow_run_of_flow_run(flow: Any, flow_run: Any, state: Any) -> None:
-    """Crash and cancellation hook: the flow's own `except` never runs then, so the
-    MLflow run of this flow run is ended here, KILLED, with the state as the reason."""
-    uri = flow_run.parameters.get("tracking_uri") or default_tracking_uri()
-    reason = f"Prefect flow run {flow_run.id} ended {state.name}: {state.message or 'no message'}"
-    end_open_runs(MlflowClient(tracking_uri=uri, registry_uri=uri), str(flow_run.id), "KILLED", reason)
+def resolve_out_dir(out_dir: Path | None, output_dir: Path | None) -> Path:
+    """The flow's output folder, from ``out_dir`` or its deprecated alias ``output_dir``
+    (the name scripts and deployments passed before; a ``FutureWarning`` names ``out_dir``).
+
+    Raises
+    ------
+    TypeError
+        Both are set, even to the same folder.
+    """
+    if output_dir is None:
+        return Path(out_dir if out_dir is not None else DEFAULT_OUT_DIR)
+    if out_dir is not None:
+        raise TypeError(
+            f"emonet-training-pipeline got both out_dir={str(out_dir)!r} and its deprecated alias "
+            f"output_dir={str(output_dir)!r}: pass out_dir only"
+        )
+    message = "the flow parameter output_dir is deprecated: pass out_dir instead (it names the same folder)"
+    warnings.warn(message, FutureWarning, stacklevel=2)
+    try:  # a deployment's run shows it in its log, not only on the worker's stderr
+        get_run_logger().warning(message)
+    except MissingContextError:  # called outside a flow run
+        pass
+    return Path(output_dir)
 
 
 @flow(
@@ -148,7 +168,7 @@ def emonet_training_pipeline(
     config: EmoNetConfig | Path = EmoNetConfig(),
     data_root: Path | None = None,
     demo_dir: Path = Path("data/demo"),
-    out_dir: Path = Path("outputs"),
+    out_dir: Path | None = None,
     epochs: PositiveInt | None = None,
     seed: int | None = None,
     batch_size: PositiveInt | None = None,
@@ -166,7 +186,8 @@ def emonet_training_pipeline(
     promotion_split: Literal["val", "test"] = "val",
     force_retrain: bool = False,
     tracking_uri: str | None = None,
-) -> dict[str, Any]:
+    output_dir: Path | None = None,
+) -> RunSummary:
     """Train EmoNet on an EMOTIC archive (or the bundled demo data) and register it.
 
     Args:
@@ -176,7 +197,7 @@ def emonet_training_pipeline(
         data_root: Folder holding `annots_arrs/` and `img_arrs/`; leave empty to use the
             demo data in `demo_dir` (generated when missing).
         demo_dir: Where the demo archive lives or is generated.
-        out_dir: Visibility and normalized CSVs, checkpoints and reports go here.
+        out_dir: Visibility and normalized CSVs, checkpoints and reports go here; empty: `outputs`.
         epochs: Overrides `config.train.epochs` when set.
         seed: Overrides `config.train.seed` when set: seeds weight initialization, data
             order, augmentation and DataLoader workers.
@@ -204,26 +225,21 @@ def emonet_training_pipeline(
         force_retrain: Train even when the data, the resolved config and the code are
             those of the current champion's run (which otherwise skips training).
         tracking_uri: MLflow tracking URI; default `MLFLOW_TRACKING_URI` or SQLite under `mlruns/`.
+        output_dir: Deprecated alias of `out_dir` (with a warning); set one of the two, not both.
+
+    Returns:
+        A `RunSummary`: the MLflow run, and the trained version's metrics and promotion
+        or why training was skipped.
     """
-    logger = get_run_logger()
+    out_dir = resolve_out_dir(out_dir, output_dir)
     overrides = {"epochs": epochs, "seed": seed, "batch_size": batch_size}
     resolved = load_config(config, train={key: value for key, value in overrides.items() if value is not None})
     # Demo models never replace a real one: they go to their own registered model.
     registered_model_name = registered_model_name or (MODEL_NAME if data_root is not None else DEMO_MODEL_NAME)
+    root = _archive_root(data_root, demo_dir)
+    params = _run_params(root, out_dir, resolved)
     out_dir = out_dir.resolve()
-    root = (data_root or ensure_demo_data(demo_dir=demo_dir)).resolve()
-    img_dir = arrays_dir(root)
-    for split in SPLITS:
-        if not annotations_path(root, split).is_file():
-            raise FileNotFoundError(f"{annotations_path(root, split)} is missing: is {root} an EMOTIC archive root?")
-
-    experiment_id = configure_mlflow(tracking_uri=tracking_uri, experiment_name=experiment_name)
-    params = {**flow_run.parameters, "data_root": root, **_flat_config(resolved)}
-    params.pop("config", None)
-    run_id = start_mlflow_run(
-        experiment_id=experiment_id, flow_run_id=flow_run.id, flow_run_name=flow_run.name, params=params
-    )
-    try:
+    with mlflow_run_of_flow(tracking_uri=tracking_uri, experiment_name=experiment_name, params=params) as run:
         data = prepare_data(
             data_root=root,
             out_dir=out_dir,
@@ -235,104 +251,79 @@ def emonet_training_pipeline(
             filter_test_by_visibility=filter_test_by_visibility,
             dask_address=dask_address,
         )
-        log_dataset_summary(
-            run_id=run_id,
-            frames=data.frames,
-            counts=data.counts,
-            visibility=data.visibility,
-            visibility_dir=data.visibility_dir,
-        )
-        log_split_inputs(run_id=run_id, frames=data.frames, csv_paths=data.normalized)
+        _log_data(run.run_id, data)
         skip_reason = check_retraining(
-            run_id=run_id,
+            run_id=run.run_id,
             registered_model_name=registered_model_name,
             frames=data.frames,
             normalization_json=data.normalization_json,
             config=resolved,
             force_retrain=force_retrain,
         )
-        if skip_reason is None:
-            result = _train_evaluate_register(
-                run_id=run_id,
-                data=data,
-                config=resolved,
-                img_dir=img_dir,
-                out_dir=out_dir,
-                registered_model_name=registered_model_name,
-                min_improvement=min_improvement,
-                promotion_split=promotion_split,
-                promotion_confidence=promotion_confidence,
-            )
-    except BaseException as error:
-        reason = stop_reason(error)
-        if reason is None:
-            finish_mlflow_run(run_id=run_id, status="FAILED")
-        else:
-            request_stop(reason)  # already requested if training stopped; see main()
-            # Not through a task: the same signal may have stopped Prefect's API server.
-            end_run_with_reason(MlflowClient(), run_id, "KILLED", reason)
-        raise
-    finish_mlflow_run(run_id=run_id, status="FINISHED")
-    summary = {
-        "mlflow_run_id": run_id,
-        "registered_model": registered_model_name,
-        "out_dir": str(out_dir),
-        "tracking_uri": mlflow.get_tracking_uri(),
-        "mlflow_run_link": mlflow_run_link(mlflow.get_tracking_uri(), experiment_id, run_id),
-        "skipped": skip_reason is not None,
-        "skip_reason": skip_reason,
-    }
-    if skip_reason is not None:
-        publish_skip_summary(summary=summary)
-        logger.info("Training skipped: %s", skip_reason)
-        return summary
-    evaluation, registration, review_index = result
-    interval = evaluation.intervals["mAP"]
-    summary.update(
-        {
-            "test_mAP": evaluation.metrics["mAP"],
-            "test_mAP_ci": (interval.low, interval.high),
-            "test_mAP_voc11": evaluation.metrics["mAP_voc11"],
-            "test_metrics": evaluation.metrics,
-            "val_mAP": evaluation.validation.metrics["mAP"],
-            "version": registration.version,
-            "alias": registration.alias,
-            "decision": registration.decision,
-            "review": str(review_index),
+        promotion = {
+            "min_improvement": min_improvement,
+            "promotion_split": promotion_split,
+            "promotion_confidence": promotion_confidence,
         }
-    )
-    publish_run_summary(summary=summary, evaluation=evaluation, registration=registration)
-    logger.info(
-        "Test mAP %.4f [%.4f, %.4f] (%g%% bootstrap), mAP_voc11 %.4f; %s version %s is %s (%s on %s)",
-        summary["test_mAP"],
-        interval.low,
-        interval.high,
-        100 * interval.confidence,
-        summary["test_mAP_voc11"],
-        registered_model_name,
-        summary["version"],
-        summary["alias"],
-        registration.decision,
-        registration.split,
-    )
-    return summary
+        trained = None if skip_reason else _train(run, data, resolved, root, out_dir, registered_model_name, promotion)
+    return _publish(run, registered_model_name, out_dir, skip_reason, trained)
 
 
-def _train_evaluate_register(
-    *,
-    run_id: str,
+def _archive_root(data_root: Path | None, demo_dir: Path) -> Path:
+    """The archive the flow trains on: ``data_root``, or the demo archive (generated when
+    missing); checked to hold every split's annotations before any run is opened."""
+    root = (data_root or ensure_demo_data(demo_dir=demo_dir)).resolve()
+    for split in SPLITS:
+        if not annotations_path(root, split).is_file():
+            raise FileNotFoundError(f"{annotations_path(root, split)} is missing: is {root} an EMOTIC archive root?")
+    return root
+
+
+def _run_params(root: Path, out_dir: Path, config: EmoNetConfig) -> dict[str, Any]:
+    """The MLflow run's params: the flow's parameters (``out_dir`` the folder used, under
+    that name whichever name was passed) and the resolved config, flat."""
+    params = {**flow_run.parameters, "data_root": root, "out_dir": out_dir, **_flat_config(config)}
+    for replaced in ("config", "output_dir"):  # the config is logged flat; output_dir is out_dir
+        params.pop(replaced, None)
+    return params
+
+
+def _log_data(run_id: str, data: PreparedData) -> None:
+    """The data set summary and the three splits as the run's dataset inputs."""
+    log_dataset_summary(
+        run_id=run_id,
+        frames=data.frames,
+        counts=data.counts,
+        visibility=data.visibility,
+        visibility_dir=data.visibility_dir,
+    )
+    log_split_inputs(run_id=run_id, frames=data.frames, csv_paths=data.normalized)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What the steps after the retraining check hand back: :func:`_train`."""
+
+    evaluation: EvaluationReport
+    registration: PromotionDecision
+    review: Path
+
+
+def _train(
+    run: FlowMlflowRun,
     data: PreparedData,
     config: EmoNetConfig,
-    img_dir: Path,
+    root: Path,
     out_dir: Path,
     registered_model_name: str,
-    min_improvement: float,
-    promotion_split: str,
-    promotion_confidence: float,
-) -> tuple[EvaluationReport, PromotionDecision, Path]:
+    promotion: dict[str, Any],
+) -> Trained:
     """Train, evaluate on test (and predict validation with the same loaded model), review
-    and register: the flow's steps when training is not skipped."""
-    test_csv, val_csv = data.normalized["test"], data.normalized["val"]
+    and register: the flow's steps when training is not skipped. ``promotion``: the
+    flow's ``min_improvement``, ``promotion_split`` and ``promotion_confidence``, for
+    :func:`tasks.registration.register_model`."""
+    run_id, img_dir = run.run_id, arrays_dir(root)
+    test_csv, val_csv, normalization_json = data.normalized["test"], data.normalized["val"], data.normalization_json
     run_dir = out_dir / "runs" / run_id
     training = train_model(
         run_id=run_id,
@@ -341,21 +332,22 @@ def _train_evaluate_register(
         val_csv=val_csv,
         img_dir=img_dir,
         checkpoint_dir=run_dir / "checkpoints",
-        normalization_json=data.normalization_json,
+        normalization_json=normalization_json,
     )
+    checkpoint = training.best_checkpoint
     evaluation = evaluate_model(
         run_id=run_id,
-        checkpoint=training.best_checkpoint,
+        checkpoint=checkpoint,
         test_csv=test_csv,
         val_csv=val_csv,
         img_dir=img_dir,
-        normalization_json=data.normalization_json,
+        normalization_json=normalization_json,
         out_dir=run_dir / "evaluation",
         model_name=f"{registered_model_name}, MLflow run {run_id[:8]}",
     )
-    review_index = review_model(
+    review = review_model(
         run_id=run_id,
-        checkpoint=training.best_checkpoint,
+        checkpoint=checkpoint,
         evaluation=evaluation,
         test_csv=test_csv,
         img_dir=img_dir,
@@ -363,18 +355,53 @@ def _train_evaluate_register(
     )
     registration = register_model(
         run_id=run_id,
-        checkpoint=training.best_checkpoint,
-        normalization_json=data.normalization_json,
+        checkpoint=checkpoint,
+        normalization_json=normalization_json,
         evaluation=evaluation,
         registered_model_name=registered_model_name,
         test_csv=test_csv,
         val_csv=val_csv,
         img_dir=img_dir,
-        min_improvement=min_improvement,
-        promotion_split=promotion_split,
-        promotion_confidence=promotion_confidence,
+        **promotion,
     )
-    return evaluation, registration, review_index
+    return Trained(evaluation=evaluation, registration=registration, review=review)
+
+
+def _publish(
+    run: FlowMlflowRun, registered_model_name: str, out_dir: Path, skip_reason: str | None, trained: Trained | None
+) -> RunSummary:
+    """The run's summary: returned, published as the Prefect artifact and logged."""
+    logger = get_run_logger()
+    common = {
+        "mlflow_run_id": run.run_id,
+        "registered_model": registered_model_name,
+        "out_dir": out_dir,
+        "tracking_uri": run.tracking_uri,
+        "mlflow_run_link": run.link,
+    }
+    if trained is None:
+        summary = RunSummary(**common, skip_reason=skip_reason)
+        publish_skip_summary(summary=summary)
+        logger.info("Training skipped: %s", skip_reason)
+        return summary
+    evaluation, registration = trained.evaluation, trained.registration
+    summary = RunSummary.of_training(evaluation=evaluation, registration=registration, review=trained.review, **common)
+    publish_run_summary(summary=summary, evaluation=evaluation)
+    interval = evaluation.intervals["mAP"]
+    logger.info(
+        "Test mAP %.4f [%.4f, %.4f] (%g%% bootstrap), mAP_voc11 %.4f; %s version %s is %s (%s on %s)",
+        summary.test_mAP,
+        interval.low,
+        interval.high,
+        100 * interval.confidence,
+        summary.test_mAP_voc11,
+        registered_model_name,
+        summary.version,
+        summary.alias,
+        registration.decision,
+        registration.split,
+    )
+    return summary
 
 
 def _flat_config(config: EmoNetConfig) -> dict[str, Any]:
@@ -383,33 +410,43 @@ def _flat_config(config: EmoNetConfig) -> dict[str, Any]:
     return {key: value for section in config_to_dict(config).values() for key, value in section.items()}
 
 
-def run_report(summary: dict[str, Any]) -> str:
+def run_report(summary: RunSummary) -> str:
     """What :func:`main` prints after a run: the test metrics with their interval, the
-    registration (or why training was skipped), and where to look."""
-    name = summary["registered_model"]
-    if summary["skipped"]:
-        outcome = f"\nTraining skipped: {summary['skip_reason']}\n(force_retrain trains anyway)\n"
+    registration and its promotion decision (or why training was skipped), and where to look."""
+    name = summary.registered_model
+    if summary.skipped:
+        outcome = f"\nTraining skipped: {summary.skip_reason}\n(force_retrain trains anyway)\n"
     else:
-        metrics = summary["test_metrics"]
-        low, high = summary["test_mAP_ci"]
-        outcome = (
-            f"\nTest mAP: {summary['test_mAP']:.4f} [{low:.4f}, {high:.4f}] (scikit-learn AP, 95% bootstrap interval); "
-            f"mAP_voc11 {summary['test_mAP_voc11']:.4f} (the EMOTIC authors' 11-point AP)\n"
-            f"(macro F1 {metrics['f1_macro']:.4f}, MAE valence {metrics['mae_valence_1_10']:.3f} / arousal "
-            f"{metrics['mae_arousal_1_10']:.3f} on the 1..10 scale; validation mAP {summary['val_mAP']:.4f})\n"
-            f"Registered: models:/{name} version {summary['version']} -> alias '{summary['alias']}' "
-            f"({summary['decision']})\n"
-            f"Prediction review (open in a browser): {summary['review']}\n"
-        )
+        outcome = _trained_report(summary)
     return (
         f"{outcome}"
-        f"Outputs: {summary['out_dir']}\n"
+        f"Outputs: {summary.out_dir}\n"
         f"MLflow UI: make ui  (or: mlflow ui --backend-store-uri sqlite:///$PWD/mlruns/mlflow.db), then open http://127.0.0.1:5000\n"
         f"Load the model:\n"
         f"    import mlflow, pandas as pd\n"
-        f"    mlflow.set_tracking_uri('{summary['tracking_uri']}')\n"
+        f"    mlflow.set_tracking_uri('{summary.tracking_uri}')\n"
         f"    model = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
         f"    model.predict(pd.DataFrame({{'image_path': ['crop.npy']}}))"
+    )
+
+
+def _trained_report(summary: RunSummary) -> str:
+    """The test metrics, the registration and the promotion decision (``PromotionDecision.explain()``,
+    indented under it, where the registry has it)."""
+    metrics = summary.test_metrics
+    low, high = summary.test_mAP_ci or (float("nan"), float("nan"))
+    confidence = f"{100 * (summary.ci_confidence or 0.95):g}%"
+    explanation = promotion_explanation(summary.registration) if summary.registration is not None else None
+    explained = "".join(f"    {line}\n" for line in explanation.strip().splitlines()) if explanation else ""
+    return (
+        f"\nTest mAP: {summary.test_mAP:.4f} [{low:.4f}, {high:.4f}] (scikit-learn AP, {confidence} bootstrap "
+        f"interval); mAP_voc11 {summary.test_mAP_voc11:.4f} (the EMOTIC authors' 11-point AP)\n"
+        f"(macro F1 {metrics['f1_macro']:.4f}, MAE valence {metrics['mae_valence_1_10']:.3f} / arousal "
+        f"{metrics['mae_arousal_1_10']:.3f} on the 1..10 scale; validation mAP {format_metric(summary.val_mAP)})\n"
+        f"Registered: models:/{summary.registered_model} version {summary.version} -> alias '{summary.alias}' "
+        f"({summary.decision})\n"
+        f"{explained}"
+        f"Prediction review (open in a browser): {summary.review}\n"
     )
 
 

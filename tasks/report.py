@@ -5,7 +5,6 @@ MLflow run are (or, when training was skipped, why)."""
 
 from __future__ import annotations
 
-from typing import Any
 from urllib.parse import urlparse
 
 from prefect import task
@@ -17,6 +16,7 @@ from emonet.metrics.bootstrap import AFFECT_BOOTSTRAP_METRICS, BootstrapInterval
 from emonet.reports.benchmark import PROTOCOL_SKLEARN, PROTOCOL_VOC11
 from emonet.reports.evaluation import EvaluationReport
 from emonet.tracking.registry import PromotionDecision, describe_difference
+from tasks.summary import RunSummary, promotion_explanation
 
 SUMMARY_ARTIFACT_KEY = "emonet-training-summary"
 
@@ -55,15 +55,15 @@ def _interval(interval: BootstrapInterval | None, spec: str = ".4f") -> str:
     return interval.bounds(spec) if interval is not None else ""
 
 
-def _run_reference(summary: dict[str, Any]) -> str:
+def _run_reference(summary: RunSummary) -> str:
     """The MLflow run id, as a link to its page where the store has one."""
-    link = summary.get("mlflow_run_link")
-    return f"[{summary['mlflow_run_id']}]({link})" if link else f"`{summary['mlflow_run_id']}`"
+    link = summary.mlflow_run_link
+    return f"[{summary.mlflow_run_id}]({link})" if link else f"`{summary.mlflow_run_id}`"
 
 
-def summary_markdown(summary: dict[str, Any], evaluation: EvaluationReport, registration: PromotionDecision) -> str:
+def summary_markdown(summary: RunSummary, evaluation: EvaluationReport) -> str:
     """The run summary as markdown (tables render in the Prefect UI's Artifacts tab)."""
-    metrics, intervals = summary["test_metrics"], evaluation.intervals
+    metrics, intervals = summary.test_metrics, evaluation.intervals
     confidence = intervals["mAP"].confidence
     lines = [
         "# EmoNet training run",
@@ -85,12 +85,12 @@ def summary_markdown(summary: dict[str, Any], evaluation: EvaluationReport, regi
         for key in keys
     ]
     lines += ["", "## Benchmark (test split)", "", *_benchmark_headline(evaluation), ""]
-    lines += _registry_lines(summary, evaluation, registration)
+    lines += _registry_lines(summary, evaluation)
     lines += ["## MLflow", ""]
     lines += [
         f"- Run: {_run_reference(summary)}",
-        f"- Tracking URI: `{summary['tracking_uri']}`",
-        f"- Review: `{summary['review']}`",
+        f"- Tracking URI: `{summary.tracking_uri}`",
+        f"- Review: `{summary.review}`",
         "",
     ]
     lines += [
@@ -127,18 +127,27 @@ def _benchmark_headline(evaluation: EvaluationReport) -> list[str]:
     ]
 
 
-def _registry_lines(
-    summary: dict[str, Any], evaluation: EvaluationReport, registration: PromotionDecision
-) -> list[str]:
+def _decision_lines(registration: PromotionDecision) -> list[str]:
+    """The promotion decision and its split, explained by ``PromotionDecision.explain()``
+    (as a quote, a paragraph per line) where the registry has it, else with its reason."""
+    headline = f"- Promotion decision: **{registration.decision}**, on the **{registration.split}** split"
+    explanation = promotion_explanation(registration)
+    if explanation is None:
+        return [f"{headline}: {registration.reason}"]
+    quoted = "\n>\n".join(f"> {line}".rstrip() for line in explanation.strip().splitlines())
+    return [f"{headline}:", "", quoted, ""]
+
+
+def _registry_lines(summary: RunSummary, evaluation: EvaluationReport) -> list[str]:
     """The promotion: the decision, its split and interval, and both versions' validation and test mAP."""
+    registration = summary.registration
     previous = registration.previous_version
     lines = [
         "## Model registry",
         "",
-        f"- Registered model: `{summary['registered_model']}`, version **{registration.version}**, "
+        f"- Registered model: `{summary.registered_model}`, version **{registration.version}**, "
         f"alias **{registration.alias}**",
-        f"- Promotion decision: **{registration.decision}**, on the **{registration.split}** split: "
-        f"{registration.reason}",
+        *_decision_lines(registration),
     ]
     if registration.difference is not None:
         lines.append(f"- mAP difference (candidate - champion): {describe_difference(registration.difference)}")
@@ -159,53 +168,51 @@ def _registry_lines(
         "",
         "Both rows are on this run's splits; n/a: the champion was never scored there (the promotion "
         "re-scores it on the deciding split only).",
-        f'- Load it: `mlflow.pyfunc.load_model("models:/{summary["registered_model"]}@{registration.alias}")`',
+        f'- Load it: `mlflow.pyfunc.load_model("models:/{summary.registered_model}@{registration.alias}")`',
         "",
     ]
     return lines
 
 
-def skip_markdown(summary: dict[str, Any]) -> str:
+def skip_markdown(summary: RunSummary) -> str:
     """The summary of a run that skipped training: why, and where the champion is."""
     return "\n".join(
         [
             "# EmoNet training run: training skipped",
             "",
-            f"**Training skipped**: {summary['skip_reason']}.",
+            f"**Training skipped**: {summary.skip_reason}.",
             "",
             "No new version was registered; the champion stays. "
             "Run the flow with `force_retrain: true` to train anyway.",
             "",
-            f'- Champion: `mlflow.pyfunc.load_model("models:/{summary["registered_model"]}@champion")`',
+            f'- Champion: `mlflow.pyfunc.load_model("models:/{summary.registered_model}@champion")`',
             f"- Run: {_run_reference(summary)} (tag `emonet.training_skipped`: `true`)",
-            f"- Tracking URI: `{summary['tracking_uri']}`",
+            f"- Tracking URI: `{summary.tracking_uri}`",
             "",
         ]
     )
 
 
 @task(name="publish-run-summary", cache_policy=NO_CACHE)
-def publish_run_summary(
-    *, summary: dict[str, Any], evaluation: EvaluationReport, registration: PromotionDecision
-) -> str:
+def publish_run_summary(*, summary: RunSummary, evaluation: EvaluationReport) -> str:
     """Create the run's markdown artifact; returns its id."""
-    interval = evaluation.intervals["mAP"]
+    interval, registration = evaluation.intervals["mAP"], summary.registration
     artifact_id = create_markdown_artifact(
-        markdown=summary_markdown(summary, evaluation, registration),
+        markdown=summary_markdown(summary, evaluation),
         key=SUMMARY_ARTIFACT_KEY,
-        description=f"test mAP {format_metric(summary['test_mAP'])} {_interval(interval)}; "
-        f"{summary['registered_model']} "
+        description=f"test mAP {format_metric(summary.test_mAP)} {_interval(interval)}; "
+        f"{summary.registered_model} "
         f"v{registration.version} ({registration.decision} on {registration.split})",
     )
     return str(artifact_id)
 
 
 @task(name="publish-skip-summary", cache_policy=NO_CACHE)
-def publish_skip_summary(*, summary: dict[str, Any]) -> str:
+def publish_skip_summary(*, summary: RunSummary) -> str:
     """Create the markdown artifact of a run that skipped training; returns its id."""
     artifact_id = create_markdown_artifact(
         markdown=skip_markdown(summary),
         key=SUMMARY_ARTIFACT_KEY,
-        description=f"training skipped; {summary['registered_model']}@champion stays",
+        description=f"training skipped; {summary.registered_model}@champion stays",
     )
     return str(artifact_id)

@@ -233,7 +233,7 @@ def test_prefect_task_trains_with_torchrun_and_the_checkpoint_serves(
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
     from prefect.logging.handlers import APILogHandler
 
-    from tasks.model import train_model
+    from tasks.training import train_model
 
     root = make_demo_data(tmp_path / "demo", seed=4, n_train=16, n_val=N_VAL, n_test=1, size=32)
     train_csv, val_csv, img_dir = _splits(root)

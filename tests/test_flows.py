@@ -18,6 +18,8 @@ from mlflow.tracking import MlflowClient
 from emonet.config import EmoNetConfig
 from emonet.data.demo import make_demo_data
 from emonet.schema import EMOTIONS, annotations_path, arrays_dir
+from emonet.tracking.registry import PromotionDecision
+from tasks.summary import RunSummary
 
 pytestmark = pytest.mark.slow
 
@@ -86,41 +88,43 @@ class CallCounter:
 
 def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_root, tiny_yaml, monkeypatch):
     import tasks.data
-    import tasks.model
+    import tasks.registration
 
     score = CallCounter(tasks.data.score_crops)
     normalize = CallCounter(tasks.data.normalize_frames)
     # The model registration fails once, as a tracking server might; the task retries.
-    register = CallCounter(tasks.model.log_emonet_model, fail_first=1)
+    register = CallCounter(tasks.registration.log_emonet_model, fail_first=1)
     monkeypatch.setattr(tasks.data, "score_crops", score)
     monkeypatch.setattr(tasks.data, "normalize_frames", normalize)
-    monkeypatch.setattr(tasks.model, "log_emonet_model", register)
+    monkeypatch.setattr(tasks.registration, "log_emonet_model", register)
 
     first = _run_pipeline(prefect_env, demo_root, tiny_yaml)
+    assert isinstance(first, RunSummary) and not first.skipped
     n_shards = sum(-(-n // TINY_RUN["visibility_shard_size"]) for n in (32, 16, 16))
     assert score.calls == n_shards and normalize.calls == 1
     assert register.calls == 2, "the failed registration was retried"
-    assert first["version"] == "1" and first["alias"] == "champion"
-    assert 0.0 <= first["test_mAP"] <= 1.0
+    assert first.version == "1" and first.alias == "champion"
+    assert 0.0 <= first.test_mAP <= 1.0
 
     client = MlflowClient()
-    run = client.get_run(first["mlflow_run_id"])
+    run = client.get_run(first.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["prefect.flow_run_id"]
     assert run.data.params["backbone"] == "resnet18" and run.data.params["epochs"] == "1"
     assert run.data.params["dropout"] == "0.5", "fields the YAML leaves out take the library defaults"
+    assert run.data.params["out_dir"] == str(prefect_env["base"] / "outputs") and "output_dir" not in run.data.params
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"emotic-train", "emotic-val", "emotic-test"}
-    assert run.data.metrics["test_mAP"] == pytest.approx(first["test_mAP"])
+    assert run.data.metrics["test_mAP"] == pytest.approx(first.test_mAP)
     # Both APs, the bootstrap intervals, and what the run trained from.
-    assert run.data.metrics["test_mAP_voc11"] == pytest.approx(first["test_mAP_voc11"])
-    assert run.data.metrics["test_mAP_ci_low"] <= first["test_mAP"] <= run.data.metrics["test_mAP_ci_high"]
+    assert run.data.metrics["test_mAP_voc11"] == pytest.approx(first.test_mAP_voc11)
+    assert run.data.metrics["test_mAP_ci_low"] <= first.test_mAP <= run.data.metrics["test_mAP_ci_high"]
     assert (run.data.metrics["test_mAP_ci_low"], run.data.metrics["test_mAP_ci_high"]) == pytest.approx(
-        first["test_mAP_ci"]
+        first.test_mAP_ci
     )
     assert {"test_mAP_voc11_ci_low", "test_mae_valence_1_10_ci_high"} <= set(run.data.metrics)
     assert run.data.tags["emonet.training_skipped"] == "false" and run.data.tags["emonet.code_version"]
     assert run.data.tags["promotion_split"] == "val" and run.data.tags["promotion_decision"] == "first_version"
-    assert run.data.metrics["candidate_val_mAP"] == pytest.approx(first["val_mAP"])
+    assert run.data.metrics["candidate_val_mAP"] == pytest.approx(first.val_mAP)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_mAP")] == [1]
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     for name in (
@@ -138,17 +142,21 @@ def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_roo
     assert "review/per_emotion.csv" not in review, "the review links the evaluation's report"
     champion = client.get_model_version_by_alias("emonet-test", "champion")
     assert str(champion.version) == "1"
-    assert f"test mAP {first['test_mAP']:.4f}" in champion.description and "first_version" in champion.description
+    assert f"test mAP {first.test_mAP:.4f}" in champion.description and "first_version" in champion.description
 
     artifacts = _artifacts(run.data.tags["prefect.flow_run_id"])
     summary = artifacts["emonet-training-summary"].data
-    assert f"| mAP | {first['test_mAP']:.4f} |" in summary
-    assert f"| mAP_voc11 | {first['test_mAP_voc11']:.4f} |" in summary
+    assert f"| mAP | {first.test_mAP:.4f} |" in summary
+    assert f"| mAP_voc11 | {first.test_mAP_voc11:.4f} |" in summary
     assert "## Benchmark (test split)" in summary and "11-point AP (%)" in summary
-    assert f"| this run (v1) | {first['val_mAP']:.4f} | {first['test_mAP']:.4f} [" in summary
+    assert f"| this run (v1) | {first.val_mAP:.4f} | {first.test_mAP:.4f} [" in summary
     assert "on the **val** split" in summary
     assert "| Peace |" in summary and "| Suffering |" in summary
-    assert "version **1**, alias **champion**" in summary and first["mlflow_run_id"] in summary
+    assert "version **1**, alias **champion**" in summary and first.mlflow_run_id in summary
+    if callable(getattr(first.registration, "explain", None)):  # the registry's own explanation, where it has one
+        assert first.registration.explain().strip().splitlines()[0] in summary
+    else:
+        assert first.registration.reason in summary
     assert artifacts["emonet-training-progress"].data == pytest.approx(100.0)
 
     # Unchanged inputs: the data steps come from the cache (force_retrain: the recipe is
@@ -158,10 +166,10 @@ def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_roo
     # The seed covers initialization, data order and augmentation: a second run with the
     # same data and seed (from a mapping this time, not the YAML) gives the same test mAP,
     # which is no improvement.
-    assert second["test_mAP"] == first["test_mAP"]
-    assert second["version"] == "2" and second["alias"] == "challenger"
-    assert second["decision"] == "not_significantly_better"
-    second_summary = _artifacts(client.get_run(second["mlflow_run_id"]).data.tags["prefect.flow_run_id"])[
+    assert second.test_mAP == first.test_mAP
+    assert second.version == "2" and second.alias == "challenger"
+    assert second.decision == "not_significantly_better"
+    second_summary = _artifacts(client.get_run(second.mlflow_run_id).data.tags["prefect.flow_run_id"])[
         "emonet-training-summary"
     ].data
     assert "| champion before (v1) |" in second_summary and "+0.0000 [+0.0000, +0.0000]" in second_summary
@@ -184,38 +192,57 @@ def test_unchanged_data_skips_training_and_force_retrain_retrains(prefect_env, d
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogHandler
 
-    import tasks.model
+    import tasks.retraining
+    import tasks.training
 
     # A clean commit: a checkout with uncommitted changes never skips (its commit does not say what ran).
-    monkeypatch.setattr(tasks.model, "code_version", lambda: "0123456789abcdef0123456789abcdef01234567")
-    train = CallCounter(tasks.model.train_from_csvs)
-    monkeypatch.setattr(tasks.model, "train_from_csvs", train)
+    monkeypatch.setattr(tasks.retraining, "code_version", lambda: "0123456789abcdef0123456789abcdef01234567")
+    train = CallCounter(tasks.training.train_from_csvs)
+    monkeypatch.setattr(tasks.training, "train_from_csvs", train)
     run = {"registered_model_name": "emonet-skip", "experiment_name": "flow-skip"}
     client = MlflowClient()
 
     first = _run_pipeline(prefect_env, demo_root, tiny_yaml, **run)
-    assert train.calls == 1 and not first["skipped"] and first["alias"] == "champion"
+    assert train.calls == 1 and not first.skipped and first.alias == "champion"
 
-    second = _run_pipeline(prefect_env, demo_root, TINY_CONFIG, **run)  # the same recipe as a mapping
+    # The same recipe as a mapping, and parameters as a deployment passes them: by name, from
+    # YAML, validated by the flow; the output folder under its deprecated name `output_dir`.
+    from flows.training_pipeline import emonet_training_pipeline
+
+    alias_dir = prefect_env["base"] / "outputs-alias"
+    deployment = {
+        "config": TINY_CONFIG,
+        "data_root": str(demo_root),
+        "output_dir": str(alias_dir),
+        **TINY_RUN,
+        **run,
+    }
+    with pytest.warns(FutureWarning, match="output_dir is deprecated: pass out_dir"):
+        second = emonet_training_pipeline(**emonet_training_pipeline.validate_parameters(deployment))
     assert train.calls == 1, "training was skipped"
-    assert second["skipped"] and "champion version 1 of 'emonet-skip'" in second["skip_reason"]
-    mlflow_run = client.get_run(second["mlflow_run_id"])
+    assert second.out_dir == alias_dir.resolve() and (alias_dir / "normalized" / "normalization.json").is_file()
+    assert second.skipped and "champion version 1 of 'emonet-skip'" in second.skip_reason
+    mlflow_run = client.get_run(second.mlflow_run_id)
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.tags["emonet.training_skipped"] == "true"
-    assert mlflow_run.data.tags["emonet.skip_reason"] == second["skip_reason"]
+    assert mlflow_run.data.tags["emonet.skip_reason"] == second.skip_reason
+    assert mlflow_run.data.params["out_dir"] == str(alias_dir) and "output_dir" not in mlflow_run.data.params
     assert [str(v.version) for v in client.search_model_versions("name='emonet-skip'")] == ["1"]
     flow_run_id = mlflow_run.data.tags["prefect.flow_run_id"]
     summary = _artifacts(flow_run_id)["emonet-training-summary"].data
-    assert "Training skipped" in summary and second["skip_reason"] in summary
+    assert "Training skipped" in summary and second.skip_reason in summary
     APILogHandler().flush()  # the flow run's logs reach the API in the background
     with get_client(sync_client=True) as prefect:
         assert prefect.read_flow_run(flow_run_id).state.is_completed()
         logs = prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
     assert any("skipping training" in log.message for log in logs)
+    assert any("output_dir is deprecated" in log.message for log in logs), "the deployment's log says so too"
+    with pytest.raises(TypeError, match="both out_dir=.* and its deprecated alias output_dir="):
+        _run_pipeline(prefect_env, demo_root, TINY_CONFIG, output_dir=alias_dir, **run)
 
     third = _run_pipeline(prefect_env, demo_root, TINY_CONFIG, force_retrain=True, **run)
-    assert train.calls == 2 and not third["skipped"] and third["version"] == "2"
-    assert client.get_run(third["mlflow_run_id"]).data.tags["emonet.training_skipped"] == "false"
+    assert train.calls == 2 and not third.skipped and third.version == "2"
+    assert client.get_run(third.mlflow_run_id).data.tags["emonet.training_skipped"] == "false"
 
 
 def test_registered_model_loads_by_alias_in_a_fresh_process(prefect_env, demo_root, tmp_path):
@@ -302,27 +329,46 @@ def test_flow_parameters_reject_bad_values():
     )
 
 
+def _decision(**fields) -> PromotionDecision:
+    values = {
+        "version": "4",
+        "alias": "challenger",
+        "decision": "not_significantly_better",
+        "reason": "the mAP difference's interval includes 0",
+        "new_map": 0.41,
+        "previous_map": 0.42,
+        "previous_version": "3",
+        "split": "val",
+        "split_id": "abc123",
+    }
+    return PromotionDecision(**{**values, **fields})
+
+
 def test_run_report_shows_the_interval_or_why_training_was_skipped():
     from flows.training_pipeline import run_report
 
-    common = {"registered_model": "emonet-demo", "out_dir": "outputs", "tracking_uri": "sqlite:///m.db"}
-    skipped = run_report({**common, "skipped": True, "skip_reason": "the recipe of champion version 3"})
+    common = {
+        "mlflow_run_id": "r1",
+        "registered_model": "emonet-demo",
+        "out_dir": Path("outputs"),
+        "tracking_uri": "sqlite:///m.db",
+    }
+    skipped = run_report(RunSummary(**common, skip_reason="the recipe of champion version 3"))
     assert "Training skipped: the recipe of champion version 3" in skipped and "Test mAP" not in skipped
-    metrics = {"f1_macro": 0.5, "mae_valence_1_10": 1.0, "mae_arousal_1_10": 1.5}
-    trained = run_report(
-        {
-            **common,
-            "skipped": False,
-            "test_mAP": 0.4123,
-            "test_mAP_ci": (0.39, 0.43),
-            "test_mAP_voc11": 0.44,
-            "test_metrics": metrics,
-            "val_mAP": 0.41,
-            "version": "4",
-            "alias": "challenger",
-            "decision": "not_significantly_better",
-            "review": "outputs/review/index.html",
-        }
+    metrics = {"mAP": 0.4123, "mAP_voc11": 0.44, "f1_macro": 0.5, "mae_valence_1_10": 1.0, "mae_arousal_1_10": 1.5}
+    summary = RunSummary(
+        **common,
+        test_metrics=metrics,
+        test_mAP_ci=(0.39, 0.43),
+        ci_confidence=0.95,
+        val_mAP=0.41,
+        registration=_decision(),
+        review=Path("outputs/review/index.html"),
     )
+    trained = run_report(summary)
     assert "Test mAP: 0.4123 [0.3900, 0.4300]" in trained and "mAP_voc11 0.4400" in trained
     assert "alias 'challenger' (not_significantly_better)" in trained
+    # The flow's dict, by its old keys, for scripts that read it.
+    with pytest.warns(DeprecationWarning, match=r"summary\['version'\] is deprecated.*summary.version"):
+        assert summary["version"] == "4"
+    assert summary.as_dict()["test_mAP_ci"] == (0.39, 0.43) and summary.as_dict()["review"] == str(summary.review)

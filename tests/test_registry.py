@@ -84,7 +84,10 @@ def test_first_version_becomes_champion(registry):
         split="test",
         split_id="split-a",
         difference=None,
+        name=name,
+        error=None,
     )
+    assert result.explain() == f"Version {version} is the first version of {name}: it becomes champion."
     assert _aliases(client, name) == {CHAMPION: version}
     tags = client.get_model_version(name, version).tags
     assert float(tags["test_mAP"]) == 0.31 and tags["test_split"] == "split-a"
@@ -192,26 +195,6 @@ def test_rescoring_needs_the_split(registry):
     with pytest.raises(ValueError, match="never scored on test split sha256:bbb: pass split_csv"):
         promote_model(client, name, v2, 0.40, "sha256:bbb", r2, **OLD_RULE)
     assert _aliases(client, name) == {CHAMPION: v1}
-
-
-def test_a_champion_that_cannot_be_loaded_is_replaced(registry, logged_model, split, tmp_path):
-    client, name, new_version = registry
-    copy = tmp_path / "model"
-    shutil.copytree(mlflow.artifacts.download_artifacts(logged_model["version"].source), copy)
-    run_id = client.create_run(client.get_run(logged_model["run_id"]).info.experiment_id).info.run_id
-    v1 = str(client.create_model_version(name, copy.as_uri(), run_id=run_id).version)
-    promote_model(client, name, v1, 0.30, "sha256:aaa", run_id, **OLD_RULE)
-    shutil.rmtree(copy)  # its artifacts are gone
-
-    v2, r2 = new_version()
-    result = promote_model(
-        client, name, v2, 0.10, split["id"], r2, split_csv=split["csv"], img_dir=split["img_dir"], **OLD_RULE
-    )
-    assert (result.alias, result.decision, result.previous_version) == (CHAMPION, "champion_unavailable", v1)
-    assert f"champion version {v1} cannot be scored" in result.reason and result.previous_map is None
-    assert _aliases(client, name) == {CHAMPION: v2}
-    tags = client.get_run(r2).data.tags
-    assert tags["promotion_decision"] == "champion_unavailable" and tags["promotion_reason"] == result.reason
 
 
 def test_min_improvement(registry):
@@ -349,7 +332,7 @@ def test_a_retried_registration_reuses_the_runs_version(logged_model, checkpoint
     """The register-model task looks up the run's version before logging a new one."""
     import logging
 
-    import tasks.model
+    import tasks.registration
 
     client = logged_model["client"]
     name = "retried-registration"
@@ -360,8 +343,8 @@ def test_a_retried_registration_reuses_the_runs_version(logged_model, checkpoint
         calls.append(args)
         return log_emonet_model(*args, **kwargs)
 
-    monkeypatch.setattr(tasks.model, "log_emonet_model", counting_log)
-    monkeypatch.setattr(tasks.model, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(tasks.registration, "log_emonet_model", counting_log)
+    monkeypatch.setattr(tasks.registration, "get_run_logger", lambda: logging.getLogger("test"))
     arguments = {
         "run_id": run_id,
         "checkpoint": checkpoint,
@@ -372,8 +355,8 @@ def test_a_retried_registration_reuses_the_runs_version(logged_model, checkpoint
         "img_dir": split["img_dir"],
         "val_csv": split["val_csv"],
     }
-    first = tasks.model.register_model.fn(**arguments)
-    again = tasks.model.register_model.fn(**arguments)  # as a task retry after a later failure
+    first = tasks.registration.register_model.fn(**arguments)
+    again = tasks.registration.register_model.fn(**arguments)  # as a task retry after a later failure
     assert len(calls) == 1
     assert first.version == again.version == "1"
     assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
@@ -401,7 +384,9 @@ def test_evaluation_review_and_registration_load_the_checkpoint_once(
 
     import torch
 
-    import tasks.model
+    import tasks.evaluation
+    import tasks.registration
+    import tasks.review
 
     loads = []
     real_load = torch.load
@@ -412,17 +397,17 @@ def test_evaluation_review_and_registration_load_the_checkpoint_once(
         return real_load(file, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", counting_load)
-    monkeypatch.setattr(tasks.model, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.setattr(tasks.registration, "get_run_logger", lambda: logging.getLogger("test"))
     client = MlflowClient()
     run_id = client.create_run(mlflow_store["experiment_id"]).info.run_id
     common = {"run_id": run_id, "checkpoint": checkpoint, "test_csv": split["csv"], "img_dir": split["img_dir"]}
 
-    evaluation = tasks.model.evaluate_model.fn(
+    evaluation = tasks.evaluation.evaluate_model.fn(
         **common, normalization_json=None, out_dir=tmp_path / "evaluation", val_csv=split["val_csv"]
     )
     assert len(loads) == 1 and evaluation.validation is not None, "validation is predicted by the same load"
-    index = tasks.model.review_model.fn(**common, evaluation=evaluation, out_dir=tmp_path / "review")
-    decision = tasks.model.register_model.fn(
+    index = tasks.review.review_model.fn(**common, evaluation=evaluation, out_dir=tmp_path / "review")
+    decision = tasks.registration.register_model.fn(
         **common,
         normalization_json=None,
         evaluation=evaluation,
@@ -595,6 +580,109 @@ def test_a_champion_is_rescored_for_its_predictions_once(registry, split, rescor
     v3, r3 = new_version()
     promote_model(client, name, v3, same, split["val_id"], r3, **arguments)
     assert len(rescored) == 1, "the champion's kept predictions were used"
+
+
+# --------------------------------------------------------------------------- a champion that cannot be scored
+
+ECHO_MODEL = """
+import mlflow
+
+
+class Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input):
+        return model_input
+
+
+mlflow.models.set_model(Echo())
+"""
+# A model file that breaks on load, with a message of several lines, longer than a tag keeps.
+BROKEN_MODEL = "raise RuntimeError('the model file breaks on load\\n' + 'x' * 2000)\n"
+
+
+def _champion_model(folder: Path) -> Path:
+    """A pyfunc saved "from code" in ``folder / "model"``, whose model file loads."""
+    code = folder / "echo_model.py"
+    code.write_text(ECHO_MODEL)
+    mlflow.pyfunc.save_model(folder / "model", python_model=str(code))
+    return folder / "model"
+
+
+def _break(model_dir: Path, breakage: str) -> None:
+    if breakage == "artifacts_deleted":
+        shutil.rmtree(model_dir)
+    else:  # the model file raises (the logged copy, and the original the MLmodel also names)
+        for code in (model_dir / "echo_model.py", model_dir.parent / "echo_model.py"):
+            code.write_text(BROKEN_MODEL)
+
+
+@pytest.mark.parametrize("breakage", ["model_file_raises", "artifacts_deleted"])
+def test_a_champion_that_cannot_be_scored_keeps_its_alias(mlflow_store, tmp_path, breakage):
+    """Whatever stops the champion from loading, it keeps ``champion``: the new version is
+    challenger (``champion_unloadable``), however much better it looks, and the run, the
+    version and ``explain()`` say why and how to promote it by hand."""
+    uri = mlflow_store["uri"]
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = f"unloadable-{breakage}"
+    client.create_registered_model(name)
+    model_dir = _champion_model(tmp_path)
+    labels = _labels(n=80)
+
+    r1 = client.create_run(mlflow_store["experiment_id"]).info.run_id
+    v1 = str(client.create_model_version(name, model_dir.as_uri(), run_id=r1).version)
+    first = promote_model(client, name, v1, _predictions(labels, _recipe(labels, seed=0)), "sha256:old", r1)
+    assert (first.alias, first.decision, first.error) == (CHAMPION, "first_version", None)
+    _break(model_dir, breakage)
+
+    r2 = client.create_run(mlflow_store["experiment_id"]).info.run_id
+    v2 = str(client.create_model_version(name, model_dir.as_uri(), run_id=r2).version)
+    skilled = _predictions(labels, _recipe(labels, seed=1, skill=3.0))
+    result = promote_model(
+        client, name, v2, skilled, "sha256:val", r2, split_csv=tmp_path / "val.csv", img_dir=tmp_path
+    )
+    assert (result.alias, result.decision, result.previous_version) == (CHALLENGER, "champion_unloadable", v1)
+    assert result.previous_map is None and result.difference is None
+    assert _aliases(client, name) == {CHAMPION: v1, CHALLENGER: v2}
+    error = result.error
+    assert error and "\n" not in error and len(error) <= emonet.tracking.registry.MAX_ERROR_CHARS
+    if breakage == "model_file_raises":
+        assert "the model file breaks on load" in error and error.endswith("...")
+    assert f"champion version {v1} cannot be loaded or scored" in result.reason and error in result.reason
+
+    run = client.get_run(r2).data
+    assert run.tags["promotion_decision"] == "champion_unloadable" and run.tags["promotion_error"] == error
+    assert run.tags["promotion_reason"] == result.reason and run.tags["promotion_alias"] == CHALLENGER
+    assert run.tags["champion_previous_version"] == v1 and "champion_previous_val_mAP" not in run.metrics
+    version_tags = client.get_model_version(name, v2).tags
+    assert version_tags["promotion_decision"] == "champion_unloadable" and version_tags["promotion_error"] == error
+    assert "promotion_error" not in client.get_model_version(name, v1).tags
+
+    explanation = result.explain()
+    command = f"MlflowClient().set_registered_model_alias({name!r}, 'champion', {v2!r})"
+    assert f"Error: {error}" in explanation and command in explanation
+    assert f"champion version {v1} of {name}" in explanation and "promote it by hand" in explanation
+    # The command it gives does promote the version.
+    one_liner = next(line for line in explanation.splitlines() if "python -c" in line)
+    exec(one_liner.split('python -c "', 1)[1].rstrip('"'))
+    assert _aliases(client, name)[CHAMPION] == v2
+
+
+def test_explain_puts_each_decision_in_words():
+    common = {"new_map": 0.4, "previous_map": 0.3, "split": "val", "split_id": "sha256:val", "name": "emonet"}
+    worse = PromotionDecision("3", CHALLENGER, "clearly_worse", "the reason", previous_version="1", **common)
+    assert worse.explain() == (
+        "Version 3 stays challenger; champion version 1 stays champion (clearly_worse), on the val split: the reason."
+    )
+    better = PromotionDecision("3", CHAMPION, "promoted", "the reason", previous_version="1", **common)
+    assert better.explain().startswith("Version 3 replaces champion version 1 as champion (promoted)")
+    same = PromotionDecision("3", CHAMPION, "already_champion", "r", previous_version="3", **common)
+    assert same.explain() == "Version 3 already is the champion of emonet: nothing changed."
+    unnamed = PromotionDecision(
+        "3", CHALLENGER, "champion_unloadable", "r", previous_version="1", **{**common, "name": None}, error="E: x"
+    )
+    assert "Error: E: x" in unnamed.explain()
+    assert "set_registered_model_alias('<registered model>', 'champion', '3')" in unnamed.explain()
 
 
 # --------------------------------------------------------------------------- skipping a retraining

@@ -92,6 +92,52 @@ def test_unknown_sort_by_and_bad_counts_fail_before_any_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# The original project's sort_by values, which its README documents.
+SEED_SORT_OPTIONS = ("random", "best", "worst", "confidence")
+
+
+def test_the_seeds_keywords_and_sort_by_values_still_work(tmp_path):
+    """``model_checkpoint_path``, ``img_arrays_dir`` and ``output_dir`` name today's ``model``,
+    ``img_dir`` and ``out_dir``, with a FutureWarning naming the new name; both names at once,
+    or neither, is a TypeError."""
+    assert set(SEED_SORT_OPTIONS) <= set(SORT_OPTIONS)
+    missing = tmp_path / "no_model.pt"
+    csv_path, out = tmp_path / "x.csv", tmp_path / "out"
+    old = {"model_checkpoint_path": missing, "img_arrays_dir": tmp_path, "output_dir": out}
+    with pytest.warns(FutureWarning) as caught, pytest.raises(ValueError, match="unknown sort_by 'nope'"):
+        review_predictions_with_visualization(test_csv_path=csv_path, sort_by="nope", **old)
+    messages = {str(w.message) for w in caught if issubclass(w.category, FutureWarning)}
+    assert {
+        "review_predictions_with_visualization(): model_checkpoint_path= is deprecated, pass model= instead",
+        "review_predictions_with_visualization(): img_arrays_dir= is deprecated, pass img_dir= instead",
+        "review_predictions_with_visualization(): output_dir= is deprecated, pass out_dir= instead",
+    } <= messages
+    assert all(w.filename == __file__ for w in caught), "the warning points at the caller"
+    for new, old_name in (("model", "model_checkpoint_path"), ("img_dir", "img_arrays_dir"), ("out_dir", "output_dir")):
+        arguments = {"model": missing, "test_csv_path": csv_path, "img_dir": tmp_path, "out_dir": out}
+        with pytest.raises(TypeError, match=f"got both {new}= and its deprecated name {old_name}="):
+            review_predictions_with_visualization(**arguments, **{old_name: arguments[new]})
+    with pytest.raises(TypeError, match="missing required argument.*'img_dir', 'out_dir'"):
+        review_predictions_with_visualization(missing, csv_path)
+    assert not out.exists()
+
+
+def test_the_seeds_readme_call_runs_verbatim(demo_checkpoint, tmp_path):
+    """The original project's README call, pasted as it is there."""
+    root, checkpoint = demo_checkpoint
+    test_csv = annotations_path(root, "test")
+    img_arrays = arrays_dir(root)
+    output = tmp_path / "review"
+    with pytest.warns(FutureWarning, match="deprecated"):
+        # fmt: off
+        review_predictions_with_visualization(model_checkpoint_path=str(checkpoint), test_csv_path=str(test_csv), img_arrays_dir=str(img_arrays), output_dir=str(output), num_samples=20, detailed_samples=20, sort_by='random')  # noqa: E501
+        # fmt: on
+    summary = json.loads((output / "summary.json").read_text())
+    n = len(pd.read_csv(test_csv))
+    assert summary["sort_by"] == "random" and summary["n_selected"] == summary["n_detailed"] == n
+    assert (output / "index.html").is_file() and len(summary["files"]["samples"]) == n
+
+
 # --------------------------------------------------------------------------- orderings end to end
 
 # (true emotions, predicted emotions, valence/arousal error, confidence) per row.

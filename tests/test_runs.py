@@ -102,7 +102,7 @@ def test_demo_flow_registers_apart_and_closes_a_killed_flows_run(prefect_env, tm
 
     from emonet.data.demo import make_demo_data
     from flows.training_pipeline import emonet_training_pipeline
-    from tasks.model import final_flow_run_state
+    from tasks.tracking import final_flow_run_state
 
     demo_dir = make_demo_data(tmp_path / "demo", seed=3, n_train=32, n_val=16, n_test=16, size=48)
     uri = prefect_env["tracking_uri"]
@@ -119,8 +119,8 @@ def test_demo_flow_registers_apart_and_closes_a_killed_flows_run(prefect_env, tm
             visibility_workers=1,
             visibility_shard_size=16,
         )
-    run_id = summary["mlflow_run_id"]
-    assert summary["registered_model"] == "emonet-demo"
+    run_id = summary.mlflow_run_id
+    assert summary.registered_model == "emonet-demo"
     assert {v.name for v in client.search_model_versions(f"run_id = '{run_id}'")} == {"emonet-demo"}
 
     stale = client.get_run(killed.info.run_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,11 @@ __all__ = [
     "CONFIG_FINGERPRINT_TAG",
     "DATA_FINGERPRINT_TAG",
     "RECIPE_TAGS",
+    "SKIP_REASON_TAG",
+    "TRAINING_SKIPPED_TAG",
+    "RetrainingDecision",
     "code_version",
+    "decide_retraining",
     "recipe_tags",
     "retraining_unneeded",
 ]
@@ -33,6 +38,9 @@ DATA_FINGERPRINT_TAG = "emonet.data_fingerprint"
 CONFIG_FINGERPRINT_TAG = "emonet.config_fingerprint"
 CODE_VERSION_TAG = "emonet.code_version"
 RECIPE_TAGS: tuple[str, ...] = (DATA_FINGERPRINT_TAG, CONFIG_FINGERPRINT_TAG, CODE_VERSION_TAG)
+# Run tags of the decision taken on that recipe: whether the run skipped training, and why.
+TRAINING_SKIPPED_TAG = "emonet.training_skipped"
+SKIP_REASON_TAG = "emonet.skip_reason"
 UNKNOWN_CODE_VERSION = "unknown"
 DIRTY_SUFFIX = "+dirty"  # the commit, with uncommitted changes to tracked files on top
 
@@ -105,3 +113,41 @@ def retraining_unneeded(client: MlflowClient, name: str, tags: dict[str, str]) -
         f"the data, the resolved config and the code (commit {code[:12]}) are those of champion version "
         f"{champion.version} of {name!r} (MLflow run {champion.run_id}): training again would reproduce it"
     )
+
+
+@dataclass(frozen=True)
+class RetrainingDecision:
+    """Whether a run trains, decided on its recipe (:func:`decide_retraining`)."""
+
+    recipe: dict[str, str]  # the run's :func:`recipe_tags`
+    unneeded: str | None  # why training again would reproduce the champion; None when it would not
+    forced: bool = False  # ``force_retrain``: train even when ``unneeded``
+
+    @property
+    def skip_reason(self) -> str | None:
+        """Why the run skips training, or None when it trains."""
+        return None if self.forced else self.unneeded
+
+    @property
+    def trains(self) -> bool:
+        return self.skip_reason is None
+
+    def run_tags(self) -> dict[str, str]:
+        """The recipe with the decision taken on it (``emonet.training_skipped``, and
+        ``emonet.skip_reason`` when skipped): one batch, so a run never holds the recipe
+        without its decision."""
+        tags = {**self.recipe, TRAINING_SKIPPED_TAG: str(not self.trains).lower()}
+        if not self.trains:
+            tags[SKIP_REASON_TAG] = str(self.skip_reason)
+        return tags
+
+
+def decide_retraining(
+    client: MlflowClient, name: str, recipe: dict[str, str], *, force: bool = False
+) -> RetrainingDecision:
+    """Whether a run with ``recipe`` (:func:`recipe_tags`) trains a new version of ``name``.
+
+    It skips training when :func:`retraining_unneeded` says the champion's run had the same
+    recipe, unless ``force`` (the flow's ``force_retrain``); the reason is kept either way.
+    """
+    return RetrainingDecision(recipe=dict(recipe), unneeded=retraining_unneeded(client, name, recipe), forced=force)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -65,11 +66,27 @@ def _output_files(out_dir: Path) -> list[Path]:
     return [out_dir / name for name in (GRID_FILE, SUMMARY_FILE, INDEX_FILE, REVIEW_CSV, *SPLIT_REPORT_FILES.values())]
 
 
+def _renamed(function: str, new: str, value: Any, old: str, old_value: Any) -> Any:
+    """``value``, or the value passed under its deprecated name ``old`` (with a FutureWarning)."""
+    if old_value is None:
+        return value
+    if value is not None:
+        raise TypeError(f"{function}() got both {new}= and its deprecated name {old}=: pass {new}= only")
+    warnings.warn(f"{function}(): {old}= is deprecated, pass {new}= instead", FutureWarning, stacklevel=3)
+    return old_value
+
+
+def _required(function: str, **arguments: Any) -> None:
+    missing = [name for name, value in arguments.items() if value is None]
+    if missing:
+        raise TypeError(f"{function}() missing required argument(s): {', '.join(map(repr, missing))}")
+
+
 def review_predictions_with_visualization(
-    model: ModelSource,
-    test_csv_path: str | Path,
-    img_dir: str | Path,
-    out_dir: str | Path,
+    model: ModelSource | None = None,
+    test_csv_path: str | Path | None = None,
+    img_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
     num_samples: int = 20,
     detailed_samples: int = 20,
     sort_by: str = "random",
@@ -79,8 +96,19 @@ def review_predictions_with_visualization(
     batch_size: int = 64,
     normalizer: AffectNormalizer | str | Path | None = None,
     progress: bool = True,
+    model_checkpoint_path: ModelSource | None = None,
+    img_arrays_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
 ) -> pd.DataFrame:
     """Load a model once, predict a labelled split and write its visual review (:func:`review_predictions`).
+
+    ``model``, ``test_csv_path``, ``img_dir`` and ``out_dir`` are required (by position or
+    by name). The original project's names still work, with a ``FutureWarning``:
+    ``model_checkpoint_path`` for ``model``, ``img_arrays_dir`` for ``img_dir`` and
+    ``output_dir`` for ``out_dir`` (passing a parameter under both names is a TypeError);
+    so does its README's call, ``review_predictions_with_visualization(model_checkpoint_path=...,
+    test_csv_path=..., img_arrays_dir=..., output_dir=..., num_samples=20, detailed_samples=20,
+    sort_by='random')``.
 
     Parameters
     ----------
@@ -89,6 +117,8 @@ def review_predictions_with_visualization(
         :func:`emonet.inference.loading.load_predictor`). Its per-emotion thresholds decide the
         predicted sets, and its normalizer maps valence/arousal to the 1..10 scale.
     device, batch_size, normalizer : for loading ``model`` (ignored for a Predictor).
+    model_checkpoint_path, img_arrays_dir, output_dir : deprecated names of ``model``,
+        ``img_dir`` and ``out_dir`` (the original project's).
     test_csv_path, img_dir, out_dir, num_samples, detailed_samples, sort_by, seed, progress :
         as for :func:`review_predictions`.
 
@@ -111,6 +141,11 @@ def review_predictions_with_visualization(
     ...     "data/emotic/img_arrs", "outputs/review", sort_by="worst")
     >>> table.loc[table["selected"], ["crop_name", "f1", "pred_emotions"]]  # doctest: +SKIP
     """
+    name = "review_predictions_with_visualization"
+    model = _renamed(name, "model", model, "model_checkpoint_path", model_checkpoint_path)
+    img_dir = _renamed(name, "img_dir", img_dir, "img_arrays_dir", img_arrays_dir)
+    out_dir = _renamed(name, "out_dir", out_dir, "output_dir", output_dir)
+    _required(name, model=model, test_csv_path=test_csv_path, img_dir=img_dir, out_dir=out_dir)
     _check_options(sort_by, num_samples, detailed_samples, seed)
     test_csv_path, img_dir, out_dir = Path(test_csv_path), Path(img_dir), Path(out_dir)
     check_not_inputs(
@@ -241,60 +276,23 @@ def review_predictions(
         raise FileNotFoundError(f"image array folder not found: {img_dir}")
     if annotations is None:
         annotations = load_annotations(test_csv_path)
+    num_samples, detailed = _checked_counts(predictions, annotations, test_csv_path, num_samples, detailed_samples)
     n = len(annotations)
-    if len(predictions) != n or not np.array_equal(predictions.indices, np.arange(n)):
-        raise ValueError(
-            f"predictions cover {len(predictions)} rows, not the {n} rows of {test_csv_path.name} in order; "
-            "pass the predictions of this split (e.g. EvaluationReport.predictions)"
-        )
-    if num_samples > n:
-        logger.warning(
-            "num_samples=%d exceeds the %d samples of %s; showing all %d", num_samples, n, test_csv_path.name, n
-        )
-        num_samples = n
-    detailed = min(int(detailed_samples), n)
-    if num_samples > MAX_GRID_SAMPLES:
-        logger.warning(
-            "grid.png shows the first %d of the %d selected samples; index.html lists all",
-            MAX_GRID_SAMPLES,
-            num_samples,
-        )
 
     probs, affect_pred = predictions.emotion_prob, predictions.affect_pred
     table, y_true = build_table(
-        annotations, probs, affect_pred, thresholds, normalizer, sort_by, int(seed), int(num_samples), detailed
+        annotations, probs, affect_pred, thresholds, normalizer, sort_by, int(seed), num_samples, detailed
     )
-    has_visibility = FACE_VISIBILITY_COLUMN in table.columns
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Any] = {}
     title = (
         f"{model_name} on {test_csv_path.name}: {min(num_samples, MAX_GRID_SAMPLES)} of {n} samples, "
         f"sorted by {sort_by}" + (f" (seed {seed})" if sort_by == "random" else "")
     )
     plot_grid(table, img_dir, out_dir / GRID_FILE, title)
-    files["grid"] = GRID_FILE
-
-    # Detailed pages, in rank order; only these rows' images are ever read for display.
-    low, high = float(min(normalizer.low)), float(max(normalizer.high))
-    bounds = (min(low, SCALE_MIN), max(high, SCALE_MAX))
-    digits = max(3, len(str(detailed)))
-    pages = []
-    by_rank = table.sort_values("rank")
-    for position, row in tqdm(
-        list(by_rank.head(detailed).iterrows()),
-        desc="review: pages",
-        unit="page",
-        disable=not progress,
-        dynamic_ncols=True,
-    ):
-        relative = f"{SAMPLES_DIR}/{page_name(int(row['rank']), row['crop_name'], digits)}"
-        plot_sample(
-            row, img_dir, annotations.loc[position], thresholds, bounds, n, sort_by, has_visibility, out_dir / relative
-        )
-        table.at[position, "sample_page"] = relative
-        pages.append(relative)
-    files["samples"] = pages
+    files: dict[str, Any] = {"grid": GRID_FILE}
+    files["samples"] = _write_pages(
+        table, annotations, img_dir, out_dir, thresholds, normalizer, detailed, sort_by, progress
+    )
 
     # The whole split's table and figures: an evaluation's, linked, or written here.
     true_norm = table.sort_index()[["valence_true", "arousal_true"]].to_numpy()
@@ -302,26 +300,9 @@ def review_predictions(
         _, split_report = write_split_report(y_true, probs, thresholds, true_norm, affect_pred, out_dir)
     files.update({key: Path(os.path.relpath(path, out_dir)).as_posix() for key, path in split_report.items()})
 
-    common = {
-        "affect_true": true_norm,
-        "affect_pred": affect_pred,
-        "thresholds": thresholds,
-        "low": normalizer.low,
-        "high": normalizer.high,
-        "raw_true": raw_affect(annotations),
-    }
-    try:
-        scores = evaluate_predictions(y_true, probs, **common)
-        scores["mAP_voc11"] = mean_voc11_average_precision_score(y_true, probs)
-    except ValueError as error:  # no emotion has a positive sample in this split
-        logger.warning("metrics undefined on %s: %s", test_csv_path.name, error)
-        scores = dict.fromkeys((*EVALUATION_KEYS, "mAP_voc11"), float("nan"))
-    by_visibility = (
-        metrics_by_visibility(y_true, probs, visibility=table.sort_index()[FACE_VISIBILITY_COLUMN], **common)
-        if has_visibility
-        else {}
+    scores, by_visibility = _split_scores(
+        table, annotations, y_true, probs, affect_pred, thresholds, normalizer, test_csv_path.name
     )
-    mean_ap = scores["mAP"]
     ordered = table.sort_values("rank")
     summary: dict[str, Any] = {
         "model": model_name,
@@ -336,7 +317,7 @@ def review_predictions(
         "n_detailed": detailed,
         "sort_by": sort_by,
         "seed": int(seed),
-        "mAP": finite_or_none(mean_ap),
+        "mAP": finite_or_none(scores["mAP"]),
         "mAP_voc11": finite_or_none(scores["mAP_voc11"]),
         "f1_macro": scores["f1_macro"],
         "f1_micro": scores["f1_micro"],
@@ -351,15 +332,114 @@ def review_predictions(
     }
     write_csv_atomic(ordered, out_dir / REVIEW_CSV)
     write_json_atomic(summary, out_dir / SUMMARY_FILE)
-    write_index(out_dir / INDEX_FILE, summary, table, has_visibility)
+    write_index(out_dir / INDEX_FILE, summary, table, FACE_VISIBILITY_COLUMN in table.columns)
     logger.info(
         "review of %d samples (%s) written to %s: mAP %s, mean per-sample F1 %.3f",
         n,
         sort_by,
         out_dir,
-        format_metric(mean_ap, ".4f"),
+        format_metric(scores["mAP"], ".4f"),
         summary["mean_sample_f1"],
     )
     ordered = ordered.reset_index(drop=True)
     ordered.attrs["summary"] = summary
     return ordered
+
+
+def _checked_counts(
+    predictions: Predictions, annotations: pd.DataFrame, test_csv_path: Path, num_samples: int, detailed_samples: int
+) -> tuple[int, int]:
+    """``num_samples`` and ``detailed_samples`` capped to the split's size (with a warning
+    for the first), once the predictions are known to cover the split's rows in order."""
+    n = len(annotations)
+    if len(predictions) != n or not np.array_equal(predictions.indices, np.arange(n)):
+        raise ValueError(
+            f"predictions cover {len(predictions)} rows, not the {n} rows of {test_csv_path.name} in order; "
+            "pass the predictions of this split (e.g. EvaluationReport.predictions)"
+        )
+    if num_samples > n:
+        logger.warning(
+            "num_samples=%d exceeds the %d samples of %s; showing all %d", num_samples, n, test_csv_path.name, n
+        )
+        num_samples = n
+    if num_samples > MAX_GRID_SAMPLES:
+        logger.warning(
+            "grid.png shows the first %d of the %d selected samples; index.html lists all",
+            MAX_GRID_SAMPLES,
+            num_samples,
+        )
+    return int(num_samples), min(int(detailed_samples), n)
+
+
+def _write_pages(
+    table: pd.DataFrame,
+    annotations: pd.DataFrame,
+    img_dir: Path,
+    out_dir: Path,
+    thresholds: np.ndarray,
+    normalizer: AffectNormalizer,
+    detailed: int,
+    sort_by: str,
+    progress: bool,
+) -> list[str]:
+    """The detailed pages, in rank order (only these rows' images are ever read for
+    display); sets their ``sample_page`` in ``table`` and returns their relative paths."""
+    low, high = float(min(normalizer.low)), float(max(normalizer.high))
+    bounds = (min(low, SCALE_MIN), max(high, SCALE_MAX))
+    digits = max(3, len(str(detailed)))
+    has_visibility = FACE_VISIBILITY_COLUMN in table.columns
+    pages = []
+    for position, row in tqdm(
+        list(table.sort_values("rank").head(detailed).iterrows()),
+        desc="review: pages",
+        unit="page",
+        disable=not progress,
+        dynamic_ncols=True,
+    ):
+        relative = f"{SAMPLES_DIR}/{page_name(int(row['rank']), row['crop_name'], digits)}"
+        plot_sample(
+            row,
+            img_dir,
+            annotations.loc[position],
+            thresholds,
+            bounds,
+            len(table),
+            sort_by,
+            has_visibility,
+            out_dir / relative,
+        )
+        table.at[position, "sample_page"] = relative
+        pages.append(relative)
+    return pages
+
+
+def _split_scores(
+    table: pd.DataFrame,
+    annotations: pd.DataFrame,
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    affect_pred: np.ndarray,
+    thresholds: np.ndarray,
+    normalizer: AffectNormalizer,
+    split_name: str,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """The split's metrics (both APs, F1 scores, affect errors; NaN where no emotion has a
+    positive sample) and, when the split has face visibility, the same per visibility group."""
+    common = {
+        "affect_true": table.sort_index()[["valence_true", "arousal_true"]].to_numpy(),
+        "affect_pred": affect_pred,
+        "thresholds": thresholds,
+        "low": normalizer.low,
+        "high": normalizer.high,
+        "raw_true": raw_affect(annotations),
+    }
+    try:
+        scores = evaluate_predictions(y_true, probs, **common)
+        scores["mAP_voc11"] = mean_voc11_average_precision_score(y_true, probs)
+    except ValueError as error:  # no emotion has a positive sample in this split
+        logger.warning("metrics undefined on %s: %s", split_name, error)
+        scores = dict.fromkeys((*EVALUATION_KEYS, "mAP_voc11"), float("nan"))
+    if FACE_VISIBILITY_COLUMN not in table.columns:
+        return scores, {}
+    visibility = table.sort_index()[FACE_VISIBILITY_COLUMN]
+    return scores, metrics_by_visibility(y_true, probs, visibility=visibility, **common)
