@@ -3,7 +3,7 @@
 The subpackages, lowest layer first: ``utils``, then the top-level vocabulary (``schema``,
 ``config``, ``affect``), ``metrics``, ``plots``, ``data``, ``models``, ``inference``,
 ``reports`` and ``tracking``, ``training``, and ``cli`` on top. Each imports only from
-the layers below it (the contracts in ``.importlinter`` check this).
+the layers below it (the import-linter contracts in ``pyproject.toml`` check this).
 """
 
 from emonet.schema import EMOTIONS, NUM_EMOTIONS

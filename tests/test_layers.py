@@ -82,3 +82,16 @@ def test_a_torch_free_step_stays_torch_free_at_run_time():
     # a data step (normalization, face visibility) from loading torch through __init__.
     loaded = _loaded_after_importing("emonet.data.normalize, emonet.data.visibility_column, emonet.tracking.stale_runs")
     assert "torch" not in loaded
+
+
+@pytest.mark.parametrize("package", ["utils", "data", "models", "inference", "reports", "tracking", "training"])
+def test_each_subpackage_re_exports_what_its_modules_export(package):
+    import importlib
+
+    exported = set(importlib.import_module(f"emonet.{package}").__all__)
+    for path in sorted((ROOT / "emonet" / package).glob("*.py")):
+        if path.name == "__init__.py" or path.stem == "pyfunc_model":  # MLflow runs that file itself
+            continue
+        module = importlib.import_module(f"emonet.{package}.{path.stem}")
+        missing = set(getattr(module, "__all__", ())) - exported
+        assert not missing, f"emonet.{package} does not re-export {sorted(missing)} of {module.__name__}"

@@ -17,8 +17,12 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     submod_attrs={
         "annotations": [
             "BOX_FIT_TOLERANCE_PX",
+            "DUPLICATE_ACTIONS",
+            "DUPLICATE_KEYS",
             "INVALID_AFFECT_ACTIONS",
+            "LABEL_COLUMNS",
             "affect_targets",
+            "find_duplicates",
             "load_annotations",
             "raw_affect",
             "scaled_box",

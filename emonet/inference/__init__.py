@@ -24,6 +24,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         ],
         "loading": [
             "ModelSource",
+            "check_registered_model_uri",
             "describe_model",
             "is_mlflow_uri",
             "load_predictor",

@@ -1,7 +1,7 @@
-"""Training: ``fit`` and its loops (:mod:`~emonet.training.trainer`), a run's loaders
+"""Training: ``fit`` and its loops (:mod:`~emonet.training.fit`), a run's loaders
 (:mod:`~emonet.training.run_loaders`), the losses, learning-rate schedules and seeds, resuming from
-checkpoints (:mod:`~emonet.training.run_state`), the torchrun process group as training sees it
-(:mod:`~emonet.training.ddp`) and the torchrun launcher
+checkpoints (:mod:`~emonet.training.resume`), the torchrun process group as training sees it
+(:mod:`~emonet.training.process_group`) and the torchrun launcher
 (:mod:`~emonet.training.launcher`).
 
 The names below are re-exported lazily (``lazy_loader``): importing one submodule loads
@@ -13,11 +13,19 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
-        "trainer": [
-            "evaluate",
-            "fit",
-            "train_from_csvs",
-            "train_one_epoch",
+        "ddp": [
+            "all_gather_objects",
+            "all_ranks_finite",
+            "all_reduce_sum",
+            "broadcast_module",
+            "gather_predictions",
+            "is_distributed",
+            "process_device",
+            "process_group",
+            "rank",
+            "resolve_backend",
+            "shard_indices",
+            "world_size",
         ],
         "launcher": [
             "launch_training",
@@ -33,19 +41,9 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "REDUCTIONS",
             "masked_affect_loss",
         ],
-        "ddp": [
-            "all_gather_objects",
-            "all_ranks_finite",
-            "all_reduce_sum",
-            "broadcast_module",
-            "gather_predictions",
-            "is_distributed",
-            "process_device",
-            "process_group",
-            "rank",
-            "resolve_backend",
-            "shard_indices",
-            "world_size",
+        "run_loaders": [
+            "build_datasets",
+            "make_loaders",
         ],
         "run_state": [
             "FitResult",
@@ -59,10 +57,6 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "save_epoch",
             "save_thresholds",
         ],
-        "run_loaders": [
-            "build_datasets",
-            "make_loaders",
-        ],
         "schedules": [
             "build_scheduler",
         ],
@@ -70,6 +64,12 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "seed_everything",
             "seed_worker",
             "use_deterministic_algorithms",
+        ],
+        "trainer": [
+            "evaluate",
+            "fit",
+            "train_from_csvs",
+            "train_one_epoch",
         ],
     },
 )

@@ -24,6 +24,10 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "write_csv_atomic",
             "write_json_atomic",
         ],
+        "moved_modules": [
+            "MOVED_MODULES",
+            "install",
+        ],
         "stopping": [
             "TrainingStopped",
             "check_stop",

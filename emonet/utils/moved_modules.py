@@ -1,7 +1,7 @@
 """The module paths of EmoNet's flat layout, importable with a ``FutureWarning``.
 
-Until 0.2 every module sat at ``emonet/`` top level (``emonet.train``, ``emonet.batch``, ...).
-Scripts, notebooks and registered models written then import those paths: a model logged
+EmoNet 0.1 kept every module at ``emonet/`` top level (``emonet.train``, ``emonet.batch``, ...);
+scripts, notebooks and registered models written for it import those paths: a model logged
 by MLflow runs its own copy of the package in a fresh process, but in a process that has
 already imported today's ``emonet`` (the training flow re-scoring its champion) its model
 file imports from today's package. Each old path is served by a module that looks a name
