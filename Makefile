@@ -36,7 +36,7 @@ WORKERS ?= 1
 # Each worker's share of the cores, as its torch threads: N workers never oversubscribe them.
 SERVE_THREADS = $(shell n=$$(nproc 2>/dev/null || echo 1); t=$$(expr $$n / "$(WORKERS)" 2>/dev/null); [ "$${t:-0}" -ge 1 ] && echo $$t || echo 1)
 
-.PHONY: demo test venv lock ui deploy serve servers servers-stop postgresql clean-outputs
+.PHONY: demo test venv lock ui deploy serve servers servers-stop postgresql clean-outputs docs docs-serve
 
 check_python = @case "$(PYVER)" in 3.11|3.12|3.13) ;; *) echo "EmoNet supports Python 3.11 to 3.13 \
     (tested on 3.11 and 3.13), found $(or $(PYVER),no interpreter '$(PYTHON)'): set PYTHON=python3.X" >&2; exit 1;; esac
@@ -88,6 +88,14 @@ demo: venv
 # contracts (lint-imports), ruff and the strict docs build (tests/test_layers.py, test_docs.py).
 test: venv postgresql
 	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
+
+# The documentation site (mkdocs.yml, docs/) into site/; strict: a broken link or a missing
+# symbol fails. docs-serve serves it on loopback and rebuilds on every change.
+docs: venv
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: venv
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
 
 # PostgreSQL's initdb and pg_ctl, for `make servers` and its test: Debian's postgresql
 # package, installed when missing (needs root, as in CI).

@@ -62,7 +62,7 @@ FACE_LANDMARKER_OPTIONS: dict[str, Any] = {
 # the crop, is kept, and only the rows used are read from a memory-mapped file. A crop
 # of more than MAX_CROP_PIXELS is scored NaN without reading it: no body crop of a
 # photo comes near (EMOTIC's largest photos have about 24 Mpx), and MediaPipe (the legacy
-# API at least) aborted the whole process on images whose byte count overflows OpenCV's
+# API at least) aborts the whole process on images whose byte count overflows OpenCV's
 # 32-bit sizes.
 MAX_SCORED_SIDE = 2048
 MAX_CROP_PIXELS = 100_000_000

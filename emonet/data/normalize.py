@@ -231,8 +231,8 @@ def normalize_dataset(
     fit_on_train : take the bounds from the train split (after filtering) instead of
         the scale's 1..10; val and test are mapped with the same bounds, and their
         values outside are clipped and counted.
-    filter_test_by_visibility : filter the test split by ``min_visibility`` too, as
-        the original seed did. Off by default: the filtered test split is no longer the
+    filter_test_by_visibility : filter the test split by ``min_visibility`` too.
+        Off by default: the filtered test split is no longer the
         EMOTIC test split, so its mAP cannot be compared with published results or
         with runs filtered at another threshold (the per-visibility metrics of the
         evaluation show how faces matter without that cost).

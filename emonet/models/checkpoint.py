@@ -1,6 +1,7 @@
-"""EmoNet checkpoints: the file format, building and atomic writing, safe loading
-(``weights_only``), resuming a run, repairing ``best.pt`` after a kill, random-state
-capture and restore, and device resolution.
+"""EmoNet checkpoints: the file format, atomic writing, safe loading (``weights_only``)
+and the disk-space check. Resuming a run, repairing ``best.pt`` after a kill and the
+random states are :mod:`emonet.training.run_state`'s; the device is
+:mod:`emonet.models.devices`'.
 
 Serving code (inference, batch prediction, the MLflow model) loads models through this
 module and never imports the training loop. The loop hands it what it trains with
@@ -16,7 +17,7 @@ A checkpoint is a dict of tensors and plain types, read with ``weights_only=True
   so far and its epoch; ``bad_epochs`` : epochs since then (early stopping);
   ``stopped_early`` : whether early stopping ended the run; ``history`` : every epoch's
   metrics dict so far.
-- ``rng`` : rank 0's random states (:func:`capture_rng`); ``rng_ranks`` : every rank's,
+- ``rng`` : rank 0's random states (:func:`~emonet.training.run_state.capture_rng`); ``rng_ranks`` : every rank's,
   in rank order; ``world_size`` : the number of processes that trained.
 - ``config`` : the resolved run config (``config_to_dict``), the model is rebuilt from it.
 - ``thresholds`` : None, except in ``best.pt`` after training: the 26 decision
@@ -24,7 +25,7 @@ A checkpoint is a dict of tensors and plain types, read with ``weights_only=True
 
 ``last.pt`` is written every epoch and ``best.pt`` at each new best, ``last.pt`` first:
 it names the epoch ``best.pt`` must hold, so a kill between the two writes is repaired
-on resume (:func:`resume`).
+on resume (:func:`~emonet.training.run_state.resume`).
 """
 
 from __future__ import annotations
