@@ -17,6 +17,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     submod_attrs={
         "annotations": [
             "BOX_FIT_TOLERANCE_PX",
+            "DUPLICATES_ENV",
             "DUPLICATE_ACTIONS",
             "DUPLICATE_KEYS",
             "INVALID_AFFECT_ACTIONS",

@@ -5,6 +5,7 @@ visibility) stay light; the PyTorch ``Dataset`` lives in :mod:`emonet.data.datas
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,22 @@ logger = logging.getLogger(__name__)
 # What load_annotations does with a row whose valence, arousal or dominance is invalid.
 INVALID_AFFECT_ACTIONS: tuple[str, ...] = ("mask", "drop")
 
+# What load_annotations does with rows that repeat a crop, or a person box in one image.
+DUPLICATE_ACTIONS: tuple[str, ...] = ("refuse", "warn", "allow")
 
-def load_annotations(csv_path: str | Path, *, strict: bool = False, invalid_affect: str = "mask") -> pd.DataFrame:
+# The switch of load_annotations' duplicates check for commands and flows (refuse, warn, allow).
+DUPLICATES_ENV = "EMONET_DUPLICATES"
+# Rows are duplicates when they share one of these keys; they agree when these columns do.
+DUPLICATE_KEYS: tuple[tuple[str, ...], ...] = (("Crop_name",), ("Arr_name", *BOX_COLUMNS))
+LABEL_COLUMNS: tuple[str, ...] = EMOTIONS + VAD_COLUMNS
+
+# Duplicate groups written out in full in a message; the rest are counted.
+_SHOWN_GROUPS = 5
+
+
+def load_annotations(
+    csv_path: str | Path, *, strict: bool = False, invalid_affect: str = "mask", duplicates: str | None = None
+) -> pd.DataFrame:
     """Read and validate one split's annotation CSV.
 
     A row whose valence, arousal or dominance is NaN or outside [1, 10] still has valid
@@ -50,23 +65,46 @@ def load_annotations(csv_path: str | Path, *, strict: bool = False, invalid_affe
     strict : raise on the first split with an invalid VAD value instead.
     invalid_affect : ``"mask"`` (default) or ``"drop"``; rows handled either way are
         counted and logged.
+    duplicates : what to do with rows that repeat a ``Crop_name``, or an ``Arr_name``
+        with the same body box (``X_min, Y_min, X_max, Y_max``): the same person twice.
+        ``"refuse"`` (default) raises when such rows disagree on any emotion label or
+        on valence, arousal or dominance (contradictory duplicates), and logs a warning
+        for identical ones; ``"warn"`` logs a warning for both kinds and loads them;
+        ``"allow"`` loads them without a warning (no check at all). Duplicate
+        rows are never dropped: each row keeps its own crop. None (default) reads the
+        environment variable ``EMONET_DUPLICATES`` (one of the three; unset means
+        ``"refuse"``), the switch for every command and flow that reads annotations.
 
     Returns
     -------
     The validated rows with a fresh ``RangeIndex``. Extra columns are kept. In
     ``df.attrs``: ``"rejected_rows"`` (count) and ``"rejected"`` (a list of ``{"row":
     i, "reason": str}``, CSV row numbers) for dropped rows; ``"affect_masked_rows"``
-    and ``"affect_masked"`` likewise for kept rows whose invalid values were set to NaN.
+    and ``"affect_masked"`` likewise for kept rows whose invalid values were set to NaN;
+    ``"duplicate_rows"`` (rows that repeat an earlier row's crop or person box, counted
+    once each), ``"contradictory_duplicate_rows"`` (those of them whose labels differ)
+    and ``"duplicates"`` (a list of ``{"key": columns, "value": ..., "rows": [i, ...],
+    "differing": [columns]}``, one per group of rows sharing a key, CSV row numbers).
+    Row numbers everywhere are 0-based data rows (the header is not counted), as pandas
+    numbers them; these are computed with every ``duplicates`` setting.
 
     Raises
     ------
     FileNotFoundError : the CSV does not exist.
     ValueError : missing columns (all named), an empty CSV, emotion values other than
-        0/1, unsafe array file names, an unknown ``invalid_affect``, or (with
-        ``strict``) an out-of-range VAD value.
+        0/1, unsafe array file names, an unknown ``invalid_affect`` or ``duplicates``,
+        (with ``strict``) an out-of-range VAD value, or (with ``duplicates="refuse"``)
+        contradictory duplicate rows: the message names the CSV, the shared key's
+        columns and value, the row numbers and the columns that differ.
     """
     if invalid_affect not in INVALID_AFFECT_ACTIONS:
         raise ValueError(f"invalid_affect must be one of {list(INVALID_AFFECT_ACTIONS)}, got {invalid_affect!r}")
+    if duplicates is None:
+        duplicates = os.environ.get(DUPLICATES_ENV) or "refuse"
+        if duplicates not in DUPLICATE_ACTIONS:
+            raise ValueError(f"{DUPLICATES_ENV} must be one of {list(DUPLICATE_ACTIONS)}, got {duplicates!r}")
+    if duplicates not in DUPLICATE_ACTIONS:
+        raise ValueError(f"duplicates must be one of {list(DUPLICATE_ACTIONS)}, got {duplicates!r}")
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"annotation CSV not found: {csv_path}")
@@ -102,6 +140,9 @@ def load_annotations(csv_path: str | Path, *, strict: bool = False, invalid_affe
     for column in VAD_COLUMNS + BOX_COLUMNS + ("Width", "Height"):
         df[column] = pd.to_numeric(df[column], errors="coerce")
 
+    # Before any row is dropped, so the row numbers are the CSV's.
+    duplicate_attrs = _check_duplicates(df, csv_path.name, duplicates)
+
     vad = df[list(VAD_COLUMNS)]
     bad_vad = vad.isna() | (vad < SCALE_MIN) | (vad > SCALE_MAX)
     invalid = []
@@ -130,7 +171,102 @@ def load_annotations(csv_path: str | Path, *, strict: bool = False, invalid_affe
     df.attrs["rejected"] = rejected
     df.attrs["affect_masked_rows"] = len(masked)
     df.attrs["affect_masked"] = masked
+    df.attrs.update(duplicate_attrs)
     return df
+
+
+def find_duplicates(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Groups of rows of ``df`` that describe the same person: one per shared key of
+    :data:`DUPLICATE_KEYS` (the same ``Crop_name``, or the same ``Arr_name`` and body
+    box), each ``{"key": columns, "value": the shared values, "rows": row labels,
+    "differing": the columns of :data:`LABEL_COLUMNS` whose values are not all equal}``.
+
+    Rows found under both keys (a copied row) form one group, under the first key.
+    Rows whose key holds a missing value are never matched. Values are compared as
+    read (NaN equals NaN), so ``"differing"`` is empty for identical duplicates.
+    """
+    groups: list[dict[str, Any]] = []
+    seen: set[tuple[int, ...]] = set()  # a copied row repeats both keys: report it once
+    labels = df[list(LABEL_COLUMNS)]
+    for key in DUPLICATE_KEYS:
+        keys = df[list(key)]
+        repeated = keys.duplicated(keep=False) & keys.notna().all(axis=1)
+        if not repeated.any():
+            continue
+        for value, rows in keys[repeated].groupby(list(key), sort=False).groups.items():
+            if tuple(rows) in seen:
+                continue
+            seen.add(tuple(rows))
+            group_labels = labels.loc[rows]
+            differing = [c for c in LABEL_COLUMNS if group_labels[c].nunique(dropna=False) > 1]
+            shown = value if isinstance(value, tuple) else (value,)
+            groups.append(
+                {
+                    "key": list(key),
+                    "value": [np.asarray(v).tolist() for v in shown],
+                    "rows": [int(r) for r in rows],
+                    "differing": differing,
+                }
+            )
+    return groups
+
+
+def _describe_group(group: dict[str, Any]) -> str:
+    value = ", ".join(f"{c}={v!r}" for c, v in zip(group["key"], group["value"]))
+    rows = ", ".join(str(r) for r in group["rows"])
+    differ = f" differ in {', '.join(group['differing'])}" if group["differing"] else " are identical"
+    return f"rows {rows} ({value}){differ}"
+
+
+def _describe_groups(groups: list[dict[str, Any]]) -> str:
+    text = "; ".join(_describe_group(g) for g in groups[:_SHOWN_GROUPS])
+    return text + (f" (and {len(groups) - _SHOWN_GROUPS} more groups)" if len(groups) > _SHOWN_GROUPS else "")
+
+
+def _check_duplicates(df: pd.DataFrame, csv_name: str, action: str) -> dict[str, Any]:
+    """Find duplicate rows, raise or log as ``action`` says, and return them as ``df.attrs`` entries."""
+    groups = find_duplicates(df)
+    repeats: set[int] = set()
+    contradictory_repeats: set[int] = set()
+    for group in groups:
+        later = group["rows"][1:]
+        repeats.update(later)
+        if group["differing"]:
+            contradictory_repeats.update(later)
+    attrs = {
+        "duplicate_rows": len(repeats),
+        "contradictory_duplicate_rows": len(contradictory_repeats),
+        "duplicates": groups,
+    }
+    if not groups or action == "allow":
+        if groups:
+            logger.debug("%s: %d duplicate rows allowed: %s", csv_name, len(repeats), _describe_groups(groups))
+        return attrs
+    contradictory = [g for g in groups if g["differing"]]
+    identical = [g for g in groups if not g["differing"]]
+    if contradictory and action == "refuse":
+        raise ValueError(
+            f"{csv_name}: {len(contradictory_repeats)} rows repeat the crop or person box of another row with "
+            f"different labels (0-based data rows): {_describe_groups(contradictory)}; fix the CSV, or load it "
+            f"with duplicates='warn' (or {DUPLICATES_ENV}=warn) to keep every row"
+        )
+    if contradictory:
+        logger.warning(
+            "%s: %d rows repeat the crop or person box of another row with different labels, kept "
+            "(0-based data rows): %s",
+            csv_name,
+            len(contradictory_repeats),
+            _describe_groups(contradictory),
+        )
+    if identical:
+        identical_repeats = {r for g in identical for r in g["rows"][1:]}
+        logger.warning(
+            "%s: %d rows repeat the crop or person box and the labels of another row, kept (0-based data rows): %s",
+            csv_name,
+            len(identical_repeats),
+            _describe_groups(identical),
+        )
+    return attrs
 
 
 # Annotated boxes overflow the photo they were drawn on by a pixel or two (annotation
