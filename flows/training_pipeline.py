@@ -221,7 +221,8 @@ def emonet_training_pipeline(
         promotion_confidence: Confidence of the paired-bootstrap interval of that mAP
             difference (default 0.95); 0 compares the point mAPs (any higher mAP wins).
         promotion_split: The split the promotion compares on: `val` (default; the test
-            split then never chooses a model) or `test` (the rule before validation decided).
+            split then never chooses a model) or `test` (the test split decides, and its mAP
+            is then no unbiased estimate).
         force_retrain: Train even when the data, the resolved config and the code are
             those of the current champion's run (which otherwise skips training).
         tracking_uri: MLflow tracking URI; default `MLFLOW_TRACKING_URI` or SQLite under `mlruns/`.
