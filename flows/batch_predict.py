@@ -17,6 +17,7 @@ from prefect import flow
 from pydantic import Field
 
 from emonet.data.images import DEFAULT_MAX_PIXELS
+from emonet.utils.reaper import ensure_reaper
 from tasks.predict import batch_predict
 
 
@@ -49,15 +50,8 @@ def emonet_batch_predict(
         max_pixels: Images with more pixels (height x width, read from the file's
             header before decoding) are bad rows, raised or skipped as `on_error` says.
     """
-    # Imported here, not at module level: importing the flow must stay cheap and
-    # side-effect free (default_tracking_uri creates mlruns/).
-    import mlflow
-
-    from emonet.utils.store import default_tracking_uri
-
-    uri = tracking_uri or default_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    ensure_reaper()
+    check_batch_inputs(model_uri, output_csv, tracking_uri)
     return batch_predict(
         model_uri=model_uri,
         input_csv=input_csv,
@@ -67,6 +61,34 @@ def emonet_batch_predict(
         on_error=on_error,
         max_pixels=max_pixels,
     )
+
+
+def check_batch_inputs(model_uri: str, output_csv: Path, tracking_uri: str | None) -> None:
+    """Point MLflow at the store and check, before any work, that a ``models:/`` URI names
+    a registered version or alias and that ``output_csv``'s folder can be written.
+
+    Raises
+    ------
+    ValueError
+        One line: the store is not an MLflow store, or the URI names no registered
+        model, version or alias (the ones that exist are listed).
+    OSError
+        The output folder cannot be created or written.
+    """
+    # Imported here, not at module level: importing the flow must stay cheap and
+    # side-effect free (default_tracking_uri creates mlruns/).
+    import mlflow
+
+    from emonet.inference.loading import check_registered_model_uri
+    from emonet.utils.io import ensure_writable_dir
+    from emonet.utils.store import check_store, default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri()
+    check_store(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    check_registered_model_uri(model_uri)
+    ensure_writable_dir(Path(output_csv).absolute().parent)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
     args = parser.parse_args(argv)
+    try:  # before Prefect starts: a bad model URI or output folder is one line, not a traceback
+        check_batch_inputs(args.model_uri, args.output_csv, args.tracking_uri)
+    except (ValueError, OSError) as error:
+        print(f"emonet-batch-predict: error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ValueError) else 1
     summary = emonet_batch_predict(
         input_csv=args.input_csv,
         output_csv=args.output_csv,

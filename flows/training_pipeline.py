@@ -8,6 +8,7 @@ deployments in ``prefect.yaml`` schedule it and expose its parameters in the UI.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -28,9 +29,20 @@ from emonet.metrics import format_metric
 from emonet.reports.evaluation import EvaluationReport
 from emonet.schema import SPLITS, annotations_path, arrays_dir
 from emonet.tracking.registry import DEMO_MODEL_NAME, MODEL_NAME, PromotionDecision
+from emonet.utils.io import ensure_writable_dir
+from emonet.utils.main_guard import check_main_guard
+from emonet.utils.reaper import ensure_reaper
 from emonet.utils.stopping import TrainingStopped, on_stop_requested
+from emonet.utils.store import check_store_writable, default_tracking_uri
 from flows.visibility import score_visibility
-from tasks.data import ensure_demo_data, normalize_splits, write_normalized_splits, write_visibility
+from tasks.caching import checked_result
+from tasks.data import (
+    ensure_demo_data,
+    normalize_splits,
+    normalized_splits_problem,
+    write_normalized_splits,
+    write_visibility,
+)
 from tasks.evaluation import evaluate_model
 from tasks.registration import register_model
 from tasks.report import publish_run_summary, publish_skip_summary
@@ -49,12 +61,14 @@ from tasks.training import train_model
 
 __all__ = [
     "RunSummary",
+    "check_outputs_writable",
     "emonet_training_pipeline",
     "end_mlflow_run_of_flow_run",
     "main",
     "prepare_data",
     "resolve_out_dir",
     "run_report",
+    "start_run_safely",
     "stop_reason",
 ]
 
@@ -100,6 +114,7 @@ def prepare_data(
     histograms) and ``<out_dir>/normalized/`` (``normalized_dataset_<split>.csv``,
     ``normalization.json``); returns their paths, the normalized frames and row counts.
     """
+    ensure_reaper()  # run on its own, this flow too starts processes (the visibility pool)
     scores = score_visibility(
         data_root,
         shard_size=visibility_shard_size,
@@ -110,11 +125,17 @@ def prepare_data(
     annotation_csvs = {split: annotations_path(data_root, split) for split in SPLITS}
     visibility_dir = out_dir / "visibility"
     visibility = write_visibility(annotation_csvs=annotation_csvs, scores=scores, out_dir=visibility_dir)
-    frames, normalizer, counts = normalize_splits(
-        csv_paths={split: visibility_dir / csv_path.name for split, csv_path in annotation_csvs.items()},
-        min_visibility=min_face_visibility,
-        fit_on_train=fit_normalization_on_train,
-        filter_test_by_visibility=filter_test_by_visibility,
+    normalize_args = {
+        "csv_paths": {split: visibility_dir / csv_path.name for split, csv_path in annotation_csvs.items()},
+        "min_visibility": min_face_visibility,
+        "fit_on_train": fit_normalization_on_train,
+        "filter_test_by_visibility": filter_test_by_visibility,
+    }
+    frames, normalizer, counts = checked_result(
+        normalize_splits(**normalize_args, return_state=True),
+        functools.partial(normalized_splits_problem, splits=annotation_csvs),
+        normalize_splits,
+        **normalize_args,
     )
     normalized, normalization_json = write_normalized_splits(
         frames=frames, normalizer=normalizer, out_dir=out_dir / "normalized"
@@ -233,6 +254,7 @@ def emonet_training_pipeline(
         or why training was skipped.
     """
     out_dir = resolve_out_dir(out_dir, output_dir)
+    start_run_safely(out_dir, tracking_uri)
     overrides = {"epochs": epochs, "seed": seed, "batch_size": batch_size}
     resolved = load_config(config, train={key: value for key, value in overrides.items() if value is not None})
     # Demo models never replace a real one: they go to their own registered model.
@@ -268,6 +290,31 @@ def emonet_training_pipeline(
         }
         trained = None if skip_reason else _train(run, data, resolved, root, out_dir, registered_model_name, promotion)
     return _publish(run, registered_model_name, out_dir, skip_reason, trained)
+
+
+def check_outputs_writable(out_dir: Path, tracking_uri: str | None) -> None:
+    """Fail in one line, before any work, where the run could not write: ``out_dir``, the
+    checkpoint folders under ``out_dir/runs``, and the MLflow store (a SQLite file and its
+    folder; :func:`emonet.utils.store.check_store_writable`).
+
+    Raises
+    ------
+    PermissionError, NotADirectoryError, OSError
+        Naming the folder or file.
+    """
+    ensure_writable_dir(out_dir)
+    ensure_writable_dir(out_dir / "runs")
+    check_store_writable(tracking_uri or default_tracking_uri())
+
+
+def start_run_safely(out_dir: Path, tracking_uri: str | None) -> None:
+    """What a run checks and starts before any work: the main guard of a script that runs
+    the flow (:func:`emonet.utils.main_guard.check_main_guard`), the watchdog that ends the
+    run's processes with it (:func:`emonet.utils.reaper.ensure_reaper`) and that its
+    outputs can be written (:func:`check_outputs_writable`)."""
+    check_main_guard("the training flow")
+    ensure_reaper()
+    check_outputs_writable(out_dir, tracking_uri)
 
 
 def _archive_root(data_root: Path | None, demo_dir: Path) -> Path:
@@ -495,6 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force-retrain", action="store_true", help="train even when the champion has this recipe")
     args = parser.parse_args(argv)
     config = args.config or (DEMO_CONFIG if args.data_root is None else EmoNetConfig())
+    try:
+        check_outputs_writable(args.out_dir, None)
+    except OSError as error:  # before Prefect starts, so one line and no traceback
+        print(f"emonet-training-pipeline: error: {error}", file=sys.stderr)
+        return 1
     try:
         with on_stop_requested(_exit_after_stop):
             summary = emonet_training_pipeline(

@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 from prefect import flow
+from prefect.futures import PrefectFuture
 
 from emonet.data.face_visibility import default_workers
 from emonet.schema import SPLITS, annotations_path, arrays_dir
-from tasks.data import score_visibility_shard, shard_bounds
+from tasks.caching import checked_result
+from tasks.data import score_visibility_shard, shard_bounds, shard_scores_problem
 
 if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
@@ -81,7 +83,22 @@ def score_shards_on_dask(shards: list[tuple[Path, int, int]], img_dir: Path) -> 
     processes are the parallelism).
     """
     futures = [score_visibility_shard.submit(csv_path, img_dir, start, stop, 1) for csv_path, start, stop in shards]
-    return [future.result() for future in futures]
+    return [
+        checked_shard(future, csv_path, img_dir, start, stop, 1)
+        for future, (csv_path, start, stop) in zip(futures, shards)
+    ]
+
+
+def checked_shard(
+    future: PrefectFuture, csv_path: Path, img_dir: Path, start: int, stop: int, workers: int | None
+) -> list[float]:
+    """A shard's scores, from the cache or computed; a cached entry that does not hold
+    one score per row is recomputed and replaced (:func:`tasks.caching.checked_result`)."""
+
+    def check(scores: object) -> str | None:
+        return shard_scores_problem(scores, start, stop)
+
+    return checked_result(future, check, score_visibility_shard, csv_path, img_dir, start, stop, workers)
 
 
 def score_visibility_on_dask(
@@ -135,6 +152,6 @@ def score_visibility(
         futures = [
             score_visibility_shard.submit(csv_path, img_dir, start, stop, workers) for _, csv_path, start, stop in wave
         ]
-        for (split, *_), future in zip(wave, futures):
-            scores[split] += future.result()
+        for (split, csv_path, start, stop), future in zip(wave, futures):
+            scores[split] += checked_shard(future, csv_path, img_dir, start, stop, workers)
     return scores

@@ -5,19 +5,27 @@ would return a stale result after the file behind the path changed. These polici
 a fingerprint of the files themselves: CSVs by content (they are small), image arrays
 by size and modification time (hashing gigabytes of pixels would cost more than the
 work it saves), and the source of every library module whose code shapes the result.
+
+A cached result is checked before it is used (:func:`checked_result`): one that unpickles
+but is wrong (a shard with fewer scores than rows, say) is recomputed, and the entry named
+in a warning is replaced. Where the entries live and how to clear them:
+``docs/reliability.md``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from prefect import Task, get_run_logger
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CacheKeyFnPolicy, CachePolicy
 from prefect.context import TaskRunContext
+from prefect.futures import PrefectFuture
+from prefect.states import State
 
 # The library modules whose code shapes each cached result, directly or through the
 # rows and arrays it reads: the scoring or normalization itself, row validation
@@ -99,3 +107,53 @@ VISIBILITY_SHARD_CACHE: CachePolicy = (
     TASK_SOURCE + (INPUTS - "workers") + CacheKeyFnPolicy(cache_key_fn=_visibility_shard_key)
 )
 CSV_CONTENTS_CACHE: CachePolicy = TASK_SOURCE + INPUTS + CacheKeyFnPolicy(cache_key_fn=_csv_contents_key)
+
+
+def cache_entry(state: State) -> str:
+    """Where a task run's persisted result is stored (the file, for local storage)."""
+    metadata = getattr(state.data, "metadata", None)
+    return str(getattr(metadata, "storage_key", None) or "an entry of Prefect's result storage")
+
+
+def checked_result(
+    run: PrefectFuture | State,
+    check: Callable[[Any], str | None],
+    task: Task,
+    /,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """The result of a task run (``run``: its future, or its state from
+    ``return_state=True``), checked with ``check`` before it is used.
+
+    ``check`` returns what is wrong with a result, or None. A cached result that fails is
+    treated as a cache miss: the warning names the cache entry, and ``task`` runs again
+    on ``*args``/``**kwargs`` with ``refresh_cache``, which replaces the entry. A result
+    that was not cached and fails is a bug, not a stale cache, and raises.
+
+    Raises
+    ------
+    ValueError
+        A freshly computed result (or the recomputed one) fails ``check``.
+    """
+    if isinstance(run, PrefectFuture):
+        run.wait()
+        run = run.state
+    value = run.result()
+    problem = check(value)
+    if problem is None:
+        return value
+    if run.name != "Cached":
+        raise ValueError(f"task {task.name} returned a result that is not valid: {problem}")
+    get_run_logger().warning(
+        "the cached result of %s at %s is not valid (%s): recomputing it and replacing the entry",
+        task.name,
+        cache_entry(run),
+        problem,
+    )
+    # submit, not a call: on a Dask task runner the work stays on the cluster.
+    value = task.with_options(refresh_cache=True).submit(*args, **kwargs).result()
+    problem = check(value)
+    if problem is not None:
+        raise ValueError(f"task {task.name} returned a result that is not valid: {problem}")
+    return value

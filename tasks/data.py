@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,35 @@ def score_visibility_shard(
     interrupted scoring resumes at the shard where it stopped."""
     names = pd.read_csv(annotations_csv, usecols=["Crop_name"])["Crop_name"].iloc[start:stop].tolist()
     return score_crops(img_dir, names, workers=workers).tolist()
+
+
+def shard_scores_problem(scores: Any, start: int, stop: int) -> str | None:
+    """What is wrong with a result of :func:`score_visibility_shard` for rows ``[start, stop)``, or None."""
+    if not isinstance(scores, list):
+        return f"a {type(scores).__name__} where a list of scores belongs"
+    if len(scores) != stop - start:
+        return f"{len(scores)} face-visibility scores for the {stop - start} rows [{start}, {stop})"
+    bad = [value for value in scores if not isinstance(value, float) or not (0.0 <= value <= 100.0 or value != value)]
+    if bad:
+        return f"{len(bad)} values that are not scores in [0, 100] or NaN, e.g. {bad[0]!r}"
+    return None
+
+
+def normalized_splits_problem(result: Any, splits: Iterable[str]) -> str | None:
+    """What is wrong with a result of :func:`normalize_splits` for ``splits``, or None."""
+    expected = sorted(splits)
+    if not isinstance(result, tuple) or len(result) != 3:
+        return f"a {type(result).__name__} where (frames, normalizer, counts) belongs"
+    frames, normalizer, counts = result
+    if not isinstance(frames, dict) or sorted(frames) != expected:
+        return f"frames for {sorted(frames) if isinstance(frames, dict) else frames!r}, not for the splits {expected}"
+    if not all(isinstance(frame, pd.DataFrame) for frame in frames.values()):
+        return "frames that are not DataFrames"
+    if not isinstance(normalizer, AffectNormalizer):
+        return f"a {type(normalizer).__name__} where the AffectNormalizer belongs"
+    if not isinstance(counts, dict) or sorted(counts) != expected:
+        return f"row counts for {sorted(counts) if isinstance(counts, dict) else counts!r}, not for {expected}"
+    return None
 
 
 @task(name="write-visibility", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -53,12 +53,49 @@ def final_flow_run_state(flow_run_id: str) -> str | None:
     return state.type.value if state is not None and state.is_final() else None
 
 
+def crash_abandoned_flow_run(flow_run_id: str, reason: str) -> list[str]:
+    """Mark CRASHED, with ``reason``, a flow run whose process is gone, its subflow runs
+    (at any depth) and their task runs, wherever they are not final yet.
+
+    A SIGKILL leaves them ``RUNNING`` for good: no hook of the killed process runs.
+    Returns the names of the runs marked; none when the flow run is unknown to this
+    Prefect API (it ran against another server).
+    """
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterParentFlowRunId,
+    )
+    from prefect.states import Crashed
+
+    marked: list[str] = []
+    with get_client(sync_client=True) as client:
+        try:
+            pending = [client.read_flow_run(uuid.UUID(flow_run_id))]
+        except (ObjectNotFound, ValueError):
+            return marked
+        while pending:
+            run = pending.pop()
+            if run.state is not None and not run.state.is_final():
+                client.set_flow_run_state(run.id, Crashed(message=reason), force=True)
+                marked.append(f"flow run {run.name}")
+            for task_run in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))):
+                if task_run.state is not None and not task_run.state.is_final():
+                    client.set_task_run_state(task_run.id, Crashed(message=reason), force=True)
+                    marked.append(f"task run {task_run.name}")
+            pending += client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id]))
+            )
+    return marked
+
+
 @task(name="start-mlflow-run", **TRACKING_RETRIES, **NOT_CACHED)
 def start_mlflow_run(
     experiment_id: str, flow_run_id: str | None, flow_run_name: str | None, params: dict[str, Any]
 ) -> str:
-    """Close the runs that killed flow runs left RUNNING, then open the MLflow run of this
-    flow run, tagged with the Prefect flow run and this process, and log its parameters."""
+    """Close the runs that killed flow runs left RUNNING (and mark those flow runs crashed
+    in Prefect), then open the MLflow run of this flow run, tagged with the Prefect flow
+    run and this process, and log its parameters."""
     client = MlflowClient()
     logger = get_run_logger()
     try:
@@ -68,6 +105,14 @@ def start_mlflow_run(
         closed_runs = []
     for closed in closed_runs:
         logger.warning("MLflow run %s marked %s: %s", closed["run_id"], closed["status"], closed["reason"])
+        if closed["abandoned_flow_run_id"]:
+            try:
+                marked = crash_abandoned_flow_run(closed["abandoned_flow_run_id"], closed["reason"])
+            except Exception:  # as above: never stops this flow run
+                logger.warning("could not mark flow run %s crashed", closed["abandoned_flow_run_id"], exc_info=True)
+                continue
+            if marked:
+                logger.warning("marked CRASHED in Prefect: %s", ", ".join(marked))
     tags = {FLOW_RUN_TAG: str(flow_run_id), "prefect.flow_run_name": str(flow_run_name), **process_tags()}
     run = client.create_run(experiment_id, run_name=flow_run_name, tags=tags)
     run_id = run.info.run_id

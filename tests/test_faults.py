@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -366,3 +367,209 @@ def test_predict_from_a_read_only_mounted_store(mlflow_store, logged_model_with_
     assert "Read-only file system" not in done.stderr
     assert len(pd.read_csv(out)) == 6
     assert _snapshot(base) == before
+
+
+def test_the_batch_flow_refuses_a_model_uri_that_does_not_resolve_in_one_line(registry, fake_archive, tmp_path, capsys):
+    from flows.batch_predict import main
+
+    out = tmp_path / "predictions.csv"
+    argv = [str(annotations_path(fake_archive, "test")), str(out), "--img-dir", str(arrays_dir(fake_archive))]
+    code = main([*argv, "--model-uri", "models:/emonet-faults@best"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("emonet-batch-predict: error: models:/emonet-faults@best: ") and "champion -> 2" in err
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- D: a bad cached result
+
+
+def _cache_entries_since(storage: Path, since: float) -> dict[str, object]:
+    """The results Prefect persisted under ``storage`` since ``since`` (time.time()): file name -> value."""
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultStore
+
+    store = ResultStore(result_storage=LocalFileSystem(basepath=str(storage)))
+    return {
+        path.name: store.read(path.name).result
+        for path in sorted(storage.iterdir())
+        if path.is_file() and path.stat().st_mtime >= since
+    }
+
+
+def _write_cache_entry(storage: Path, key: str, value: object) -> None:
+    from prefect.filesystems import LocalFileSystem
+    from prefect.results import ResultStore
+
+    ResultStore(result_storage=LocalFileSystem(basepath=str(storage))).write(value, key=key)
+
+
+def test_a_cached_result_that_fails_its_check_is_recomputed_named_and_replaced(prefect_env, fake_archive, tmp_path):
+    import time
+
+    from flows.training_pipeline import prepare_data
+
+    storage = prefect_env["base"] / "prefect-results"
+    params = {"data_root": fake_archive, "out_dir": tmp_path / "out", "visibility_shard_size": 4}
+    since = time.time() - 1
+    first = prepare_data(**params, visibility_workers=1)
+    entries = _cache_entries_since(storage, since)
+    shards = {key: value for key, value in entries.items() if isinstance(value, list)}
+    (normalized,) = [key for key, value in entries.items() if isinstance(value, tuple)]
+    assert sorted(len(value) for value in shards.values()) == [2, 2, 2, 4, 4, 4]
+    shard = next(key for key, value in shards.items() if len(value) == 4)
+    # Readable, but wrong: one score for four rows, and frames for one split of three.
+    _write_cache_entry(storage, shard, [50.0])
+    _write_cache_entry(storage, normalized, ({"train": first.frames["train"]}, None, {}))
+
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    prefect_logger = logging.getLogger("prefect")
+    prefect_logger.addHandler(handler)
+    try:
+        second = prepare_data(**params, visibility_workers=1)
+    finally:
+        prefect_logger.removeHandler(handler)
+
+    said = "\n".join(message for message in warnings if "cached result" in message)
+    assert f"{storage / shard} is not valid (1 face-visibility scores for the 4 rows [0, 4))" in said, said
+    assert f"{storage / normalized} is not valid (frames for ['train'], not for the splits" in said, said
+    assert said.count("recomputing it and replacing the entry") == 2
+    for split in SPLITS:
+        pd.testing.assert_frame_equal(second.frames[split], first.frames[split])
+    replaced = _cache_entries_since(storage, 0)
+    assert replaced[shard] == shards[shard] and isinstance(replaced[normalized], tuple)
+
+
+def test_a_result_that_fails_its_check_and_was_not_cached_raises(prefect_env):
+    from prefect import flow, task
+
+    from tasks.caching import checked_result
+
+    @task
+    def short() -> list[float]:
+        return [1.0]
+
+    @flow
+    def uses_short() -> list[float]:
+        return checked_result(short.submit(), lambda value: "too short" if len(value) < 2 else None, short)
+
+    with pytest.raises(ValueError, match="task short returned a result that is not valid: too short"):
+        uses_short()
+
+
+# --------------------------------------------------------------------------- E: writability first
+
+
+def test_the_flow_stops_before_any_work_where_it_cannot_write(prefect_env, fake_archive, tmp_path, no_writes_under):
+    from flows.training_pipeline import emonet_training_pipeline
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    no_writes_under(read_only)
+    started = time.monotonic()
+    with pytest.raises(OSError, match="cannot write in the output folder: Read-only file system") as error:
+        emonet_training_pipeline(data_root=fake_archive, out_dir=read_only / "out", epochs=1)
+    assert error.value.filename == str(read_only / "out")
+    store = f"sqlite:///{read_only / 'mlruns' / 'mlflow.db'}"
+    with pytest.raises(OSError, match="Read-only file system") as error:
+        emonet_training_pipeline(data_root=fake_archive, out_dir=tmp_path / "out", epochs=1, tracking_uri=store)
+    assert error.value.filename == str(read_only / "mlruns")
+    assert not (tmp_path / "out" / "visibility").exists()  # nothing was scored
+    print(f"refused in {time.monotonic() - started:.1f} s")
+
+
+def test_the_flow_command_refuses_a_read_only_out_dir_in_one_line(tmp_path, no_writes_under, capsys):
+    from flows.training_pipeline import main
+
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    no_writes_under(read_only)
+    assert main(["--out-dir", str(read_only / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("emonet-training-pipeline: error: ") and str(read_only / "out") in err
+
+
+# --------------------------------------------------------------------------- F: the main guard
+
+UNGUARDED_SCORING = """\
+import sys
+from emonet.data.face_visibility import score_crops
+from emonet.schema import SPLITS
+
+def score():
+    return score_crops(sys.argv[1], sys.argv[2:], workers=2, progress=False)
+
+{call}
+"""
+
+
+@pytest.mark.parametrize(
+    ("call", "refused_line"),
+    [
+        ("score()", 8),
+        ("if True:\n    score()", 9),
+        ('if __name__ == "__main__":\n    print(len(score()))', None),
+        ('if "__main__" == __name__:\n    print(len(score()))', None),
+    ],
+    ids=["unguarded", "another-if", "guarded", "guarded-reversed"],
+)
+def test_a_script_without_the_main_guard_is_stopped_before_any_worker_starts(
+    fake_archive, tmp_path, call, refused_line
+):
+    script = tmp_path / "score_script.py"
+    script.write_text(UNGUARDED_SCORING.format(call=call))
+    names = pd.read_csv(annotations_path(fake_archive, "val"))["Crop_name"].tolist()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, str(script), str(arrays_dir(fake_archive)), *names],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    if refused_line is None:
+        assert done.returncode == 0 and done.stdout.strip() == str(len(names)), done.stderr[-3000:]
+        return
+    assert done.returncode == 1
+    refusal = f"MissingMainGuardError: {script}, line {refused_line}, runs face visibility on a process pool"
+    assert refusal in done.stderr, done.stderr[-3000:]
+    assert 'outside an `if __name__ == "__main__":` block' in done.stderr
+    assert "worker process died" not in done.stderr
+
+
+@pytest.mark.slow
+def test_a_script_that_runs_the_flow_without_the_main_guard_is_stopped_at_once(fake_archive, tmp_path):
+    import psutil
+
+    script = tmp_path / "train_script.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nfrom flows.training_pipeline import emonet_training_pipeline\n"
+        "emonet_training_pipeline(data_root=Path(sys.argv[1]), out_dir=Path(sys.argv[2]), epochs=1)\n"
+    )
+    env = {
+        **os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "EMONET_TEST_RUN": "main-guard",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script), str(fake_archive), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert f"{script}, line 4, runs the training flow when the script is imported" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "out" / "visibility").exists()
+
+    def left() -> list[list[str]]:
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if process.environ().get("EMONET_TEST_RUN") == "main-guard":
+                    found.append(process.cmdline())
+            except psutil.Error:
+                continue
+        return found
+
+    deadline = time.monotonic() + 20  # the watchdog exits just after the script
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left(), left()

@@ -56,6 +56,8 @@ def test_close_stale_runs_ends_runs_of_killed_flows_only(mlflow_store):
     closed = close_stale_runs(client, experiment_id, final_states.get, keep=[own])
 
     assert {c["run_id"]: c["status"] for c in closed} == {killed: "KILLED", crashed: "KILLED", failed: "FAILED"}
+    # Only the killed process's flow run is still RUNNING in Prefect, for the caller to mark crashed.
+    assert {c["run_id"]: c["abandoned_flow_run_id"] for c in closed} == {killed: "flow-killed", crashed: "", failed: ""}
     for run_id, status in ((killed, "KILLED"), (crashed, "KILLED"), (failed, "FAILED")):
         assert client.get_run(run_id).info.status == status
     reasons = {run_id: client.get_run(run_id).data.tags[END_REASON_TAG] for run_id in (killed, crashed, failed)}

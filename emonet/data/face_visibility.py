@@ -27,6 +27,7 @@ from mediapipe.tasks.python.vision import FaceLandmarker, FaceLandmarkerOptions,
 from tqdm.auto import tqdm
 
 from emonet.data.arrays import load_array
+from emonet.utils.main_guard import check_main_guard
 
 # Worker processes (the local pool's and Dask's) import this module to find the
 # scoring functions, so it imports neither torch nor pandas: only numpy, tqdm,
@@ -444,6 +445,7 @@ def _take_pool(workers: int) -> ProcessPoolExecutor:
         idle = _idle_pools.get(workers)
         if idle:
             return idle.pop()
+    check_main_guard("face visibility on a process pool")
     return ProcessPoolExecutor(workers, mp_context=_pool_context())
 
 

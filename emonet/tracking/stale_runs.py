@@ -106,7 +106,9 @@ def close_stale_runs(
     Returns
     -------
     list of dict
-        ``run_id``, ``status`` and ``reason`` of every run closed (tagged ``emonet.end_reason``).
+        ``run_id``, ``status`` and ``reason`` of every run closed (tagged ``emonet.end_reason``),
+        and ``abandoned_flow_run_id``: the Prefect flow run of a run closed because its
+        process is gone (that flow run is left ``RUNNING`` too), else ``""``.
     """
     closed = []
     for run in _running_runs(client, [experiment_id], ""):
@@ -126,7 +128,16 @@ def close_stale_runs(
         else:
             continue
         end_run_with_reason(client, run.info.run_id, status, reason)
-        closed.append({"run_id": run.info.run_id, "status": status, "reason": reason})
+        closed.append(
+            {
+                "run_id": run.info.run_id,
+                "status": status,
+                "reason": reason,
+                # Set where the flow run is not known to have ended: its process is gone, so
+                # it stays RUNNING in Prefect unless the caller marks it crashed.
+                "abandoned_flow_run_id": flow_run_id if state is None and flow_run_id not in (None, "None") else "",
+            }
+        )
     return closed
 
 

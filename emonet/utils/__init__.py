@@ -1,6 +1,8 @@
 """Utilities every layer shares, torch-free: atomic file writing and the input guard
-(:mod:`~emonet.utils.io`), stop requests from SIGTERM/SIGINT (:mod:`~emonet.utils.stopping`), and
-where MLflow keeps runs, with the checks that keep a store whole (:mod:`~emonet.utils.store`).
+(:mod:`~emonet.utils.io`), stop requests from SIGTERM/SIGINT (:mod:`~emonet.utils.stopping`),
+where MLflow keeps runs, with the checks that keep a store whole (:mod:`~emonet.utils.store`),
+and the processes of a run: the watchdog that ends them with it (:mod:`~emonet.utils.reaper`)
+and the main-guard check before workers start (:mod:`~emonet.utils.main_guard`).
 
 The names below are re-exported lazily (``lazy_loader``): importing one submodule loads
 only what it needs.
@@ -24,9 +26,21 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "write_csv_atomic",
             "write_json_atomic",
         ],
+        "main_guard": [
+            "MissingMainGuardError",
+            "check_main_guard",
+        ],
         "moved_modules": [
             "MOVED_MODULES",
             "install",
+        ],
+        "reaper": [
+            "POLL_S",
+            "TERM_GRACE_S",
+            "TOKEN_ENV",
+            "ensure_reaper",
+            "reap_orphans",
+            "watch",
         ],
         "stopping": [
             "TrainingStopped",
@@ -40,6 +54,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "store": [
             "check_sqlite_store",
             "check_store",
+            "check_store_writable",
             "default_artifact_location",
             "default_tracking_uri",
             "sqlite_lock",

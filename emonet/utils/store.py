@@ -17,9 +17,12 @@ from pathlib import Path
 from filelock import FileLock
 from filelock import Timeout as FileLockTimeout
 
+from emonet.utils.io import ensure_writable_dir
+
 __all__ = [
     "check_sqlite_store",
     "check_store",
+    "check_store_writable",
     "default_artifact_location",
     "default_tracking_uri",
     "sqlite_lock",
@@ -136,6 +139,31 @@ def check_store(uri: str) -> None:
     db_path = sqlite_path(uri)
     if db_path is not None:
         check_sqlite_store(db_path.resolve())
+
+
+def check_store_writable(uri: str) -> None:
+    """Refuse, before any work, a SQLite store that this process cannot write: the file
+    (MLflow writes every run into it) and its folder (SQLite's journal files, the
+    ``artifacts/`` folder beside it). Other stores are checked by their servers.
+
+    Raises
+    ------
+    PermissionError, OSError
+        One line, with the file or folder as the error's ``filename``.
+    """
+    db_path = sqlite_path(uri)
+    if db_path is None:
+        return
+    db_path = db_path.resolve()
+    ensure_writable_dir(db_path.parent)
+    if db_path.exists():
+        try:
+            os.close(os.open(db_path, os.O_WRONLY | os.O_APPEND))
+        except OSError as error:
+            raise type(error)(error.errno, f"cannot write the MLflow store: {error.strerror}", str(db_path)) from None
+    artifacts = db_path.parent / "artifacts"
+    if artifacts.is_dir():
+        ensure_writable_dir(artifacts)
 
 
 def main(argv: list[str] | None = None) -> int:
