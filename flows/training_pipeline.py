@@ -13,12 +13,14 @@ import logging
 import os
 import sys
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import pandas as pd
+import psutil
 from prefect import flow, get_run_logger
 from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
@@ -32,7 +34,7 @@ from emonet.tracking.registry import DEMO_MODEL_NAME, MODEL_NAME, PromotionDecis
 from emonet.utils.io import ensure_writable_dir
 from emonet.utils.main_guard import check_main_guard
 from emonet.utils.reaper import ensure_reaper
-from emonet.utils.stopping import TrainingStopped, on_stop_requested
+from emonet.utils.stopping import TrainingStopped, on_stop_requested, wait_stop_handled
 from emonet.utils.store import check_store_writable, default_tracking_uri
 from flows.visibility import score_visibility
 from tasks.caching import checked_result
@@ -498,15 +500,40 @@ def _trained_report(summary: RunSummary) -> str:
     )
 
 
+def _ephemeral_server_gone() -> bool:
+    """Whether this process talks to its own ephemeral Prefect API server and that server
+    has ended (the signal to the process group stopped it too); False with
+    ``PREFECT_API_URL`` set, where Prefect can still record how the run ended."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return False
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return False
+    for child in children:
+        try:
+            if "prefect.server.api.server" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.Error:
+            continue
+    return True
+
+
 def _exit_after_stop(reason: str) -> None:
-    """Exit the process :data:`STOP_GRACE_S` seconds after a stop was requested.
+    """Exit the process once a requested stop has been handled, at most
+    :data:`STOP_GRACE_S` seconds after it was requested.
 
     The same SIGTERM that stops the flow stops the ephemeral Prefect API server it
     talks to (a child in the same process group), and Prefect's client then retries
-    every state update and event for minutes. By then training has stopped at a safe
-    point and the MLflow run is closed, so nothing is lost by not waiting; the DataLoader
-    workers follow within 5 s (torch's watchdog on their parent).
+    every state update and event for minutes. So once training has stopped at a safe
+    point and the MLflow run is closed (:func:`emonet.utils.stopping.mark_stop_handled`)
+    and that server is gone, nothing is lost by exiting at once; otherwise the process
+    exits after the grace period. The DataLoader workers follow within 5 s (torch's
+    watchdog on their parent), and the run's watchdog ends whatever is left.
     """
+    deadline = time.monotonic() + STOP_GRACE_S
 
     def exit_now() -> None:
         print(f"\nstopped ({reason}); exiting without waiting on Prefect's API server", file=sys.stderr)
@@ -514,9 +541,13 @@ def _exit_after_stop(reason: str) -> None:
         sys.stderr.flush()
         os._exit(1)
 
-    timer = threading.Timer(STOP_GRACE_S, exit_now)
-    timer.daemon = True
-    timer.start()
+    def exit_when_handled() -> None:
+        while (left := deadline - time.monotonic()) > 0:
+            if wait_stop_handled(min(left, 0.5)) and _ephemeral_server_gone():
+                break
+        exit_now()
+
+    threading.Thread(target=exit_when_handled, name="emonet-exit-after-stop", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from emonet.reports.evaluation import split_fingerprint
 from emonet.schema import EMOTIONS
 from emonet.tracking.run_logging import configure_mlflow, log_metrics
 from emonet.tracking.stale_runs import FLOW_RUN_TAG, close_stale_runs, end_open_runs, end_run_with_reason, process_tags
-from emonet.utils.stopping import TrainingStopped, request_stop
+from emonet.utils.stopping import TrainingStopped, mark_stop_handled, request_stop
 from emonet.utils.store import default_tracking_uri
 from tasks.report import mlflow_run_link
 
@@ -180,6 +180,7 @@ def mlflow_run_of_flow(
             request_stop(reason)  # already requested if training stopped; see flows.training_pipeline.main
             # Not through a task: the same signal may have stopped Prefect's API server.
             end_run_with_reason(MlflowClient(), run_id, "KILLED", reason)
+            mark_stop_handled()  # see flows.training_pipeline._exit_after_stop
         raise
     finish_mlflow_run(run_id=run_id, status="FINISHED")
 

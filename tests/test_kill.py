@@ -122,6 +122,7 @@ class _Flow:
             **{key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
             "PREFECT_HOME": str(tmp_path / "prefect"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # as `make test` sets it: a busy CPU
             "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
             MARKER: self.marker,
         }

@@ -111,6 +111,7 @@ def _stop_a_training_flow(tmp_path: Path, signum: signal.Signals, delay: float) 
         **{key: value for key, value in os.environ.items() if key != "PYTHONPATH"},
         "PREFECT_HOME": str(tmp_path / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # as `make test` sets it: a busy CPU
         "MLFLOW_TRACKING_URI": tracking_uri,
     }
     command = [

@@ -46,10 +46,12 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "TrainingStopped",
             "check_stop",
             "clear_stop",
+            "mark_stop_handled",
             "on_stop_requested",
             "request_stop",
             "stop_on_signals",
             "stop_requested",
+            "wait_stop_handled",
         ],
         "store": [
             "check_sqlite_store",

@@ -26,14 +26,17 @@ __all__ = [
     "TrainingStopped",
     "check_stop",
     "clear_stop",
+    "mark_stop_handled",
     "on_stop_requested",
     "request_stop",
     "stop_on_signals",
     "stop_requested",
+    "wait_stop_handled",
 ]
 
 _reason: str | None = None  # why a stop was requested; None while none is
 _listeners: list[Callable[[str], object]] = []
+_handled = threading.Event()  # set once a requested stop has been handled (mark_stop_handled)
 
 
 class TrainingStopped(BaseException):
@@ -80,6 +83,18 @@ def clear_stop() -> None:
     """Forget a stop request (a new run in the same process starts without one)."""
     global _reason
     _reason = None
+    _handled.clear()
+
+
+def mark_stop_handled() -> None:
+    """Say that what a stop had to save is saved (training stopped at a safe point, the
+    run's records closed): a process that waits to exit after a stop may exit now."""
+    _handled.set()
+
+
+def wait_stop_handled(timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for :func:`mark_stop_handled`; whether it came."""
+    return _handled.wait(timeout)
 
 
 def check_stop(where: str) -> None:
