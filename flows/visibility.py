@@ -9,6 +9,7 @@ the local path, so a rerun on either path reuses them.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -94,10 +95,7 @@ def checked_shard(
 ) -> list[float]:
     """A shard's scores, from the cache or computed; a cached entry that does not hold
     one score per row is recomputed and replaced (:func:`tasks.caching.checked_result`)."""
-
-    def check(scores: object) -> str | None:
-        return shard_scores_problem(scores, start, stop)
-
+    check = functools.partial(shard_scores_problem, start=start, stop=stop)
     return checked_result(future, check, score_visibility_shard, csv_path, img_dir, start, stop, workers)
 
 

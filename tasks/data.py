@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ def shard_scores_problem(scores: Any, start: int, stop: int) -> str | None:
         return f"a {type(scores).__name__} where a list of scores belongs"
     if len(scores) != stop - start:
         return f"{len(scores)} face-visibility scores for the {stop - start} rows [{start}, {stop})"
-    bad = [value for value in scores if not isinstance(value, float) or not (0.0 <= value <= 100.0 or value != value)]
+    bad = [v for v in scores if not isinstance(v, float) or not (0.0 <= v <= 100.0 or math.isnan(v))]
     if bad:
         return f"{len(bad)} values that are not scores in [0, 100] or NaN, e.g. {bad[0]!r}"
     return None

@@ -116,7 +116,9 @@ def close_stale_runs(
             continue
         tags = run.data.tags
         flow_run_id = tags.get(FLOW_RUN_TAG)
-        state = final_state_of(flow_run_id) if flow_run_id and flow_run_id != "None" else None
+        if flow_run_id == "None":  # a run opened outside a flow run
+            flow_run_id = None
+        state = final_state_of(flow_run_id) if flow_run_id else None
         if state is not None:
             status = "KILLED" if state in ("CANCELLED", "CRASHED") else "FAILED"
             reason = f"Prefect flow run {flow_run_id} ended ({state}) without closing its MLflow run"
@@ -135,7 +137,7 @@ def close_stale_runs(
                 "reason": reason,
                 # Set where the flow run is not known to have ended: its process is gone, so
                 # it stays RUNNING in Prefect unless the caller marks it crashed.
-                "abandoned_flow_run_id": flow_run_id if state is None and flow_run_id not in (None, "None") else "",
+                "abandoned_flow_run_id": flow_run_id if state is None and flow_run_id else "",
             }
         )
     return closed
