@@ -89,6 +89,10 @@ def _heatmap(
         cbar_kws={"label": colorbar_label, "shrink": 0.8},
     )
     ax.set_facecolor("0.85")  # NaN cells (undefined rows) show as gray, not as zero
+    # The cell annotations lie inside the axes: left out of the constrained layout's
+    # bounding boxes, which otherwise measure all n * n texts on every draw.
+    for text in ax.texts:
+        text.set_in_layout(False)
     ax.set_xticklabels(labels, rotation=60, ha="right", rotation_mode="anchor", fontsize=9)
     ax.set_yticklabels(labels, rotation=0, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=11)

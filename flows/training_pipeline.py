@@ -208,6 +208,8 @@ def emonet_training_pipeline(
     promotion_confidence: Annotated[float, Field(ge=0, lt=1)] = 0.95,
     promotion_split: Literal["val", "test"] = "val",
     force_retrain: bool = False,
+    review_samples: PositiveInt = 24,
+    review_detailed_samples: Annotated[int, Field(ge=0)] = 6,
     tracking_uri: str | None = None,
     output_dir: Path | None = None,
 ) -> RunSummary:
@@ -248,6 +250,8 @@ def emonet_training_pipeline(
             is then no unbiased estimate).
         force_retrain: Train even when the data, the resolved config and the code are
             those of the current champion's run (which otherwise skips training).
+        review_samples: Test crops in the visual review's grid, worst predictions first.
+        review_detailed_samples: How many of those also get a page of their own (0: none).
         tracking_uri: MLflow tracking URI; default `MLFLOW_TRACKING_URI` or SQLite under `mlruns/`.
         output_dir: Deprecated alias of `out_dir` (with a warning); set one of the two, not both.
 
@@ -285,12 +289,14 @@ def emonet_training_pipeline(
             config=resolved,
             force_retrain=force_retrain,
         )
-        promotion = {
+        choices = {
             "min_improvement": min_improvement,
             "promotion_split": promotion_split,
             "promotion_confidence": promotion_confidence,
+            "review_samples": review_samples,
+            "review_detailed_samples": review_detailed_samples,
         }
-        trained = None if skip_reason else _train(run, data, resolved, root, out_dir, registered_model_name, promotion)
+        trained = None if skip_reason else _train(run, data, resolved, root, out_dir, registered_model_name, choices)
     return _publish(run, registered_model_name, out_dir, skip_reason, trained)
 
 
@@ -366,12 +372,15 @@ def _train(
     root: Path,
     out_dir: Path,
     registered_model_name: str,
-    promotion: dict[str, Any],
+    choices: dict[str, Any],
 ) -> Trained:
     """Train, evaluate on test (and predict validation with the same loaded model), review
-    and register: the flow's steps when training is not skipped. ``promotion``: the
-    flow's ``min_improvement``, ``promotion_split`` and ``promotion_confidence``, for
-    :func:`tasks.registration.register_model`."""
+    and register: the flow's steps when training is not skipped. ``choices``: the flow's
+    ``min_improvement``, ``promotion_split`` and ``promotion_confidence`` (for
+    :func:`tasks.registration.register_model`), ``review_samples`` and
+    ``review_detailed_samples`` (for :func:`tasks.review.review_model`)."""
+    promotion = {key: choices[key] for key in ("min_improvement", "promotion_split", "promotion_confidence")}
+    review = {"num_samples": choices["review_samples"], "detailed_samples": choices["review_detailed_samples"]}
     run_id, img_dir = run.run_id, arrays_dir(root)
     test_csv, val_csv, normalization_json = data.normalized["test"], data.normalized["val"], data.normalization_json
     run_dir = out_dir / "runs" / run_id
@@ -395,13 +404,14 @@ def _train(
         out_dir=run_dir / "evaluation",
         model_name=f"{registered_model_name}, MLflow run {run_id[:8]}",
     )
-    review = review_model(
+    review_page = review_model(
         run_id=run_id,
         checkpoint=checkpoint,
         evaluation=evaluation,
         test_csv=test_csv,
         img_dir=img_dir,
         out_dir=run_dir / "review",
+        **review,
     )
     registration = register_model(
         run_id=run_id,
@@ -414,7 +424,7 @@ def _train(
         img_dir=img_dir,
         **promotion,
     )
-    return Trained(evaluation=evaluation, registration=registration, review=review)
+    return Trained(evaluation=evaluation, registration=registration, review=review_page)
 
 
 def _publish(

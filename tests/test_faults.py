@@ -538,6 +538,7 @@ def test_a_script_without_the_main_guard_is_stopped_before_any_worker_starts(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("prefect_home")  # tmp_path / "prefect", migrated
 def test_a_script_that_runs_the_flow_without_the_main_guard_is_stopped_at_once(fake_archive, tmp_path):
     import psutil
 

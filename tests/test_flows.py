@@ -31,7 +31,8 @@ TINY_CONFIG = {
     "model": {"backbone": "resnet18"},
     "train": {"image_size": 32, "context_size": 32, "epochs": 1, "batch_size": 8, "num_workers": 0},
 }
-TINY_RUN = {"visibility_workers": 1, "visibility_shard_size": 16}
+# A review of 4 crops with one page of its own: the figures cost more than the training.
+TINY_RUN = {"visibility_workers": 1, "visibility_shard_size": 16, "review_samples": 4, "review_detailed_samples": 1}
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +140,8 @@ def test_pipeline_end_to_end_with_retry_cache_and_registry(prefect_env, demo_roo
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {"checkpoints/best.pt"}
     review = {a.path for a in client.list_artifacts(run.info.run_id, "review")}
     assert {"review/grid.png", "review/index.html"} <= review
+    # review_detailed_samples=1: one page of its own, for the worst prediction
+    assert len(client.list_artifacts(run.info.run_id, "review/samples")) == 1
     assert "review/per_emotion.csv" not in review, "the review links the evaluation's report"
     champion = client.get_model_version_by_alias("emonet-test", "champion")
     assert str(champion.version) == "1"

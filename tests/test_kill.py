@@ -154,6 +154,7 @@ class _Flow:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("prefect_home")  # tmp_path / "prefect", migrated
 def test_sigkill_during_visibility_and_training_leaves_nothing_and_is_marked_crashed(tmp_path: Path) -> None:
     root = make_demo_data(tmp_path / "archive", seed=3, n_train=48, n_val=16, n_test=16, size=32)
     config = tmp_path / "kill.yaml"

@@ -120,6 +120,8 @@ def test_demo_flow_registers_apart_and_closes_a_killed_flows_run(prefect_env, tm
             batch_size=8,
             visibility_workers=1,
             visibility_shard_size=16,
+            review_samples=4,
+            review_detailed_samples=1,
         )
     run_id = summary.mlflow_run_id
     assert summary.registered_model == "emonet-demo"

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
+from conftest import copy_prefect_db
 from PIL import Image
 
 from emonet.data.demo import make_demo_data
@@ -39,6 +40,8 @@ TINY_RUN = {
     },
     "visibility_workers": 1,
     "visibility_shard_size": 16,
+    "review_samples": 4,
+    "review_detailed_samples": 1,
 }
 
 
@@ -202,7 +205,8 @@ def test_servers_on_postgresql_run_a_deployment_and_serve_the_champion(tmp_path)
 
 
 @pytest.mark.slow
-def test_make_ui_stops_exactly_its_two_servers_on_ctrl_c(tmp_path):
+def test_make_ui_stops_exactly_its_two_servers_on_ctrl_c(tmp_path, migrated_prefect_db):
+    copy_prefect_db(migrated_prefect_db, tmp_path / "prefect-home")  # clean_env's PREFECT_HOME
     mlflow_port, prefect_port = free_ports(2)
     log = tmp_path / "ui.log"
     # `make ui` in a process group of its own, as a terminal runs it; the venv running this

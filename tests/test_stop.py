@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
+from conftest import copy_prefect_db
 from mlflow.tracking import MlflowClient
 
 from emonet.data.demo import make_demo_data
@@ -100,9 +102,13 @@ def _group(pgid: int) -> list[str]:
     return members
 
 
-def _stop_a_training_flow(tmp_path: Path, signum: signal.Signals, delay: float) -> dict[str, object]:
+def _stop_a_training_flow(
+    tmp_path: Path, signum: signal.Signals, delay: float, migrated_prefect_db: Path
+) -> dict[str, object]:
     """Start the flow in its own process group, signal the group ``delay`` seconds after
     training has written ``last.pt``, and wait for every process of the group to end."""
+    tmp_path.mkdir(parents=True)
+    copy_prefect_db(migrated_prefect_db, tmp_path / "prefect")
     root = make_demo_data(tmp_path / "archive", seed=3, n_train=48, n_val=16, n_test=16, size=32)
     config = tmp_path / "stop.yaml"
     config.write_text(yaml.safe_dump(STOP_CONFIG))
@@ -150,13 +156,21 @@ def _stop_a_training_flow(tmp_path: Path, signum: signal.Signals, delay: float) 
 
 
 @pytest.mark.slow
-# At once: the signal lands while the epoch's callbacks run (MLflow, Prefect's progress
-# artifact); 2 s later: during the next epoch's batches.
-@pytest.mark.parametrize(("signum", "delay"), [(signal.SIGTERM, 0.0), (signal.SIGINT, 2.0)], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_to_the_process_group_stops_a_training_flow_cleanly(
-    tmp_path: Path, signum: signal.Signals, delay: float
-) -> None:
-    stop = _stop_a_training_flow(tmp_path, signum, delay)
+def test_a_signal_to_the_process_group_stops_a_training_flow_cleanly(tmp_path: Path, migrated_prefect_db: Path) -> None:
+    # Two flows at once, one per signal (most of each run is one busy core). SIGTERM at
+    # once: it lands while the epoch's callbacks run (MLflow, Prefect's progress artifact);
+    # SIGINT 2 s later: during the next epoch's batches.
+    delays = {signal.SIGTERM: 0.0, signal.SIGINT: 2.0}
+    with ThreadPoolExecutor(len(delays)) as pool:
+        stops = {
+            signum: pool.submit(_stop_a_training_flow, tmp_path / signum.name, signum, delay, migrated_prefect_db)
+            for signum, delay in delays.items()
+        }
+    for signum, stop in stops.items():
+        _check_a_clean_stop(stop.result(), signum)
+
+
+def _check_a_clean_stop(stop: dict[str, object], signum: signal.Signals) -> None:
     print(f"{signum.name}: {len(stop['members'])} processes, all gone after {stop['took']:.1f} s")
     log_tail = str(stop["log"])[-4000:]
     assert len(stop["members"]) >= 4, log_tail  # the flow, Prefect's server, loader and pool workers

@@ -35,6 +35,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "install",
         ],
         "reaper": [
+            "EXIT_GRACE_S",
             "POLL_S",
             "TERM_GRACE_S",
             "TOKEN_ENV",

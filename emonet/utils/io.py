@@ -306,12 +306,18 @@ def save_npy_atomic(array: np.ndarray, path: str | Path) -> Path:
 
 
 def save_figure_atomic(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Save a matplotlib figure as PNG, atomically, and close it to free its memory."""
+    """Save a matplotlib figure as PNG, atomically, and close it to free its memory.
+
+    A figure with a layout engine (``layout="constrained"``) already fits its canvas and
+    is drawn once; others are cropped to their content (``bbox_inches="tight"``), which
+    costs a second full draw.
+    """
     import matplotlib.pyplot as plt
 
+    bbox = None if fig.get_layout_engine() is not None else "tight"
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+            fig.savefig(tmp, dpi=dpi, bbox_inches=bbox, format="png")
     finally:
         plt.close(fig)
     return Path(path)

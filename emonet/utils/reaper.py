@@ -8,8 +8,10 @@ When the main process is killed with SIGKILL no handler of it runs, and those pr
 are re-parented to init and live on. :func:`ensure_reaper` starts one small watchdog per
 process (this file run as a script, in a session of its own so that a signal to the
 run's process group leaves it to do its work). The watchdog notes the main process's
-descendants twice a second; once the main process has ended, it sends SIGTERM to every
-process it noted that is still running (the same process: a pid is checked with its start
+descendants twice a second; once the main process has ended, it gives them
+:data:`EXIT_GRACE_S` to end by themselves (multiprocessing's forkserver and resource tracker
+do so when their parent's pipe closes), then sends SIGTERM to every process it noted that is
+still running (the same process: a pid is checked with its start
 time), then SIGKILL to what is left after :data:`TERM_GRACE_S` seconds, and exits. A process
 started in the last half second before the end is found too: the main process's environment
 carries :data:`TOKEN_ENV`, which every process it starts from then on inherits (multiprocessing
@@ -37,10 +39,13 @@ import psutil
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["POLL_S", "TERM_GRACE_S", "TOKEN_ENV", "ensure_reaper", "reap_orphans", "watch"]
+__all__ = ["EXIT_GRACE_S", "POLL_S", "TERM_GRACE_S", "TOKEN_ENV", "ensure_reaper", "reap_orphans", "watch"]
 
 # How often the watchdog notes the main process's descendants, in seconds.
 POLL_S = 0.5
+# How long the main process's children get to end by themselves once it has ended, in
+# seconds: after a normal exit the forkserver notices its parent is gone within this time.
+EXIT_GRACE_S = 1.0
 # How long processes get to end after SIGTERM before SIGKILL, in seconds.
 TERM_GRACE_S = 5.0
 # The environment variable naming the main process (pid:start time) whose watchdog ends
@@ -177,7 +182,9 @@ def watch(parent_pid: int, parent_start: float) -> int:
         # else it ended before the watchdog started and its pid was reused
     except psutil.NoSuchProcess:  # it ended before the watchdog started: the token still finds what it left
         pass
-    ended = reap_orphans([*seen.values(), *_carrying(_token(parent_pid, parent_start))])
+    left = [*seen.values(), *_carrying(_token(parent_pid, parent_start))]
+    _, left = psutil.wait_procs(left, timeout=EXIT_GRACE_S)
+    ended = reap_orphans(left)
     if ended:
         print(
             f"emonet watchdog: process {parent_pid} ended and left {len(ended)} processes running; ended them:",
