@@ -325,9 +325,21 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     above), and also the parent's ``__main__`` module, as every start method but
     'fork' does: that is why pools are kept for later calls (``_idle_pools``). Where
     forkserver does not exist (Windows) 'spawn' gives the same isolation.
+
+    A program run as a module (``python -m flows.training_pipeline``) is imported by
+    the forkserver itself, once, as multiprocessing already does for a script: the
+    workers forked from it then find torch, Prefect and MLflow imported (shared, copy on
+    write) instead of each importing them again.
     """
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    return multiprocessing.get_context(method)
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    main_name = getattr(getattr(sys.modules["__main__"], "__spec__", None), "name", None)
+    # A `*.__main__` module runs its program when imported (`python -m pytest`): workers
+    # never import those either.
+    if main_name and not main_name.endswith("__main__"):
+        context.set_forkserver_preload(["__main__", main_name])
+    return context
 
 
 def default_workers() -> int:
@@ -431,10 +443,10 @@ def score_crops(
 
 
 # Pools left idle by finished calls, by worker count, for the next call of this process.
-# Starting a pool costs seconds, not the 0.1 s of a landmarker: each worker re-imports the
-# program's ``__main__`` module (multiprocessing does so for every start method but
-# 'fork'), and for the training flow that is torch, Prefect and MLflow, about 6 s per
-# pool on 2 cores. A flow that scores shard after shard pays it once.
+# Starting a pool costs seconds, not the 0.1 s of a landmarker: the forkserver imports the
+# program's ``__main__`` module (see ``_pool_context``), and for the training flow that is
+# torch, Prefect and MLflow, about 10 s on 2 cores. A flow that scores shard after shard
+# pays it once.
 _idle_pools: dict[int, list[ProcessPoolExecutor]] = {}
 _idle_pools_lock = threading.Lock()
 

@@ -44,8 +44,9 @@ __all__ = ["EXIT_GRACE_S", "POLL_S", "TERM_GRACE_S", "TOKEN_ENV", "ensure_reaper
 # How often the watchdog notes the main process's descendants, in seconds.
 POLL_S = 0.5
 # How long the main process's children get to end by themselves once it has ended, in
-# seconds: after a normal exit the forkserver notices its parent is gone within this time.
-EXIT_GRACE_S = 1.0
+# seconds: after a normal exit the forkserver, which holds the program's modules (see
+# emonet.data.face_visibility), takes a few seconds to notice and finish.
+EXIT_GRACE_S = 5.0
 # How long processes get to end after SIGTERM before SIGKILL, in seconds.
 TERM_GRACE_S = 5.0
 # The environment variable naming the main process (pid:start time) whose watchdog ends
@@ -76,8 +77,9 @@ def ensure_reaper() -> int | None:
             [sys.executable, "-P", os.path.abspath(__file__), str(me.pid), repr(me.create_time())],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            # stderr stays: what it ends is said there. It exits within TERM_GRACE_S + 1 s
-            # of the main process, so a caller reading the run's output waits no longer.
+            # stderr stays: what it ends is said there. It exits within EXIT_GRACE_S +
+            # TERM_GRACE_S + 1 s of the main process, so a caller reading the run's output
+            # waits no longer.
             start_new_session=True,
             close_fds=True,
         )
@@ -100,6 +102,15 @@ def _carrying(token: str) -> list[psutil.Process]:
         except (psutil.Error, OSError):  # gone, or another user's
             continue
     return found
+
+
+def _running(process: psutil.Process) -> bool:
+    """Whether ``process`` (the same one: pid and start time) runs; a zombie, ended but not
+    yet reaped by its new parent, does not."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _exited(parent: psutil.Process) -> bool:
@@ -147,7 +158,7 @@ def reap_orphans(processes: list[psutil.Process], grace_s: float = TERM_GRACE_S)
     alive: dict[int, psutil.Process] = {}
     for process in processes:
         try:
-            if process.is_running():  # the same process, not a reused pid
+            if _running(process):  # the same process, not a reused pid, and not a zombie
                 alive[process.pid] = process
                 for child in process.children(recursive=True):
                     alive.setdefault(child.pid, child)
@@ -183,7 +194,9 @@ def watch(parent_pid: int, parent_start: float) -> int:
     except psutil.NoSuchProcess:  # it ended before the watchdog started: the token still finds what it left
         pass
     left = [*seen.values(), *_carrying(_token(parent_pid, parent_start))]
-    _, left = psutil.wait_procs(left, timeout=EXIT_GRACE_S)
+    deadline = time.monotonic() + EXIT_GRACE_S
+    while (left := [process for process in left if _running(process)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
     ended = reap_orphans(left)
     if ended:
         print(
