@@ -15,6 +15,7 @@ from pathlib import Path
 
 from emonet.data.images import DEFAULT_MAX_PIXELS
 from emonet.utils.io import check_not_inputs, ensure_writable_dir
+from emonet.utils.stopping import TrainingStopped
 
 logger = logging.getLogger("emonet")
 
@@ -277,6 +278,62 @@ def _add_benchmark(commands: argparse._SubParsersAction) -> None:
     bench.set_defaults(func=_cmd_benchmark)
 
 
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``emonet tune``; ``python -m flows.tune`` takes the same ones."""
+    parser.add_argument("--search", type=Path, required=True, help="search space YAML (configs/search/demo.yaml)")
+    parser.add_argument(
+        "--n-trials", type=_positive_int, required=True, help="complete or pruned trials the study reaches"
+    )
+    parser.add_argument("--study-name", default="emonet-demo", help="the study to create or continue")
+    parser.add_argument("--storage", default=None, help="Optuna RDB URL (default: optuna.db beside the MLflow store)")
+    parser.add_argument("--config", type=Path, default=None, help="the recipe the trials vary (default: the library's)")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="epochs per trial (default: the config's)")
+    parser.add_argument("--data-root", type=Path, default=None, help="EMOTIC archive root (default: the demo data)")
+    parser.add_argument("--demo-dir", type=Path, default=Path("data/demo"), help="the demo archive, made when missing")
+    parser.add_argument(
+        "--out-dir", type=Path, default=Path("outputs/tune"), help="best_config.yaml and the sweep's CSVs"
+    )
+    parser.add_argument("--workers", type=_positive_int, default=1, help="processes running trials at once")
+    parser.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler")
+    parser.add_argument("--experiment", default="emonet-tune", help="MLflow experiment of the study's runs")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlruns/)")
+
+
+def _cmd_tune(args: argparse.Namespace) -> None:
+    from emonet.config import load_config
+    from emonet.data.demo import ensure_demo_archive
+    from emonet.tuning.space import load_search_space
+    from emonet.tuning.study import describe_result, prepare_sweep_data, tune
+
+    config = load_config(args.config)
+    space = load_search_space(args.search, config)  # refused here, before any data or training
+    ensure_writable_dir(args.out_dir)
+    root = args.data_root if args.data_root is not None else ensure_demo_archive(args.demo_dir)
+    result = tune(
+        space,
+        prepare_sweep_data(root, args.out_dir / "data"),
+        n_trials=args.n_trials,
+        study_name=args.study_name,
+        out_dir=args.out_dir,
+        storage=args.storage,
+        config=config,
+        epochs=args.epochs,
+        pruner=args.pruner,
+        seed=args.seed,
+        workers=args.workers,
+        tracking_uri=args.tracking_uri,
+        experiment_name=args.experiment,
+    )
+    print(describe_result(result))
+
+
+def _add_tune(commands: argparse._SubParsersAction) -> None:
+    tune = commands.add_parser("tune", help="an Optuna sweep over the recipe, tracked in MLflow (no Prefect)")
+    add_tune_arguments(tune)
+    tune.set_defaults(func=_cmd_tune)
+
+
 # In the order `emonet --help` lists the sub-commands.
 _SUBCOMMANDS = (
     _add_make_demo_data,
@@ -287,6 +344,7 @@ _SUBCOMMANDS = (
     _add_review,
     _add_predict,
     _add_benchmark,
+    _add_tune,
 )
 
 
@@ -325,6 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         args.func(args)
+    except TrainingStopped as stopped:
+        # SIGTERM or SIGINT: the work stopped at a safe point (a sweep's trial is marked failed).
+        print(f"emonet {args.command}: stopped: {stopped}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as err:
         # A user's mistake: one clear line, no traceback.
         print(f"emonet {args.command}: error: {_original_message(err)}", file=sys.stderr)

@@ -14,30 +14,21 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from emonet.data.annotations import load_annotations
-from emonet.data.demo import make_demo_data
+from emonet.data.demo import ensure_demo_archive
 from emonet.data.face_visibility import score_crops
 from emonet.data.normalize import AffectNormalizer, normalize_frames, write_normalized
 from emonet.data.visibility_column import write_visibility_csv
 from emonet.plots import plot_visibility_histogram
-from emonet.schema import SPLITS, annotations_path
 from tasks.caching import CSV_CONTENTS_CACHE, VISIBILITY_SHARD_CACHE
 
 # File-system hiccups (network shares, a busy disk) are the plausible transient failures.
 IO_RETRIES = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=2)}
 
 
-# Rows per split of the demo archive, sized with the demo recipe (configs/demo.yaml): for the
-# same training time, 2000 rows seen 5 times beat 600 seen 16 times (the rare emotions
-# need more distinct examples); 100 validation and test rows keep every emotion's AP defined.
-DEMO_ROWS = {"n_train": 2000, "n_val": 100, "n_test": 100}
-
-
 @task(name="demo-data", cache_policy=NO_CACHE, **IO_RETRIES)
 def ensure_demo_data(demo_dir: Path) -> Path:
     """Generate the demo archive (seed 0) into ``demo_dir`` unless it is already there."""
-    if all(annotations_path(demo_dir, split).is_file() for split in SPLITS):
-        return demo_dir
-    return make_demo_data(demo_dir, seed=0, **DEMO_ROWS)
+    return ensure_demo_archive(demo_dir)
 
 
 def shard_bounds(n_rows: int, shard_size: int) -> list[tuple[int, int]]:

@@ -289,14 +289,15 @@ def test_prefect_yaml_entrypoints_import_and_parameters_validate():
 
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     names = {deployment["name"] for deployment in config["deployments"]}
-    assert {"weekly-retrain", "demo", "batch-predict"} <= names
+    assert {"weekly-retrain", "demo", "batch-predict", "tune-demo"} <= names
     for deployment in config["deployments"]:
         module_path, _, func = deployment["entrypoint"].partition(":")
         flow = load_flow_from_entrypoint(f"{REPO / module_path}:{func}")
         validated = flow.validate_parameters(deployment.get("parameters", {}))
         assert set(deployment.get("parameters", {})) <= set(validated)
-        if "config" in deployment.get("parameters", {}):
-            assert (REPO / deployment["parameters"]["config"]).is_file(), deployment["name"]
+        for path in ("config", "search"):
+            if path in deployment.get("parameters", {}):
+                assert (REPO / deployment["parameters"][path]).is_file(), deployment["name"]
     weekly = next(d for d in config["deployments"] if d["name"] == "weekly-retrain")
     assert weekly["schedules"][0]["cron"] == "0 3 * * 1"
     assert {"force_retrain", "promotion_confidence", "promotion_split"} <= set(weekly["parameters"])

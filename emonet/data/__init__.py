@@ -37,9 +37,11 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "EmoticDataset",
         ],
         "demo": [
+            "DEMO_ROWS",
             "GLYPHS",
             "MANIFEST_NAME",
             "MIN_SIZE",
+            "ensure_demo_archive",
             "example_crop",
             "make_demo_data",
         ],

@@ -31,6 +31,7 @@ __all__ = [
 # Keys of ``evaluate_predictions``, in order; the training loop and MLflow log these.
 EVALUATION_KEYS: tuple[str, ...] = (
     "mAP",
+    "mAP_voc11",
     "f1_micro",
     "f1_macro",
     "f1_samples",
@@ -86,7 +87,8 @@ def evaluate_predictions(
     Returns
     -------
     dict
-        Keys ``EVALUATION_KEYS``: ``mAP, f1_micro, f1_macro, f1_samples,
+        Keys ``EVALUATION_KEYS``: ``mAP`` (scikit-learn's AP), ``mAP_voc11`` (the EMOTIC
+        authors' 11-point AP), ``f1_micro, f1_macro, f1_samples,
         subset_accuracy, hamming_loss, mae_valence, mae_arousal, mae_valence_1_10,
         mae_arousal_1_10``, then ``n_emotion`` and ``n_affect``, the rows the emotion
         metrics and the affect errors were computed on.
@@ -108,7 +110,11 @@ def evaluate_predictions(
     n_affect_samples = np.shape(affect_true)[0] if np.ndim(affect_true) else 0
     if n_affect_samples != y_true.shape[0]:
         raise ValueError(f"affect_true has {n_affect_samples} samples but y_true has {y_true.shape[0]}")
-    results = {"mAP": mean_average_precision_score(y_true, y_prob), "n_emotion": float(y_true.shape[0])}
+    results = {
+        "mAP": mean_average_precision_score(y_true, y_prob),
+        "mAP_voc11": mean_voc11_average_precision_score(y_true, y_prob),
+        "n_emotion": float(y_true.shape[0]),
+    }
     results.update(multilabel_scores(y_true, binarize(y_prob, thresholds)))
     results.update(affect_errors(affect_true, affect_pred, low=low, high=high, raw_true=raw_true))
     return {key: float(results[key]) for key in EVALUATION_KEYS}

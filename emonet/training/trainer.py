@@ -226,7 +226,7 @@ def evaluate(
     -------
     dict
         ``{prefix}loss, {prefix}loss_emotion, {prefix}loss_affect`` and every key of
-        :func:`emonet.metrics.evaluate_predictions` with the prefix: ``val_mAP,
+        :func:`emonet.metrics.evaluate_predictions` with the prefix: ``val_mAP, val_mAP_voc11,
         val_f1_micro, val_f1_macro, val_f1_samples, val_subset_accuracy,
         val_hamming_loss, val_mae_valence, val_mae_arousal, val_mae_valence_1_10,
         val_mae_arousal_1_10``.
