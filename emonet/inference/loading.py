@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 from emonet.data.normalize import AffectNormalizer
 from emonet.inference.predictor import Predictor
 from emonet.models.devices import resolve_device
-from emonet.utils.store import check_store
+from emonet.utils.store import check_store, without_password
 
 logger = logging.getLogger(__name__)
 
@@ -169,14 +169,6 @@ def _versions_and_aliases(client: Any, model: Any) -> str:
     )
 
 
-def _without_password(uri: str) -> str:
-    """``uri`` as it may be printed: a database or server URI's password replaced by ``***``."""
-    parsed = urlparse(uri)
-    if parsed.password is None:
-        return uri
-    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)).geturl()
-
-
 def check_registered_model_uri(uri: str) -> None:
     """Check that a ``models:/`` URI names something in the registry, before MLflow loads it.
 
@@ -225,7 +217,7 @@ def check_registered_model_uri(uri: str) -> None:
         except Exception:  # a registry that serves names but not searches
             names = "(could not be listed)"
         raise ValueError(
-            f"{uri}: no registered model named {name!r} in {_without_password(get_registry_uri())}; "
+            f"{uri}: no registered model named {name!r} in {without_password(get_registry_uri())}; "
             f"registered models: {names}"
         ) from None
     if alias is not None:

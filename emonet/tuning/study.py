@@ -15,7 +15,6 @@ import logging
 import math
 import multiprocessing
 import os
-import re
 import socket
 import tempfile
 import time
@@ -37,10 +36,10 @@ from emonet.data.normalize import normalize_frames
 from emonet.schema import annotations_path, arrays_dir
 from emonet.tracking.run_logging import configure_mlflow, log_metrics
 from emonet.training.trainer import MONITOR, train_from_csvs
-from emonet.tuning.space import SearchSpace, apply_params
+from emonet.tuning.space import SearchSpace, apply_params, load_search_space
 from emonet.utils.io import atomic_open
 from emonet.utils.stopping import TrainingStopped, stop_on_signals
-from emonet.utils.store import default_tracking_uri, sqlite_path
+from emonet.utils.store import default_tracking_uri, sqlite_path, without_password
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +101,6 @@ class TuneResult:
     epochs_budget: int = 0  # epochs they would have trained without pruning
 
 
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``, for logs and tags."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
-
-
 def default_storage_url(tracking_uri: str | None = None) -> str:
     """Optuna's SQLite file beside the MLflow store (``optuna.db`` next to ``mlflow.db``);
     for a tracking server, ``mlruns/optuna.db`` of this checkout."""
@@ -142,7 +136,7 @@ def open_storage(
             )
     except Exception as error:  # SQLAlchemy's and the driver's errors, by many names
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot open the Optuna storage {redact(url)}: {redact(reason)}") from None
+        raise ValueError(f"cannot open the Optuna storage {without_password(url)}: {reason}") from None
 
 
 def make_pruner(name: Pruner, epochs: int) -> optuna.pruners.BasePruner:
@@ -165,7 +159,7 @@ def prepare_sweep_data(data_root: str | Path, out_dir: str | Path) -> SweepData:
     """Normalize the archive's train and validation splits into ``out_dir``, once.
 
     The test split is never opened. Valence and arousal are mapped from 1..10 to [-1, 1]
-    as the training flow does by default; the CSVs are rewritten only when missing."""
+    as the training flow does by default; it takes milliseconds, so it runs once per call."""
     root, out = Path(data_root), Path(out_dir)
     frames = {split: load_annotations(annotations_path(root, split)) for split in ("train", "val")}
     normalized, _, _ = normalize_frames(frames)
@@ -204,8 +198,6 @@ def open_study(
     recorded = study.user_attrs.get(SPACE_ATTR)
     if recorded is None:
         raise ValueError(f"study {name!r} exists but was not created by emonet tune (it records no search space)")
-    from emonet.tuning.space import load_search_space
-
     differences = space.differences(load_search_space(recorded))
     if differences:
         raise ValueError(
@@ -227,7 +219,7 @@ class _Sweep:
 
     study_name: str
     storage_url: str
-    space: dict[str, Any]
+    space: SearchSpace
     trial_config: dict[str, Any]  # the base config with the sweep's epochs
     data: SweepData
     n_trials: int
@@ -252,9 +244,7 @@ def _end_child(client: MlflowClient, run_id: str, state: str, reason: str | None
 
 def _objective(trial: optuna.Trial, sweep: _Sweep, client: MlflowClient) -> float:
     """Train the trial's config, report validation mAP after every epoch, prune on it."""
-    from emonet.tuning.space import load_search_space
-
-    values = load_search_space(sweep.space).suggest(trial)
+    values = sweep.space.suggest(trial)
     config = apply_params(load_config(sweep.trial_config), values)
     run = client.create_run(
         sweep.experiment_id,
@@ -363,7 +353,13 @@ def _check_counts(n_trials: int, workers: int, epochs: int | None) -> None:
 
 
 def _parent_run(
-    client: MlflowClient, study: optuna.Study, new: bool, experiment_id: str, space: SearchSpace, storage_url: str
+    client: MlflowClient,
+    study: optuna.Study,
+    new: bool,
+    experiment_id: str,
+    space: SearchSpace,
+    rdb: optuna.storages.BaseStorage,
+    storage_url: str,
 ) -> str:
     """The study's parent MLflow run: created with a new study, reopened with an existing one."""
     if new:
@@ -372,7 +368,7 @@ def _parent_run(
             run_name=study.study_name,
             tags={
                 STUDY_TAG: study.study_name,
-                "emonet.optuna_storage": redact(storage_url),
+                "emonet.optuna_storage": without_password(storage_url),
                 MLFLOW_RUN_NAME: study.study_name,
             },
         )
@@ -382,7 +378,7 @@ def _parent_run(
         return run.info.run_id
     # A process that created the study a moment ago may not have recorded its run yet.
     for _ in range(60):
-        run_id = optuna.load_study(study_name=study.study_name, storage=study._storage).user_attrs.get(PARENT_RUN_ATTR)
+        run_id = optuna.load_study(study_name=study.study_name, storage=rdb).user_attrs.get(PARENT_RUN_ATTR)
         if run_id:
             client.update_run(run_id, status="RUNNING")
             return run_id
@@ -441,12 +437,12 @@ def tune(
     client = MlflowClient(tracking_uri=tracking_uri)
     pruner_object = make_pruner(pruner, trial_config.train.epochs)
     study, new = open_study(rdb, study_name, space, seed=seed, pruner=pruner_object)
-    parent_run_id = _parent_run(client, study, new, experiment_id, space, storage_url)
+    parent_run_id = _parent_run(client, study, new, experiment_id, space, rdb, storage_url)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     sweep = _Sweep(
         study_name=study_name,
         storage_url=storage_url,
-        space=space.as_dict(),
+        space=space,
         trial_config=config_to_dict(trial_config),
         data=data,
         n_trials=n_trials,
@@ -525,7 +521,7 @@ def _summarize(
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
         return TuneResult(
-            study_name, redact(storage_url), parent_run_id, None, {}, None, None, states, epochs_run, budget
+            study_name, without_password(storage_url), parent_run_id, None, {}, None, None, states, epochs_run, budget
         )
     best = study.best_trial
     best_config = apply_params(base, best.params)  # the full recipe's epochs, not the sweep's
@@ -541,7 +537,7 @@ def _summarize(
     _log_plots(client, parent_run_id, study, len(complete))
     return TuneResult(
         study_name,
-        redact(storage_url),
+        without_password(storage_url),
         parent_run_id,
         float(best.value),
         dict(best.params),

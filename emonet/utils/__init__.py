@@ -62,6 +62,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "default_tracking_uri",
             "sqlite_lock",
             "sqlite_path",
+            "without_password",
         ],
     },
 )

@@ -13,6 +13,7 @@ import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 from filelock import FileLock
 from filelock import Timeout as FileLockTimeout
@@ -27,6 +28,7 @@ __all__ = [
     "default_tracking_uri",
     "sqlite_lock",
     "sqlite_path",
+    "without_password",
 ]
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -65,6 +67,14 @@ def default_tracking_uri(root: str | Path | None = None) -> str:
 def default_artifact_location(root: str | Path | None = None) -> str:
     """``<root>/mlruns/artifacts`` as an absolute ``file://`` URI (root as in :func:`default_tracking_uri`)."""
     return (_repo_root(root) / MLRUNS_DIRNAME / "artifacts").as_uri()
+
+
+def without_password(uri: str) -> str:
+    """``uri`` as it may be printed: a database or server URI's password replaced by ``***``."""
+    parsed = urlparse(uri)
+    if parsed.password is None:
+        return uri
+    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)).geturl()
 
 
 def sqlite_path(uri: str) -> Path | None:
