@@ -285,7 +285,11 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
         "--n-trials", type=_positive_int, required=True, help="complete or pruned trials the study reaches"
     )
     parser.add_argument("--study-name", default="emonet-demo", help="the study to create or continue")
-    parser.add_argument("--storage", default=None, help="Optuna RDB URL (default: optuna.db beside the MLflow store)")
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna RDB URL (default: $EMONET_OPTUNA_STORAGE, else optuna.db beside the MLflow store)",
+    )
     parser.add_argument("--config", type=Path, default=None, help="the recipe the trials vary (default: the library's)")
     parser.add_argument("--epochs", type=_positive_int, default=None, help="epochs per trial (default: the config's)")
     parser.add_argument("--data-root", type=Path, default=None, help="EMOTIC archive root (default: the demo data)")

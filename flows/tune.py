@@ -50,7 +50,8 @@ def emonet_tune(
             (`configs/search/demo.yaml`, `configs/search/emotic.yaml`).
         n_trials: Complete or pruned trials the study reaches; a rerun continues it.
         study_name: The study in `storage`; an existing one must have the same space.
-        storage: Optuna RDB URL (SQLite, PostgreSQL); empty: `optuna.db` beside the MLflow store.
+        storage: Optuna RDB URL (SQLite, PostgreSQL); empty: `$EMONET_OPTUNA_STORAGE`, else `optuna.db`
+            beside the MLflow store.
         config: The recipe the trials vary (a YAML file); empty: the library's defaults.
         epochs: Epochs per trial; empty: the config's.
         data_root: EMOTIC archive root; empty: the demo data in `demo_dir`.

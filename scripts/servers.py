@@ -3,13 +3,15 @@
 - MLflow tracking server: runs and the model registry in PostgreSQL, artifacts proxied
   by the server (``--artifacts-destination``: a folder, or ``s3://bucket/prefix``).
 - Prefect server: flow runs, deployments and work pools in PostgreSQL.
+- A third database for Optuna's sweeps (``emonet tune``), which the sweep processes open
+  themselves: ``start`` prints the ``EMONET_OPTUNA_STORAGE`` to export.
 
     python -m scripts.servers start [--database-url postgresql://USER:PASSWORD@HOST:PORT/DB]
     python -m scripts.servers stop
 
 ``make servers`` and ``make servers-stop`` call these. With a URL (or
 ``EMONET_DATABASE_URL``), both servers use that PostgreSQL, in databases named by
-``--mlflow-database`` and ``--prefect-database`` (created when missing). Without one, a
+``--mlflow-database``, ``--prefect-database`` and ``--optuna-database`` (created when missing). Without one, a
 local cluster is initialized once under ``.servers/`` with the machine's PostgreSQL
 binaries (Debian's ``postgresql`` package) and started. ``stop`` stops exactly what
 ``start`` recorded in ``.servers/state.json``, and leaves all data in place.
@@ -345,7 +347,7 @@ def start(args: argparse.Namespace) -> None:
     write_state(args.state_dir, state)
     try:
         server_url = args.database_url or ensure_local_cluster(args, state)
-        create_databases(server_url, [args.mlflow_database, args.prefect_database])
+        create_databases(server_url, [args.mlflow_database, args.prefect_database, args.optuna_database])
         started = []
         for name, (command, env, health_url) in server_commands(args, server_url).items():
             log_path = args.state_dir / "logs" / f"{name}.log"
@@ -365,16 +367,31 @@ def start(args: argparse.Namespace) -> None:
     logger.info(
         "\nShared servers are running. In each shell that runs flows or loads models:\n"
         "  export MLFLOW_TRACKING_URI=http://%s:%d\n  export PREFECT_API_URL=http://%s:%d/api\n"
+        "and where sweeps run (emonet tune):\n  export EMONET_OPTUNA_STORAGE=%s\n"
         "MLflow UI: http://%s:%d   Prefect UI: http://%s:%d   Stop: make servers-stop",
         args.host,
         args.mlflow_port,
         args.host,
         args.prefect_port,
+        optuna_storage_hint(args, server_url),
         args.host,
         args.mlflow_port,
         args.host,
         args.prefect_port,
     )
+
+
+def optuna_storage_hint(args: argparse.Namespace, server_url: str) -> str:
+    """The Optuna storage URL to export, without the password itself in the log: the
+    local cluster's is read from its file by the shell, a given URL's is left for the user."""
+    placeholder = "PASSWORD"
+    url = parse_server_url(server_url).set(
+        drivername="postgresql+psycopg", database=args.optuna_database, password=placeholder
+    )
+    text = url.render_as_string(hide_password=False)
+    if args.database_url:
+        return text
+    return text.replace(f":{placeholder}@", f":$(cat '{args.state_dir / PASSWORD_FILE}')@", 1)
 
 
 def stop_recorded(state_dir: Path, state: dict[str, Any]) -> None:
@@ -425,6 +442,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     start_parser.add_argument("--mlflow-database", default="mlflow")
     start_parser.add_argument("--prefect-database", default="prefect")
+    start_parser.add_argument("--optuna-database", default="optuna", help="the sweeps' study storage")
     start_parser.add_argument("--pg-port", type=int, default=5433, help="port of the local cluster")
     start_parser.add_argument(
         "--pg-data", type=Path, default=None, help="local cluster's data (default <state-dir>/postgres)"

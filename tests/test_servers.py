@@ -1,6 +1,7 @@
 """The team set-up, for real: ``scripts.servers`` runs PostgreSQL, the MLflow tracking
 server and the Prefect server; a deployment of ``prefect.yaml`` trains on a worker started
-in another folder; the champion loads through the server; ``stop`` stops all of it. And
+in another folder; a sweep keeps its study in the printed Optuna database; the champion
+loads through the server; ``stop`` stops all of it. And
 ``make ui`` stops exactly its two servers on Ctrl-C."""
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import optuna
 import psycopg
 import pytest
 from conftest import copy_prefect_db
+from optuna.trial import TrialState
 from PIL import Image
 
 from emonet.data.demo import make_demo_data
 from emonet.schema import EMOTIONS
+from emonet.tuning.study import PARENT_RUN_ATTR
 from scripts.processes import port_is_free, start_ticks, wait_until_answers
 from scripts.servers import ServerError, database_url
 
@@ -75,6 +79,11 @@ def run_ok(command: list[str], env: dict[str, str], cwd: Path, timeout: float) -
     return proc
 
 
+def password_hidden(state_dir: Path, log: str) -> bool:
+    """The local cluster's password stays in its file: the log names the file instead."""
+    return (state_dir / "postgres-password").read_text().strip() not in log
+
+
 def png_b64(image: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
@@ -97,7 +106,7 @@ def test_database_url_swaps_database_and_driver_and_keeps_the_escaped_password()
 
 
 @pytest.mark.slow
-def test_servers_on_postgresql_run_a_deployment_and_serve_the_champion(tmp_path):
+def test_servers_on_postgresql_run_a_deployment_a_sweep_and_serve_the_champion(tmp_path):
     state_dir = tmp_path / "servers"
     pg_port, mlflow_port, prefect_port = free_ports(3)
     mlflow_url, prefect_api = f"http://127.0.0.1:{mlflow_port}", f"http://127.0.0.1:{prefect_port}/api"
@@ -105,7 +114,7 @@ def test_servers_on_postgresql_run_a_deployment_and_serve_the_champion(tmp_path)
     servers = [sys.executable, "-m", "scripts.servers"]
     started = False
     try:
-        out = run_ok(
+        started_log = run_ok(
             [
                 *servers,
                 "start",
@@ -125,7 +134,9 @@ def test_servers_on_postgresql_run_a_deployment_and_serve_the_champion(tmp_path)
             timeout=420,
         ).stderr
         started = True
-        assert f"export MLFLOW_TRACKING_URI={mlflow_url}" in out and f"export PREFECT_API_URL={prefect_api}" in out
+        assert f"export MLFLOW_TRACKING_URI={mlflow_url}" in started_log
+        assert f"export PREFECT_API_URL={prefect_api}" in started_log
+        assert "postgres-password" in started_log and password_hidden(state_dir, started_log)
         recorded = json.loads((state_dir / "state.json").read_text())
         assert [s["name"] for s in recorded["servers"]] == ["mlflow", "prefect"]
 
@@ -168,6 +179,30 @@ def test_servers_on_postgresql_run_a_deployment_and_serve_the_champion(tmp_path)
         assert aliases == [("champion",)]
         # Artifacts are proxied: the server wrote the model under its artifacts destination.
         assert list((state_dir / "mlflow-artifacts").rglob("MLmodel"))
+
+        # A sweep on the printed Optuna storage (PostgreSQL) and the MLflow server; its
+        # trials read back from the storage by this process.
+        export = re.search(r"^\s*(export EMONET_OPTUNA_STORAGE=.*)$", started_log, re.MULTILINE).group(1)
+        optuna_storage = run_ok(["bash", "-c", f'{export} && echo "$EMONET_OPTUNA_STORAGE"'], env, REPO, 30)
+        sweep_env = {**worker_env, "EMONET_OPTUNA_STORAGE": optuna_storage.stdout.strip()}
+        (tmp_path / "space.yaml").write_text(
+            "params:\n  train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n"
+        )
+        (tmp_path / "tiny.yaml").write_text(json.dumps(TINY_RUN["config"]))
+        sweep = [
+            "--search", str(tmp_path / "space.yaml"), "--n-trials", "2", "--study-name", "on-postgres",
+            "--config", str(tmp_path / "tiny.yaml"), "--data-root", str(archive), "--out-dir", str(tmp_path / "tune"),
+        ]  # fmt: skip
+        out = run_ok([str(Path(sys.executable).with_name("emonet")), "tune", *sweep], sweep_env, elsewhere, 300).stdout
+        assert "study 'on-postgres' in postgresql+psycopg://emonet:***@" in out, out
+        study = optuna.load_study(study_name="on-postgres", storage=sweep_env["EMONET_OPTUNA_STORAGE"])
+        assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+        with psycopg.connect(f"{server}/mlflow") as conn:
+            (children,) = conn.execute(
+                "SELECT count(*) FROM tags WHERE key = 'mlflow.parentRunId' AND value = %s",
+                (study.user_attrs[PARENT_RUN_ATTR],),
+            ).fetchone()
+        assert children == 2
 
         # The champion loads through the server in a fresh process, as in the README.
         image = np.random.default_rng(0).integers(0, 256, size=(40, 30, 3), dtype=np.uint8)

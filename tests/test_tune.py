@@ -5,6 +5,7 @@ split, and survives SIGTERM and SIGKILL."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -13,7 +14,9 @@ import time
 from pathlib import Path
 
 import optuna
+import psutil
 import pytest
+import sqlalchemy
 import yaml
 from conftest import restored_mlflow_uris, write_fake_archive
 from mlflow import MlflowClient
@@ -205,8 +208,12 @@ def test_a_pruner_stops_trials_after_their_first_epoch(sweep: dict, monkeypatch:
 
     # A real Optuna pruner that prunes any validation mAP below 2, i.e. every trial.
     monkeypatch.setattr(study_module, "make_pruner", lambda name, epochs: optuna.pruners.ThresholdPruner(lower=2.0))
-    result = _tune(sweep, n_trials=2, config=load_config(TINY, train={"epochs": 4}))
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    # With loader workers: a pruned trial's persistent workers must end with it.
+    result = _tune(sweep, n_trials=2, config=load_config(TINY, train={"epochs": 4, "num_workers": 2}))
     assert result.states == {"PRUNED": 2} and result.best_config is None
+    left = [c for c in psutil.Process().children(recursive=True) if c.pid not in before and c.is_running()]
+    assert not [c for c in left if c.status() != psutil.STATUS_ZOMBIE], f"processes outlived their trials: {left}"
     assert (result.epochs_run, result.epochs_budget) == (2, 8)
     client = MlflowClient(tracking_uri=sweep["tracking_uri"])
     for child in client.search_runs(
@@ -238,6 +245,27 @@ def test_bad_counts_and_storages_fail_in_one_line(sweep: dict) -> None:
         open_storage("postgresql://emonet:secret@127.0.0.1:9/x")
     with pytest.raises(ValueError, match="storage must be a database URL"):
         open_storage("optuna.db")
+
+
+def test_a_daemonic_process_is_told_how_to_start_its_workers(sweep: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(multiprocessing.current_process(), "daemon", True)  # as in a Dask worker
+    with pytest.raises(ValueError, match="DASK_DISTRIBUTED__WORKER__DAEMON=False"):
+        _tune(sweep, config=load_config(TINY, train={"num_workers": 2}))
+    with pytest.raises(ValueError, match="cannot start the sweep workers"):
+        _tune(sweep, workers=2)
+
+
+def test_processes_creating_a_new_storage_at_once_retry_the_losing_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    real, calls = optuna.storages.RDBStorage, []
+
+    def racing(url, **kwargs):  # another process created the tables between check and create
+        calls.append(url)
+        if len(calls) < 3:
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+        return real(url, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    assert isinstance(open_storage("sqlite:///:memory:"), real) and len(calls) == 3
 
 
 def _cli(arguments: list[str], sweep: dict) -> subprocess.Popen:

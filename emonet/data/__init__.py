@@ -81,6 +81,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "resolve_image_root",
         ],
         "loaders": [
+            "close_workers",
             "make_loader",
         ],
         "normalize": [

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["make_loader"]
+__all__ = ["close_workers", "make_loader"]
 
 
 def make_loader(
@@ -72,3 +72,20 @@ def make_loader(
         worker_init_fn=worker_init_fn if num_workers > 0 else None,
         persistent_workers=persistent_workers and num_workers > 0,
     )
+
+
+def close_workers(loader: DataLoader) -> None:
+    """Stop ``loader``'s persistent worker processes now (a no-op without workers).
+
+    PyTorch stops them when the loader's iterator is freed. After an exception (a
+    callback that ends training, such as a pruned sweep trial), the traceback keeps the
+    loader alive in a reference cycle until the garbage collector runs; workers stopped
+    from there were seen to outlive their trial (each one a process with a copy of the
+    model). Training calls this on every way out instead."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is None:
+        return
+    loader._iterator = None
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:  # the multi-process iterator; the single-process one has nothing to stop
+        shutdown()

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from emonet.config import EmoNetConfig
 from emonet.data.annotations import raw_affect
+from emonet.data.loaders import close_workers
 from emonet.inference.loop import Predictions, autocast, predict_split, to_device
 from emonet.metrics import evaluate_predictions, tune_thresholds
 from emonet.models.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, check_free_space, remove_stale_temp_files
@@ -621,14 +622,18 @@ def train_from_csvs(
         seed_everything(config.train.seed)
         model = build_model(config.model)
         train_loader, val_loader = make_loaders(train_csv, val_csv, img_dir, config)
-        return fit(
-            model,
-            train_loader,
-            val_loader,
-            config,
-            callbacks=callbacks,
-            checkpoint_dir=checkpoint_dir,
-            resume_from=resume_from,
-            progress=progress,
-            affect_bounds=affect_bounds,
-        )
+        try:
+            return fit(
+                model,
+                train_loader,
+                val_loader,
+                config,
+                callbacks=callbacks,
+                checkpoint_dir=checkpoint_dir,
+                resume_from=resume_from,
+                progress=progress,
+                affect_bounds=affect_bounds,
+            )
+        finally:
+            close_workers(train_loader)
+            close_workers(val_loader)

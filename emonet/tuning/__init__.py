@@ -20,6 +20,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "study": [
             "DEFAULT_EXPERIMENT",
             "PRUNERS",
+            "STORAGE_ENV",
             "SweepData",
             "TuneResult",
             "default_storage_url",

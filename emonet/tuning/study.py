@@ -27,6 +27,7 @@ from typing import Any, Literal
 import optuna
 import yaml
 from mlflow import MlflowClient
+from mlflow.entities import Param as MlflowParam
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from optuna.trial import TrialState
 
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_EXPERIMENT",
     "PRUNERS",
+    "STORAGE_ENV",
     "SweepData",
     "TuneResult",
     "default_storage_url",
@@ -58,6 +60,8 @@ __all__ = [
 
 DEFAULT_EXPERIMENT = "emonet-tune"
 PRUNERS = ("median", "hyperband", "none")
+# The storage URL every sweep uses when none is given, e.g. the shared PostgreSQL database.
+STORAGE_ENV = "EMONET_OPTUNA_STORAGE"
 Pruner = Literal["median", "hyperband", "none"]
 # A trial's process records a heartbeat this often (s); a RUNNING trial whose last one is
 # older than the grace period belongs to a killed process: the next process of the study
@@ -65,6 +69,8 @@ Pruner = Literal["median", "hyperband", "none"]
 HEARTBEAT_INTERVAL_S = 10
 HEARTBEAT_GRACE_S = 60
 MAX_STALE_RETRIES = 1
+# Attempts to open a storage whose tables another process is creating at the same moment.
+SCHEMA_RACE_RETRIES = 4
 # What a study records in its user attributes.
 SPACE_ATTR = "emonet.search_space"
 PARENT_RUN_ATTR = "emonet.mlflow_parent_run_id"
@@ -102,8 +108,12 @@ class TuneResult:
 
 
 def default_storage_url(tracking_uri: str | None = None) -> str:
-    """Optuna's SQLite file beside the MLflow store (``optuna.db`` next to ``mlflow.db``);
-    for a tracking server, ``mlruns/optuna.db`` of this checkout."""
+    """``$EMONET_OPTUNA_STORAGE`` when set (the team's PostgreSQL: ``make servers`` prints
+    it); else Optuna's SQLite file beside the MLflow store (``optuna.db`` next to
+    ``mlflow.db``), and for a tracking server ``mlruns/optuna.db`` of this checkout."""
+    shared = os.environ.get(STORAGE_ENV, "").strip()
+    if shared:
+        return shared
     db = sqlite_path(tracking_uri or default_tracking_uri())
     if db is None:
         db = sqlite_path(default_tracking_uri())
@@ -123,20 +133,29 @@ def open_storage(
     db = sqlite_path(url)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings():  # the heartbeat is experimental in Optuna 5.0 (and has been since 2.9)
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=MAX_STALE_RETRIES
-                ),
-            )
-    except Exception as error:  # SQLAlchemy's and the driver's errors, by many names
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"cannot open the Optuna storage {without_password(url)}: {reason}") from None
+    for attempt in range(SCHEMA_RACE_RETRIES + 1):
+        try:
+            with warnings.catch_warnings():  # the heartbeat is experimental in Optuna 5.0 (and has been since 2.9)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_STALE_RETRIES
+                    ),
+                )
+        except Exception as error:  # SQLAlchemy's and the driver's errors, by many names
+            # Processes that start together on a new database (several hosts, Dask workers)
+            # race to create its tables and record their version: the loser sees "table ...
+            # already exists" or a unique constraint fail, and finds them a moment later.
+            raced = any(sign in str(error) for sign in ("already exists", "UNIQUE constraint", "duplicate key"))
+            if raced and attempt < SCHEMA_RACE_RETRIES:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"cannot open the Optuna storage {without_password(url)}: {reason}") from None
+    raise AssertionError("unreachable")
 
 
 def make_pruner(name: Pruner, epochs: int) -> optuna.pruners.BasePruner:
@@ -262,8 +281,10 @@ def _objective(trial: optuna.Trial, sweep: _Sweep, client: MlflowClient) -> floa
     flat = {
         f"{section}.{key}": value for section, fields in config_to_dict(config).items() for key, value in fields.items()
     }
-    for key, value in {**flat, "trial_number": trial.number}.items():
-        client.log_param(run_id, key, value)
+    # One write for the whole config: a call per field costs a transaction each (a second a trial on SQLite).
+    client.log_batch(
+        run_id, params=[MlflowParam(key, str(value)) for key, value in {**flat, "trial_number": trial.number}.items()]
+    )
 
     def on_epoch(metrics: dict[str, float]) -> None:
         epoch = int(metrics["epoch"])
@@ -352,6 +373,18 @@ def _check_counts(n_trials: int, workers: int, epochs: int | None) -> None:
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
+def _check_can_start_processes(workers: int, loader_workers: int) -> None:
+    """A daemonic process (a Dask worker's, by default) may not start processes: say so
+    before any trial, rather than fail in the first DataLoader."""
+    if multiprocessing.current_process().daemon and (workers > 1 or loader_workers > 0):
+        raise ValueError(
+            f"this sweep runs in a daemonic process (a Dask worker, say), which cannot start the "
+            f"{'sweep workers' if workers > 1 else f'{loader_workers} DataLoader workers (train.num_workers)'} "
+            "it needs: start the Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False "
+            "(dask.config 'distributed.worker.daemon': False), or use workers=1 and train.num_workers 0"
+        )
+
+
 def _parent_run(
     client: MlflowClient,
     study: optuna.Study,
@@ -430,6 +463,7 @@ def tune(
     _check_counts(n_trials, workers, epochs)
     base = config or EmoNetConfig()
     trial_config = load_config(base, train={"epochs": epochs}) if epochs is not None else base
+    _check_can_start_processes(workers, trial_config.train.num_workers)
     storage_url = storage or default_storage_url(tracking_uri)
     rdb = open_storage(storage_url, grace_period=grace_period)
     tracking_uri = tracking_uri or default_tracking_uri()
