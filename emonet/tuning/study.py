@@ -11,6 +11,7 @@ filters no row by it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import multiprocessing
@@ -598,15 +599,17 @@ def _log_plots(client: MlflowClient, run_id: str, study: optuna.Study, n_complet
     import matplotlib
 
     matplotlib.use("Agg")
+    from matplotlib.ticker import MaxNLocator
     from optuna.visualization import matplotlib as optuna_plots
 
     from emonet.utils.io import save_figure_atomic
 
+    target = "validation mAP (scikit-learn AP)"  # the objective by name, not Optuna's "Objective Value"
     plots: dict[str, Callable[[optuna.Study], Any]] = {
-        "optimization_history.png": optuna_plots.plot_optimization_history
+        "optimization_history.png": functools.partial(optuna_plots.plot_optimization_history, target_name=target)
     }
     if n_complete >= 2 and len(study.best_trial.params) >= 1:
-        plots["param_importances.png"] = optuna_plots.plot_param_importances
+        plots["param_importances.png"] = functools.partial(optuna_plots.plot_param_importances, target_name=target)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         with tempfile.TemporaryDirectory() as folder:
@@ -617,6 +620,9 @@ def _log_plots(client: MlflowClient, run_id: str, study: optuna.Study, n_complet
                     logger.warning("no %s: %s", name, error)
                     continue
                 figure = ax.figure if hasattr(ax, "figure") else ax[0].figure
+                figure.set_size_inches(9, 5)  # room for the legend Optuna puts beside the axes
+                if name == "optimization_history.png":
+                    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers
                 save_figure_atomic(figure, Path(folder) / name)
                 client.log_artifact(run_id, str(Path(folder) / name), "plots")
 
