@@ -282,7 +282,7 @@ def _objective(trial: optuna.Trial, sweep: _Sweep, client: MlflowClient) -> floa
     flat = {
         f"{section}.{key}": value for section, fields in config_to_dict(config).items() for key, value in fields.items()
     }
-    # One write for the whole config: a call per field costs a transaction each (a second a trial on SQLite).
+    # One write for the whole config: a call per field costs a database transaction each.
     client.log_batch(
         run_id, params=[MlflowParam(key, str(value)) for key, value in {**flat, "trial_number": trial.number}.items()]
     )
