@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from test_images import sparse_npy
 
@@ -17,6 +19,7 @@ from emonet.data.arrays import load_array
 from emonet.inference.csv_scoring import ID_COLUMNS, predict_csv, skipped_path
 from emonet.inference.loading import is_mlflow_uri, load_predictor
 from emonet.inference.predictor import OUTPUT_COLUMNS, PROB_COLUMNS, Predictor
+from emonet.models.checkpoint import read_checkpoint
 from emonet.models.network import build_model
 from emonet.schema import EMOTIONS, annotations_path, arrays_dir
 
@@ -264,6 +267,14 @@ def test_registered_mlflow_model_scores_like_its_checkpoint(demo_checkpoint, pre
         run_id = client.create_run(experiment_id).info.run_id
         version = log_emonet_model(run_id, checkpoint, registered_model_name="emonet-batch")
         client.set_registered_model_alias("emonet-batch", "champion", version.version)
+
+        # The model carries the serving checkpoint: the weights and thresholds, no optimizer state.
+        model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/emonet-batch/{version.version}"))
+        (served,) = (model_dir / "artifacts").glob("*.pt")
+        slim, full = read_checkpoint(served), read_checkpoint(checkpoint)
+        assert slim["serving"] is True and not {"optimizer", "scheduler", "scaler", "rng"} & set(slim)
+        assert served.stat().st_size < 0.6 * Path(checkpoint).stat().st_size
+        assert all(torch.equal(slim["model"][key], full["model"][key]) for key in full["model"])
 
         loaded = load_predictor("models:/emonet-batch@champion", device="cpu", batch_size=3)
         assert isinstance(loaded, Predictor) and loaded.batch_size == 3

@@ -22,6 +22,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "read_checkpoint",
             "remove_stale_temp_files",
             "save_checkpoint",
+            "write_serving_checkpoint",
         ],
         "devices": [
             "resolve_device",

@@ -23,6 +23,12 @@ A checkpoint is a dict of tensors and plain types, read with ``weights_only=True
 - ``thresholds`` : None, except in ``best.pt`` after training: the 26 decision
   thresholds tuned on validation.
 
+A *serving* checkpoint (:func:`write_serving_checkpoint`, the one a registered model
+carries) keeps only what inference reads: ``format``, ``format_version``, ``model``,
+``config``, ``thresholds``, ``epoch``, ``best_metric``, ``best_epoch``, ``history`` and
+``world_size``, with ``serving`` set to True. It loads like any other; it cannot resume
+a run.
+
 ``last.pt`` is written every epoch and ``best.pt`` at each new best, ``last.pt`` first:
 it names the epoch ``best.pt`` must hold, so a kill between the two writes is repaired
 on resume (:func:`~emonet.training.run_state.resume`).
@@ -57,12 +63,19 @@ __all__ = [
     "read_checkpoint",
     "remove_stale_temp_files",
     "save_checkpoint",
+    "write_serving_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "emonet-checkpoint"  # marks our files, so a stray .pt fails clearly
 CHECKPOINT_VERSION = 1
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
+# What inference reads of a checkpoint; the optimizer, scheduler, scaler and random
+# states (twice the weights' size with AdamW) stay with training.
+SERVING_KEYS = (
+    "format", "format_version", "model", "config", "thresholds", "epoch", "best_metric", "best_epoch", "history",
+    "world_size",
+)  # fmt: skip
 
 
 class DiskSpaceError(OSError):
@@ -241,3 +254,19 @@ def load_checkpoint(
     model.to(map_location)
     model.eval()
     return model, config, checkpoint
+
+
+def write_serving_checkpoint(path: str | Path, dest: str | Path) -> Path:
+    """Write the serving part of checkpoint ``path`` to ``dest`` (atomically): the
+    weights, the config, the thresholds and the run's summary, without the optimizer,
+    scheduler, scaler and random states that only resuming needs.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        As :func:`read_checkpoint`: no file, or not an EmoNet checkpoint.
+    """
+    checkpoint = read_checkpoint(path)
+    slim = {key: checkpoint[key] for key in SERVING_KEYS if key in checkpoint}
+    slim["serving"] = True
+    return save_checkpoint(slim, Path(dest))

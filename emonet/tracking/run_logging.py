@@ -35,7 +35,7 @@ from emonet.config import EmoNetConfig
 from emonet.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_MAX_ROWS
 from emonet.data.normalize import AffectNormalizer
 from emonet.inference.predictor import EMOTIONS_COLUMN, OUTPUT_COLUMNS
-from emonet.models.checkpoint import load_checkpoint
+from emonet.models.checkpoint import load_checkpoint, write_serving_checkpoint
 from emonet.utils.store import check_sqlite_store, default_tracking_uri, sqlite_lock, sqlite_path
 
 logger = logging.getLogger(__name__)
@@ -256,8 +256,9 @@ def log_emonet_model(
 ) -> ModelVersion:
     """Log the EmoNet pyfunc (models from code) to ``run_id`` and register it.
 
-    The model is ``emonet/inference/pyfunc_model.py`` with the artifacts ``checkpoint`` and
-    ``normalization`` (JSON), the whole ``emonet`` package as ``code_paths`` (so it
+    The model is ``emonet/inference/pyfunc_model.py`` with the artifacts ``checkpoint`` (the
+    serving part of ``checkpoint_path``: :func:`~emonet.models.checkpoint.write_serving_checkpoint`)
+    and ``normalization`` (JSON), the whole ``emonet`` package as ``code_paths`` (so it
     loads in a process that never saw this repository), exact ``pip_requirements``
     (:func:`pip_requirements`), an explicit signature (:func:`model_signature`) and an
     input example.
@@ -318,11 +319,13 @@ def log_emonet_model(
             raise FileNotFoundError(f"normalization file not found: {normalization_path}")
         AffectNormalizer.load(normalization_path)  # validate before logging
 
+        # The model carries the serving checkpoint: the weights without the optimizer state.
+        serving_path = write_serving_checkpoint(checkpoint_path, Path(tmp) / checkpoint_path.name)
         with _run_context(run_id):
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=str(PYFUNC_MODEL_FILE),
-                artifacts={"checkpoint": str(checkpoint_path), "normalization": str(normalization_path)},
+                artifacts={"checkpoint": str(serving_path), "normalization": str(normalization_path)},
                 code_paths=[str(PACKAGE_DIR)],
                 pip_requirements=pip_requirements(),
                 signature=model_signature(config.model.uses_context),
