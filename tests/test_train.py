@@ -1002,3 +1002,29 @@ def test_stale_temporary_checkpoint_files_are_removed_when_a_run_starts_or_resum
     fit(_model(config), train_loader, val_loader, config, resume_from=tmp_path / LAST_CHECKPOINT, progress=False)
     assert not (tmp_path / stale[0]).exists()
     assert all((tmp_path / name).exists() for name in kept)
+
+
+def test_the_serving_checkpoint_is_used_only_when_written_after_best(tmp_path):
+    from emonet.models.checkpoint import (
+        CHECKPOINT_FORMAT,
+        CHECKPOINT_VERSION,
+        read_checkpoint,
+        save_checkpoint,
+        serving_checkpoint_of,
+        serving_part,
+    )
+
+    full = {
+        "format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "model": {"w": torch.ones(2)},
+        "optimizer": {"state": {}}, "rng": {}, "config": {}, "epoch": 3, "thresholds": [0.5] * 26,
+    }  # fmt: skip
+    best, serving = tmp_path / "best.pt", tmp_path / "serving.pt"
+    save_checkpoint(serving_part(full), serving)
+    save_checkpoint(full, best)
+    os.utime(serving, ns=(best.stat().st_mtime_ns - 10**9,) * 2)  # left from before a kill
+    assert serving_checkpoint_of(best) is None and serving_checkpoint_of(serving) is None
+    os.utime(serving, ns=(best.stat().st_mtime_ns + 10**9,) * 2)
+    assert serving_checkpoint_of(best) == serving
+    slim = read_checkpoint(serving)
+    assert slim["serving"] and slim["thresholds"] == full["thresholds"]
+    assert not {"optimizer", "rng"} & set(slim)

@@ -23,8 +23,8 @@ A checkpoint is a dict of tensors and plain types, read with ``weights_only=True
 - ``thresholds`` : None, except in ``best.pt`` after training: the 26 decision
   thresholds tuned on validation.
 
-A *serving* checkpoint (:func:`write_serving_checkpoint`, the one a registered model
-carries) keeps only what inference reads: ``format``, ``format_version``, ``model``,
+A *serving* checkpoint (``serving.pt``, written beside ``best.pt`` with its thresholds;
+the one a registered model carries) keeps only what inference reads: ``format``, ``format_version``, ``model``,
 ``config``, ``thresholds``, ``epoch``, ``best_metric``, ``best_epoch``, ``history`` and
 ``world_size``, with ``serving`` set to True. It loads like any other; it cannot resume
 a run.
@@ -56,6 +56,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "LAST_CHECKPOINT",
+    "SERVING_CHECKPOINT",
     "DiskSpaceError",
     "check_free_space",
     "estimate_checkpoint_bytes",
@@ -63,6 +64,8 @@ __all__ = [
     "read_checkpoint",
     "remove_stale_temp_files",
     "save_checkpoint",
+    "serving_checkpoint_of",
+    "serving_part",
     "write_serving_checkpoint",
 ]
 
@@ -70,6 +73,7 @@ CHECKPOINT_FORMAT = "emonet-checkpoint"  # marks our files, so a stray .pt fails
 CHECKPOINT_VERSION = 1
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
+SERVING_CHECKPOINT = "serving.pt"  # best.pt's serving part, written with its thresholds
 # What inference reads of a checkpoint; the optimizer, scheduler, scaler and random
 # states (twice the weights' size with AdamW) stay with training.
 SERVING_KEYS = (
@@ -256,17 +260,32 @@ def load_checkpoint(
     return model, config, checkpoint
 
 
+def serving_part(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of ``checkpoint`` that inference reads (:data:`SERVING_KEYS`), marked ``serving``."""
+    return {**{key: checkpoint[key] for key in SERVING_KEYS if key in checkpoint}, "serving": True}
+
+
 def write_serving_checkpoint(path: str | Path, dest: str | Path) -> Path:
     """Write the serving part of checkpoint ``path`` to ``dest`` (atomically): the
     weights, the config, the thresholds and the run's summary, without the optimizer,
     scheduler, scaler and random states that only resuming needs.
+
+    A finished run already has it: ``serving.pt`` (:data:`SERVING_CHECKPOINT`) is written
+    beside ``best.pt`` with the thresholds, and :func:`serving_checkpoint_of` finds it.
 
     Raises
     ------
     FileNotFoundError, ValueError
         As :func:`read_checkpoint`: no file, or not an EmoNet checkpoint.
     """
-    checkpoint = read_checkpoint(path)
-    slim = {key: checkpoint[key] for key in SERVING_KEYS if key in checkpoint}
-    slim["serving"] = True
-    return save_checkpoint(slim, Path(dest))
+    return save_checkpoint(serving_part(read_checkpoint(path)), Path(dest))
+
+
+def serving_checkpoint_of(path: str | Path) -> Path | None:
+    """The ``serving.pt`` written with checkpoint ``path``'s thresholds, if it is there and
+    not older than ``path`` (a run killed between the two writes leaves an older one)."""
+    path = Path(path)
+    serving = path.with_name(SERVING_CHECKPOINT)
+    if path.name != BEST_CHECKPOINT or not serving.is_file():
+        return None
+    return serving if serving.stat().st_mtime_ns >= path.stat().st_mtime_ns else None

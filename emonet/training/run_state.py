@@ -25,8 +25,10 @@ from emonet.models.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     LAST_CHECKPOINT,
+    SERVING_CHECKPOINT,
     read_checkpoint,
     save_checkpoint,
+    serving_part,
 )
 from emonet.schema import NUM_EMOTIONS
 
@@ -283,8 +285,11 @@ def read_best(path: Path, best_epoch: int) -> dict[str, Any]:
 
 
 def save_thresholds(best: Mapping[str, Any], thresholds: Sequence[float] | np.ndarray, path: Path) -> None:
-    """Write ``best`` back to ``path`` with the decision thresholds tuned on validation."""
-    save_checkpoint({**best, "thresholds": [float(t) for t in thresholds]}, path)
+    """Write ``best`` back to ``path`` with the decision thresholds tuned on validation,
+    then its serving part beside it (``serving.pt``, what a registered model carries)."""
+    finished = {**best, "thresholds": [float(t) for t in thresholds]}
+    save_checkpoint(finished, path)
+    save_checkpoint(serving_part(finished), path.with_name(SERVING_CHECKPOINT))
 
 
 def read_fit_result(checkpoint_dir: str | Path) -> FitResult:
