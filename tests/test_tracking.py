@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from emonet.inference.predictor import OUTPUT_COLUMNS, PROB_COLUMNS
+from emonet.models.checkpoint import SERVING_CHECKPOINT, SERVING_KEYS, read_checkpoint
 from emonet.tracking.registry import CHAMPION, promote_model
 from emonet.tracking.run_logging import configure_mlflow, pip_requirements
 from emonet.utils.store import default_artifact_location, default_tracking_uri
@@ -168,7 +169,8 @@ def test_log_emonet_model_from_another_thread(logged_model, mlflow_store):
 
     model_dir = Path(mlflow.artifacts.download_artifacts(version.source))
     assert (model_dir / "code" / "emonet" / "inference" / "predictor.py").is_file()
-    assert (model_dir / "artifacts" / "best.pt").is_file()
+    served = read_checkpoint(model_dir / "artifacts" / SERVING_CHECKPOINT)
+    assert served["serving"] is True and set(served) <= {*SERVING_KEYS, "serving"}, "the serving part only"
     assert (model_dir / "artifacts" / "normalization.json").is_file()
     assert sorted((model_dir / "requirements.txt").read_text().split()) == sorted(pip_requirements())
     info = mlflow.models.get_model_info(version.source)

@@ -229,7 +229,8 @@ def test_a_pruner_stops_trials_after_their_first_epoch(sweep: dict, monkeypatch:
 def test_two_worker_processes_share_one_study(sweep: dict) -> None:
     result = _tune(sweep, n_trials=4, workers=2)
     study = optuna.load_study(study_name="tiny", storage=sweep["storage"])
-    finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    # The median pruner may stop the fourth trial: pruned trials count towards n_trials.
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert 4 <= len(finished) <= 5, "each worker stops once the study has its trials"
     assert len({t.user_attrs["process"] for t in finished}) == 2
     assert len({tuple(sorted(t.params.items())) for t in finished}) == len(finished), "workers draw different values"

@@ -35,7 +35,12 @@ from emonet.config import EmoNetConfig
 from emonet.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_MAX_ROWS
 from emonet.data.normalize import AffectNormalizer
 from emonet.inference.predictor import EMOTIONS_COLUMN, OUTPUT_COLUMNS
-from emonet.models.checkpoint import load_checkpoint, serving_checkpoint_of, write_serving_checkpoint
+from emonet.models.checkpoint import (
+    SERVING_CHECKPOINT,
+    load_checkpoint,
+    serving_checkpoint_of,
+    write_serving_checkpoint,
+)
 from emonet.utils.store import check_sqlite_store, default_tracking_uri, sqlite_lock, sqlite_path
 
 logger = logging.getLogger(__name__)
@@ -322,7 +327,7 @@ def log_emonet_model(
         # The model carries the serving checkpoint: the weights without the optimizer state.
         # A finished run wrote it with its thresholds; an older run's is derived here.
         serving_path = serving_checkpoint_of(checkpoint_path) or write_serving_checkpoint(
-            checkpoint_path, Path(tmp) / checkpoint_path.name
+            checkpoint_path, Path(tmp) / SERVING_CHECKPOINT
         )
         with _run_context(run_id):
             info = mlflow.pyfunc.log_model(
