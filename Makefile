@@ -33,7 +33,12 @@ MLFLOW_DB ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 MODEL ?= models:/emonet@champion
 PORT ?= 5001
 WORKERS ?= 1
-# Each worker's share of the cores, as its torch threads: N workers never oversubscribe them.
+# What runs the network: onnxruntime, onnxruntime-int8 (a version registered with INT8
+# quantization) or torch; empty keeps the model's own setting (auto:
+# ONNX Runtime when the model carries its ONNX export, else torch).
+RUNTIME ?=
+# Each worker's share of the cores, as its torch threads and ONNX Runtime's intra-op
+# threads (which follow torch's): N workers never oversubscribe them.
 SERVE_THREADS = $(shell n=$$(nproc 2>/dev/null || echo 1); t=$$(expr $$n / "$(WORKERS)" 2>/dev/null); [ "$${t:-0}" -ge 1 ] && echo $$t || echo 1)
 
 .PHONY: demo test venv lock ui deploy serve servers servers-stop postgresql clean-outputs docs docs-serve
@@ -131,9 +136,11 @@ servers-stop:
 # starts uvicorn by name: the venv goes on PATH.
 serve: venv
 	@case '$(WORKERS)' in ''|*[!0-9]*|0) echo "WORKERS must be a positive integer, got '$(WORKERS)'" >&2; exit 2;; esac
+	@case '$(RUNTIME)' in ''|auto|onnxruntime|onnxruntime-int8|torch) ;; *) echo "RUNTIME must be auto, onnxruntime, onnxruntime-int8 or torch, got '$(RUNTIME)'" >&2; exit 2;; esac
 	@$(PY) -m emonet.utils.store "$${MLFLOW_TRACKING_URI:-$(MLFLOW_DB)}"
 	PATH='$(CURDIR)/$(VENV)/bin':"$$PATH" MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-$(MLFLOW_DB)}" \
 	    OMP_NUM_THREADS=$(SERVE_THREADS) MKL_NUM_THREADS=$(SERVE_THREADS) \
+	    $(if $(RUNTIME),MLFLOW_PYFUNC_INFERENCE_CONFIG='{"inference_runtime": "$(RUNTIME)"}') \
 	    $(VENV)/bin/mlflow models serve -m '$(MODEL)' --env-manager local --host 127.0.0.1 --port $(PORT) \
 	    --workers $(WORKERS)
 

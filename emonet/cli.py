@@ -116,6 +116,7 @@ def _cmd_review(args: argparse.Namespace) -> None:
         sort_by=args.sort_by,
         seed=args.seed,
         normalizer=args.normalization,
+        runtime=args.runtime,
     )
     print(f"reviewed {len(table)} samples; open {Path(args.out_dir) / 'index.html'} in a browser")
 
@@ -131,6 +132,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         on_error=args.on_error,
         max_pixels=args.max_pixels,
+        runtime=args.runtime,
     )
     print(summary)
 
@@ -242,7 +244,20 @@ def _add_review(commands: argparse._SubParsersAction) -> None:
     review.add_argument("--sort-by", default="random", choices=["random", "best", "worst", "confidence"])
     review.add_argument("--seed", type=int, default=0)
     review.add_argument("--normalization", type=Path, default=None, help="normalization.json of the training data")
+    _add_runtime(review)
     review.set_defaults(func=_cmd_review)
+
+
+def _add_runtime(parser: argparse.ArgumentParser) -> None:
+    from emonet.inference.onnx_runtime import RUNTIMES
+
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="auto",
+        help="what runs the network: auto (ONNX Runtime for a registered model with an ONNX export, on the CPU; "
+        "else torch), onnxruntime or torch (default: %(default)s)",
+    )
 
 
 def _add_predict(commands: argparse._SubParsersAction) -> None:
@@ -259,6 +274,7 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
         default=DEFAULT_MAX_PIXELS,
         help="refuse images of more pixels, from their header (default: %(default)s)",
     )
+    _add_runtime(predict)
     predict.set_defaults(func=_cmd_predict)
 
 

@@ -31,6 +31,7 @@ def emonet_batch_predict(
     tracking_uri: str | None = None,
     on_error: Literal["raise", "skip"] = "raise",
     max_pixels: Annotated[int, Field(ge=1)] = DEFAULT_MAX_PIXELS,
+    runtime: Literal["auto", "onnxruntime", "onnxruntime-int8", "torch"] = "auto",
 ) -> dict[str, Any]:
     """Predict emotions and valence/arousal for every crop listed in a CSV.
 
@@ -49,6 +50,9 @@ def emonet_batch_predict(
             out and lists them in `<output stem>.skipped.csv`.
         max_pixels: Images with more pixels (height x width, read from the file's
             header before decoding) are bad rows, raised or skipped as `on_error` says.
+        runtime: What runs the network: `auto` (ONNX Runtime when the registered model
+            has its ONNX export and runs on the CPU, else torch), `onnxruntime`, `torch`,
+            or `onnxruntime-int8` for a version registered with INT8 quantization.
     """
     ensure_reaper()
     check_batch_inputs(model_uri, output_csv, tracking_uri)
@@ -60,6 +64,7 @@ def emonet_batch_predict(
         batch_size=batch_size,
         on_error=on_error,
         max_pixels=max_pixels,
+        runtime=runtime,
     )
 
 
@@ -102,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or mlruns/mlflow.db")
     parser.add_argument("--on-error", choices=("raise", "skip"), default="raise")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse larger images")
+    parser.add_argument(
+        "--runtime", choices=("auto", "onnxruntime", "onnxruntime-int8", "torch"), default="auto", help="default: auto"
+    )
     args = parser.parse_args(argv)
     try:  # before Prefect starts: a bad model URI or output folder is one line, not a traceback
         check_batch_inputs(args.model_uri, args.output_csv, args.tracking_uri)
@@ -117,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         tracking_uri=args.tracking_uri,
         on_error=args.on_error,
         max_pixels=args.max_pixels,
+        runtime=args.runtime,
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -207,6 +207,7 @@ def emonet_training_pipeline(
     min_improvement: Annotated[float, Field(ge=0)] = 0.0,
     promotion_confidence: Annotated[float, Field(ge=0, lt=1)] = 0.95,
     promotion_split: Literal["val", "test"] = "val",
+    quantize: Literal["none", "int8"] = "none",
     force_retrain: bool = False,
     review_samples: PositiveInt = 24,
     review_detailed_samples: Annotated[int, Field(ge=0)] = 6,
@@ -248,6 +249,10 @@ def emonet_training_pipeline(
         promotion_split: The split the promotion compares on: `val` (default; the test
             split then never chooses a model) or `test` (the test split decides, and its mAP
             is then no unbiased estimate).
+        quantize: `int8` also registers an INT8 copy of the model's ONNX export, with its
+            validation mAP difference from the float model (paired bootstrap) in the run
+            and the version's `onnx_int8` tag; it serves only when asked for
+            (`inference_runtime` `onnxruntime-int8`). `none` (default): no copy.
         force_retrain: Train even when the data, the resolved config and the code are
             those of the current champion's run (which otherwise skips training).
         review_samples: Test crops in the visual review's grid, worst predictions first.
@@ -293,6 +298,7 @@ def emonet_training_pipeline(
             "min_improvement": min_improvement,
             "promotion_split": promotion_split,
             "promotion_confidence": promotion_confidence,
+            "quantize": None if quantize == "none" else quantize,
             "review_samples": review_samples,
             "review_detailed_samples": review_detailed_samples,
         }
@@ -376,10 +382,12 @@ def _train(
 ) -> Trained:
     """Train, evaluate on test (and predict validation with the same loaded model), review
     and register: the flow's steps when training is not skipped. ``choices``: the flow's
-    ``min_improvement``, ``promotion_split`` and ``promotion_confidence`` (for
+    ``min_improvement``, ``promotion_split``, ``promotion_confidence`` and ``quantize`` (for
     :func:`tasks.registration.register_model`), ``review_samples`` and
     ``review_detailed_samples`` (for :func:`tasks.review.review_model`)."""
-    promotion = {key: choices[key] for key in ("min_improvement", "promotion_split", "promotion_confidence")}
+    promotion = {
+        key: choices[key] for key in ("min_improvement", "promotion_split", "promotion_confidence", "quantize")
+    }
     review = {"num_samples": choices["review_samples"], "detailed_samples": choices["review_detailed_samples"]}
     run_id, img_dir = run.run_id, arrays_dir(root)
     test_csv, val_csv, normalization_json = data.normalized["test"], data.normalized["val"], data.normalization_json

@@ -49,6 +49,7 @@ def batch_predict(
     batch_size: int = 64,
     on_error: Literal["raise", "skip"] = "raise",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    runtime: str = "auto",
 ) -> dict[str, Any]:
     """Score every row of ``input_csv`` with ``model_uri`` into ``output_csv``; returns the summary."""
     summary = predict_csv(
@@ -60,12 +61,14 @@ def batch_predict(
         progress=False,
         on_error=on_error,
         max_pixels=max_pixels,
+        runtime=runtime,
     )
     logger = get_run_logger()
     logger.info(
-        "%s: %d rows predicted, %d skipped -> %s",
+        "%s: %d rows predicted with %s, %d skipped -> %s",
         input_csv.name,
         summary["rows_written"],
+        summary["runtime"],
         summary["rows_skipped"],
         output_csv,
     )

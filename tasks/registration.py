@@ -31,15 +31,18 @@ def register_model(
     min_improvement: float = 0.0,
     promotion_split: str = "val",
     promotion_confidence: float = DEFAULT_CONFIDENCE,
+    quantize: str | None = None,
 ) -> PromotionDecision:
     """Log the pyfunc model and register it once per run (a retry reuses the version),
     then move `champion` only when the evidence says it beats the champion on
     ``promotion_split`` (:func:`emonet.tracking.registry.promote_model`): on validation
     (``evaluation.validation``, the rows of ``val_csv``) by default, on the test split
     (``evaluation.predictions``, ``test_csv``) when asked. The checkpoint is logged with
-    the evaluation's config, not loaded again. The version is tagged with its test and
-    validation mAP; its description summarizes its test metrics with their intervals,
-    the validation mAP and the decision with its interval and split. The returned
+    the evaluation's config, not loaded again, and its ONNX export checked on the first
+    validation crops (``quantize="int8"`` adds an INT8 copy, measured on validation). The
+    version is tagged with its test and validation mAP; its description summarizes its
+    test metrics with their intervals, the validation mAP and the decision with its
+    interval and split. The returned
     decision carries the previous champion's recorded mAP on both splits."""
     logger = get_run_logger()
     client = MlflowClient()
@@ -59,6 +62,9 @@ def register_model(
             normalization_json,
             registered_model_name=registered_model_name,
             config=evaluation.config,
+            check_csv=val_csv,  # the ONNX export is checked on validation crops
+            img_dir=img_dir,
+            quantize=quantize,
         )
     else:
         logger.info(

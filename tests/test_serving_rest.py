@@ -147,3 +147,12 @@ def test_make_serve_gives_each_worker_its_share_of_the_cores():
         ["make", "-o", ".venv/.installed-stamp", "serve", "WORKERS=0"], cwd=REPO, capture_output=True, text=True
     )
     assert refused.returncode != 0 and "WORKERS must be a positive integer, got '0'" in refused.stderr
+
+    # RUNTIME picks what runs the network; unset, the model's own setting (auto) stays.
+    assert "MLFLOW_PYFUNC_INFERENCE_CONFIG" not in dry_run().stdout
+    assert """MLFLOW_PYFUNC_INFERENCE_CONFIG='{"inference_runtime": "torch"}'""" in dry_run("RUNTIME=torch").stdout
+    refused = subprocess.run(
+        ["make", "-o", ".venv/.installed-stamp", "serve", "RUNTIME=tensorrt"], cwd=REPO, capture_output=True, text=True
+    )
+    every = "auto, onnxruntime, onnxruntime-int8 or torch"
+    assert refused.returncode != 0 and f"RUNTIME must be {every}, got 'tensorrt'" in refused.stderr

@@ -1,8 +1,8 @@
 """Prediction: the :class:`~emonet.inference.predictor.Predictor`, the one prediction loop
-(:mod:`~emonet.inference.loop`), loading a model from a checkpoint or MLflow
-(:mod:`~emonet.inference.loading`), scoring a CSV (:mod:`~emonet.inference.csv_scoring`) and the
-MLflow pyfunc model (:mod:`~emonet.inference.pyfunc_model`, run by MLflow from its file). Imports no
-training code.
+(:mod:`~emonet.inference.loop`) on torch or ONNX Runtime (:mod:`~emonet.inference.onnx_runtime`),
+loading a model from a checkpoint or MLflow (:mod:`~emonet.inference.loading`), scoring a CSV
+(:mod:`~emonet.inference.csv_scoring`) and the MLflow pyfunc model (:mod:`~emonet.inference.pyfunc_model`,
+run by MLflow from its file). Imports no training code.
 
 The names below are re-exported lazily (``lazy_loader``): importing one submodule loads
 only what it needs.
@@ -35,6 +35,14 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "eval_transform",
             "predict_split",
             "to_device",
+        ],
+        "onnx_runtime": [
+            "PRECISION_KEY",
+            "RUNTIMES",
+            "OnnxModel",
+            "Runtime",
+            "onnx_session",
+            "resolve_runtime",
         ],
         "predictor": [
             "AFFECT_OUTPUT_COLUMNS",

@@ -291,6 +291,7 @@ def _summarize(
         "output_csv": str(out_csv),
         "model": describe_model(model),
         "variant": predictor.variant,
+        "runtime": predictor.runtime,
         "layout": reader.layout,
         "rows_read": counts["read"],
         "rows_written": counts["written"],
@@ -326,6 +327,7 @@ def predict_csv(
     normalizer: AffectNormalizer | str | Path | None = None,
     keep_columns: Sequence[str] = (),
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    runtime: str = "auto",
 ) -> dict[str, Any]:
     """Score every row of a CSV of body crops and write the predictions CSV.
 
@@ -369,11 +371,14 @@ def predict_csv(
     max_pixels : a row whose image (or full image) has more pixels is a bad row
         (raised or skipped, see ``on_error``); checked from the file's header, before
         any pixel is read. None for no limit.
+    runtime : ``"auto"`` (ONNX Runtime for a registered model with an ONNX export, on
+        the CPU), ``"onnxruntime"`` or ``"torch"``, for a model loaded here (see
+        :func:`load_predictor`).
 
     Returns
     -------
     dict
-        ``input_csv``, ``output_csv``, ``model``, ``variant``, ``layout`` (``"paths"``
+        ``input_csv``, ``output_csv``, ``model``, ``variant``, ``runtime``, ``layout`` (``"paths"``
         or ``"archive"``), ``rows_read``, ``rows_written``, ``rows_skipped``,
         ``skipped_csv`` (None with ``on_error="raise"``), ``skipped`` (the first 20
         ``{"row", "reason"}``), ``seconds`` and ``rows_per_second``.
@@ -397,7 +402,7 @@ def predict_csv(
         model, csv_path, out_csv, img_dir, batch_size, on_error, keep_columns, max_pixels
     )
 
-    predictor = load_predictor(model, device=device, batch_size=batch_size, normalizer=normalizer)
+    predictor = load_predictor(model, device=device, batch_size=batch_size, normalizer=normalizer, runtime=runtime)
     reader = _CsvImageReader(columns, csv_path, img_dir, predictor.needs_context, max_pixels)
     id_columns = [c for c in ID_COLUMNS if c in columns] + [c for c in keep_columns if c not in ID_COLUMNS]
     started = time.perf_counter()

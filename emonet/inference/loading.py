@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from emonet.data.normalize import AffectNormalizer
+from emonet.inference.onnx_runtime import RUNTIMES
 from emonet.inference.predictor import Predictor
 from emonet.models.devices import resolve_device
 from emonet.utils.store import check_store, without_password
@@ -41,6 +42,7 @@ def load_predictor(
     device: str = "auto",
     batch_size: int | None = None,
     normalizer: AffectNormalizer | str | Path | None = None,
+    runtime: str = "auto",
 ) -> Predictor:
     """A :class:`~emonet.inference.predictor.Predictor` from a checkpoint, an MLflow model or itself.
 
@@ -56,13 +58,19 @@ def load_predictor(
         for a checkpoint).
     normalizer : for a checkpoint only (an MLflow model carries its own): an
         :class:`AffectNormalizer` or a ``normalization.json``; None uses the 1..10 bounds.
+    runtime : what runs the network: ``"auto"`` (ONNX Runtime when an MLflow model has
+        its ONNX export and runs on the CPU, else torch), ``"onnxruntime"``,
+        ``"onnxruntime-int8"`` (a version registered with ``quantize="int8"``) or ``"torch"``
+        (see :func:`~emonet.inference.onnx_runtime.resolve_runtime`). A checkpoint file
+        has no export: it runs with torch.
 
     Raises
     ------
     FileNotFoundError
         No checkpoint at the given path.
     ValueError
-        A bad ``batch_size``, a file that is not an EmoNet checkpoint, an MLflow model
+        A bad ``batch_size`` or ``runtime`` (``onnxruntime`` for a checkpoint file, or
+        for a model without an export), a file that is not an EmoNet checkpoint, an MLflow model
         that is not an EmoNet pyfunc, or a ``models:/`` URI whose registered model,
         version or alias does not exist (one line naming it and what does exist).
 
@@ -80,21 +88,30 @@ def load_predictor(
         raise ValueError(f"model must be a Predictor, a checkpoint path or an MLflow URI, got {type(model).__name__}")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
     if is_mlflow_uri(model):
-        return _load_mlflow_predictor(str(model), device, batch_size, normalizer)
+        return _load_mlflow_predictor(str(model), device, batch_size, normalizer, runtime)
+    if runtime.startswith("onnxruntime"):
+        raise ValueError(
+            f"runtime {runtime!r} needs a registered model's ONNX export, and {model} is a checkpoint file: "
+            "pass its models:/ URI, or use runtime 'torch' or 'auto'"
+        )
     return Predictor.from_checkpoint(
         model, normalizer=normalizer, device=resolve_device(device), batch_size=batch_size or 32
     )
 
 
 def _load_mlflow_predictor(
-    uri: str, device: str, batch_size: int | None, normalizer: AffectNormalizer | str | Path | None
+    uri: str, device: str, batch_size: int | None, normalizer: AffectNormalizer | str | Path | None, runtime: str
 ) -> Predictor:
     import mlflow  # heavy; only needed for MLflow models
 
     if normalizer is not None:
         logger.warning("normalizer ignored: the MLflow model %s carries its own normalization", uri)
-    model_config: dict[str, Any] = {"inference_device": device}
+    # A model registered before ONNX exports has no inference_runtime key, and MLflow drops
+    # load-time keys a model was not logged with: such a model runs with torch, as it did.
+    model_config: dict[str, Any] = {"inference_device": device, "inference_runtime": runtime}
     if batch_size is not None:
         model_config["inference_batch_size"] = batch_size
     # MLflow would create its tables in an empty or foreign SQLite file, then fail on it.
@@ -112,7 +129,19 @@ def _load_mlflow_predictor(
     predictor = getattr(python_model, "predictor", None)
     if not isinstance(predictor, Predictor):
         raise ValueError(f"{uri} is not an EmoNet pyfunc model (it holds {type(python_model).__name__})")
-    logger.info("loaded %s (%s, %s) on %s", uri, predictor.variant, predictor.config.model.backbone, predictor.device)
+    if runtime.startswith("onnxruntime") and predictor.runtime != runtime:
+        # A version registered before exports drops the inference_runtime key and runs with torch.
+        raise ValueError(
+            f"runtime {runtime!r} needs the model's ONNX export, and {uri} has none: use 'torch' or 'auto'"
+        )
+    logger.info(
+        "loaded %s (%s, %s) with %s on %s",
+        uri,
+        predictor.variant,
+        predictor.config.model.backbone,
+        predictor.runtime,
+        predictor.device,
+    )
     return predictor
 
 

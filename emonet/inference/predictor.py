@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 from emonet.config import EmoNetConfig
 from emonet.data.normalize import AffectNormalizer, load_normalizer
 from emonet.inference.loop import ImageInputs, Predictions, RowReader, eval_transform, predict_split
-from emonet.models.checkpoint import load_checkpoint
+from emonet.inference.onnx_runtime import OnnxModel, resolve_runtime
+from emonet.models.checkpoint import load_checkpoint, read_checkpoint, stored_config
 from emonet.models.network import EmoNet
 from emonet.schema import EMOTIONS, NUM_EMOTIONS
 
@@ -53,7 +54,9 @@ class Predictor:
 
     Parameters
     ----------
-    model : the network; put in eval mode and moved to ``device``.
+    model : the network, or its ONNX export run by ONNX Runtime
+        (:class:`~emonet.inference.onnx_runtime.OnnxModel`, on the CPU); put in eval mode
+        and moved to ``device``.
     config : the run config the model was trained with (input sizes come from it).
     thresholds : per-emotion decision thresholds ``(26,)`` in paper order; None gives 0.5.
     normalizer : maps valence/arousal from [-1, 1] back to the 1..10 scale; None uses the
@@ -69,7 +72,7 @@ class Predictor:
 
     def __init__(
         self,
-        model: EmoNet,
+        model: EmoNet | OnnxModel,
         config: EmoNetConfig,
         thresholds: Sequence[float] | np.ndarray | None = None,
         normalizer: AffectNormalizer | None = None,
@@ -90,6 +93,8 @@ class Predictor:
         self.normalizer = normalizer if normalizer is not None else AffectNormalizer()
         self.batch_size = batch_size
         self.variant = getattr(model, "variant", config.model.variant)
+        # "onnxruntime" or "torch": what runs the forward pass (the preprocessing is the same).
+        self.runtime = model.runtime if isinstance(model, OnnxModel) else "torch"
         self.image_size = config.train.image_size
         self.transform = eval_transform(config)
 
@@ -105,6 +110,10 @@ class Predictor:
         normalizer: AffectNormalizer | str | Path | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
+        *,
+        onnx_path: str | Path | None = None,
+        runtime: str = "torch",
+        threads: int | None = None,
     ) -> Predictor:
         """Load a checkpoint written by :func:`emonet.training.trainer.fit` (e.g. ``best.pt``).
 
@@ -116,15 +125,29 @@ class Predictor:
             ``normalization.json`` written by the normalization step; None uses the
             1..10 scale bounds.
         device, batch_size : see :class:`Predictor`.
+        onnx_path : the checkpoint's ONNX export (:func:`emonet.models.onnx_export.export_onnx`),
+            if it has one (its INT8 copy with ``runtime="onnxruntime-int8"``).
+        runtime : ``"torch"`` (default), ``"onnxruntime"`` or ``"onnxruntime-int8"`` (need
+            ``onnx_path`` and the CPU) or ``"auto"`` (ONNX Runtime when it can): see
+            :func:`~emonet.inference.onnx_runtime.resolve_runtime`. With ONNX Runtime the
+            torch network is not built: the checkpoint gives the config and thresholds.
+        threads : ONNX Runtime's intra-op threads; None follows ``torch.get_num_threads()``.
 
         Raises
         ------
         FileNotFoundError
             No checkpoint or normalization file at the given path.
         ValueError
-            The file is not an EmoNet checkpoint, or its thresholds are malformed.
+            The file is not an EmoNet checkpoint, its thresholds are malformed, or
+            ``runtime`` cannot be had (its message says why).
         """
-        model, config, checkpoint = load_checkpoint(path, map_location=device)
+        if resolve_runtime(runtime, onnx_path, device) != "torch":
+            assert onnx_path is not None
+            checkpoint = read_checkpoint(path)
+            config = stored_config(checkpoint, path)
+            model: EmoNet | OnnxModel = OnnxModel(onnx_path, config.model, threads=threads)
+        else:
+            model, config, checkpoint = load_checkpoint(path, map_location=device)
         thresholds = checkpoint.get("thresholds")
         if thresholds is None:
             logger.warning("%s holds no tuned thresholds; using %.1f for every emotion", path, DEFAULT_THRESHOLD)

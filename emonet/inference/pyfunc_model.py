@@ -45,6 +45,8 @@ CONTEXT_B64 = "context_b64"
 # Names of the model's artifacts (as emonet.tracking.run_logging logs them).
 CHECKPOINT_ARTIFACT = "checkpoint"
 NORMALIZATION_ARTIFACT = "normalization"
+ONNX_ARTIFACT = "onnx"  # the ONNX export; absent from models registered before it, or whose export failed
+INT8_ARTIFACT = "onnx_int8"  # its INT8 copy, only in versions registered with quantize="int8"
 # The folder that file paths must lie in, when the model config does not set one.
 IMAGE_ROOT_ENV = "EMONET_IMAGE_ROOT"
 
@@ -139,6 +141,10 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
     ``model_config`` keys (logged by :func:`emonet.tracking.run_logging.log_emonet_model`, and
     overridable at load time): ``inference_batch_size`` (default 32),
     ``inference_device`` (default ``"auto"``: CUDA when available),
+    ``inference_runtime`` (default ``"auto"``: ONNX Runtime on the model's ``onnx``
+    artifact when it has one and runs on the CPU, else torch; ``"onnxruntime"`` or
+    ``"torch"`` to insist, ``"onnxruntime-int8"`` for the ``onnx_int8`` artifact of a
+    version registered with ``quantize="int8"``: :func:`~emonet.inference.onnx_runtime.resolve_runtime`),
     ``inference_max_pixels`` (default 40 million: larger images are refused from their
     header, before decoding), ``inference_max_rows`` (default 256 rows per call) and
     ``inference_max_request_pixels`` (default 200 million: the pixels of all the images
@@ -162,14 +168,15 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
     image_root: Path | None = None
 
     def load_context(self, context: Any) -> None:
-        """Build the :class:`~emonet.inference.predictor.Predictor` from the ``checkpoint`` and
-        ``normalization`` artifacts and the ``model_config``."""
+        """Build the :class:`~emonet.inference.predictor.Predictor` from the ``checkpoint``,
+        ``normalization`` and (when present) ``onnx`` artifacts and the ``model_config``."""
         config = dict(getattr(context, "model_config", None) or {})
         device = resolve_device(str(config.get("inference_device", "auto")))
         batch_size = int(config.get("inference_batch_size", 32))
         self.max_pixels = _positive_or_none(config, "inference_max_pixels", DEFAULT_MAX_PIXELS)
         self.max_rows = _positive_or_none(config, "inference_max_rows", DEFAULT_MAX_ROWS)
         self.max_request_pixels = _positive_or_none(config, "inference_max_request_pixels", DEFAULT_MAX_REQUEST_PIXELS)
+        runtime = str(config.get("inference_runtime") or "auto")
         root = config.get("inference_image_root") or os.environ.get(IMAGE_ROOT_ENV)
         self.image_root = resolve_image_root(root) if root else None
         self.predictor = Predictor.from_checkpoint(
@@ -177,10 +184,14 @@ class EmoNetPyfunc(mlflow.pyfunc.PythonModel):
             normalizer=context.artifacts.get(NORMALIZATION_ARTIFACT),
             device=device,
             batch_size=batch_size,
+            onnx_path=context.artifacts.get(INT8_ARTIFACT if runtime == "onnxruntime-int8" else ONNX_ARTIFACT),
+            runtime=runtime,
         )
         logger.info(
-            "loaded EmoNet (%s) on %s; image root %s; at most %s pixels per image, %s rows and %s pixels per call",
+            "loaded EmoNet (%s) with %s on %s; image root %s; "
+            "at most %s pixels per image, %s rows and %s pixels per call",
             self.predictor.variant,
+            self.predictor.runtime,
             device,
             self.image_root,
             self.max_pixels,

@@ -1,5 +1,6 @@
 """The network (:mod:`~emonet.models.network`), the checkpoint file format
-(:mod:`~emonet.models.checkpoint`) and the device a model runs on (:mod:`~emonet.models.devices`).
+(:mod:`~emonet.models.checkpoint`), the ONNX export (:mod:`~emonet.models.onnx_export`) and the
+device a model runs on (:mod:`~emonet.models.devices`).
 
 The names below are re-exported lazily (``lazy_loader``): importing one submodule loads
 only what it needs.
@@ -25,10 +26,20 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "save_checkpoint",
             "serving_checkpoint_of",
             "serving_part",
+            "stored_config",
             "write_serving_checkpoint",
         ],
         "devices": [
             "resolve_device",
+        ],
+        "onnx_export": [
+            "ONNX_FILE",
+            "ONNX_INPUTS",
+            "ONNX_OPSET",
+            "ONNX_OUTPUTS",
+            "export_onnx",
+            "onnx_input_shapes",
+            "onnx_metadata",
         ],
         "network": [
             "EMOTION_PRIOR",

@@ -66,6 +66,7 @@ __all__ = [
     "save_checkpoint",
     "serving_checkpoint_of",
     "serving_part",
+    "stored_config",
     "write_serving_checkpoint",
 ]
 
@@ -218,6 +219,20 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return checkpoint
 
 
+def stored_config(checkpoint: Mapping[str, Any], path: str | Path) -> EmoNetConfig:
+    """The run config stored in ``checkpoint`` (read from ``path``, which errors name).
+
+    Raises
+    ------
+    ValueError
+        The stored config is not a valid :class:`~emonet.config.EmoNetConfig`.
+    """
+    try:
+        return EmoNetConfig.model_validate(checkpoint["config"])
+    except ValueError as error:
+        raise ValueError(f"{path}: the stored config is not valid: {error}") from error
+
+
 def load_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[EmoNet, EmoNetConfig, dict[str, Any]]:
@@ -246,10 +261,7 @@ def load_checkpoint(
         The file is not an EmoNet checkpoint, or its config or weights do not fit.
     """
     checkpoint = read_checkpoint(path, map_location)
-    try:
-        config = EmoNetConfig.model_validate(checkpoint["config"])
-    except ValueError as error:
-        raise ValueError(f"{path}: the stored config is not valid: {error}") from error
+    config = stored_config(checkpoint, path)
     model = build_model(config.model, pretrained=False)
     try:
         model.load_state_dict(checkpoint["model"])

@@ -1,4 +1,5 @@
-"""MLflow: logging runs and the pyfunc model (:mod:`~emonet.tracking.run_logging`), promotion in the
+"""MLflow: logging runs and the pyfunc model (:mod:`~emonet.tracking.run_logging`) with its ONNX
+export checked against torch (:mod:`~emonet.tracking.model_export`), promotion in the
 registry (:mod:`~emonet.tracking.registry`), a run's fingerprints and the check that skips a
 retraining that would reproduce the champion (:mod:`~emonet.tracking.recipe`), and closing the runs
 of killed flows (:mod:`~emonet.tracking.stale_runs`). Imports no training code.
@@ -12,6 +13,22 @@ import lazy_loader
 __getattr__, __dir__, __all__ = lazy_loader.attach(
     __name__,
     submod_attrs={
+        "model_export": [
+            "INT8_EXPORT_TAG",
+            "INT8_FILE",
+            "Int8Export",
+            "ModelExports",
+            "ONNX_CHECK_ROWS",
+            "ONNX_EXPORT_TAG",
+            "ONNX_TOLERANCE",
+            "OnnxExport",
+            "QUANTIZATIONS",
+            "check_export_options",
+            "check_inputs",
+            "export_checked_onnx",
+            "make_exports",
+            "quantize_checked_int8",
+        ],
         "recipe": [
             "CODE_VERSION_TAG",
             "CONFIG_FINGERPRINT_TAG",

@@ -41,6 +41,7 @@ from emonet.models.checkpoint import (
     serving_checkpoint_of,
     write_serving_checkpoint,
 )
+from emonet.tracking.model_export import check_export_options, make_exports
 from emonet.utils.store import check_sqlite_store, default_tracking_uri, sqlite_lock, sqlite_path
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ MODEL_REQUIREMENTS: tuple[str, ...] = (
     "pyyaml",
     "tqdm",
     "lazy-loader",  # the subpackages' lazy re-exports
+    "onnxruntime",  # runs the ONNX export (the exporter itself is needed at registration only)
 )
 
 
@@ -258,12 +260,19 @@ def log_emonet_model(
     batch_size: int = 32,
     device: str = "auto",
     config: EmoNetConfig | None = None,
+    onnx: bool = True,
+    check_csv: str | Path | None = None,
+    img_dir: str | Path | None = None,
+    quantize: str | None = None,
 ) -> ModelVersion:
     """Log the EmoNet pyfunc (models from code) to ``run_id`` and register it.
 
     The model is ``emonet/inference/pyfunc_model.py`` with the artifacts ``checkpoint`` (the
-    serving part of ``checkpoint_path``: :func:`~emonet.models.checkpoint.write_serving_checkpoint`)
-    and ``normalization`` (JSON), the whole ``emonet`` package as ``code_paths`` (so it
+    serving part of ``checkpoint_path``: :func:`~emonet.models.checkpoint.write_serving_checkpoint`),
+    ``normalization`` (JSON) and ``onnx`` (``emonet.onnx``, the network exported for ONNX
+    Runtime and checked against torch: :func:`~emonet.tracking.model_export.export_checked_onnx`;
+    absent when the export or its check failed, which the version's ``onnx_export`` tag
+    and a warning say), the whole ``emonet`` package as ``code_paths`` (so it
     loads in a process that never saw this repository), exact ``pip_requirements``
     (:func:`pip_requirements`), an explicit signature (:func:`model_signature`) and an
     input example.
@@ -292,6 +301,16 @@ def log_emonet_model(
         :attr:`emonet.reports.evaluation.EvaluationReport.config`): its variant and backbone
         are used and the checkpoint is not loaded again. None loads the checkpoint,
         which also checks it before anything is logged.
+    onnx : export the model to ONNX (the default); False logs the torch runtime only.
+    check_csv, img_dir : the split CSV (validation, normally) whose first crops the export
+        is checked on, and its image arrays; None checks it on seeded random images.
+    quantize : ``"int8"`` also logs an INT8 copy of the export (artifact ``onnx_int8``),
+        calibrated on the first crops of ``check_csv`` (which it needs); its mAP difference
+        from the float export on the whole of ``check_csv``, with its paired-bootstrap
+        interval, goes to the run's metrics (``int8_val_mAP_difference``, ``_low``,
+        ``_high``) and the version's ``onnx_int8`` tag
+        (:func:`~emonet.tracking.model_export.quantize_checked_int8`). It is served only
+        with ``inference_runtime`` ``onnxruntime-int8``. None (default): no INT8 copy.
 
     Returns
     -------
@@ -303,10 +322,12 @@ def log_emonet_model(
     FileNotFoundError
         A missing checkpoint, normalization or example file.
     ValueError
-        The checkpoint is not an EmoNet checkpoint.
+        The checkpoint is not an EmoNet checkpoint, an unknown ``quantize``, or
+        ``quantize`` without ``onnx`` or ``check_csv``.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    check_export_options(onnx, check_csv, img_dir, quantize)
     checkpoint_path = Path(checkpoint_path).resolve()
     if config is None:
         _, config, _ = load_checkpoint(checkpoint_path)  # fails early on a bad file
@@ -329,11 +350,15 @@ def log_emonet_model(
         serving_path = serving_checkpoint_of(checkpoint_path) or write_serving_checkpoint(
             checkpoint_path, Path(tmp) / SERVING_CHECKPOINT
         )
+        exports = make_exports(serving_path, tmp, onnx=onnx, check_csv=check_csv, img_dir=img_dir, quantize=quantize)
+        # The names emonet.inference.pyfunc_model reads them by.
+        artifacts = {"checkpoint": str(serving_path), "normalization": str(normalization_path)}
+        artifacts.update(exports.artifacts())
         with _run_context(run_id):
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=str(PYFUNC_MODEL_FILE),
-                artifacts={"checkpoint": str(serving_path), "normalization": str(normalization_path)},
+                artifacts=artifacts,
                 code_paths=[str(PACKAGE_DIR)],
                 pip_requirements=pip_requirements(),
                 signature=model_signature(config.model.uses_context),
@@ -341,6 +366,7 @@ def log_emonet_model(
                 model_config={
                     "inference_batch_size": int(batch_size),
                     "inference_device": device,
+                    "inference_runtime": "auto",
                     # Logged so that they can be overridden at load time (MLflow ignores
                     # load-time keys a model was not logged with).
                     "inference_max_pixels": DEFAULT_MAX_PIXELS,
@@ -351,7 +377,10 @@ def log_emonet_model(
                 registered_model_name=registered_model_name,
             )
     version = client.get_model_version(registered_model_name, str(info.registered_model_version))
-    for key, value in (("variant", config.model.variant), ("backbone", config.model.backbone)):
+    tags = {"variant": config.model.variant, "backbone": config.model.backbone, **exports.tags()}
+    for key, value in (exports.int8.metrics() if exports.int8 is not None else {}).items():
+        client.log_metric(run_id, key, value)
+    for key, value in tags.items():
         client.set_model_version_tag(registered_model_name, version.version, key, value)
     logger.info(
         "logged %s to run %s and registered %s version %s",

@@ -95,6 +95,7 @@ def review_predictions_with_visualization(
     device: str = "auto",
     batch_size: int = 64,
     normalizer: AffectNormalizer | str | Path | None = None,
+    runtime: str = "auto",
     progress: bool = True,
     model_checkpoint_path: ModelSource | None = None,
     img_arrays_dir: str | Path | None = None,
@@ -116,7 +117,9 @@ def review_predictions_with_visualization(
         ``runs:/<run_id>/model``) or a :class:`~emonet.inference.predictor.Predictor` (see
         :func:`emonet.inference.loading.load_predictor`). Its per-emotion thresholds decide the
         predicted sets, and its normalizer maps valence/arousal to the 1..10 scale.
-    device, batch_size, normalizer : for loading ``model`` (ignored for a Predictor).
+    device, batch_size, normalizer, runtime : for loading ``model`` (ignored for a Predictor);
+        ``runtime`` is ``"auto"`` (ONNX Runtime for a registered model with an export, on
+        the CPU), ``"onnxruntime"`` or ``"torch"``.
     model_checkpoint_path, img_arrays_dir, output_dir : deprecated names of ``model``,
         ``img_dir`` and ``out_dir`` (the original project's).
     test_csv_path, img_dir, out_dir, num_samples, detailed_samples, sort_by, seed, progress :
@@ -157,7 +160,7 @@ def review_predictions_with_visualization(
     if not img_dir.is_dir():
         raise FileNotFoundError(f"image array folder not found: {img_dir}")
     annotations = load_annotations(test_csv_path)
-    predictor = load_predictor(model, device=device, batch_size=batch_size, normalizer=normalizer)
+    predictor = load_predictor(model, device=device, batch_size=batch_size, normalizer=normalizer, runtime=runtime)
     dataset = EmoticDataset(annotations, img_dir, predictor.transform, with_context=predictor.needs_context)
     return review_predictions(
         predictor.predict(dataset, progress=progress, desc="review: predict"),
