@@ -143,7 +143,7 @@ class Predictor:
         """
         if resolve_runtime(runtime, onnx_path, device) != "torch":
             assert onnx_path is not None
-            checkpoint = read_checkpoint(path)
+            checkpoint = read_checkpoint(path, mmap=True)  # the weights are the export's: never read
             config = stored_config(checkpoint, path)
             model: EmoNet | OnnxModel = OnnxModel(onnx_path, config.model, threads=threads)
         else:

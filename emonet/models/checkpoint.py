@@ -194,14 +194,17 @@ def save_checkpoint(payload: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load and check one of our checkpoints (tensors and plain types only)."""
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", *, mmap: bool = False) -> dict[str, Any]:
+    """Load and check one of our checkpoints (tensors and plain types only).
+
+    ``mmap=True`` maps the tensors from the file instead of reading them, for a caller
+    that needs the config and thresholds but not the weights (ONNX Runtime serving)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         # weights_only: unpickling arbitrary objects from a file could run code.
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # truncated file, not a torch file, pickled objects
         raise ValueError(f"{path} is not a readable EmoNet checkpoint: {error}") from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
