@@ -1,18 +1,20 @@
 """REST throughput of the served EmoNet model (`make serve`) against in-process ``pyfunc.predict``.
 
 Self-contained: writes a temporary demo archive, trains ResNet-18 for one epoch, logs and
-registers the pyfunc in a temporary SQLite store, then for each worker count starts the
-real scoring server with ``make serve MODEL=... WORKERS=N`` on loopback and sends a
+registers the pyfunc (with its ONNX export) in a temporary SQLite store, then for each
+runtime (torch, ONNX Runtime) and worker count starts the real scoring server with
+``make serve MODEL=... WORKERS=N RUNTIME=...`` on loopback and sends a
 bounded load: a fixed number of requests of single images and of 32-row batches (base64
 PNG crops), from 4 and 16 client threads. It prints requests/s, images/s, p50/p99
 latency and the server's memory (all its processes) before and after, and the ratio of
 served images/s at batch 32 to in-process ``pyfunc.predict`` of the same 32 rows,
-measured in the same run. Goal: ratio >= 0.8 with one worker.
+measured in the same run with the same runtime. Goals: ratio >= 0.8 with one worker;
+with ONNX Runtime, a lower single-image p50 than with torch (same run, same load).
 
 The clients share the machine's cores with the server: on 2 cores, a second worker
 competes with the clients and with the first worker, so it need not be faster.
 
-    .venv/bin/python benchmarks/bench_rest.py [--workers 1 2] [--requests 200] [--batch-requests 40]
+    .venv/bin/python benchmarks/bench_rest.py [--workers 1 2] [--runtimes torch onnxruntime] [--requests 200]
 """
 
 from __future__ import annotations
@@ -107,10 +109,10 @@ def _train_and_register(tmp: Path, n_images: int) -> tuple[str, list[str]]:
     return uri, [_png_b64(load_array(arrays_dir(root), name)) for name in test["Crop_name"]]
 
 
-def _in_process_images_per_second(uri: str, frame: pd.DataFrame, repeats: int) -> float:
+def _in_process_images_per_second(uri: str, frame: pd.DataFrame, repeats: int, runtime: str) -> float:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    model = mlflow.pyfunc.load_model("models:/emonet@champion")
+    model = mlflow.pyfunc.load_model("models:/emonet@champion", model_config={"inference_runtime": runtime})
     model.predict(frame)  # warm-up
     times = []
     for _ in range(repeats):
@@ -120,7 +122,14 @@ def _in_process_images_per_second(uri: str, frame: pd.DataFrame, repeats: int) -
     return len(frame) / statistics.median(times)
 
 
-def _start_server(uri: str, port: int, workers: int, log_path: Path) -> subprocess.Popen:
+def _model_sizes_mb(uri: str) -> dict[str, float]:
+    """The champion's artifact files and their sizes, in MB."""
+    mlflow.set_tracking_uri(uri)
+    folder = Path(mlflow.artifacts.download_artifacts("models:/emonet@champion")) / "artifacts"
+    return {path.name: path.stat().st_size / 1e6 for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def _start_server(uri: str, port: int, workers: int, runtime: str, log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
@@ -132,6 +141,7 @@ def _start_server(uri: str, port: int, workers: int, log_path: Path) -> subproce
                 "MODEL=models:/emonet@champion",
                 f"PORT={port}",
                 f"WORKERS={workers}",
+                f"RUNTIME={runtime}",
             ],
             cwd=REPO,
             env=env,
@@ -191,6 +201,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="single-image requests per load")
     parser.add_argument("--batch-requests", type=int, default=40, help=f"{BATCH}-row requests per load")
     parser.add_argument("--repeats", type=int, default=5, help="in-process predict calls timed (median)")
+    parser.add_argument(
+        "--runtimes", nargs="+", default=["torch", "onnxruntime"], choices=["torch", "onnxruntime"], help="to compare"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start")
@@ -198,43 +211,63 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_rest_") as tmp:
         tmp = Path(tmp)
         uri, images = _train_and_register(tmp, n_images=BATCH)
+        sizes = ", ".join(f"{name} {size:.1f} MB" for name, size in _model_sizes_mb(uri).items())
+        print(f"served model's artifacts: {sizes}")
         batch_frame = pd.DataFrame({"image_b64": images[:BATCH]})
-        in_process = _in_process_images_per_second(uri, batch_frame, args.repeats)
-        print(f"in-process pyfunc.predict, {BATCH}-row frame: {in_process:7.1f} img/s (median of {args.repeats})")
         single = [{"dataframe_records": [{"image_b64": images[i % len(images)]}]} for i in range(args.requests)]
         batched = [
             {"dataframe_split": {"columns": ["image_b64"], "data": [[image] for image in images[:BATCH]]}}
         ] * args.batch_requests
+        single_p50: dict[tuple[str, int, int], float] = {}
 
-        for workers in args.workers:
-            port = _free_port()
-            server = _start_server(uri, port, workers, tmp / f"serve_{workers}.log")
-            try:
-                _load(port, single[:8] + batched[:2], clients=2)  # warm-up: every worker loads its model
-                memory_before = _tree_rss_mb(server.pid)
-                print(f"\nworkers: {workers}; server memory {memory_before:.0f} MB after warm-up")
-                for rows, payloads in ((1, single), (BATCH, batched)):
-                    for clients in args.clients:
-                        seconds, latencies = _load(port, payloads, clients)
-                        ordered = sorted(latencies)
-                        p50 = 1000 * statistics.median(ordered)
-                        p99 = 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
-                        images_per_second = len(payloads) * rows / seconds
-                        line = (
-                            f"  {rows:2d} row(s) x {len(payloads):4d} requests, {clients:2d} clients: "
-                            f"{len(payloads) / seconds:7.1f} req/s, {images_per_second:7.1f} img/s, "
-                            f"p50 {p50:7.1f} ms, p99 {p99:7.1f} ms"
-                        )
-                        if rows == BATCH:
-                            ratio = images_per_second / in_process
-                            verdict = "OK" if ratio >= TARGET_RATIO or workers > 1 else "BELOW TARGET"
-                            line += f", ratio to in-process {ratio:.2f} ({verdict} for >= {TARGET_RATIO} with 1 worker)"
-                        print(line)
-                print(
-                    f"  server memory {memory_before:.0f} MB before the loads, {_tree_rss_mb(server.pid):.0f} MB after"
-                )
-            finally:
-                _stop_server(server)
+        for runtime in args.runtimes:
+            in_process = _in_process_images_per_second(uri, batch_frame, args.repeats, runtime)
+            print(
+                f"\n[{runtime}] in-process pyfunc.predict, {BATCH}-row frame: {in_process:7.1f} img/s "
+                f"(median of {args.repeats})"
+            )
+            for workers in args.workers:
+                port = _free_port()
+                server = _start_server(uri, port, workers, runtime, tmp / f"serve_{runtime}_{workers}.log")
+                try:
+                    _load(port, single[:8] + batched[:2], clients=2)  # warm-up: every worker loads its model
+                    memory_before = _tree_rss_mb(server.pid)
+                    print(f"[{runtime}] workers: {workers}; server memory {memory_before:.0f} MB after warm-up")
+                    for rows, payloads in ((1, single), (BATCH, batched)):
+                        for clients in args.clients:
+                            seconds, latencies = _load(port, payloads, clients)
+                            ordered = sorted(latencies)
+                            p50 = 1000 * statistics.median(ordered)
+                            p99 = 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+                            images_per_second = len(payloads) * rows / seconds
+                            line = (
+                                f"  {rows:2d} row(s) x {len(payloads):4d} requests, {clients:2d} clients: "
+                                f"{len(payloads) / seconds:7.1f} req/s, {images_per_second:7.1f} img/s, "
+                                f"p50 {p50:7.1f} ms, p99 {p99:7.1f} ms"
+                            )
+                            if rows == 1:
+                                single_p50[runtime, workers, clients] = p50
+                            if rows == BATCH:
+                                ratio = images_per_second / in_process
+                                verdict = "OK" if ratio >= TARGET_RATIO or workers > 1 else "BELOW TARGET"
+                                line += (
+                                    f", ratio to in-process {ratio:.2f} ({verdict} for >= {TARGET_RATIO} with 1 worker)"
+                                )
+                            print(line)
+                    print(
+                        f"  server memory {memory_before:.0f} MB before the loads, "
+                        f"{_tree_rss_mb(server.pid):.0f} MB after"
+                    )
+                finally:
+                    _stop_server(server)
+
+        if {"torch", "onnxruntime"} <= set(args.runtimes):
+            print("\nsingle-image p50, onnxruntime / torch (same run):")
+            for workers in args.workers:
+                for clients in args.clients:
+                    ratio = single_p50["onnxruntime", workers, clients] / single_p50["torch", workers, clients]
+                    verdict = "OK" if ratio < 1 else "NOT LOWER"
+                    print(f"  {workers} worker(s), {clients:2d} clients: {ratio:.2f} ({verdict}: goal < 1)")
     print(f"\nload average {os.getloadavg()[0]:.2f} at the end (2 cores: above ~0.5 at start, figures are skewed)")
 
 
