@@ -4,6 +4,7 @@ registration, and the runtime is picked and refused as documented."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -107,13 +108,16 @@ def test_a_failed_export_or_check_costs_the_export_only(tmp_path: Path, monkeypa
     assert re.match(r"failed: ValueError: ONNX Runtime differs from torch by .* on 8 random images", over.tag)
 
 
-def test_the_runtime_is_picked_and_refused_as_documented(tmp_path: Path) -> None:
+def test_the_runtime_is_picked_and_refused_as_documented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     exported = tmp_path / ONNX_FILE
     exported.touch()
     assert resolve_runtime("auto", exported, "cpu") == "onnxruntime"
     assert resolve_runtime("auto", None, "cpu") == "torch"
     assert resolve_runtime("auto", exported, "cuda") == "torch"  # ONNX Runtime's CUDA build is not installed
     assert resolve_runtime("torch", exported, "cpu") == "torch"
+    with monkeypatch.context() as patch:  # an environment made by hand, without onnxruntime
+        patch.setattr(importlib.util, "find_spec", lambda name: None)
+        assert resolve_runtime("auto", exported, "cpu") == "torch"
     with pytest.raises(ValueError, match="needs the model's ONNX export, and this model has none"):
         resolve_runtime("onnxruntime", tmp_path / "missing.onnx", "cpu")
     with pytest.raises(ValueError, match="runs on the CPU, but inference_device is cuda"):

@@ -16,6 +16,7 @@ cores/N threads each never oversubscribe the cores.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Literal
@@ -154,4 +155,10 @@ def resolve_runtime(requested: str, onnx_path: str | Path | None, device: torch.
                 "use inference_runtime 'torch' on a GPU"
             )
         return requested
-    return "onnxruntime" if has_export and device.type == "cpu" else "torch"
+    if not has_export or device.type != "cpu":
+        return "torch"
+    if importlib.util.find_spec("onnxruntime") is None:
+        # The served model requires it; a hand-made environment may still lack it.
+        logger.warning("onnxruntime is not installed, so the model runs with torch (pip install onnxruntime)")
+        return "torch"
+    return "onnxruntime"

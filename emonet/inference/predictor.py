@@ -93,7 +93,8 @@ class Predictor:
         self.normalizer = normalizer if normalizer is not None else AffectNormalizer()
         self.batch_size = batch_size
         self.variant = getattr(model, "variant", config.model.variant)
-        # "onnxruntime" or "torch": what runs the forward pass (the preprocessing is the same).
+        # "torch", "onnxruntime" or "onnxruntime-int8": what runs the forward pass (the
+        # preprocessing is the same).
         self.runtime = model.runtime if isinstance(model, OnnxModel) else "torch"
         self.image_size = config.train.image_size
         self.transform = eval_transform(config)
