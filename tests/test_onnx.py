@@ -183,6 +183,12 @@ def onnx_store(tmp_path_factory, tiny_checkpoint):
         yield {"uri": uri, "root": root, "exported": exported, "torch_only": torch_only, "run_id": run_id}
 
 
+def _test_crops(root: Path) -> pd.DataFrame:
+    """The archive's test crops as an ``image_path`` table."""
+    crops = load_annotations(annotations_path(root, "test"))["Crop_name"]
+    return pd.DataFrame({"image_path": [str(arrays_dir(root) / name) for name in crops]})
+
+
 @pytest.mark.slow
 def test_a_registered_model_serves_with_onnxruntime_and_matches_torch(onnx_store) -> None:
     exported, torch_only = onnx_store["exported"], onnx_store["torch_only"]
@@ -191,9 +197,7 @@ def test_a_registered_model_serves_with_onnxruntime_and_matches_torch(onnx_store
         exported.tags[ONNX_EXPORT_TAG],
     )
     assert torch_only.tags[ONNX_EXPORT_TAG] == "not exported (onnx=False)"
-    root = onnx_store["root"]
-    crops = load_annotations(annotations_path(root, "test"))["Crop_name"]
-    table = pd.DataFrame({"image_path": [str(arrays_dir(root) / name) for name in crops]})
+    table = _test_crops(onnx_store["root"])
     with restored_mlflow_uris():
         mlflow.set_tracking_uri(onnx_store["uri"])
         mlflow.set_registry_uri(onnx_store["uri"])
@@ -260,9 +264,7 @@ def test_the_int8_export_is_measured_on_validation_and_served_only_when_asked(on
     metrics = client.get_run(onnx_store["run_id"]).data.metrics
     low, estimate, high = (metrics[f"int8_val_mAP_difference{end}"] for end in ("_low", "", "_high"))
     assert low <= estimate <= high
-    root = onnx_store["root"]
-    crops = load_annotations(annotations_path(root, "test"))["Crop_name"]
-    table = pd.DataFrame({"image_path": [str(arrays_dir(root) / name) for name in crops]})
+    table = _test_crops(onnx_store["root"])
     with restored_mlflow_uris():
         mlflow.set_tracking_uri(onnx_store["uri"])
         mlflow.set_registry_uri(onnx_store["uri"])

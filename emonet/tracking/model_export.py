@@ -66,6 +66,12 @@ INT8_EXPORT_TAG = "onnx_int8"  # how the INT8 export went, with its validation m
 QUANTIZATIONS: tuple[str, ...] = ("int8",)
 
 
+def _one_line(error: Exception) -> str:
+    """``Type: first line of the message``: what a tag can hold of an exporter's long report."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 @dataclass(frozen=True)
 class OnnxExport:
     """How the export of one model went: ``path`` is None when it failed (``error`` says why)."""
@@ -145,7 +151,7 @@ def export_checked_onnx(
             )
     except Exception as error:  # any failure costs the export, never the registration
         dest.unlink(missing_ok=True)
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        reason = _one_line(error)
         logger.warning("ONNX export of %s failed, so the model serves with torch only: %s", checkpoint_path, reason)
         return OnnxExport(path=None, checked_on=checked_on, error=reason)
     result = OnnxExport(path=dest, checked_on=checked_on, max_difference=difference)
@@ -258,7 +264,7 @@ def quantize_checked_int8(
         )
     except Exception as error:  # any failure costs the INT8 export, never the registration
         dest.unlink(missing_ok=True)
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        reason = _one_line(error)
         logger.warning("INT8 quantization of %s failed: %s", float_path, reason)
         return Int8Export(path=None, evaluated_on=evaluated_on, error=reason)
     result = Int8Export(path=dest, difference=difference, evaluated_on=evaluated_on)
