@@ -69,7 +69,12 @@ def test_the_export_runs_in_plain_onnxruntime_with_any_batch_and_matches_torch(t
         expected["context"] = (["batch", 3, 48, 48], "tensor(float)")
     assert inputs == expected
     outputs = {entry.name: entry.shape for entry in session.get_outputs()}
-    assert outputs == {"emotion_prob": ["batch", 26], "affect": ["batch", 2], "emotion_logits": ["batch", 26]}
+    assert outputs == {
+        "emotion_prob": ["batch", 26],
+        "affect": ["batch", 2],
+        "emotion_logits": ["batch", 26],
+        "features": ["batch", model.num_features],
+    }
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["emonet.emotions"]) == list(EMOTIONS)
     assert json.loads(meta["emonet.mean"]) == list(IMAGENET_MEAN) and meta["emonet.variant"] == variant
@@ -78,13 +83,14 @@ def test_the_export_runs_in_plain_onnxruntime_with_any_batch_and_matches_torch(t
     for batch in (1, 5):  # the batch axis is dynamic
         feeds = {name: np.random.default_rng(batch).standard_normal((batch, *shape[1:]), dtype=np.float32)
                  for name, (shape, _) in expected.items()}  # fmt: skip
-        prob, affect, logits = session.run(None, feeds)
+        prob, affect, logits, features = session.run(None, feeds)
         with torch.inference_mode():
             output = model(*(torch.from_numpy(feeds[name]) for name in expected))
         assert prob.shape == (batch, 26) and affect.shape == (batch, 2)
         np.testing.assert_allclose(prob, torch.sigmoid(output.emotion_logits).numpy(), atol=1e-4)
         np.testing.assert_allclose(affect, output.affect.numpy(), atol=1e-4)
         np.testing.assert_allclose(prob, 1 / (1 + np.exp(-logits)), atol=1e-6)
+        np.testing.assert_allclose(features, output.features.numpy(), atol=1e-4)
 
 
 def test_a_failed_export_or_check_costs_the_export_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -48,6 +48,7 @@ class Predictions:
     emotions_true: np.ndarray | None = None  # (N, 26) float32 multi-hot targets
     affect_true: np.ndarray | None = None  # (N, 2) float32 targets in [-1, 1]
     losses: dict[str, float] | None = None  # sample-weighted mean loss, emotion and affect terms
+    features: np.ndarray | None = None  # (N, F) float32 pooled trunk features, when asked for
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -143,6 +144,7 @@ def predict_split(
     criterion: nn.Module | None = None,
     progress: bool = False,
     desc: str = "predict",
+    features: bool = False,
 ) -> Predictions:
     """Emotion probabilities and valence/arousal for every sample of ``data``.
 
@@ -158,6 +160,8 @@ def predict_split(
     amp : float16 autocast on CUDA (ignored on CPU).
     criterion : with labelled data, also returns the mean loss (``EmoNetLoss``).
     progress : show a tqdm bar over batches, titled ``desc``.
+    features : also return the pooled trunk features the heads read (what monitoring
+        compares), as ``Predictions.features``.
 
     Returns
     -------
@@ -167,8 +171,9 @@ def predict_split(
     Raises
     ------
     ValueError
-        Empty data, a ``criterion`` on unlabelled data, or a ``body_context`` model given
-        items without ``context``.
+        Empty data, a ``criterion`` on unlabelled data, a ``body_context`` model given
+        items without ``context``, or ``features`` from a model that does not return them
+        (an ONNX export made before they were an output).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     loader = (
@@ -184,6 +189,7 @@ def predict_split(
     indices = np.empty(n_rows, dtype=np.int64)
     emotions_true: np.ndarray | None = None
     affect_true: np.ndarray | None = None
+    pooled: np.ndarray | None = None
     sums = {"total": 0.0, "emotion": 0.0, "affect": 0.0}
     pos = 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress, dynamic_ncols=True)
@@ -208,6 +214,15 @@ def predict_split(
             emotion_prob[pos:stop] = torch.sigmoid(output.emotion_logits.float()).cpu().numpy()
             affect_pred[pos:stop] = output.affect.float().cpu().numpy()
             indices[pos:stop] = torch.as_tensor(batch["index"]).numpy()
+            if features:
+                if output.features is None:
+                    raise ValueError(
+                        f"{type(model).__name__} returns no features (an ONNX export made before they were "
+                        "an output): run it with the torch runtime"
+                    )
+                if pooled is None:
+                    pooled = np.empty((n_rows, output.features.shape[1]), dtype=np.float32)
+                pooled[pos:stop] = output.features.float().cpu().numpy()
             if emotions_true is not None and affect_true is not None:
                 emotions_true[pos:stop] = batch["emotions"].float().numpy()
                 affect_true[pos:stop] = batch["affect"].float().numpy()
@@ -225,4 +240,5 @@ def predict_split(
         emotions_true=emotions_true[:pos] if emotions_true is not None else None,
         affect_true=affect_true[:pos] if affect_true is not None else None,
         losses={key: value / pos for key, value in sums.items()} if criterion is not None else None,
+        features=pooled[:pos] if pooled is not None else None,
     )

@@ -88,6 +88,10 @@ class OnnxModel(nn.Module):
         found = [entry.name for entry in self.session.get_inputs()]
         if found != expected:
             raise ValueError(f"{path} takes inputs {found}, but an EmoNet {config.variant} export takes {expected}")
+        # Exports made before "features" was an output do not return them.
+        self.outputs = ["emotion_logits", "affect"] + (
+            ["features"] if "features" in {entry.name for entry in self.session.get_outputs()} else []
+        )
         self.threads = self.session.get_session_options().intra_op_num_threads
         self.precision = self.session.get_modelmeta().custom_metadata_map.get(PRECISION_KEY, "float32")
         # What a Predictor reports: "onnxruntime", or "onnxruntime-int8" for a quantized export.
@@ -102,8 +106,12 @@ class OnnxModel(nn.Module):
             feeds["context"] = _as_array(context, "context")
         elif context is not None:
             raise ValueError("context was given, but variant 'body' uses only the body crop")
-        logits, affect = self.session.run(["emotion_logits", "affect"], feeds)
-        return EmoNetOutput(emotion_logits=torch.from_numpy(logits), affect=torch.from_numpy(affect))
+        logits, affect, *features = self.session.run(self.outputs, feeds)
+        return EmoNetOutput(
+            emotion_logits=torch.from_numpy(logits),
+            affect=torch.from_numpy(affect),
+            features=torch.from_numpy(features[0]) if features else None,
+        )
 
     def extra_repr(self) -> str:
         return (

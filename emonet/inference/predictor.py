@@ -161,10 +161,19 @@ class Predictor:
         preprocessed for this model (see :class:`~emonet.inference.loop.ImageInputs`)."""
         return ImageInputs(read, length, self.transform, with_context=self.needs_context)
 
-    def predict(self, data: Dataset, progress: bool = False, desc: str = "predict") -> Predictions:
-        """:func:`~emonet.inference.loop.predict_split` with this model, device and batch size."""
+    def predict(
+        self, data: Dataset, progress: bool = False, desc: str = "predict", *, features: bool = False
+    ) -> Predictions:
+        """:func:`~emonet.inference.loop.predict_split` with this model, device and batch size
+        (``features=True`` also returns the pooled trunk features)."""
         return predict_split(
-            self.model, data, batch_size=self.batch_size, device=self.device, progress=progress, desc=desc
+            self.model,
+            data,
+            batch_size=self.batch_size,
+            device=self.device,
+            progress=progress,
+            desc=desc,
+            features=features,
         )
 
     def predict_proba(

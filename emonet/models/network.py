@@ -44,6 +44,9 @@ class EmoNetOutput(NamedTuple):
 
     emotion_logits: Tensor  # (B, 26) raw scores, in schema.EMOTIONS order
     affect: Tensor  # (B, 2) valence, arousal in [-1, 1] after tanh
+    # (B, num_features) the pooled trunk features the heads read (what monitoring compares);
+    # None where a runtime does not return them (an ONNX export made before they were an output).
+    features: Tensor | None = None
 
 
 def _classifier_features(trunk: nn.Module, head_attr: str) -> int:
@@ -238,8 +241,10 @@ class EmoNet(nn.Module):
         )
 
     def forward(self, body: Tensor, context: Tensor | None = None) -> EmoNetOutput:
-        """Run trunk(s) and heads; see :meth:`forward_features` for the inputs."""
-        return self.forward_head(self.forward_features(body, context))
+        """Run trunk(s) and heads; see :meth:`forward_features` for the inputs. The output
+        also carries the features the heads read."""
+        features = self.forward_features(body, context)
+        return self.forward_head(features)._replace(features=features)
 
 
 def build_model(config: ModelConfig, *, pretrained: bool | None = None) -> EmoNet:

@@ -14,6 +14,8 @@ name                shape, dtype                meaning
 ``emotion_prob``    ``(batch, 26)`` float32       probabilities in :data:`emonet.schema.EMOTIONS` order
 ``affect``          ``(batch, 2)`` float32        valence, arousal in [-1, 1]
 ``emotion_logits``  ``(batch, 26)`` float32       the scores before the sigmoid
+``features``        ``(batch, F)`` float32        the pooled trunk features the heads read (F is the
+                                                model's ``num_features``); monitoring compares them
 ==================  ==========================  ====================================================
 
 The batch axis is dynamic. The file's metadata (:func:`onnx_metadata`) names the emotions
@@ -53,7 +55,8 @@ __all__ = [
 
 ONNX_FILE = "emonet.onnx"
 ONNX_INPUTS: tuple[str, ...] = ("body", "context")  # "context" only for body_context models
-ONNX_OUTPUTS: tuple[str, ...] = ("emotion_prob", "affect", "emotion_logits")
+# Exports made before "features" was added have the first three only.
+ONNX_OUTPUTS: tuple[str, ...] = ("emotion_prob", "affect", "emotion_logits", "features")
 # Opset 18 is the dynamo exporter's default and what ONNX Runtime >= 1.14 runs; pinned so
 # that an exporter upgrade does not silently raise what a deployed runtime must support.
 ONNX_OPSET = 18
@@ -66,9 +69,9 @@ class _ServedGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, body: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, body: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         output = self.model(body, context) if context is not None else self.model(body)
-        return torch.sigmoid(output.emotion_logits), output.affect, output.emotion_logits
+        return torch.sigmoid(output.emotion_logits), output.affect, output.emotion_logits, output.features
 
 
 def onnx_input_shapes(config: EmoNetConfig) -> dict[str, tuple[int, int, int]]:
