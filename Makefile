@@ -41,7 +41,7 @@ RUNTIME ?=
 # threads (which follow torch's): N workers never oversubscribe them.
 SERVE_THREADS = $(shell n=$$(nproc 2>/dev/null || echo 1); t=$$(expr $$n / "$(WORKERS)" 2>/dev/null); [ "$${t:-0}" -ge 1 ] && echo $$t || echo 1)
 
-.PHONY: demo test venv lock ui deploy serve servers servers-stop postgresql clean-outputs docs docs-serve
+.PHONY: demo monitor test venv lock ui deploy serve servers servers-stop postgresql clean-outputs docs docs-serve
 
 check_python = @case "$(PYVER)" in 3.11|3.12|3.13) ;; *) echo "EmoNet supports Python 3.11 to 3.13 \
     (tested on 3.11 and 3.13), found $(or $(PYVER),no interpreter '$(PYTHON)'): set PYTHON=python3.X" >&2; exit 1;; esac
@@ -87,6 +87,11 @@ lock:
 # The whole flow on the demo data, with an ephemeral Prefect server and SQLite MLflow.
 demo: venv
 	$(PY) -m flows.training_pipeline --demo-dir $(DEMO_DIR) --out-dir $(OUT_DIR)/demo
+
+# After `make demo`: two demo batches (one like the training data, one shifted) monitored
+# with the demo champion; prints each decision and where to look in MLflow and Prefect.
+monitor: venv
+	$(PY) -m scripts.monitor_demo --out-dir $(OUT_DIR)/monitoring
 
 # PYTEST_ARGS='-m "not slow"' runs the quick suite. The 25 slowest tests are listed at the end,
 # so a test that grows slow shows up in CI's log. The quick suite also runs the layer

@@ -354,6 +354,63 @@ def _add_tune(commands: argparse._SubParsersAction) -> None:
     tune.set_defaults(func=_cmd_tune)
 
 
+def add_monitor_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``emonet monitor``; ``python -m flows.monitor`` takes the same ones."""
+    from emonet.monitoring.drift import DEFAULT_FALSE_ALARM_RATE
+    from emonet.monitoring.monitor import DEFAULT_MODEL_URI
+
+    parser.add_argument("--batch", type=Path, required=True, help="a folder of crops, or a CSV listing them")
+    parser.add_argument("--model", default=DEFAULT_MODEL_URI, help="a registered model URI (default: %(default)s)")
+    parser.add_argument("--img-dir", type=Path, default=None, help="for a CSV: where its crops or relative paths are")
+    parser.add_argument(
+        "--reference-csv", type=Path, default=None, help="validation split for a version without a reference"
+    )
+    parser.add_argument("--reference-img-dir", type=Path, default=None, help="the img_arrs folder of --reference-csv")
+    parser.add_argument(
+        "--false-alarm-rate",
+        type=float,
+        default=DEFAULT_FALSE_ALARM_RATE,
+        help="family-wise rate of flagging a batch drawn like the reference (default: %(default)s)",
+    )
+    parser.add_argument("--out-dir", type=Path, default=None, help="also write the summary and report here")
+    parser.add_argument("--no-report", action="store_true", help="skip Evidently's HTML report (about 10 s)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or mlruns/)")
+    _add_runtime(parser)
+
+
+def _cmd_monitor(args: argparse.Namespace) -> None:
+    import mlflow
+
+    from emonet.monitoring.monitor import describe_monitoring, monitor_batch
+    from emonet.utils.store import check_store, default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    check_store(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    result = monitor_batch(
+        args.batch,
+        args.model,
+        img_dir=args.img_dir,
+        reference_csv=args.reference_csv,
+        reference_img_dir=args.reference_img_dir,
+        false_alarm_rate=args.false_alarm_rate,
+        runtime=args.runtime,
+        out_dir=args.out_dir,
+        report=not args.no_report,
+        progress=True,
+    )
+    print(describe_monitoring(result))
+
+
+def _add_monitor(commands: argparse._SubParsersAction) -> None:
+    monitor = commands.add_parser(
+        "monitor", help="drift and performance of a batch of new crops against the model's reference (no Prefect)"
+    )
+    add_monitor_arguments(monitor)
+    monitor.set_defaults(func=_cmd_monitor)
+
+
 # In the order `emonet --help` lists the sub-commands.
 _SUBCOMMANDS = (
     _add_make_demo_data,
@@ -365,6 +422,7 @@ _SUBCOMMANDS = (
     _add_predict,
     _add_benchmark,
     _add_tune,
+    _add_monitor,
 )
 
 

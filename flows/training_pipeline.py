@@ -46,6 +46,7 @@ from tasks.data import (
     write_visibility,
 )
 from tasks.evaluation import evaluate_model
+from tasks.monitoring import store_monitoring_reference
 from tasks.registration import register_model
 from tasks.report import publish_run_summary, publish_skip_summary
 from tasks.retraining import check_retraining
@@ -431,6 +432,10 @@ def _train(
         val_csv=val_csv,
         img_dir=img_dir,
         **promotion,
+    )
+    # What monitoring compares new batches with: the version's signals on validation.
+    store_monitoring_reference(
+        registered_model_name=registered_model_name, version=str(registration.version), val_csv=val_csv, img_dir=img_dir
     )
     return Trained(evaluation=evaluation, registration=registration, review=review_page)
 

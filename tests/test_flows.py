@@ -289,7 +289,7 @@ def test_prefect_yaml_entrypoints_import_and_parameters_validate():
 
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     names = {deployment["name"] for deployment in config["deployments"]}
-    assert {"weekly-retrain", "demo", "batch-predict", "tune-demo"} <= names
+    assert {"weekly-retrain", "demo", "batch-predict", "tune-demo", "monitor", "monitor-demo"} <= names
     for deployment in config["deployments"]:
         module_path, _, func = deployment["entrypoint"].partition(":")
         flow = load_flow_from_entrypoint(f"{REPO / module_path}:{func}")
@@ -301,6 +301,15 @@ def test_prefect_yaml_entrypoints_import_and_parameters_validate():
     weekly = next(d for d in config["deployments"] if d["name"] == "weekly-retrain")
     assert weekly["schedules"][0]["cron"] == "0 3 * * 1"
     assert {"force_retrain", "promotion_confidence", "promotion_split"} <= set(weekly["parameters"])
+    # Monitoring's events start a retrain of the model they name, once an hour at most.
+    by_name = {d["name"]: d for d in config["deployments"]}
+    for retrain, monitor in (("weekly-retrain", "monitor"), ("demo", "monitor-demo")):
+        (trigger,) = by_name[retrain]["triggers"]
+        model = by_name[monitor]["parameters"]["model_uri"].removeprefix("models:/").split("@")[0]
+        assert trigger["match"] == {"prefect.resource.id": f"emonet.model.{model}"}
+        assert set(trigger["expect"]) == {"emonet.monitoring.drift-detected", "emonet.monitoring.performance-degraded"}
+        assert (trigger["posture"], trigger["threshold"], trigger["within"]) == ("Reactive", 1, 3600)
+    assert by_name["monitor"]["schedules"][0]["cron"] == "0 6 * * *"
 
 
 def test_flow_parameters_reject_bad_values():

@@ -1,7 +1,8 @@
 """The team set-up, for real: ``scripts.servers`` runs PostgreSQL, the MLflow tracking
 server and the Prefect server; a deployment of ``prefect.yaml`` trains on a worker started
 in another folder; a sweep keeps its study in the printed Optuna database; the champion
-loads through the server; ``stop`` stops all of it. And
+loads through the server; a drifted batch monitored through the ``monitor-demo`` deployment
+starts one run of the retraining deployment by its trigger; ``stop`` stops all of it. And
 ``make ui`` stops exactly its two servers on Ctrl-C."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ from optuna.trial import TrialState
 from PIL import Image
 
 from emonet.data.demo import make_demo_data
+from emonet.monitoring.demo import write_demo_batches
 from emonet.schema import EMOTIONS
 from emonet.tuning.study import PARENT_RUN_ATTR
 from scripts.processes import port_is_free, start_ticks, wait_until_answers
@@ -105,6 +108,45 @@ def test_database_url_swaps_database_and_driver_and_keeps_the_escaped_password()
     assert "secret" not in str(error.value)
 
 
+def demo_runs(prefect_db: str) -> list[tuple[str, str]]:
+    """``(state_type, created)`` of every flow run of the demo (retraining) deployment."""
+    with psycopg.connect(prefect_db) as conn:
+        return conn.execute(
+            "SELECT fr.state_type, fr.created::text FROM flow_run fr JOIN deployment d ON fr.deployment_id = d.id "
+            "WHERE d.name = 'demo' ORDER BY fr.created"
+        ).fetchall()
+
+
+def monitor_and_trigger(tmp_path: Path, prefect: list[str], client_env: dict, worker_env: dict, cwd: Path, db: str):
+    """Two drifted batches monitored by the monitor-demo deployment on a worker: their events
+    start the demo deployment by its trigger, once (its cooldown is an hour)."""
+    batches = write_demo_batches(tmp_path / "batches", rows=40)
+    inbox = tmp_path / "inbox"
+    for name in ("first", "second"):
+        shutil.copytree(batches["shifted"].parent, inbox / name)
+    pixels = np.asarray(Image.open(inbox / "second" / "crops" / "crop_00000.png")).copy()
+    pixels[0, 0] ^= 1  # another content: a batch of its own
+    Image.fromarray(pixels).save(inbox / "second" / "crops" / "crop_00000.png")
+    before = demo_runs(db)
+    params = {"inbox": str(inbox), "report": False, "out_dir": str(tmp_path / "monitoring")}
+    command = [*prefect, "deployment", "run", "emonet-monitor/monitor-demo", "--params", json.dumps(params)]
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", run_ok(command, client_env, REPO, 120).stdout).group(1)
+    run_ok([*prefect, "worker", "start", "--pool", "emonet-process", "--run-once"], worker_env, cwd, 600)
+    with psycopg.connect(db) as conn:
+        (state,) = conn.execute("SELECT state_type FROM flow_run WHERE id = %s", (run_id,)).fetchone()
+        events = conn.execute(
+            "SELECT count(*) FROM events WHERE event = 'emonet.monitoring.drift-detected' "
+            "AND resource_id = 'emonet.model.emonet-demo'"
+        ).fetchone()[0]
+    assert state == "COMPLETED" and events == 2, (state, events)
+    deadline = time.monotonic() + 90
+    while len(demo_runs(db)) == len(before) and time.monotonic() < deadline:
+        time.sleep(1)
+    time.sleep(5)  # time for a second firing, which the cooldown must prevent
+    triggered = demo_runs(db)[len(before) :]
+    assert len(triggered) == 1 and triggered[0][0] == "SCHEDULED", triggered
+
+
 @pytest.mark.slow
 def test_servers_on_postgresql_run_a_deployment_a_sweep_and_serve_the_champion(tmp_path):
     state_dir = tmp_path / "servers"
@@ -144,13 +186,14 @@ def test_servers_on_postgresql_run_a_deployment_a_sweep_and_serve_the_champion(t
         prefect = [sys.executable, "-m", "prefect"]
         client_env = {**env, "PREFECT_API_URL": prefect_api}
         run_ok([*prefect, "work-pool", "create", "emonet-process", "--type", "process"], client_env, REPO, 120)
-        run_ok([*prefect, "--no-prompt", "deploy", "--name", "demo"], client_env, REPO, 300)
+        run_ok([*prefect, "--no-prompt", "deploy", "--name", "demo", "--name", "monitor-demo"], client_env, REPO, 300)
         archive = make_demo_data(tmp_path / "archive", seed=3, n_train=16, n_val=8, n_test=8, size=48)
         params = {
             "data_root": str(archive),
             "out_dir": str(tmp_path / "outputs"),
             "experiment_name": "servers-test",
-            "registered_model_name": "emonet-servers",
+            # The name monitor-demo watches and the demo deployment's trigger matches.
+            "registered_model_name": "emonet-demo",
             **TINY_RUN,
         }
         out = run_ok(
@@ -173,9 +216,7 @@ def test_servers_on_postgresql_run_a_deployment_a_sweep_and_serve_the_champion(t
             state = conn.execute("SELECT state_type FROM flow_run WHERE id = %s", (flow_run_id,)).fetchone()
         assert state is not None and state[0] == "COMPLETED", state
         with psycopg.connect(f"{server}/mlflow") as conn:
-            aliases = conn.execute(
-                "SELECT alias FROM registered_model_aliases WHERE name = 'emonet-servers'"
-            ).fetchall()
+            aliases = conn.execute("SELECT alias FROM registered_model_aliases WHERE name = 'emonet-demo'").fetchall()
         assert aliases == [("champion",)]
         # Artifacts are proxied: the server wrote the model under its artifacts destination.
         assert list((state_dir / "mlflow-artifacts").rglob("MLmodel"))
@@ -209,7 +250,7 @@ def test_servers_on_postgresql_run_a_deployment_a_sweep_and_serve_the_champion(t
         script = textwrap.dedent(
             f"""
             import json, mlflow, pandas as pd
-            model = mlflow.pyfunc.load_model("models:/emonet-servers@champion")
+            model = mlflow.pyfunc.load_model("models:/emonet-demo@champion")
             out = model.predict(pd.DataFrame({{"image_b64": [{png_b64(image)!r}]}}))
             print(json.dumps(out.to_dict(orient="records")))
             """
@@ -220,6 +261,8 @@ def test_servers_on_postgresql_run_a_deployment_a_sweep_and_serve_the_champion(t
         assert len(rows) == 1
         assert all(0.0 <= rows[0][f"prob_{emotion}"] <= 1.0 for emotion in EMOTIONS)
         assert -1.0 <= rows[0]["valence"] <= 1.0
+
+        monitor_and_trigger(tmp_path, prefect, client_env, worker_env, elsewhere, f"{server}/prefect")
     finally:
         pg_data = (state_dir / "postgres").resolve()
         stop = subprocess.run(

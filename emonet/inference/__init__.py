@@ -15,6 +15,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
     submod_attrs={
         "csv_scoring": [
             "CONTEXT_PATH",
+            "CsvImageReader",
             "ID_COLUMNS",
             "IMAGE_PATH",
             "ON_ERROR_OPTIONS",

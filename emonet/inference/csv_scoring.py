@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONTEXT_PATH",
+    "CsvImageReader",
     "ID_COLUMNS",
     "IMAGE_PATH",
     "ON_ERROR_OPTIONS",
@@ -59,8 +60,11 @@ def _is_missing(value: object) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
-class _CsvImageReader:
-    """Reads the crop (and full image) of one input row, in either input layout."""
+class CsvImageReader:
+    """Reads the crop (and full image) of one input row, in either input layout: an
+    ``image_path`` column (relative paths from ``img_dir``, else the CSV's folder) or the
+    archive's ``Crop_name`` (and ``Arr_name``) with ``img_dir``. :meth:`read` takes the
+    row as a dict."""
 
     def __init__(
         self,
@@ -175,7 +179,7 @@ def _check_inputs(
     except pd.errors.EmptyDataError:
         raise ValueError(f"input CSV is empty (no header): {csv_path}") from None
     # Fail on the layout before loading a model, which can take a while.
-    layout = _CsvImageReader(columns, csv_path, img_dir, needs_context=False)
+    layout = CsvImageReader(columns, csv_path, img_dir, needs_context=False)
     check_not_inputs(
         {"out_csv": out_csv, "skipped_csv": skipped_csv},
         {"input CSV": csv_path, "model": model},
@@ -195,7 +199,7 @@ def _check_inputs(
 def _read_chunk(
     chunk: pd.DataFrame,
     first_row: int,
-    reader: _CsvImageReader,
+    reader: CsvImageReader,
     id_columns: list[str],
     on_error: str,
     csv_path: Path,
@@ -228,7 +232,7 @@ def _open_atomic_csv(stack: contextlib.ExitStack, path: Path, columns: list[str]
 
 def _stream_predictions(
     predictor: Predictor,
-    reader: _CsvImageReader,
+    reader: CsvImageReader,
     csv_path: Path,
     out_csv: Path,
     skipped_csv: Path | None,
@@ -277,7 +281,7 @@ def _stream_predictions(
 def _summarize(
     model: ModelSource,
     predictor: Predictor,
-    reader: _CsvImageReader,
+    reader: CsvImageReader,
     csv_path: Path,
     out_csv: Path,
     skipped_csv: Path | None,
@@ -403,7 +407,7 @@ def predict_csv(
     )
 
     predictor = load_predictor(model, device=device, batch_size=batch_size, normalizer=normalizer, runtime=runtime)
-    reader = _CsvImageReader(columns, csv_path, img_dir, predictor.needs_context, max_pixels)
+    reader = CsvImageReader(columns, csv_path, img_dir, predictor.needs_context, max_pixels)
     id_columns = [c for c in ID_COLUMNS if c in columns] + [c for c in keep_columns if c not in ID_COLUMNS]
     started = time.perf_counter()
     counts, first_skipped = _stream_predictions(

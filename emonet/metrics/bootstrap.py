@@ -36,6 +36,7 @@ __all__ = [
     "bootstrap_counts",
     "check_bootstrap_settings",
     "bootstrap_intervals",
+    "bootstrap_map_difference",
     "paired_bootstrap_map_difference",
 ]
 
@@ -300,3 +301,59 @@ def paired_bootstrap_map_difference(
     resampled = _resampled_map(y_true, y_prob_a, counts)[which] - _resampled_map(y_true, y_prob_b, counts)[which]
     estimate = score(y_true, y_prob_a) - score(y_true, y_prob_b)
     return _interval(estimate, resampled, confidence, seed, f"mAP difference ({protocol})")
+
+
+def bootstrap_map_difference(
+    y_true_a: ArrayLike,
+    y_prob_a: ArrayLike,
+    y_true_b: ArrayLike,
+    y_prob_b: ArrayLike,
+    *,
+    protocol: Protocol = "sklearn",
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+) -> BootstrapInterval:
+    """mAP on rows A minus mAP on other rows B, with an interval from independent resamples.
+
+    The unpaired counterpart of :func:`paired_bootstrap_map_difference`: A and B are
+    different samples (a new labelled batch and the reference split), so each resample
+    draws A's rows and B's rows independently and the interval carries the noise of
+    both. Monitoring reads it as: performance degraded when the interval's upper end is
+    below zero.
+
+    Parameters
+    ----------
+    y_true_a, y_prob_a : array-like of shape (n_a, n_labels)
+        Ground truth and probabilities of sample A.
+    y_true_b, y_prob_b : array-like of shape (n_b, n_labels)
+        The same for sample B (same labels, any number of rows).
+    protocol, n_resamples, confidence, seed
+        As in :func:`paired_bootstrap_map_difference`; B's resamples use ``seed + 1``.
+
+    Returns
+    -------
+    BootstrapInterval
+        ``estimate`` is mAP(A) - mAP(B) on the rows as they are.
+
+    Examples
+    --------
+    >>> y = [[1, 0], [0, 1], [1, 1], [0, 0]] * 5
+    >>> good = [[0.9, 0.2], [0.3, 0.8], [0.7, 0.6], [0.1, 0.3]] * 5
+    >>> bad = [[0.1, 0.8], [0.7, 0.2], [0.3, 0.4], [0.9, 0.7]] * 5
+    >>> bootstrap_map_difference(y, bad, y, good, n_resamples=50).high < 0
+    True
+    """
+    check_bootstrap_settings(n_resamples, confidence)
+    if protocol not in ("sklearn", "voc11"):
+        raise ValueError(f"protocol must be 'sklearn' or 'voc11', got {protocol!r}")
+    y_true_a, y_prob_a = check_multilabel(y_true_a, y_prob_a, name="y_prob_a")
+    y_true_b, y_prob_b = check_multilabel(y_true_b, y_prob_b, name="y_prob_b")
+    if y_true_a.shape[1] != y_true_b.shape[1]:
+        raise ValueError(f"A has {y_true_a.shape[1]} labels but B has {y_true_b.shape[1]}")
+    score = mean_average_precision_score if protocol == "sklearn" else mean_voc11_average_precision_score
+    which = 0 if protocol == "sklearn" else 1
+    resampled_a = _resampled_map(y_true_a, y_prob_a, bootstrap_counts(y_true_a.shape[0], n_resamples, seed))[which]
+    resampled_b = _resampled_map(y_true_b, y_prob_b, bootstrap_counts(y_true_b.shape[0], n_resamples, seed + 1))[which]
+    estimate = score(y_true_a, y_prob_a) - score(y_true_b, y_prob_b)
+    return _interval(estimate, resampled_a - resampled_b, confidence, seed, f"mAP difference ({protocol})")
