@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -249,6 +250,15 @@ def bootstrap_intervals(
     return results
 
 
+def _protocol_score(protocol: str) -> tuple[Callable[..., float], int]:
+    """The point-estimate scorer of ``protocol`` and its index in :func:`_resampled_map`'s pair."""
+    if protocol not in ("sklearn", "voc11"):
+        raise ValueError(f"protocol must be 'sklearn' or 'voc11', got {protocol!r}")
+    if protocol == "sklearn":
+        return mean_average_precision_score, 0
+    return mean_voc11_average_precision_score, 1
+
+
 def paired_bootstrap_map_difference(
     y_true: ArrayLike,
     y_prob_a: ArrayLike,
@@ -291,12 +301,9 @@ def paired_bootstrap_map_difference(
     0.0
     """
     check_bootstrap_settings(n_resamples, confidence)
-    if protocol not in ("sklearn", "voc11"):
-        raise ValueError(f"protocol must be 'sklearn' or 'voc11', got {protocol!r}")
+    score, which = _protocol_score(protocol)
     y_true, y_prob_a = check_multilabel(y_true, y_prob_a, name="y_prob_a")
     _, y_prob_b = check_multilabel(y_true, y_prob_b, name="y_prob_b")
-    score = mean_average_precision_score if protocol == "sklearn" else mean_voc11_average_precision_score
-    which = 0 if protocol == "sklearn" else 1
     counts = bootstrap_counts(y_true.shape[0], n_resamples, seed)
     resampled = _resampled_map(y_true, y_prob_a, counts)[which] - _resampled_map(y_true, y_prob_b, counts)[which]
     estimate = score(y_true, y_prob_a) - score(y_true, y_prob_b)
@@ -345,14 +352,11 @@ def bootstrap_map_difference(
     True
     """
     check_bootstrap_settings(n_resamples, confidence)
-    if protocol not in ("sklearn", "voc11"):
-        raise ValueError(f"protocol must be 'sklearn' or 'voc11', got {protocol!r}")
+    score, which = _protocol_score(protocol)
     y_true_a, y_prob_a = check_multilabel(y_true_a, y_prob_a, name="y_prob_a")
     y_true_b, y_prob_b = check_multilabel(y_true_b, y_prob_b, name="y_prob_b")
     if y_true_a.shape[1] != y_true_b.shape[1]:
         raise ValueError(f"A has {y_true_a.shape[1]} labels but B has {y_true_b.shape[1]}")
-    score = mean_average_precision_score if protocol == "sklearn" else mean_voc11_average_precision_score
-    which = 0 if protocol == "sklearn" else 1
     resampled_a = _resampled_map(y_true_a, y_prob_a, bootstrap_counts(y_true_a.shape[0], n_resamples, seed))[which]
     resampled_b = _resampled_map(y_true_b, y_prob_b, bootstrap_counts(y_true_b.shape[0], n_resamples, seed + 1))[which]
     estimate = score(y_true_a, y_prob_a) - score(y_true_b, y_prob_b)

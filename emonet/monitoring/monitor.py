@@ -31,7 +31,7 @@ from emonet.data.images import DEFAULT_MAX_PIXELS
 from emonet.inference.loading import check_registered_model_uri, load_predictor
 from emonet.inference.onnx_runtime import OnnxModel
 from emonet.inference.predictor import Predictor
-from emonet.monitoring.batches import open_batch
+from emonet.monitoring.batches import MonitoringBatch, open_batch
 from emonet.monitoring.drift import (
     DEFAULT_FALSE_ALARM_RATE,
     DriftReport,
@@ -201,19 +201,16 @@ def _examine(
     predictor: Predictor,
     client: MlflowClient,
     version: ModelVersion,
-    batch_path: Path,
+    batch: MonitoringBatch,
     options: dict[str, Any],
 ) -> tuple[_Found, str]:
     """Score the batch, test its signals and check its performance; also returns its fingerprint."""
     reference = ensure_reference(
         client, version, predictor, split_csv=options["reference_csv"], img_dir=options["reference_img_dir"]
     )
-    batch = open_batch(
-        batch_path, img_dir=options["img_dir"], needs_context=predictor.needs_context, max_pixels=options["max_pixels"]
-    )
     scored = score_batch(predictor, batch, progress=options["progress"])
     if not (scored.table["face_visibility"] > 0).any():
-        logger.warning("no face was found in any of the %d crops of %s", len(scored), batch_path)
+        logger.warning("no face was found in any of the %d crops of %s", len(scored), batch.source)
     started = time.perf_counter()
     drift = detect_drift(
         reference.table, scored.table, reference.features, scored.features, false_alarm_rate=options["false_alarm_rate"]
@@ -285,21 +282,22 @@ def monitor_batch(
     client = MlflowClient()
     version = resolve_model_version(client, model_uri)
     # The content's fingerprint first (hashing only): a batch monitored already loads no model.
-    key = _key(version, open_batch(batch_path, img_dir=img_dir).fingerprint, false_alarm_rate)
+    batch_rows = open_batch(batch_path, img_dir=img_dir, max_pixels=max_pixels)
+    key = _key(version, batch_rows.fingerprint, false_alarm_rate)
     if recorded := _recorded(client, experiment_id, key):
         logger.info("%s was monitored with %s version %s already (run %s)", batch_path, version.name, version.version,
                     recorded.run_id)  # fmt: skip
         return recorded
     predictor = load_monitoring_predictor(version, runtime)
     options = {
-        "img_dir": img_dir,
         "reference_csv": reference_csv,
         "reference_img_dir": reference_img_dir,
         "false_alarm_rate": false_alarm_rate,
-        "max_pixels": max_pixels,
         "progress": progress,
     }
-    found, fingerprint = _examine(predictor, client, version, batch_path, options)
+    if predictor.needs_context:  # a body_context model reads (and hashes) the full images too
+        batch_rows = open_batch(batch_path, img_dir=img_dir, needs_context=True, max_pixels=max_pixels)
+    found, fingerprint = _examine(predictor, client, version, batch_rows, options)
     return _record(client, experiment_id, version, batch_path, fingerprint, key, found, out_dir, report)
 
 
