@@ -14,6 +14,8 @@ from emonet.metrics.bootstrap import (
     BootstrapInterval,
     bootstrap_counts,
     bootstrap_intervals,
+    bootstrap_map_difference,
+    bootstrap_two_samples,
     paired_bootstrap_map_difference,
 )
 
@@ -157,6 +159,25 @@ def test_voc11_difference_matches_an_explicit_loop():
     )
     low, high = np.percentile(voc_a - voc_b, [5, 95])
     assert difference.low == pytest.approx(low, abs=1e-12) and difference.high == pytest.approx(high, abs=1e-12)
+
+
+def test_two_samples_resample_each_side_independently_and_read_everything_off_the_same_draws():
+    y_a, p_a = emotic_like(120, seed=14)
+    y_b, p_b = emotic_like(90, seed=15, signal=0.1)
+    maps_a, voc_a, _ = explicit_resample_maps(y_a, p_a, 40, seed=3)
+    maps_b, voc_b, _ = explicit_resample_maps(y_b, p_b, 40, seed=4)  # B's resamples use seed + 1
+    both = bootstrap_two_samples(y_a, p_a, y_b, p_b, n_resamples=40, seed=3, confidence=0.9)
+    for key, a, b in (("mAP", maps_a, maps_b), ("mAP_voc11", voc_a, voc_b)):
+        low, high = np.percentile(a - b, [5, 95])
+        assert both.difference[key].low == pytest.approx(low, abs=1e-12)
+        assert both.difference[key].high == pytest.approx(high, abs=1e-12)
+        assert both.a[key] == bootstrap_intervals(y_a, p_a, n_resamples=40, seed=3, confidence=0.9)[key]
+        assert both.b[key] == bootstrap_intervals(y_b, p_b, n_resamples=40, seed=4, confidence=0.9)[key]
+    assert both.difference["mAP"].estimate == pytest.approx(both.a["mAP"].estimate - both.b["mAP"].estimate)
+    single = bootstrap_map_difference(y_a, p_a, y_b, p_b, protocol="voc11", n_resamples=40, seed=3, confidence=0.9)
+    assert single == both.difference["mAP_voc11"]
+    with pytest.raises(ValueError, match="A has 8 labels but B has 5"):
+        bootstrap_two_samples(y_a, p_a, y_b[:, :5], p_b[:, :5], n_resamples=10)
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,9 @@ __all__ = [
     "check_bootstrap_settings",
     "bootstrap_intervals",
     "bootstrap_map_difference",
+    "bootstrap_two_samples",
     "paired_bootstrap_map_difference",
+    "TwoSampleIntervals",
 ]
 
 DEFAULT_RESAMPLES = 1000
@@ -351,13 +353,53 @@ def bootstrap_map_difference(
     >>> bootstrap_map_difference(y, bad, y, good, n_resamples=50).high < 0
     True
     """
+    _, which = _protocol_score(protocol)
+    key = ("mAP", "mAP_voc11")[which]
+    return bootstrap_two_samples(
+        y_true_a, y_prob_a, y_true_b, y_prob_b, n_resamples=n_resamples, confidence=confidence, seed=seed
+    ).difference[key]
+
+
+@dataclass(frozen=True)
+class TwoSampleIntervals:
+    """Both mAPs of two samples and A minus B, each keyed ``mAP`` and ``mAP_voc11``."""
+
+    a: dict[str, BootstrapInterval]
+    b: dict[str, BootstrapInterval]
+    difference: dict[str, BootstrapInterval]
+
+
+def bootstrap_two_samples(
+    y_true_a: ArrayLike,
+    y_prob_a: ArrayLike,
+    y_true_b: ArrayLike,
+    y_prob_b: ArrayLike,
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = DEFAULT_CONFIDENCE,
+    seed: int = 0,
+) -> TwoSampleIntervals:
+    """Intervals of both mAPs of samples A and B and of A minus B, from one set of resamples.
+
+    What :func:`bootstrap_map_difference` computes for one protocol, with each sample's
+    own intervals read off the same resamples (A's drawn with ``seed``, B's with
+    ``seed + 1``), so a monitoring check scores each sample's resamples once.
+    """
     check_bootstrap_settings(n_resamples, confidence)
-    score, which = _protocol_score(protocol)
     y_true_a, y_prob_a = check_multilabel(y_true_a, y_prob_a, name="y_prob_a")
     y_true_b, y_prob_b = check_multilabel(y_true_b, y_prob_b, name="y_prob_b")
     if y_true_a.shape[1] != y_true_b.shape[1]:
         raise ValueError(f"A has {y_true_a.shape[1]} labels but B has {y_true_b.shape[1]}")
-    resampled_a = _resampled_map(y_true_a, y_prob_a, bootstrap_counts(y_true_a.shape[0], n_resamples, seed))[which]
-    resampled_b = _resampled_map(y_true_b, y_prob_b, bootstrap_counts(y_true_b.shape[0], n_resamples, seed + 1))[which]
-    estimate = score(y_true_a, y_prob_a) - score(y_true_b, y_prob_b)
-    return _interval(estimate, resampled_a - resampled_b, confidence, seed, f"mAP difference ({protocol})")
+    result = TwoSampleIntervals({}, {}, {})
+    resampled_a = _resampled_map(y_true_a, y_prob_a, bootstrap_counts(y_true_a.shape[0], n_resamples, seed))
+    resampled_b = _resampled_map(y_true_b, y_prob_b, bootstrap_counts(y_true_b.shape[0], n_resamples, seed + 1))
+    for protocol, key in (("sklearn", "mAP"), ("voc11", "mAP_voc11")):
+        score, which = _protocol_score(protocol)
+        estimate_a, estimate_b = score(y_true_a, y_prob_a), score(y_true_b, y_prob_b)
+        result.a[key] = _interval(estimate_a, resampled_a[which], confidence, seed, key)
+        result.b[key] = _interval(estimate_b, resampled_b[which], confidence, seed + 1, key)
+        difference = resampled_a[which] - resampled_b[which]
+        result.difference[key] = _interval(
+            estimate_a - estimate_b, difference, confidence, seed, f"mAP difference ({protocol})"
+        )
+    return result

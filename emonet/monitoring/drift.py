@@ -29,8 +29,7 @@ from emonet.metrics.bootstrap import (
     DEFAULT_CONFIDENCE,
     DEFAULT_RESAMPLES,
     BootstrapInterval,
-    bootstrap_intervals,
-    bootstrap_map_difference,
+    bootstrap_two_samples,
 )
 from emonet.monitoring.signals import SIGNALS, Signal
 
@@ -277,13 +276,5 @@ def check_performance(
 ) -> PerformanceCheck:
     """Both mAPs of the batch and of the reference, and batch minus reference, with intervals."""
     settings = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
-    batch = bootstrap_intervals(batch_true, batch_prob, **settings)
-    reference = bootstrap_intervals(reference_true, reference_prob, **settings)
-    difference = {
-        key: bootstrap_map_difference(
-            batch_true, batch_prob, reference_true, reference_prob, protocol=protocol, **settings
-        )
-        for key, protocol in (("mAP", "sklearn"), ("mAP_voc11", "voc11"))
-    }
-    keys = ("mAP", "mAP_voc11")
-    return PerformanceCheck({k: batch[k] for k in keys}, {k: reference[k] for k in keys}, difference)
+    both = bootstrap_two_samples(batch_true, batch_prob, reference_true, reference_prob, **settings)
+    return PerformanceCheck(both.a, both.b, both.difference)
