@@ -18,11 +18,9 @@ from typing import Annotated, Any, Literal
 from prefect import flow
 from pydantic import Field
 
+from emonet.monitoring.batches import BATCH_CSV
 from emonet.utils.reaper import ensure_reaper
 from tasks.monitoring import emit_monitoring_events, monitor_batch_task, publish_monitoring
-
-# A subfolder of the inbox holding this file is that CSV's batch (its crops beside it).
-BATCH_CSV = "batch.csv"
 
 
 def inbox_batches(inbox: Path) -> list[Path]:

@@ -29,9 +29,26 @@ def server_env() -> dict[str, str]:
 
 
 def prefect_server(host: str, port: int) -> tuple[list[str], str]:
-    """The command of a Prefect server on ``host:port`` and the URL that answers once it is up."""
+    """The command of a Prefect server on ``host:port`` and the URL that answers once it is up.
+
+    Start it with :func:`prefect_server_env` in its environment.
+    """
     command = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
     return command, f"http://{host}:{port}/api/health"
+
+
+def prefect_server_env(host: str, port: int) -> dict[str, str]:
+    """What a Prefect server on ``host:port`` needs in its environment for its UI.
+
+    The UI asks its API at ``PREFECT_UI_API_URL``, which ``--port`` leaves at the default
+    port's URL (from ``PREFECT_SERVER_API_PORT``): without this, a UI on another port
+    than 4200 shows "Can't connect to Server API at http://127.0.0.1:4200/api".
+    """
+    return {
+        "PREFECT_SERVER_API_HOST": host,
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_UI_API_URL": f"http://{host}:{port}/api",
+    }
 
 
 def port_is_free(host: str, port: int) -> bool:

@@ -43,6 +43,7 @@ from scripts.processes import (
     ServerError,
     log_tail,
     prefect_server,
+    prefect_server_env,
     require_free_ports,
     server_env,
     start_in_own_group,
@@ -302,6 +303,7 @@ def server_commands(args: argparse.Namespace, server_url: str) -> dict[str, tupl
     }
     prefect_env = {
         **base_env,
+        **prefect_server_env(args.host, args.prefect_port),
         "PREFECT_API_DATABASE_CONNECTION_URL": database_url(server_url, args.prefect_database, "postgresql+asyncpg"),
     }
     prefect_command, prefect_health = prefect_server(args.host, args.prefect_port)

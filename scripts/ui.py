@@ -18,6 +18,7 @@ from pathlib import Path
 from scripts.processes import (
     ServerError,
     prefect_server,
+    prefect_server_env,
     require_free_ports,
     server_env,
     start_in_own_group,
@@ -103,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     exit_code = 0
     try:
         for name, (command, _) in servers.items():
+            own_env = {**env, **prefect_server_env(HOST, args.prefect_port)} if name == "Prefect server" else env
             with stop_signals.deferred():
-                started[name] = start_in_own_group(command, env, REPO)
+                started[name] = start_in_own_group(command, own_env, REPO)
             print(f"started the {name} (pid {started[name].pid})", flush=True)
         for name, (_, url) in servers.items():
             wait_until_answers(url, started[name], None, args.timeout)

@@ -13,6 +13,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 from prefect.tasks import exponential_backoff
 
+from emonet.monitoring.batches import batch_label
 from emonet.monitoring.monitor import MonitoringResult, monitor_batch
 from tasks.predict import retry_transient
 
@@ -26,9 +27,14 @@ def model_resource_id(model_name: str) -> str:
     return f"emonet.model.{model_name}"
 
 
+def _monitor_run_name(parameters: dict[str, Any]) -> str:
+    """``monitor-shifted/batch.csv``: the batch's label, which names a ``batch.csv`` by its folder."""
+    return f"monitor-{batch_label(parameters['batch'])}"
+
+
 @task(
     name="monitor-batch",
-    task_run_name="monitor-{batch.name}",
+    task_run_name=_monitor_run_name,
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_condition_fn=retry_transient,

@@ -184,6 +184,7 @@ def test_a_batch_like_the_reference_passes_and_a_shifted_one_is_flagged(demo_mon
     runs = {run.info.run_id: run for run in client.search_runs([experiment.experiment_id])}
     assert set(runs) == {like.run_id, shifted.run_id}
     recorded = runs[shifted.run_id].data
+    assert runs[shifted.run_id].info.run_name == "emonet-demo-v1-shifted-batch.csv"  # named by its folder
     assert recorded.tags[TAG_DRIFT] == "true" and recorded.tags["emonet.model_version"] == "1"
     assert recorded.tags[TAG_PERFORMANCE] in {"true", "false"}
     assert recorded.metrics["drift_p.brightness"] < 1e-6 and "mAP_difference_high" in recorded.metrics

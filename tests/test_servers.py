@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,9 @@ def monitor_and_trigger(tmp_path: Path, prefect: list[str], client_env: dict, wo
             "SELECT count(*) FROM events WHERE event = 'emonet.monitoring.drift-detected' "
             "AND resource_id = 'emonet.model.emonet-demo'"
         ).fetchone()[0]
+        names = {row[0] for row in conn.execute("SELECT name FROM task_run WHERE flow_run_id = %s", (run_id,))}
     assert state == "COMPLETED" and events == 2, (state, events)
+    assert {"monitor-first/batch.csv", "monitor-second/batch.csv"} <= names, names  # each batch by its folder
     deadline = time.monotonic() + 90
     while len(demo_runs(db)) == len(before) and time.monotonic() < deadline:
         time.sleep(1)
@@ -178,6 +181,8 @@ def test_servers_on_postgresql_run_a_deployment_a_sweep_and_serve_the_champion(t
         started = True
         assert f"export MLFLOW_TRACKING_URI={mlflow_url}" in started_log
         assert f"export PREFECT_API_URL={prefect_api}" in started_log
+        with urllib.request.urlopen(f"http://127.0.0.1:{prefect_port}/ui-settings", timeout=30) as response:
+            assert json.load(response)["api_url"] == prefect_api  # the UI asks this server, not port 4200
         assert "postgres-password" in started_log and password_hidden(state_dir, started_log)
         recorded = json.loads((state_dir / "state.json").read_text())
         assert [s["name"] for s in recorded["servers"]] == ["mlflow", "prefect"]
@@ -309,6 +314,9 @@ def test_make_ui_stops_exactly_its_two_servers_on_ctrl_c(tmp_path, migrated_pref
     try:
         wait_until_answers(f"http://127.0.0.1:{mlflow_port}/health", make, log, timeout=240)
         wait_until_answers(f"http://127.0.0.1:{prefect_port}/api/health", make, log, timeout=240)
+        # The UI, served on this port, asks its API on this port too (not the default 4200).
+        with urllib.request.urlopen(f"http://127.0.0.1:{prefect_port}/ui-settings", timeout=30) as response:
+            assert json.load(response)["api_url"] == f"http://127.0.0.1:{prefect_port}/api"
         pids = [int(pid) for pid in re.findall(r"started the .+ \(pid (\d+)\)", log.read_text())]
         assert len(pids) == 2
         os.killpg(make.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the foreground group

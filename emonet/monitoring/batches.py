@@ -27,9 +27,20 @@ from emonet.inference.csv_scoring import CsvImageReader
 from emonet.schema import EMOTIONS, FACE_VISIBILITY_COLUMN
 from emonet.utils.io import read_csv
 
-__all__ = ["IMAGE_SUFFIXES", "MonitoringBatch", "open_batch"]
+__all__ = ["BATCH_CSV", "IMAGE_SUFFIXES", "MonitoringBatch", "batch_label", "open_batch"]
 
 IMAGE_SUFFIXES: tuple[str, ...] = (".npy", ".png", ".jpg", ".jpeg")
+# The table of a batch that is a folder with its crops (the demo's and an inbox's layout).
+BATCH_CSV = "batch.csv"
+
+
+def batch_label(path: str | Path) -> str:
+    """How runs and reports name a batch: its file or folder name, with the folder for a
+    ``batch.csv`` (``shifted/batch.csv``), whose own name says nothing."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.name == BATCH_CSV and path.parent.name else path.name
+
+
 RowReader = Callable[[int], tuple[np.ndarray, np.ndarray | None]]
 
 

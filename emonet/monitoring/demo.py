@@ -20,6 +20,7 @@ from PIL import Image
 from emonet.data.annotations import load_annotations
 from emonet.data.arrays import load_array
 from emonet.data.demo import MANIFEST_NAME, make_demo_data
+from emonet.monitoring.batches import BATCH_CSV
 from emonet.schema import EMOTIONS, annotations_path, arrays_dir
 from emonet.utils.io import atomic_path, write_csv_atomic
 
@@ -39,7 +40,7 @@ def _write_batch(folder: Path, crops: list[np.ndarray], labels: pd.DataFrame) ->
             Image.fromarray(crop).save(tmp, format="PNG")
         paths.append(f"crops/{path.name}")
     table = pd.DataFrame({"image_path": paths, **{e: labels[e].to_numpy(dtype=int) for e in EMOTIONS}})
-    return write_csv_atomic(table, folder / "batch.csv")
+    return write_csv_atomic(table, folder / BATCH_CSV)
 
 
 def write_demo_batches(

@@ -31,7 +31,7 @@ from emonet.data.images import DEFAULT_MAX_PIXELS
 from emonet.inference.loading import check_registered_model_uri, load_predictor
 from emonet.inference.onnx_runtime import OnnxModel
 from emonet.inference.predictor import Predictor
-from emonet.monitoring.batches import MonitoringBatch, open_batch
+from emonet.monitoring.batches import MonitoringBatch, batch_label, open_batch
 from emonet.monitoring.drift import (
     DEFAULT_FALSE_ALARM_RATE,
     DriftReport,
@@ -313,8 +313,9 @@ def _record(
     report: bool,
 ) -> MonitoringResult:
     """The MLflow run of one monitoring: tags, metrics and the artifacts."""
-    title = f"{version.name} version {version.version} on {batch_path.name}"
-    run = client.create_run(experiment_id, run_name=f"{version.name}-v{version.version}-{batch_path.name}")
+    label = batch_label(batch_path)
+    title = f"{version.name} version {version.version} on {label}"
+    run = client.create_run(experiment_id, run_name=f"{version.name}-v{version.version}-{label.replace('/', '-')}")
     run_id = run.info.run_id
     drift, performance = found.drift, found.performance
     result = MonitoringResult(
