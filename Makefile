@@ -96,8 +96,12 @@ monitor: venv
 # PYTEST_ARGS='-m "not slow"' runs the quick suite. The 25 slowest tests are listed at the end,
 # so a test that grows slow shows up in CI's log. The quick suite also runs the layer
 # contracts (lint-imports), ruff and the strict docs build (tests/test_layers.py, test_docs.py).
+# PYTEST_WORKERS processes share the files (pytest-xdist, each file on one worker: much of
+# the suite waits on subprocesses and servers); PYTEST_WORKERS=0 runs in this process.
+PYTEST_WORKERS ?= 2
 test: venv postgresql
-	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS)
+	@case '$(PYTEST_WORKERS)' in ''|*[!0-9]*) echo "PYTEST_WORKERS must be a number (0: no workers), got '$(PYTEST_WORKERS)'" >&2; exit 2;; esac
+	$(PY) -m pytest -q --durations=25 $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 # The documentation site (mkdocs.yml, docs/) into site/; strict: a broken link or a missing
 # symbol fails. docs-serve serves it on loopback and rebuilds on every change.

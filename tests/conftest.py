@@ -190,10 +190,31 @@ def demo_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
 TRAINING_FIXTURES = frozenset({"tiny_checkpoint", "demo_checkpoint", "straight_run", "prefect_env"})
 
 
+# The files that take longest, run first: `make test`'s workers take whole files in this
+# order (pytest-xdist's loadfile), so a long file started last would leave one worker
+# running it alone at the end. Within a file the order stays as written.
+LONGEST_FILES = (
+    "test_train.py",
+    "test_servers.py",
+    "test_tune.py",
+    "test_flows.py",
+    "test_stop.py",
+    "test_kill.py",
+    "test_monitoring.py",
+    "test_faults.py",
+    "test_registry.py",
+    "test_distributed.py",
+    "test_runs.py",
+    "test_encoders.py",
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))  # stable: file order kept otherwise
 
 
 _running: dict[str, pytest.Item | None] = {"item": None}

@@ -133,13 +133,19 @@ def monitor_and_trigger(tmp_path: Path, prefect: list[str], client_env: dict, wo
     command = [*prefect, "deployment", "run", "emonet-monitor/monitor-demo", "--params", json.dumps(params)]
     run_id = re.search(r"UUID: ([0-9a-f-]{36})", run_ok(command, client_env, REPO, 120).stdout).group(1)
     run_ok([*prefect, "worker", "start", "--pool", "emonet-process", "--run-once"], worker_env, cwd, 600)
-    with psycopg.connect(db) as conn:
-        (state,) = conn.execute("SELECT state_type FROM flow_run WHERE id = %s", (run_id,)).fetchone()
-        events = conn.execute(
-            "SELECT count(*) FROM events WHERE event = 'emonet.monitoring.drift-detected' "
-            "AND resource_id = 'emonet.model.emonet-demo'"
-        ).fetchone()[0]
-        names = {row[0] for row in conn.execute("SELECT name FROM task_run WHERE flow_run_id = %s", (run_id,))}
+    # The server persists events in batches (every few seconds): wait for both.
+    deadline = time.monotonic() + 60
+    while True:
+        with psycopg.connect(db) as conn:
+            (state,) = conn.execute("SELECT state_type FROM flow_run WHERE id = %s", (run_id,)).fetchone()
+            events = conn.execute(
+                "SELECT count(*) FROM events WHERE event = 'emonet.monitoring.drift-detected' "
+                "AND resource_id = 'emonet.model.emonet-demo'"
+            ).fetchone()[0]
+            names = {row[0] for row in conn.execute("SELECT name FROM task_run WHERE flow_run_id = %s", (run_id,))}
+        if events >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert state == "COMPLETED" and events == 2, (state, events)
     assert {"monitor-first/batch.csv", "monitor-second/batch.csv"} <= names, names  # each batch by its folder
     deadline = time.monotonic() + 90
