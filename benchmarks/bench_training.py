@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from emonet.config import EmoNetConfig, load_config
 from emonet.data.demo import make_demo_data
 from emonet.models.devices import resolve_device
+from emonet.models.encoders import stream_preprocessing
 from emonet.models.network import build_model
 from emonet.schema import NUM_EMOTIONS, annotations_path, arrays_dir
 from emonet.training.losses import EmoNetLoss
@@ -199,7 +200,8 @@ def main(argv: list[str] | None = None) -> float:
             "affect": torch.rand(batch, 2) * 2 - 1,
         }
         if config.model.uses_context:
-            synthetic["context"] = torch.randn(batch, 3, config.train.context_size, config.train.context_size)
+            side = stream_preprocessing(config)[1].size
+            synthetic["context"] = torch.randn(batch, 3, side, side)
         fixed = itertools.repeat(synthetic)
         # After a model-only block the workers' queue is full; let the real warm-up
         # drain it so the timed real steps see the steady state.

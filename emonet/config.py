@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Backbone = Literal["resnet18", "resnet34", "resnet50", "efficientnet_b0"]
+# torchvision's ImageNet CNNs by name; any timm model as "timm:<name>" (emonet.models.encoders).
+TORCHVISION_BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "efficientnet_b0")
+TIMM_PREFIX = "timm:"
 Variant = Literal["body", "body_context"]
 Scheduler = Literal["plateau", "cosine"]
 
@@ -24,17 +26,69 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def check_backbone(name: str, field: str = "model.backbone") -> str:
+    """``name`` if it names an encoder: a torchvision backbone, or ``timm:<model name>``."""
+    if not isinstance(name, str):
+        raise ValueError(f"{field} must be a string, got {type(name).__name__}")
+    if name.startswith(TIMM_PREFIX):
+        if not name[len(TIMM_PREFIX) :].strip():
+            raise ValueError(f"{field}={name!r} names no timm model: write timm:<name>, e.g. timm:convnext_tiny")
+        return name
+    if name not in TORCHVISION_BACKBONES:
+        raise ValueError(
+            f"unknown {field} {name!r}: expected one of {list(TORCHVISION_BACKBONES)} or timm:<name> "
+            "(any timm model, e.g. timm:convnext_tiny or timm:vit_base_patch16_clip_224.openai)"
+        )
+    return name
+
+
 class ModelConfig(_Frozen):
-    backbone: Backbone = "resnet50"  # the original project's backbone; resnet18 for CPU runs
+    backbone: str = "resnet50"  # body encoder: a torchvision name, or timm:<name>; resnet18 for CPU runs
     variant: Variant = "body"  # body: one stream on the crop; body_context: crop + full image
-    pretrained: bool = False  # ImageNet weights; needs internet or weights_path
-    weights_path: Path | None = None  # local torchvision state_dict for the backbone(s)
+    context_backbone: str | None = None  # body_context's scene encoder; None: the body's
+    pretrained: bool = False  # pretrained weights (torchvision's or timm's); needs internet or a local file
+    weights_path: Path | None = None  # local weights of the body encoder (torchvision state_dict, timm file)
+    context_weights_path: Path | None = None  # the same for the context encoder; None: weights_path if same encoder
+    freeze_body: bool = False  # train the heads (and the context trunk) only; BatchNorm in eval mode
+    freeze_context: bool = False  # the same for the context trunk; its features may then be cached
     dropout: float = Field(0.5, ge=0.0, lt=1.0)  # before both heads
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        return check_backbone(value)
+
+    @field_validator("context_backbone")
+    @classmethod
+    def _known_context_backbone(cls, value: str | None) -> str | None:
+        return None if value is None else check_backbone(value, "model.context_backbone")
+
+    @model_validator(mode="after")
+    def _context_fields_need_context(self) -> ModelConfig:
+        if self.variant != "body_context":
+            for name in ("context_backbone", "context_weights_path"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"model.{name} needs variant 'body_context', got variant {self.variant!r}")
+            if self.freeze_context:
+                raise ValueError(f"model.freeze_context needs variant 'body_context', got variant {self.variant!r}")
+        return self
 
     @property
     def uses_context(self) -> bool:
         """Whether the model reads the full image beside the body crop (``body_context``)."""
         return self.variant == "body_context"
+
+    @property
+    def context_encoder(self) -> str:
+        """The context stream's encoder: ``context_backbone``, else the body's."""
+        return self.context_backbone or self.backbone
+
+    @property
+    def context_weights(self) -> Path | None:
+        """The context encoder's local weights: its own, else the body's when both are one encoder."""
+        if self.context_weights_path is not None:
+            return self.context_weights_path
+        return self.weights_path if self.context_encoder == self.backbone else None
 
 
 class LossConfig(_Frozen):
@@ -72,8 +126,10 @@ class DistributedConfig(_Frozen):
 
 
 class TrainConfig(_Frozen):
-    image_size: int = Field(224, ge=32)  # side of the square network input
-    context_size: int = Field(224, ge=32)  # side of the full-image input (body_context)
+    # Sides of the square network inputs. None: the encoder's own (timm's pretrained input
+    # size, 224 for torchvision's: the default of earlier releases).
+    image_size: int | None = Field(None, ge=32)  # the body crop's
+    context_size: int | None = Field(None, ge=32)  # the full image's (body_context)
     batch_size: int = Field(32, ge=1)  # the original project's batch size
     epochs: int = Field(50, ge=1)  # the original project's epoch count; early stopping may end sooner
     lr: float = Field(1e-4, gt=0.0)  # AdamW learning rate

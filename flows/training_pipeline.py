@@ -28,6 +28,8 @@ from pydantic import Field
 
 from emonet.config import EmoNetConfig, config_to_dict, load_config
 from emonet.metrics import format_metric
+from emonet.models.encoders import stream_preprocessing
+from emonet.models.network import check_pretrained_weights
 from emonet.reports.evaluation import EvaluationReport
 from emonet.schema import SPLITS, annotations_path, arrays_dir
 from emonet.tracking.registry import DEMO_MODEL_NAME, MODEL_NAME, PromotionDecision
@@ -269,6 +271,7 @@ def emonet_training_pipeline(
     start_run_safely(out_dir, tracking_uri)
     overrides = {"epochs": epochs, "seed": seed, "batch_size": batch_size}
     resolved = load_config(config, train={key: value for key, value in overrides.items() if value is not None})
+    check_pretrained_weights(resolved.model)  # missing weights fail here, before any data work
     # Demo models never replace a real one: they go to their own registered model.
     registered_model_name = registered_model_name or (MODEL_NAME if data_root is not None else DEMO_MODEL_NAME)
     root = _archive_root(data_root, demo_dir)
@@ -479,8 +482,14 @@ def _publish(
 
 def _flat_config(config: EmoNetConfig) -> dict[str, Any]:
     """The resolved config as flat MLflow params (``train.lr`` -> ``lr``): the sections'
-    field names do not collide, and short names read better in MLflow's run table."""
-    return {key: value for section in config_to_dict(config).values() for key, value in section.items()}
+    field names do not collide, and short names read better in MLflow's run table. The
+    encoders' defaults are resolved, so the params name both encoders and both input sides."""
+    params = {key: value for section in config_to_dict(config).values() for key, value in section.items()}
+    body, context = stream_preprocessing(config)
+    params["image_size"] = body.size
+    if context is not None:
+        params["context_backbone"], params["context_size"] = config.model.context_encoder, context.size
+    return params
 
 
 def run_report(summary: RunSummary) -> str:

@@ -26,7 +26,8 @@ def _resize(size: int) -> v2.Resize:
 
 
 def _shared_ops(train: bool, augment: bool) -> v2.Compose:
-    """The size-independent part of a preset: random ops, float conversion, Normalize.
+    """The size-independent part of a preset: random ops and float conversion (each
+    stream's Normalize follows, with its encoder's mean and std).
 
     Everything here runs after the resize, on ``size**2`` pixels rather than the input's
     own size; the resize itself runs on uint8, where torch has a fast antialiased path.
@@ -43,29 +44,37 @@ def _shared_ops(train: bool, augment: bool) -> v2.Compose:
             v2.ColorJitter(brightness=JITTER, contrast=JITTER, saturation=JITTER),
             v2.RandomRotation(ROTATION_DEGREES),  # corners filled with 0 (black), as on uint8
         ]
-    ops.append(v2.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)))
     return v2.Compose(ops)
 
 
+Stats = tuple[float, float, float]
+
+
+def _normalize(mean: Stats, std: Stats) -> v2.Normalize:
+    return v2.Normalize(mean=list(mean), std=list(std))
+
+
 class SingleTransform:
-    """``transform(body) -> body``: resize to a square, then the shared ops.
+    """``transform(body) -> body``: resize to a square, the shared ops, then Normalize.
 
     Parameters
     ----------
     size : side of the square output.
     shared : the ops after the resize (see :func:`build_transforms`).
+    normalize : the encoder's Normalize.
     """
 
-    def __init__(self, size: int, shared: v2.Compose) -> None:
+    def __init__(self, size: int, shared: v2.Compose, normalize: v2.Normalize) -> None:
         self.resize = _resize(size)
         self.shared = shared
+        self.normalize = normalize
 
     def __call__(self, body: torch.Tensor) -> torch.Tensor:
         _check_image(body, "body")
-        return self.shared(self.resize(body))
+        return self.normalize(self.shared(self.resize(body)))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(resize={self.resize}, shared={self.shared})"
+        return f"{type(self).__name__}(resize={self.resize}, shared={self.shared}, normalize={self.normalize})"
 
 
 class PairedTransform:
@@ -78,16 +87,28 @@ class PairedTransform:
     and rotation angle). Both are wrapped as ``tv_tensors.Image`` because v2 would
     transform only the first of several plain tensors and pass the rest through.
 
+    Each stream is then normalized with its own encoder's mean and std.
+
     Parameters
     ----------
     body_size, context_size : sides of the square outputs.
     shared : the ops after the resize (see :func:`build_transforms`).
+    body_normalize, context_normalize : each encoder's Normalize.
     """
 
-    def __init__(self, body_size: int, context_size: int, shared: v2.Compose) -> None:
+    def __init__(
+        self,
+        body_size: int,
+        context_size: int,
+        shared: v2.Compose,
+        body_normalize: v2.Normalize,
+        context_normalize: v2.Normalize,
+    ) -> None:
         self.body_resize = _resize(body_size)
         self.context_resize = _resize(context_size)
         self.shared = shared
+        self.body_normalize = body_normalize
+        self.context_normalize = context_normalize
 
     def __call__(self, body: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_image(body, "body")
@@ -96,12 +117,14 @@ class PairedTransform:
         context = self.context_resize(tv_tensors.Image(context))
         body, context = self.shared(body, context)
         # Plain tensors again, so the default collate stacks them like the one-stream case.
-        return body.as_subclass(torch.Tensor), context.as_subclass(torch.Tensor)
+        body, context = body.as_subclass(torch.Tensor), context.as_subclass(torch.Tensor)
+        return self.body_normalize(body), self.context_normalize(context)
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(body_resize={self.body_resize}, "
-            f"context_resize={self.context_resize}, shared={self.shared})"
+            f"context_resize={self.context_resize}, shared={self.shared}, "
+            f"body_normalize={self.body_normalize}, context_normalize={self.context_normalize})"
         )
 
 
@@ -118,13 +141,18 @@ def build_transforms(
     train: bool,
     augment: bool = True,
     context_size: int | None = None,
+    *,
+    mean: Stats = IMAGENET_MEAN,
+    std: Stats = IMAGENET_STD,
+    context_mean: Stats | None = None,
+    context_std: Stats | None = None,
 ) -> SingleTransform | PairedTransform:
     """The preset for one split: uint8 ``(3, H, W)`` in, normalized float32 out.
 
     Train (with ``augment``): Resize to ``image_size`` square, RandomHorizontalFlip,
     ToDtype(float32, scale=True), ColorJitter(0.2, 0.2, 0.2), RandomRotation(10),
-    Normalize(ImageNet mean/std). Eval (or ``augment=False``): Resize, ToDtype,
-    Normalize, which is deterministic. (Why this order: see ``_shared_ops``.)
+    Normalize(mean, std). Eval (or ``augment=False``): Resize, ToDtype, Normalize, which
+    is deterministic. (Why this order: see ``_shared_ops``.)
 
     Parameters
     ----------
@@ -137,6 +165,8 @@ def build_transforms(
     context_size : int, optional
         Side of the square full-image input. When given, the callable takes and returns
         ``(body, context)``, and both share every random draw (see :class:`PairedTransform`).
+    mean, std : the body encoder's per-channel statistics (ImageNet's by default).
+    context_mean, context_std : the context encoder's; by default the body's.
 
     Returns
     -------
@@ -160,9 +190,11 @@ def build_transforms(
         if size is not None and (not isinstance(size, int) or size < 1):
             raise ValueError(f"{name} must be a positive int, got {size!r}")
     shared = _shared_ops(train, augment)
+    body_normalize = _normalize(mean, std)
     if context_size is None:
-        return SingleTransform(image_size, shared)
-    return PairedTransform(image_size, context_size, shared)
+        return SingleTransform(image_size, shared, body_normalize)
+    context_normalize = _normalize(context_mean or mean, context_std or std)
+    return PairedTransform(image_size, context_size, shared, body_normalize, context_normalize)
 
 
 def to_chw_tensor(array: np.ndarray) -> torch.Tensor:

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from emonet.config import EmoNetConfig
 from emonet.data.images import check_image
 from emonet.data.loaders import make_loader
-from emonet.data.transforms import build_transforms, prepare_item
+from emonet.data.transforms import prepare_item
+from emonet.models.encoders import config_transforms
 from emonet.schema import AFFECT_COLUMNS, NUM_EMOTIONS
 
 logger = logging.getLogger(__name__)
@@ -62,12 +63,10 @@ def eval_transform(config: EmoNetConfig) -> Any:
     """The deterministic evaluation preset for a model trained with ``config``.
 
     Body crops are resized to ``train.image_size``; the ``body_context`` variant also
-    takes the full image at ``train.context_size``.
+    takes the full image at ``train.context_size``. Each stream is normalized with its
+    encoder's mean and std (:func:`emonet.models.encoders.config_transforms`).
     """
-    with_context = config.model.uses_context
-    return build_transforms(
-        config.train.image_size, train=False, context_size=config.train.context_size if with_context else None
-    )
+    return config_transforms(config, train=False)
 
 
 class ImageInputs(Dataset):

@@ -17,6 +17,7 @@ from emonet.data.normalize import AffectNormalizer, load_normalizer
 from emonet.inference.loop import ImageInputs, Predictions, RowReader, eval_transform, predict_split
 from emonet.inference.onnx_runtime import OnnxModel, resolve_runtime
 from emonet.models.checkpoint import load_checkpoint, read_checkpoint, stored_config
+from emonet.models.encoders import stream_preprocessing
 from emonet.models.network import EmoNet
 from emonet.schema import EMOTIONS, NUM_EMOTIONS
 
@@ -96,7 +97,7 @@ class Predictor:
         # "torch", "onnxruntime" or "onnxruntime-int8": what runs the forward pass (the
         # preprocessing is the same).
         self.runtime = model.runtime if isinstance(model, OnnxModel) else "torch"
-        self.image_size = config.train.image_size
+        self.image_size = stream_preprocessing(config)[0].size
         self.transform = eval_transform(config)
 
     @property

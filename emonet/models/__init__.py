@@ -1,4 +1,5 @@
-"""The network (:mod:`~emonet.models.network`), the checkpoint file format
+"""The network (:mod:`~emonet.models.network`), its encoders by name, torchvision's and
+timm's (:mod:`~emonet.models.encoders`), the checkpoint file format
 (:mod:`~emonet.models.checkpoint`), the ONNX export (:mod:`~emonet.models.onnx_export`) and the
 device a model runs on (:mod:`~emonet.models.devices`).
 
@@ -32,6 +33,16 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
         "devices": [
             "resolve_device",
         ],
+        "encoders": [
+            "MissingWeightsError",
+            "Preprocessing",
+            "config_transforms",
+            "create_encoder",
+            "encoder_preprocessing",
+            "freeze",
+            "is_timm",
+            "stream_preprocessing",
+        ],
         "onnx_export": [
             "ONNX_FILE",
             "ONNX_INPUTS",
@@ -48,6 +59,7 @@ __getattr__, __dir__, __all__ = lazy_loader.attach(
             "NUM_AFFECT",
             "VARIANTS",
             "build_model",
+            "check_pretrained_weights",
             "create_trunk",
             "imagenet_state_dict",
             "load_trunk_weights",

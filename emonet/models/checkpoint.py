@@ -265,7 +265,7 @@ def load_checkpoint(
     """
     checkpoint = read_checkpoint(path, map_location)
     config = stored_config(checkpoint, path)
-    model = build_model(config.model, pretrained=False)
+    model = build_model(config, pretrained=False)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as error:

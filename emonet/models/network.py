@@ -1,5 +1,6 @@
-"""EmoNet: a torchvision trunk (body crop, optionally plus the full image) with two heads,
-26 emotion logits and valence/arousal in [-1, 1]."""
+"""EmoNet: an encoder trunk on the body crop (optionally a second on the full image), with
+two heads, 26 emotion logits and valence/arousal in [-1, 1]. Trunks are torchvision's or
+timm's (:mod:`emonet.models.encoders`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torchvision.models as tvm
 from torch import Tensor, nn
 
-from emonet.config import ModelConfig
+from emonet.config import EmoNetConfig, ModelConfig
 from emonet.schema import AFFECT_COLUMNS, NUM_EMOTIONS
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,9 @@ def imagenet_state_dict(backbone: str) -> dict[str, Tensor]:
     except Exception as error:  # offline, proxy, TLS, truncated file: all end the same way
         if cached.is_file():
             raise
-        raise RuntimeError(
+        from emonet.models.encoders import MissingWeightsError
+
+        raise MissingWeightsError(
             f"could not download the ImageNet weights of {backbone} ({weights}): {error!r}. "
             f"Either download {weights.url} on a machine with internet and copy it to {cached}, "
             f"or set model.weights_path to a local copy of that file, "
@@ -154,11 +157,12 @@ def load_trunk_weights(trunk: nn.Module, state_dict: Mapping[str, Tensor], head_
 
 
 class EmoNet(nn.Module):
-    """Multi-label emotion and valence/arousal network on a torchvision trunk.
+    """Multi-label emotion and valence/arousal network on one or two encoder trunks.
 
     ``body`` runs one trunk on the body crop. ``body_context`` runs a second, separate
-    trunk on the full image and concatenates the two pooled feature vectors before
-    the heads, as in the EMOTIC baseline (Kosti et al., TPAMI 2019). The features go
+    trunk (``model.context_backbone``, by default the body's encoder) on the full image
+    and concatenates the two pooled feature vectors before the heads, as in the EMOTIC
+    baseline (Kosti et al., TPAMI 2019). The features go
     through dropout, then a linear head to 26 emotion logits (sigmoid at inference,
     not here, so the loss can work on logits) and a linear head to valence/arousal
     followed by tanh, matching the targets' [-1, 1] scale.
@@ -166,29 +170,53 @@ class EmoNet(nn.Module):
     Parameters
     ----------
     config : the model section of the run config.
+    image_size, context_size : the streams' input sides (``train.image_size`` and
+        ``train.context_size``); None: each encoder's own. Only encoders with a fixed
+        input side (ViTs) are built for it; CNNs take any.
 
     Attributes
     ----------
     config : the ``ModelConfig`` it was built from.
     variant : ``"body"`` or ``"body_context"``.
-    num_features : width of ``forward_features``' output (doubled for body_context).
+    num_features : width of ``forward_features``' output (both trunks' for body_context).
+    frozen : the trunks that ``model.freeze_body`` / ``model.freeze_context`` freeze.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, image_size: int | None = None, context_size: int | None = None) -> None:
         super().__init__()
+        from emonet.models.encoders import create_encoder, encoder_preprocessing, freeze
+
         if config.variant not in VARIANTS:
             raise ValueError(f"unknown variant {config.variant!r}; expected one of {list(VARIANTS)}")
         self.config = config
         self.variant = config.variant
-        self.body_trunk, trunk_features = create_trunk(config.backbone)
+        body_size = encoder_preprocessing(config.backbone, image_size).size
+        self.body_trunk, trunk_features = create_encoder(config.backbone, body_size)
         self.context_trunk: nn.Module | None = None
+        context_features = 0
         if config.uses_context:
-            self.context_trunk, _ = create_trunk(config.backbone)
-        self.num_features = trunk_features * (2 if self.context_trunk is not None else 1)
+            size = encoder_preprocessing(config.context_encoder, context_size).size
+            self.context_trunk, context_features = create_encoder(config.context_encoder, size)
+        self.num_features = trunk_features + context_features
+        self.frozen: list[nn.Module] = []
+        if config.freeze_body:
+            self.frozen.append(self.body_trunk)
+        if config.freeze_context and self.context_trunk is not None:
+            self.frozen.append(self.context_trunk)
+        for trunk in self.frozen:
+            freeze(trunk)
         self.head_drop = nn.Dropout(config.dropout)
         self.emotion_head = nn.Linear(self.num_features, NUM_EMOTIONS)
         self.affect_head = nn.Linear(self.num_features, NUM_AFFECT)
         self.reset_heads()
+
+    def train(self, mode: bool = True) -> EmoNet:
+        """As ``nn.Module.train``, but a frozen trunk stays in eval mode (its BatchNorm
+        statistics and dropout as at inference)."""
+        super().train(mode)
+        for trunk in self.frozen:
+            trunk.eval()
+        return self
 
     def reset_heads(self) -> None:
         """Initialise the heads: default weights, emotion bias at the label prior, affect bias 0."""
@@ -247,54 +275,121 @@ class EmoNet(nn.Module):
         return self.forward_head(features)._replace(features=features)
 
 
-def build_model(config: ModelConfig, *, pretrained: bool | None = None) -> EmoNet:
-    """Build an :class:`EmoNet` from its config, with ImageNet weights if asked.
+def _load_torchvision_weights(backbone: str, weights_path: Path | None, field: str) -> tuple[Mapping[str, Tensor], str]:
+    if weights_path is not None:
+        path = Path(weights_path).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"{field} not found: {path}")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), str(path)
+        except Exception as error:  # not a torch file, or pickled objects beyond tensors
+            raise ValueError(f"{field} {path} is not a readable torch state_dict: {error}") from error
+    return imagenet_state_dict(backbone), f"torchvision {backbone} ImageNet weights"
+
+
+def check_pretrained_weights(config: ModelConfig) -> None:
+    """Fail fast, before any data work, when ``model.pretrained`` weights cannot be had.
+
+    A local file must exist; torchvision's weights must be in the hub cache or
+    downloadable; timm's are fetched (or read from the Hugging Face cache) once here, so
+    the later build reads them from the cache.
+
+    Raises
+    ------
+    FileNotFoundError, RuntimeError
+        With one line naming the model, the file expected and how to provide it.
+    """
+    if not config.pretrained:
+        return
+    from emonet.models.encoders import create_encoder, encoder_preprocessing, is_timm
+
+    streams = [(config.backbone, config.weights_path, "model.weights_path")]
+    if config.uses_context:
+        streams.append((config.context_encoder, config.context_weights, "model.context_weights_path"))
+    for backbone, weights_path, field in streams:
+        if is_timm(backbone):
+            size = encoder_preprocessing(backbone).size
+            create_encoder(backbone, size, pretrained=True, weights_path=weights_path, weights_field=field)
+        elif weights_path is not None:
+            if not Path(weights_path).expanduser().is_file():
+                raise FileNotFoundError(f"{field} not found: {weights_path}")
+        else:
+            imagenet_state_dict(backbone)
+
+
+def build_model(config: ModelConfig | EmoNetConfig, *, pretrained: bool | None = None) -> EmoNet:
+    """Build an :class:`EmoNet` from its config, with pretrained weights if asked.
 
     Parameters
     ----------
-    config : the model section of the run config.
-    pretrained : overrides ``config.pretrained``. Pass ``False`` when the weights are
+    config : the run config (its ``train.image_size`` and ``train.context_size`` size the
+        encoders that fix their input side), or only its model section (each encoder at
+        its own side).
+    pretrained : overrides ``model.pretrained``. Pass ``False`` when the weights are
         about to be replaced by a checkpoint's, so that rebuilding a trained model
-        neither downloads nor needs ``weights_path``.
+        needs neither the network nor a weights file.
 
     Returns
     -------
-    The model, in training mode. With pretrained weights both trunks of
-    ``body_context`` start from the same ImageNet weights; the heads are always new.
+    The model, in training mode. A torchvision encoder's weights are its ImageNet ones
+    (or ``weights_path``'s state_dict); a timm encoder's come through timm (its
+    Hugging Face hub cache, or ``weights_path``). With one encoder for both streams of
+    ``body_context``, both trunks start from the same weights; the heads are always new.
 
     Raises
     ------
     FileNotFoundError
-        ``config.weights_path`` does not exist.
+        A weights file does not exist.
     ValueError
-        The weights file does not fit ``config.backbone``.
+        A weights file does not fit its encoder, or an unknown timm model.
     RuntimeError
-        ImageNet weights are neither cached nor downloadable (the message says how to
+        Pretrained weights are neither cached nor downloadable (the message says how to
         provide them).
     """
-    use_pretrained = config.pretrained if pretrained is None else pretrained
-    if not use_pretrained and config.weights_path is not None and pretrained is None:
-        logger.warning("model.weights_path=%s is ignored because model.pretrained is false", config.weights_path)
-    # Fetch the weights before building anything, so a missing file fails fast.
-    state_dict: Mapping[str, Tensor] | None = None
-    source = ""
-    if use_pretrained:
-        if config.weights_path is not None:
-            path = Path(config.weights_path).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"model.weights_path not found: {path}")
-            try:
-                state_dict = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as error:  # not a torch file, or pickled objects beyond tensors
-                raise ValueError(f"model.weights_path {path} is not a readable torch state_dict: {error}") from error
-            source = str(path)
-        else:
-            state_dict = imagenet_state_dict(config.backbone)
-            source = f"torchvision {config.backbone} ImageNet weights"
-    model = EmoNet(config)
-    if state_dict is not None:
-        head_attr = _BACKBONES[config.backbone][2]
-        for trunk in model.trunks:
-            load_trunk_weights(trunk, state_dict, head_attr, source)
-        logger.info("loaded %s into %d trunk(s)", source, len(model.trunks))
+    from emonet.models.encoders import create_encoder, encoder_preprocessing, is_timm
+
+    model_config = config.model if isinstance(config, EmoNetConfig) else config
+    sizes = (config.train.image_size, config.train.context_size) if isinstance(config, EmoNetConfig) else (None, None)
+    use_pretrained = model_config.pretrained if pretrained is None else pretrained
+    if not use_pretrained and pretrained is None:
+        for field in ("weights_path", "context_weights_path"):
+            if getattr(model_config, field) is not None:
+                logger.warning(
+                    "model.%s=%s is ignored because model.pretrained is false", field, model_config.weights_path
+                )
+    streams = [("body_trunk", model_config.backbone, model_config.weights_path, "model.weights_path", sizes[0])]
+    if model_config.uses_context:
+        streams.append(
+            (
+                "context_trunk",
+                model_config.context_encoder,
+                model_config.context_weights,
+                "model.context_weights_path",
+                sizes[1],
+            )
+        )
+    # torchvision weights are fetched before building anything, so a missing file fails fast.
+    loaded = {
+        attr: _load_torchvision_weights(backbone, weights_path, field)
+        for attr, backbone, weights_path, field, _ in streams
+        if use_pretrained and not is_timm(backbone)
+    }
+    model = EmoNet(model_config, *sizes)
+    for attr, backbone, weights_path, field, size in streams:
+        if attr in loaded:
+            state_dict, source = loaded[attr]
+            load_trunk_weights(getattr(model, attr), state_dict, _BACKBONES[backbone][2], source)
+            logger.info("loaded %s into the %s", source, attr.replace("_", " "))
+        elif use_pretrained and is_timm(backbone):
+            trunk, _ = create_encoder(
+                backbone,
+                encoder_preprocessing(backbone, size).size,
+                pretrained=True,
+                weights_path=weights_path,
+                weights_field=field,
+            )
+            getattr(model, attr).load_state_dict(trunk.state_dict())
+            logger.info("loaded timm's pretrained %s into the %s", backbone, attr.replace("_", " "))
+    for trunk in model.frozen:  # the loaded weights stay frozen
+        trunk.requires_grad_(False)
     return model

@@ -6,11 +6,13 @@ with ``train=False``) and returns the network's outputs with the sigmoid applied
 ==================  ==========================  ====================================================
 name                shape, dtype                meaning
 ==================  ==========================  ====================================================
-``body``            ``(batch, 3, S, S)`` float32  body crops, RGB, resized to ``S = train.image_size``,
-                                                scaled to [0, 1], normalized with the ImageNet mean
-                                                and std (:data:`emonet.schema.IMAGENET_MEAN`/``STD``)
-``context``         ``(batch, 3, C, C)`` float32  the full images at ``C = train.context_size``, the
-                                                same way; only in ``body_context`` models
+``body``            ``(batch, 3, S, S)`` float32  body crops, RGB, resized to the body side ``S``,
+                                                scaled to [0, 1], normalized with the encoder's mean
+                                                and std (ImageNet's for torchvision encoders; the
+                                                metadata's ``emonet.mean`` and ``emonet.std``)
+``context``         ``(batch, 3, C, C)`` float32  the full images at the context side ``C``, the same
+                                                way with the context encoder's statistics; only in
+                                                ``body_context`` models
 ``emotion_prob``    ``(batch, 26)`` float32       probabilities in :data:`emonet.schema.EMOTIONS` order
 ``affect``          ``(batch, 2)`` float32        valence, arousal in [-1, 1]
 ``emotion_logits``  ``(batch, 26)`` float32       the scores before the sigmoid
@@ -37,8 +39,9 @@ import torch
 from torch import Tensor, nn
 
 from emonet.config import EmoNetConfig
+from emonet.models.encoders import stream_preprocessing
 from emonet.models.network import EmoNet
-from emonet.schema import EMOTIONS, IMAGENET_MEAN, IMAGENET_STD
+from emonet.schema import EMOTIONS
 from emonet.utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -76,15 +79,25 @@ class _ServedGraph(nn.Module):
 
 def onnx_input_shapes(config: EmoNetConfig) -> dict[str, tuple[int, int, int]]:
     """The input names of the export for ``config`` and the shape of one image, ``(3, H, W)``."""
-    shapes = {"body": (3, config.train.image_size, config.train.image_size)}
-    if config.model.uses_context:
-        shapes["context"] = (3, config.train.context_size, config.train.context_size)
+    body, context = stream_preprocessing(config)
+    shapes = {"body": (3, body.size, body.size)}
+    if context is not None:
+        shapes["context"] = (3, context.size, context.size)
     return shapes
 
 
 def onnx_metadata(config: EmoNetConfig) -> dict[str, str]:
     """What the export's ``metadata_props`` tell a runtime without EmoNet's code: the
-    emotion names in output order and the preprocessing of the inputs."""
+    emotion names in output order and the preprocessing of the inputs (the context's own
+    mean and std, when its encoder has other statistics than the body's)."""
+    body, context = stream_preprocessing(config)
+    context_stats = {}
+    if context is not None:
+        context_stats = {
+            "emonet.context_backbone": config.model.context_encoder,
+            "emonet.context_mean": json.dumps(list(context.mean)),
+            "emonet.context_std": json.dumps(list(context.std)),
+        }
     return {
         "emonet.emotions": json.dumps(list(EMOTIONS)),
         "emonet.variant": config.model.variant,
@@ -94,8 +107,9 @@ def onnx_metadata(config: EmoNetConfig) -> dict[str, str]:
             "RGB, resized to the input size (bilinear, antialiased), scaled to [0, 1], normalized per channel "
             "with emonet.mean and emonet.std; channels first"
         ),
-        "emonet.mean": json.dumps(list(IMAGENET_MEAN)),
-        "emonet.std": json.dumps(list(IMAGENET_STD)),
+        "emonet.mean": json.dumps(list(body.mean)),
+        "emonet.std": json.dumps(list(body.std)),
+        **context_stats,
     }
 
 

@@ -33,6 +33,7 @@ from emonet.inference.loop import ImageInputs, eval_transform, predict_split
 from emonet.inference.onnx_runtime import PRECISION_KEY, OnnxModel
 from emonet.metrics.bootstrap import BootstrapInterval, paired_bootstrap_map_difference
 from emonet.models.checkpoint import load_checkpoint
+from emonet.models.encoders import stream_preprocessing
 from emonet.models.onnx_export import ONNX_FILE, export_onnx, onnx_input_shapes
 from emonet.utils.io import atomic_path
 
@@ -105,7 +106,8 @@ def check_inputs(
         dataset = EmoticDataset(rows, img_dir, eval_transform(config), with_context=config.model.uses_context)
         return dataset, f"{len(rows)} crops of {Path(csv_path).name}"
     rng = np.random.default_rng(0)
-    size, context_size = config.train.image_size, config.train.context_size
+    body, context = stream_preprocessing(config)
+    size, context_size = body.size, context.size if context is not None else body.size
 
     def image(side: int) -> np.ndarray:
         return rng.integers(0, 256, (side + 7, side - 5, 3), dtype=np.uint8)  # not square: resized as crops are

@@ -31,7 +31,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.types import ColSpec, Schema
 from PIL import Image
 
-from emonet.config import EmoNetConfig
+from emonet.config import TIMM_PREFIX, EmoNetConfig
 from emonet.data.images import DEFAULT_MAX_PIXELS, DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_MAX_ROWS
 from emonet.data.normalize import AffectNormalizer
 from emonet.inference.predictor import EMOTIONS_COLUMN, OUTPUT_COLUMNS
@@ -178,14 +178,20 @@ def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, Any], step
     client.log_batch(run_id, metrics=finite)
 
 
-def pip_requirements() -> list[str]:
-    """``name==version`` for each of :data:`MODEL_REQUIREMENTS`, as installed now.
+def pip_requirements(config: EmoNetConfig | None = None) -> list[str]:
+    """``name==version`` for each of :data:`MODEL_REQUIREMENTS`, as installed now, and
+    ``timm`` when ``config`` names a timm encoder (``timm:<name>``) for either stream.
 
     Local version labels (``2.4.0+cpu``) are dropped: they name a wheel index, not a
     release that pip can find on PyPI.
     """
+    names = list(MODEL_REQUIREMENTS)
+    if config is not None and any(
+        encoder.startswith(TIMM_PREFIX) for encoder in (config.model.backbone, config.model.context_encoder)
+    ):
+        names.append("timm")  # it brings huggingface-hub and safetensors, which it imports
     requirements = []
-    for name in MODEL_REQUIREMENTS:
+    for name in names:
         try:
             version = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -360,7 +366,7 @@ def log_emonet_model(
                 python_model=str(PYFUNC_MODEL_FILE),
                 artifacts=artifacts,
                 code_paths=[str(PACKAGE_DIR)],
-                pip_requirements=pip_requirements(),
+                pip_requirements=pip_requirements(config),
                 signature=model_signature(config.model.uses_context),
                 input_example=example,
                 model_config={

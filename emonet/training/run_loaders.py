@@ -14,9 +14,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from emonet.config import EmoNetConfig
 from emonet.data.dataset import EmoticDataset
 from emonet.data.loaders import make_loader
-from emonet.data.transforms import build_transforms
 from emonet.inference.loop import eval_transform
 from emonet.models.devices import resolve_device
+from emonet.models.encoders import config_transforms
 from emonet.training import ddp
 from emonet.training.seeding import seed_worker
 
@@ -43,10 +43,7 @@ def build_datasets(
     (train_dataset, val_dataset)
     """
     with_context = config.model.uses_context
-    context_size = config.train.context_size if with_context else None
-    train_transform = build_transforms(
-        config.train.image_size, train=True, augment=config.train.augment, context_size=context_size
-    )
+    train_transform = config_transforms(config, train=True)
     return (
         EmoticDataset(train, img_dir, transform=train_transform, with_context=with_context),
         EmoticDataset(val, img_dir, transform=eval_transform(config), with_context=with_context),

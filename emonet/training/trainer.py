@@ -430,7 +430,9 @@ def _set_up(model: nn.Module, config: EmoNetConfig, steps_per_epoch: int, fresh:
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     trained = _distribute(model, config, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    # A frozen trunk's parameters are left out (model.freeze_body / freeze_context).
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler, per_step = build_scheduler(optimizer, tc, steps_per_epoch)
     amp = tc.amp and device.type == "cuda"
     if ddp.world_size() > 1:
@@ -620,7 +622,7 @@ def train_from_csvs(
     """
     with ddp.process_group(config):
         seed_everything(config.train.seed)
-        model = build_model(config.model)
+        model = build_model(config)
         train_loader, val_loader = make_loaders(train_csv, val_csv, img_dir, config)
         try:
             return fit(

@@ -35,6 +35,7 @@ from optuna.trial import TrialState
 from emonet.config import EmoNetConfig, config_to_dict, load_config
 from emonet.data.annotations import load_annotations
 from emonet.data.normalize import normalize_frames
+from emonet.models.network import check_pretrained_weights
 from emonet.schema import annotations_path, arrays_dir
 from emonet.tracking.run_logging import configure_mlflow, log_metrics
 from emonet.training.trainer import MONITOR, train_from_csvs
@@ -465,6 +466,7 @@ def tune(
     base = config or EmoNetConfig()
     trial_config = load_config(base, train={"epochs": epochs}) if epochs is not None else base
     _check_can_start_processes(workers, trial_config.train.num_workers)
+    check_pretrained_weights(trial_config.model)  # before the study and its data work
     storage_url = storage or default_storage_url(tracking_uri)
     rdb = open_storage(storage_url, grace_period=grace_period)
     tracking_uri = tracking_uri or default_tracking_uri()
