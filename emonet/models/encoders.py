@@ -161,8 +161,9 @@ def _missing_timm_weights(backbone: str, field: str, error: Exception) -> Missin
     hub = getattr(cfg, "hf_hub_id", None)
     expected = f"hf-hub:{hub} (model.safetensors or pytorch_model.bin)" if hub else (cfg.url or "its weights file")
     name = _timm_name(backbone)
+    reason = (str(error).splitlines() or [""])[0][:160]
     return MissingWeightsError(
-        f"pretrained weights of {backbone} not found ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
+        f"pretrained weights of {backbone} not found ({type(error).__name__}: {reason}); "
         f"expected {expected}: set {field} to a local copy of that file, or fill the Hugging Face cache "
         f"on a machine online (python -c \"import timm; timm.create_model('{name}', pretrained=True)\", then copy "
         "~/.cache/huggingface) and run with HF_HUB_OFFLINE=1; or set model.pretrained: false"
