@@ -50,7 +50,7 @@ class ModelConfig(_Frozen):
     weights_path: Path | None = None  # local weights of the body encoder (torchvision state_dict, timm file)
     context_weights_path: Path | None = None  # the same for the context encoder; None: weights_path if same encoder
     freeze_body: bool = False  # train the heads (and the context trunk) only; BatchNorm in eval mode
-    freeze_context: bool = False  # the same for the context trunk; its features may then be cached
+    freeze_context: bool = False  # the same for the context trunk (body_context)
     dropout: float = Field(0.5, ge=0.0, lt=1.0)  # before both heads
 
     @field_validator("backbone")
