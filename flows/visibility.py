@@ -9,7 +9,10 @@ the local path, so a rerun on either path reuses them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -99,11 +102,27 @@ def checked_shard(
     return checked_result(future, check, score_visibility_shard, csv_path, img_dir, start, stop, workers)
 
 
+@contextlib.contextmanager
+def restored_environment() -> Iterator[None]:
+    """Restore this process's environment afterwards: a LocalCluster's nannies run in this
+    process and set ``OMP_NUM_THREADS=1`` (and MKL's, OpenBLAS's, MALLOC_TRIM_THRESHOLD_)
+    in its ``os.environ`` before spawning their workers (Dask's ``pre-spawn-environ``),
+    which every later subprocess of the flow (torchrun, a scoring server) would inherit."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        os.environ.update(before)
+
+
 def score_visibility_on_dask(
     shards: list[tuple[Path, int, int]], img_dir: Path, dask_address: str
 ) -> list[list[float]]:
     """Run :func:`score_shards_on_dask` on the cluster that ``dask_address`` names."""
-    return score_shards_on_dask.with_options(task_runner=dask_task_runner(dask_address))(shards, img_dir)
+    with restored_environment():
+        return score_shards_on_dask.with_options(task_runner=dask_task_runner(dask_address))(shards, img_dir)
 
 
 def score_visibility(

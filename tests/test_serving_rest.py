@@ -133,10 +133,12 @@ def test_make_serve_answers_an_image_b64_row(champion_store, tmp_path):
 
 
 def test_make_serve_gives_each_worker_its_share_of_the_cores():
+    # nproc reports OMP_NUM_THREADS where it is set: the make runs without it, as from a terminal.
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+
     def dry_run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            ["make", "-n", "-o", ".venv/.installed-stamp", "serve", *args], cwd=REPO, capture_output=True, text=True
-        )
+        command = ["make", "-n", "-o", ".venv/.installed-stamp", "serve", *args]
+        return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
 
     cores = len(os.sched_getaffinity(0))
     for workers in (1, 2, 64):

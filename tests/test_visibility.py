@@ -588,6 +588,7 @@ def test_dask_cluster_scores_like_the_local_path_and_reuses_cached_shards(prefec
     from distributed import LocalCluster
 
     from flows.training_pipeline import prepare_data
+    from flows.visibility import restored_environment
 
     img_dir = arrays_dir(fake_archive)
     for index, kind in enumerate(["whole", "partial", "none", "whole"]):
@@ -595,11 +596,18 @@ def test_dask_cluster_scores_like_the_local_path_and_reuses_cached_shards(prefec
     params = {"data_root": fake_archive, "out_dir": tmp_path / "out", "visibility_shard_size": 4}
     n_shards = 3 * 2  # 6 rows per split in shards of 4
 
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-    ) as cluster:
+    before = dict(os.environ)
+    # This cluster's nannies run in this process too: they set OMP_NUM_THREADS=1 here.
+    with (
+        restored_environment(),
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+    ):
         first = prepare_data(**params, dask_address=cluster.scheduler_address, return_state=True)
         second = prepare_data(**params, dask_address=cluster.scheduler_address, return_state=True)
+        assert os.environ.get("OMP_NUM_THREADS") == "1"  # Dask's pre-spawn-environ, in this process
+    assert dict(os.environ) == before  # restored for what runs next
 
     for split in ("train", "val", "test"):
         csv_path = annotations_path(fake_archive, split)
