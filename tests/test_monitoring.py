@@ -245,3 +245,19 @@ def test_emonet_monitor_gives_one_line_for_bad_batches_and_skips_bad_crops(demo_
     assert "30 crops scored, 1 skipped" in out.stdout and "drift detected" in out.stdout
     assert "no face was found in any of the 30 crops" in out.stderr
     assert "broken.png" in out.stderr
+
+
+@pytest.mark.slow
+def test_images_kept_from_the_input_pass_score_as_images_read_again(demo_monitoring, monkeypatch):
+    from emonet.monitoring import scoring
+    from emonet.monitoring.monitor import load_monitoring_predictor
+
+    use_store(demo_monitoring["uri"])
+    predictor = load_monitoring_predictor(demo_monitoring["version"])
+    batch = open_batch(demo_monitoring["batches"]["like"])
+    kept = scoring.score_batch(predictor, batch)  # 150 small crops: all kept
+    monkeypatch.setattr(scoring, "KEPT_IMAGE_BYTES", 40 * 40 * 3 * 10)  # a few kept, the rest read again
+    partly = scoring.score_batch(predictor, batch)
+    np.testing.assert_array_equal(kept.emotion_prob, partly.emotion_prob)
+    np.testing.assert_array_equal(kept.features, partly.features)
+    pd.testing.assert_frame_equal(kept.table, partly.table)
