@@ -173,6 +173,8 @@ class EmoNet(nn.Module):
     image_size, context_size : the streams' input sides (``train.image_size`` and
         ``train.context_size``); None: each encoder's own. Only encoders with a fixed
         input side (ViTs) are built for it; CNNs take any.
+    timm_pretrained : build timm encoders with their pretrained weights (torchvision's
+        are loaded by :func:`build_model`).
 
     Attributes
     ----------
@@ -182,7 +184,14 @@ class EmoNet(nn.Module):
     frozen : the trunks that ``model.freeze_body`` / ``model.freeze_context`` freeze.
     """
 
-    def __init__(self, config: ModelConfig, image_size: int | None = None, context_size: int | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        image_size: int | None = None,
+        context_size: int | None = None,
+        *,
+        timm_pretrained: bool = False,
+    ) -> None:
         super().__init__()
         from emonet.models.encoders import create_encoder, encoder_preprocessing, freeze
 
@@ -191,12 +200,20 @@ class EmoNet(nn.Module):
         self.config = config
         self.variant = config.variant
         body_size = encoder_preprocessing(config.backbone, image_size).size
-        self.body_trunk, trunk_features = create_encoder(config.backbone, body_size)
+        self.body_trunk, trunk_features = create_encoder(
+            config.backbone, body_size, pretrained=timm_pretrained, weights_path=config.weights_path
+        )
         self.context_trunk: nn.Module | None = None
         context_features = 0
         if config.uses_context:
             size = encoder_preprocessing(config.context_encoder, context_size).size
-            self.context_trunk, context_features = create_encoder(config.context_encoder, size)
+            self.context_trunk, context_features = create_encoder(
+                config.context_encoder,
+                size,
+                pretrained=timm_pretrained,
+                weights_path=config.context_weights,
+                weights_field="model.context_weights_path",
+            )
         self.num_features = trunk_features + context_features
         self.frozen: list[nn.Module] = []
         if config.freeze_body:
@@ -346,7 +363,7 @@ def build_model(config: ModelConfig | EmoNetConfig, *, pretrained: bool | None =
         Pretrained weights are neither cached nor downloadable (the message says how to
         provide them).
     """
-    from emonet.models.encoders import create_encoder, encoder_preprocessing, is_timm
+    from emonet.models.encoders import is_timm
 
     model_config = config.model if isinstance(config, EmoNetConfig) else config
     sizes = (config.train.image_size, config.train.context_size) if isinstance(config, EmoNetConfig) else (None, None)
@@ -355,41 +372,23 @@ def build_model(config: ModelConfig | EmoNetConfig, *, pretrained: bool | None =
         for field in ("weights_path", "context_weights_path"):
             if getattr(model_config, field) is not None:
                 logger.warning(
-                    "model.%s=%s is ignored because model.pretrained is false", field, model_config.weights_path
+                    "model.%s=%s is ignored because model.pretrained is false", field, getattr(model_config, field)
                 )
-    streams = [("body_trunk", model_config.backbone, model_config.weights_path, "model.weights_path", sizes[0])]
+    streams = [("body_trunk", model_config.backbone, model_config.weights_path, "model.weights_path")]
     if model_config.uses_context:
         streams.append(
-            (
-                "context_trunk",
-                model_config.context_encoder,
-                model_config.context_weights,
-                "model.context_weights_path",
-                sizes[1],
-            )
+            ("context_trunk", model_config.context_encoder, model_config.context_weights, "model.context_weights_path")
         )
     # torchvision weights are fetched before building anything, so a missing file fails fast.
     loaded = {
         attr: _load_torchvision_weights(backbone, weights_path, field)
-        for attr, backbone, weights_path, field, _ in streams
+        for attr, backbone, weights_path, field in streams
         if use_pretrained and not is_timm(backbone)
     }
-    model = EmoNet(model_config, *sizes)
-    for attr, backbone, weights_path, field, size in streams:
+    model = EmoNet(model_config, *sizes, timm_pretrained=use_pretrained)  # timm weights load as it builds
+    for attr, backbone, _, _ in streams:
         if attr in loaded:
             state_dict, source = loaded[attr]
             load_trunk_weights(getattr(model, attr), state_dict, _BACKBONES[backbone][2], source)
             logger.info("loaded %s into the %s", source, attr.replace("_", " "))
-        elif use_pretrained and is_timm(backbone):
-            trunk, _ = create_encoder(
-                backbone,
-                encoder_preprocessing(backbone, size).size,
-                pretrained=True,
-                weights_path=weights_path,
-                weights_field=field,
-            )
-            getattr(model, attr).load_state_dict(trunk.state_dict())
-            logger.info("loaded timm's pretrained %s into the %s", backbone, attr.replace("_", " "))
-    for trunk in model.frozen:  # the loaded weights stay frozen
-        trunk.requires_grad_(False)
     return model
